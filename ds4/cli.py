@@ -18,6 +18,9 @@ class Ds4Group(click.Group):
                 raise
             click.echo(f"ds4: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\nds4: interrupted", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=Ds4Group)
@@ -68,6 +71,11 @@ def info(model, ctx):
         for w in m.warnings:
             click.echo(f"warning:   {w}")
 
+
+from .cli_run import chat, run  # noqa: E402  (commands defined beside this group)
+
+main.add_command(run)
+main.add_command(chat)
 
 if __name__ == "__main__":
     main()

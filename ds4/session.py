@@ -78,11 +78,17 @@ class Session:
         if lib.ds4_session_save(self._s, os.fspath(path).encode(), err, len(err)) != 0:
             raise Error(_err(err))
 
+    def load(self, path):
+        """Replaces this session's state with a snapshot's. A corrupt, truncated
+        or foreign file raises ds4.Error and leaves the state as it was, or
+        empty when the damage shows only after the checksum passed."""
+        err = ffi.new("char[512]")
+        if lib.ds4_session_restore(self._s, os.fspath(path).encode(), err, len(err)) != 0:
+            raise Error(_err(err))
+
     @classmethod
     def restore(cls, model, path, *, ctx=None, numerics=None):
         """A new session from a snapshot (refused if corrupt or from another model)."""
         s = cls(model, ctx, numerics=numerics)
-        err = ffi.new("char[512]")
-        if lib.ds4_session_restore(s._s, os.fspath(path).encode(), err, len(err)) != 0:
-            raise Error(_err(err))
+        s.load(path)
         return s

@@ -1,0 +1,124 @@
+"""`ds4 run` and `ds4 chat` as a user types them (subprocesses, and a pty for the REPL)."""
+import re
+import subprocess
+import sys
+import tempfile
+
+import pexpect
+import pytest
+
+import ds4
+from conftest import subprocess_env
+
+
+def ds4_cli(*args, stdin=None):
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-m", "ds4.cli", *args], input=stdin,
+                              capture_output=True, text=True, timeout=300, cwd=cwd,
+                              env=subprocess_env())
+
+
+def test_greedy_run_is_deterministic(tiny_q2):
+    a = ds4_cli("run", "-m", str(tiny_q2), "--temp", "0", "-n", "12", "--nothink", "hi there")
+    b = ds4_cli("run", "-m", str(tiny_q2), "--temp", "0", "-n", "12", "--nothink", "hi there")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout.strip() and a.stdout == b.stdout
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(tiny_q2):
+    args = ("run", "-m", str(tiny_q2), "--temp", "1", "--min-p", "0", "-n", "12", "--nothink")
+    a = ds4_cli(*args, "--seed", "5", "hello")
+    b = ds4_cli(*args, "--seed", "5", "hello")
+    c = ds4_cli(*args, "--seed", "6", "hello")
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+
+
+def test_prompt_from_file_and_stdin_equal_the_argument(tiny_q2, tmp_path):
+    (tmp_path / "p.txt").write_text("tell me something")
+    base = ("run", "-m", str(tiny_q2), "--temp", "0", "-n", "8", "--nothink")
+    arg = ds4_cli(*base, "tell me something")
+    assert ds4_cli(*base, "--prompt-file", str(tmp_path / "p.txt")).stdout == arg.stdout
+    assert ds4_cli(*base, stdin="tell me something").stdout == arg.stdout
+
+
+def test_thinking_goes_to_stderr_and_timing_is_reported(tiny_q2):
+    r = ds4_cli("run", "-m", str(tiny_q2), "--temp", "0", "-n", "6", "hi")
+    assert r.returncode == 0
+    assert re.search(r"ds4: prefill: \d+ tokens, [\d.]+ t/s, generation: 6 tokens", r.stderr)
+
+
+def test_truncated_and_missing_models_are_one_line_errors(tiny_q2, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_q2.read_bytes()[:5000])
+    for path in (cut, tmp_path / "absent.gguf"):
+        r = ds4_cli("run", "-m", str(path), "hi")
+        assert r.returncode == 1
+        assert r.stderr.startswith("ds4: ") and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_usage_exits_2(tiny_q2, tmp_path):
+    (tmp_path / "p.txt").write_text("x")
+    r = ds4_cli("run", "-m", str(tiny_q2), "--prompt-file", str(tmp_path / "p.txt"), "also")
+    assert r.returncode == 2
+
+
+def expected_turn_tokens(model_path, text, previous_answer_closed=True):
+    """New tokens of a REPL turn: EOS closing the last answer, then
+    <｜User｜> + text + <｜Assistant｜> + <think>, counted with the real tokenizer."""
+    from tokenizers import Tokenizer
+    from ds4.tokenizer import reference_tokenizer_json_path
+    real = Tokenizer.from_file(reference_tokenizer_json_path())
+    return int(previous_answer_closed) + 3 + len(real.encode(text, add_special_tokens=False).ids)
+
+
+def test_chat_second_turn_prefills_only_its_new_tokens(tiny_q2, tmp_path):
+    env = subprocess_env()
+    env["HOME"] = str(tmp_path)   # the history file goes here
+    env["PROMPT_TOOLKIT_NO_CPR"] = "1"
+    child = pexpect.spawn(sys.executable, ["-m", "ds4.cli", "chat", "-m", str(tiny_q2), "--temp",
+                                           "0", "-n", "6"], cwd=str(tmp_path), env=env,
+                          encoding="utf-8", timeout=120)
+    try:
+        child.expect("ds4>")
+        child.sendline("hello there")
+        child.expect(r"prefill: (\d+) tokens")
+        first = int(child.match.group(1))
+        child.expect("ds4>")
+        child.sendline("and now a second question")
+        child.expect(r"prefill: (\d+) tokens")
+        second = int(child.match.group(1))
+        child.expect("ds4>")
+        child.sendline("/help")
+        child.expect("/think-max")
+        child.sendline("/bogus")
+        child.expect("unknown command")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert first > second
+    assert second == expected_turn_tokens(tiny_q2, "and now a second question")
+
+
+def test_chat_ctrl_d_quits(tiny_q2, tmp_path):
+    env = subprocess_env()
+    env["HOME"] = str(tmp_path)
+    child = pexpect.spawn(sys.executable, ["-m", "ds4.cli", "chat", "-m", str(tiny_q2)],
+                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=120)
+    child.expect("ds4>")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_python_generate_reuses_the_live_prefix(tiny_q2):
+    with ds4.load(tiny_q2) as m:
+        first = m.generate("hello", max_tokens=5, temperature=0, think="none")
+        again = m.generate("hello", max_tokens=5, temperature=0, think="none")
+        assert first.tokens == again.tokens
+        assert first.prefilled_tokens == first.prompt_tokens
+        assert again.prefilled_tokens == 1    # only the last prompt token, for its logits
+        pieces = list(m.generate("hello", max_tokens=5, temperature=0, think="none", stream=True))
+        assert "".join(pieces) == first.text and all(p.kind == "answer" for p in pieces)
