@@ -6,6 +6,7 @@ import pytest
 import ds4
 from ds4.testing import ModelConfig, write_model
 
+torch = pytest.importorskip("torch")
 hf_reference = pytest.importorskip("hf_reference")
 
 TOL = 1e-4          # max |Δlogit| / max |logit|, per position
@@ -90,3 +91,23 @@ def test_save_restore_round_trip_continues_identically(case, tmp_path):
     got = r.eval(ids[k:], all_logits=True)
     np.testing.assert_array_equal(got, s.eval(ids[k:], all_logits=True))
     assert_close(got, want[k:], f"{name} after restore")
+
+
+def test_reference_holds_random_values_where_transformers_initialises_constants(tmp_path):
+    """Sinks, position biases, HC base/scale, correction bias and the hash table come
+    from the file, not from transformers' zero/one initialisation that would hide bugs."""
+    path = tmp_path / "tiny.gguf"
+    write_model(path, ModelConfig.tiny(), variant="q2", seed=11)
+    hf = hf_reference.hf_model_from_gguf(path)
+    state = hf.state_dict()
+    suffixes = ("self_attn.sinks", "compressor.position_bias", "indexer.position_bias",
+                "attn_hc.base", "attn_hc.scale", "ffn_hc.base", "ffn_hc.scale",
+                "mlp.gate.e_score_correction_bias", "mlp.gate.tid2eid", "hc_head.hc_base",
+                "hc_head.hc_scale", "input_layernorm.weight", "kv_norm.weight")
+    for suffix in suffixes:
+        found = [k for k in state if k.endswith(suffix)]
+        assert found, suffix
+        for k in found:
+            values = state[k].double().flatten()
+            assert values.numel() == 1 or values.std() > 0, f"{k} is constant"
+            assert not torch.all(values == 0) and not torch.all(values == 1), f"{k} is trivial"
