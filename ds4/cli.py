@@ -41,6 +41,11 @@ def kv_bytes_per_token(cfg, bytes_per_value=4):
     return values * bytes_per_value
 
 
+def kv_memory_bytes(cfg, ctx):
+    """KV state of a full context: the growing part plus every layer's raw window."""
+    return kv_bytes_per_token(cfg) * ctx + cfg.n_layer * cfg.sliding_window * cfg.head_dim * 4
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--ctx", default=32768, show_default=True, help="Context for the memory estimate.")
@@ -64,10 +69,8 @@ def info(model, ctx):
         click.echo(f"tensors:   {len(m.gguf.tensors)}, {total / 2**30:.2f} GiB")
         for name, n in sorted(by_type.items(), key=lambda kv: -bytes_by_type[kv[0]]):
             click.echo(f"  {name:8s} {n:5d} tensors  {bytes_by_type[name] / 2**30:9.3f} GiB")
-        kv = kv_bytes_per_token(c) * ctx
-        window = c.n_layer * c.sliding_window * c.head_dim * 4
         click.echo(f"memory at ctx {ctx}: weights {total / 2**30:.2f} GiB (mapped) + "
-                   f"KV {(kv + window) / 2**30:.2f} GiB (float32)")
+                   f"KV {kv_memory_bytes(c, ctx) / 2**30:.2f} GiB (float32)")
         for w in m.warnings:
             click.echo(f"warning:   {w}")
 

@@ -81,23 +81,33 @@ def prefill_progress():
 
 
 def run_turn(session, tokenizer, ids, opts, sampler, thinking):
+    """Streams one reply; the timing line is printed even when Ctrl+C stops it."""
     result = Generation()
     printer = Printer()
     t0 = time.time()
     t_first = None
-    for piece in stream(session, tokenizer, ids, max_tokens=opts["max_tokens"], sampler=sampler,
-                        thinking=thinking, result=result, progress=prefill_progress()):
-        if t_first is None:
-            t_first = time.time()
-        printer(piece)
-    t1 = time.time()
-    prefill_s = (t_first or t1) - t0
-    gen_s = t1 - (t_first or t1)
-    sys.stdout.write("\n")
-    click.echo(f"ds4: prefill: {result.prefilled_tokens} tokens, "
-               f"{result.prefilled_tokens / max(prefill_s, 1e-9):.1f} t/s, generation: "
-               f"{result.completion_tokens} tokens, {result.completion_tokens / max(gen_s, 1e-9):.1f} t/s",
-               err=True)
+    stopped = False
+    try:
+        for piece in stream(session, tokenizer, ids, max_tokens=opts["max_tokens"],
+                            sampler=sampler, thinking=thinking, result=result,
+                            progress=prefill_progress()):
+            if t_first is None:
+                t_first = time.time()
+            printer(piece)
+    except KeyboardInterrupt:
+        stopped = True
+        raise
+    finally:
+        t1 = time.time()
+        prefill_s = (t_first or t1) - t0
+        gen_s = t1 - (t_first or t1)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        click.echo(f"ds4: prefill: {result.prefilled_tokens} tokens, "
+                   f"{result.prefilled_tokens / max(prefill_s, 1e-9):.1f} t/s, generation: "
+                   f"{result.completion_tokens} tokens, "
+                   f"{result.completion_tokens / max(gen_s, 1e-9):.1f} t/s"
+                   + (" (stopped)" if stopped else ""), err=True)
     return result
 
 
@@ -202,7 +212,6 @@ class Conversation:
             result = run_turn(self.session, tok, ids, opts, sampler_of(self.opts, self.mode),
                               self.mode != "none")
         except KeyboardInterrupt:
-            sys.stdout.write("\n")
             click.echo("ds4: stopped", err=True)
             generated = list(self.session.tokens[len(ids):])
             if not generated:      # nothing came out: the turn never happened
@@ -249,7 +258,10 @@ def chat(**opts):
                     click.echo("ds4: /ctx needs a number of tokens (at least 64)", err=True)
                 else:
                     conv.reset(int(arg))
-                    click.echo(f"ds4: context {conv.ctx} tokens; new conversation", err=True)
+                    from .cli import kv_memory_bytes
+                    click.echo(f"ds4: context {conv.ctx} tokens (KV state up to "
+                               f"{kv_memory_bytes(model.config, conv.ctx) / 2**30:.2f} GiB); "
+                               "new conversation", err=True)
             elif cmd == "/clear":
                 conv.reset()
                 click.echo("ds4: new conversation", err=True)

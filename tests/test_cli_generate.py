@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
 import pexpect
 import pytest
@@ -109,8 +110,7 @@ def test_chat_ctrl_d_quits(tiny_q2, tmp_path):
     child.expect("ds4>")
     child.sendeof()
     child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    assert child.wait() == 0
 
 
 def test_python_generate_reuses_the_live_prefix(tiny_q2):
@@ -122,3 +122,37 @@ def test_python_generate_reuses_the_live_prefix(tiny_q2):
         assert again.prefilled_tokens == 1    # only the last prompt token, for its logits
         pieces = list(m.generate("hello", max_tokens=5, temperature=0, think="none", stream=True))
         assert "".join(pieces) == first.text and all(p.kind == "answer" for p in pieces)
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tiny_q2, tmp_path):
+    env = subprocess_env()
+    env["HOME"] = str(tmp_path)
+    env["PROMPT_TOOLKIT_NO_CPR"] = "1"
+    child = pexpect.spawn(sys.executable, ["-m", "ds4.cli", "chat", "-m", str(tiny_q2), "--temp",
+                                           "0", "--nothink", "-n", "100000"],
+                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect("ds4>")
+        child.sendline("write forever")
+        time.sleep(4)                  # well into the (100,000-token) reply
+        child.sendintr()
+        child.expect(r"generation: (\d+) tokens.*\(stopped\)")
+        assert int(child.match.group(1)) > 0
+        child.expect("ds4: stopped")
+        child.expect("ds4>")
+        # the partial answer stays in the transcript, closed by EOS: only the new turn is prefilled
+        child.sendline("short")
+        time.sleep(2)
+        child.sendintr()
+        child.expect(r"prefill: (\d+) tokens")
+        second = int(child.match.group(1))
+        child.expect("ds4>")
+        child.sendline("/ctx 4096")
+        child.expect(r"KV state up to [\d.]+ GiB")
+        child.expect("ds4>")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+        assert child.wait() == 0
+    finally:
+        child.close(force=True)
+    assert second == expected_turn_tokens(tiny_q2, "short")
