@@ -75,11 +75,12 @@ def info(model, ctx):
             click.echo(f"warning:   {w}")
 
 
-from .cli_run import chat, run  # noqa: E402  (commands defined beside this group)
+# Commands defined beside this group, one module each.
+from .cli_download import download  # noqa: E402
+from .cli_run import chat, run  # noqa: E402
 
 main.add_command(run)
 main.add_command(chat)
-from .cli_download import download  # noqa: E402
 main.add_command(download)
 
 if __name__ == "__main__":
