@@ -236,9 +236,8 @@ class DiskKVCache:
             n = e.n_tokens
             if e.foreign or n < self.min_tokens or n > len(ids):
                 continue
-            if best is not None and (n < best.n_tokens or
-                                     (n == best.n_tokens and e.last_used <= best.last_used)):
-                continue
+            if best is not None and n <= best.n_tokens:
+                continue   # an equal length with the same prefix would be the same file
             if np.array_equal(e.ids, ids[:n]):
                 best = e
         return best
@@ -439,7 +438,8 @@ class DiskKVCache:
         ids = session.tokens
         key = _key(ids)
         name = hashlib.sha1(key).hexdigest() + ".kv"
-        if name in self.entries and not self.entries[name].foreign:
+        path = self._path(name)
+        if name in self.entries and not self.entries[name].foreign and os.path.exists(path):
             return self.entries[name]
         payload = lib.ds4_session_snapshot_size(session._s)
         size = HEADER.size + len(key) + payload
@@ -465,7 +465,6 @@ class DiskKVCache:
                              payload, len(key), self.fingerprint)
         crc = _crc(header, key)
         header = header[:CRC_AT] + struct.pack("<I", crc) + header[CRC_AT + 4:]
-        path = self._path(name)
         tmp = f"{path}.tmp.{os.getpid()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
