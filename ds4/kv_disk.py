@@ -45,7 +45,7 @@ from .native import ffi, lib
 
 MAGIC = b"KVC"
 VERSION = 1
-HEADER = struct.Struct("<3sBBBBBIIII QQQ I Q".replace(" ", ""))
+HEADER = struct.Struct("<3sBBBBBIIIIQQQIQ")   # the 60 bytes before the key, as tabled above
 HITS_AT, CRC_AT, LAST_USED_AT = 12, 20, 32
 REASONS = {"cold": 1, "continued": 2, "evict": 3, "shutdown": 4}
 NUMERICS = {"exact": 0, "qat": 1}
@@ -375,7 +375,11 @@ class DiskKVCache:
                      last_used, reason, ctx, foreign), payload, numerics, fingerprint
 
     def _scan(self):
-        for name in sorted(os.listdir(self.directory)):
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError as exc:
+            raise Error(f"kv cache: cannot read {self.directory}: {exc.strerror}") from None
+        for name in names:
             path = self._path(name)
             tmp = TMP_RE.match(name)
             if tmp:

@@ -180,6 +180,26 @@ def test_prefill_writes_cold_and_continued_checkpoints_at_exact_lengths(
     assert any("saved 200 tokens (cold" in m for m in log)
 
 
+def test_a_conversation_survives_a_restart_through_the_cache(model, long_ids, reference,
+                                                             tmp_path):
+    """Cold request, evict, restart, then a longer prompt: only its new tokens are
+    evaluated and the answer is the one without any cache."""
+    cache = small_cache(tmp_path, model, cold_max_tokens=1000)
+    session = model.session()
+    progress = []
+    cache.prefill(session, long_ids[:600], progress=lambda done, total: progress.append(done))
+    assert progress[-1] == 600
+    assert [e.n_tokens for e in cache.entries.values()] == [512]      # 600 - 8, aligned to 128
+    cache.before_replace(session)
+    assert sorted(e.n_tokens for e in cache.entries.values()) == [512, 600]
+    again = small_cache(tmp_path, model, cold_max_tokens=1000)
+    fresh = model.session()
+    assert again.load(again.lookup(long_ids[:700]), fresh) == 600
+    logits, evaluated = again.prefill(fresh, long_ids[:700])
+    assert evaluated == 100 and np.array_equal(logits, reference[700])
+    assert len(again.entries) == 2                          # reuse of 600: not cold
+
+
 def test_after_prefill_writes_cold_checkpoint_without_rolling_back(model, long_ids, tmp_path):
     cache = small_cache(tmp_path, model, cold_max_tokens=1000, continued_interval_tokens=0)
     session = session_at(model, long_ids[:600])
