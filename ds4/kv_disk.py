@@ -72,6 +72,7 @@ class Entry:
     reason: int
     ctx: int
     foreign: bool = False    # another model file or numeric mode: never loaded, evicted first
+    text: bytes = None       # the decoded tokens, once lookup_text needed them
 
     @property
     def n_tokens(self):
@@ -134,7 +135,8 @@ def _pid_alive(pid):
 class DiskKVCache:
     """Checkpoints of the live session on disk, found again by token prefix.
 
-    `lookup(ids)` -> the stored entry with the longest prefix of ids (or None);
+    `lookup(ids)` -> the stored entry with the longest prefix of ids (or None;
+    `lookup_text(prompt)` matches decoded text instead);
     `load(entry, session)` -> tokens restored (0 when the file was bad: it is then
     logged and deleted); `prefill(session, ids)` replaces ds4.generation.prefill and
     writes the cold and continued checkpoints at their exact lengths;
@@ -239,6 +241,24 @@ class DiskKVCache:
             if best is not None and n <= best.n_tokens:
                 continue   # an equal length with the same prefix would be the same file
             if np.array_equal(e.ids, ids[:n]):
+                best = e
+        return best
+
+    def lookup_text(self, prompt):
+        """The entry whose tokens decode to the longest byte prefix of a rendered
+        prompt (str or bytes), tie -> more tokens: the spec's `disk-text` match, for
+        prompts whose tokenization differs from the stored tokens. The caller goes
+        on with the entry's tokens + the tokenized rest, prompt[len(entry.text):]."""
+        data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
+        tok = self.model.tokenizer
+        best = None
+        for e in self.entries.values():
+            if e.foreign or e.n_tokens < self.min_tokens:
+                continue
+            if e.text is None:
+                e.text = tok.decode_bytes(e.ids.tolist())
+            if len(e.text) <= len(data) and data.startswith(e.text) and (
+                    best is None or (len(e.text), e.n_tokens) > (len(best.text), best.n_tokens)):
                 best = e
         return best
 

@@ -155,6 +155,22 @@ def test_lookup_picks_the_longest_stored_prefix(model, long_ids, tmp_path):
     assert small_cache(tmp_path, model, min_tokens=250).lookup(long_ids).n_tokens == 300
 
 
+def test_lookup_text_matches_the_decoded_prefix_of_a_prompt(model, tok, long_ids, tmp_path):
+    cache = small_cache(tmp_path, model)
+    for n in (100, 300):
+        cache._save(session_at(model, long_ids[:n]), "evict")
+    text = tok.decode_bytes(long_ids[:700])
+    entry = cache.lookup_text(text)
+    assert entry.n_tokens == 300 and text.startswith(entry.text)
+    assert cache.lookup_text(tok.decode_bytes(long_ids[:200])).n_tokens == 100
+    assert cache.lookup_text(b"something else entirely") is None
+    # a str prompt whose tail tokenizes differently across the boundary
+    words = "".join(f"line {i}: the quick brown fox\n" for i in range(40))
+    cache._save(session_at(model, tok.encode(words)), "evict")
+    entry = cache.lookup_text(words + "jumps")
+    assert entry is not None and entry.text == words.encode()
+
+
 def test_prefill_writes_cold_and_continued_checkpoints_at_exact_lengths(
         model, tok, long_ids, reference, tmp_path):
     ids = list(long_ids)
