@@ -60,6 +60,10 @@ class BadFile(Exception):
     """A cache file that is corrupt, truncated or not ours."""
 
 
+class Unusable(Exception):
+    """A sound file that this session cannot take (kept for others)."""
+
+
 @dataclass
 class Entry:
     """One checkpoint on disk: the state after its first `n_tokens` ids."""
@@ -71,7 +75,8 @@ class Entry:
     last_used: int
     reason: int
     ctx: int
-    foreign: bool = False    # another model file or numeric mode: never loaded, evicted first
+    numerics: int
+    foreign: bool = False    # another model file: never loaded, evicted first
     text: bytes = None       # the decoded tokens, once lookup_text needed them
 
     @property
@@ -165,6 +170,7 @@ class DiskKVCache:
         self.fingerprint = lib.ds4_model_fingerprint(model._handle)
         gate0 = model.config.expert_types[0][0] if model.config.expert_types else ""
         self.quant_bits = 4 if gate0 == "Q4_K" else 2
+        self.numerics = NUMERICS[model.numerics]   # the numeric mode lookups serve
         self.entries = {}        # file name -> Entry
         self._live = None        # weakref to the session the tracking below is about
         self._live_tokens = []   # its tokens when a hook last saw it
@@ -236,7 +242,7 @@ class DiskKVCache:
         best = None
         for e in self.entries.values():
             n = e.n_tokens
-            if e.foreign or n < self.min_tokens or n > len(ids):
+            if e.foreign or e.numerics != self.numerics or n < self.min_tokens or n > len(ids):
                 continue
             if best is not None and n <= best.n_tokens:
                 continue   # an equal length with the same prefix would be the same file
@@ -253,7 +259,7 @@ class DiskKVCache:
         tok = self.model.tokenizer
         best = None
         for e in self.entries.values():
-            if e.foreign or e.n_tokens < self.min_tokens:
+            if e.foreign or e.numerics != self.numerics or e.n_tokens < self.min_tokens:
                 continue
             if e.text is None:
                 e.text = tok.decode_bytes(e.ids.tolist())
@@ -267,6 +273,9 @@ class DiskKVCache:
         logging and deleting a bad file (the session is then as before, or empty)."""
         try:
             self._restore(entry, session)
+        except Unusable as exc:
+            self.log(f"kv cache: not loading {entry.name}: {exc}")
+            return 0
         except (BadFile, Error, OSError, ValueError) as exc:
             self.log(f"kv cache: dropping {entry.name}: {exc}")
             self._delete(entry.name)
@@ -372,7 +381,7 @@ class DiskKVCache:
         raw = f.read(HEADER.size)
         if len(raw) < HEADER.size:
             raise BadFile("truncated header")
-        (magic, version, quant, reason, _flags, numerics, n, hits, ctx, crc, created, last_used,
+        (magic, version, _quant, reason, _flags, numerics, n, hits, ctx, crc, created, last_used,
          payload, key_len, fingerprint) = HEADER.unpack(raw)
         if magic != MAGIC:
             raise BadFile("not a KVC file")
@@ -390,9 +399,8 @@ class DiskKVCache:
         size = os.fstat(f.fileno()).st_size
         if size != HEADER.size + key_len + payload:
             raise BadFile(f"{size} bytes, the header says {HEADER.size + key_len + payload}")
-        foreign = fingerprint != self.fingerprint or numerics != NUMERICS[self.model.numerics]
         return Entry(path, np.frombuffer(key, dtype="<u4").copy(), size, hits, created,
-                     last_used, reason, ctx, foreign), payload, numerics, fingerprint
+                     last_used, reason, ctx, numerics, fingerprint != self.fingerprint), payload
 
     def _scan(self):
         try:
@@ -417,19 +425,21 @@ class DiskKVCache:
                 self._unlink(path)
                 continue
             if entry.foreign:
-                self.log(f"kv cache: {name} was written with another model file or numeric "
-                         "mode; ignored (evicted first)")
+                self.log(f"kv cache: {name} was written with another model file; ignored "
+                         "(evicted first)")
             self.entries[name] = entry
 
     def _restore(self, entry, session):
         with open(entry.path, "rb") as f:
-            found, payload, numerics, fingerprint = self._read_entry(entry.path, f)
-            if numerics != NUMERICS[session.numerics] or fingerprint != self.fingerprint:
-                raise BadFile("written with another model file or numeric mode")
+            found, payload = self._read_entry(entry.path, f)
             if not np.array_equal(found.ids, entry.ids):
                 raise BadFile("its tokens changed")
+            if found.foreign:
+                raise BadFile("written with another model file")
+            if found.numerics != NUMERICS[session.numerics]:
+                raise Unusable(f"the session uses {session.numerics} numerics")
             if found.n_tokens > session.ctx:
-                raise BadFile(f"{found.n_tokens} tokens exceed the session's ctx {session.ctx}")
+                raise Unusable(f"{found.n_tokens} tokens exceed the session's ctx {session.ctx}")
             buf = np.empty(payload, dtype=np.uint8)
             if f.readinto(memoryview(buf)) != payload:
                 raise BadFile("truncated payload")
@@ -506,7 +516,7 @@ class DiskKVCache:
             return None
         _fsync_dir(self.directory)
         entry = Entry(path, np.frombuffer(key, "<u4").copy(), size, 0, now, now, REASONS[reason],
-                      session.ctx)
+                      session.ctx, NUMERICS[session.numerics])
         self.entries[name] = entry
         self.log(f"kv cache: saved {n} tokens ({reason}, {size / 2**20:.1f} MiB, "
                  f"{time.monotonic() - t0:.2f} s) as {name}")

@@ -453,3 +453,17 @@ def test_a_file_deleted_behind_the_caches_back_loads_nothing(model, long_ids, tm
     os.unlink(entry.path)
     assert cache.load(entry, model.session()) == 0
     assert cache.lookup(long_ids) is None and "dropping" in log[-1]
+
+
+def test_a_session_too_small_or_in_another_mode_loads_nothing_and_keeps_the_file(
+        model, long_ids, tmp_path):
+    log = []
+    cache = small_cache(tmp_path, model, log=log.append)
+    entry = cache._save(session_at(model, long_ids[:100]), "evict")
+    small = model.session(ctx=64)
+    assert cache.load(entry, small) == 0 and small.n_tokens == 0
+    assert "ctx 64" in log[-1]
+    exact = model.session(numerics="exact")
+    assert cache.load(entry, exact) == 0 and exact.n_tokens == 0
+    assert os.path.exists(entry.path) and cache.lookup(long_ids) is entry
+    assert cache.load(entry, model.session()) == 100
