@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import Error
+from .generation import PREFILL_CHUNK
 from .native import ffi, lib
 
 MAGIC = b"KVC"
@@ -53,7 +54,6 @@ FILE_RE = re.compile(r"^[0-9a-f]{40}\.kv$")
 TMP_RE = re.compile(r"^[0-9a-f]{40}\.kv\.tmp\.(\d+)$")
 WRITE_CHUNK = 64 << 20
 HIT_HALF_LIFE_S = 6 * 3600
-PREFILL_CHUNK = 512
 
 
 class BadFile(Exception):
