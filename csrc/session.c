@@ -195,8 +195,12 @@ int64_t ds4_session_kv_bytes(const ds4_session *s) {
  * layer the live ring entries and compressed rows, then a 64-bit checksum of
  * everything before it. */
 
+/* Writes to a FILE, to a memory buffer of `cap` bytes, or (neither) only
+ * counts the bytes, so the three share one serializer. */
 struct writer {
     FILE *f;
+    uint8_t *mem;
+    size_t cap, pos;
     uint64_t hash;
     int failed;
 };
@@ -207,10 +211,24 @@ static uint64_t hash_bytes(uint64_t h, const void *p, size_t n) {
     return h;
 }
 
+static void emit(struct writer *w, const void *p, size_t n) {
+    if (w->failed || !n) return;
+    if (w->f) {
+        if (fwrite(p, 1, n, w->f) != n) w->failed = 1;
+    } else if (w->mem) {
+        if (w->cap - w->pos < n) {
+            w->failed = 1;
+            return;
+        }
+        memcpy(w->mem + w->pos, p, n);
+    }
+    w->pos += n;
+}
+
 static void put(struct writer *w, const void *p, size_t n) {
     if (w->failed || !n) return;
-    w->hash = hash_bytes(w->hash, p, n);
-    if (fwrite(p, 1, n, w->f) != n) w->failed = 1;
+    if (w->f || w->mem) w->hash = hash_bytes(w->hash, p, n);
+    emit(w, p, n);
 }
 
 static void put_u64(struct writer *w, uint64_t v) { put(w, &v, 8); }
@@ -234,40 +252,62 @@ static void snapshot_shape(const ds4_session *s, uint64_t shape[11]) {
     memcpy(shape, v, sizeof v);
 }
 
-int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t errlen) {
+static void write_snapshot(const ds4_session *s, struct writer *w) {
     const ds4_config *cf = &s->model->cfg;
+    uint32_t head[2] = {SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
+    put(w, head, sizeof head);
+    uint64_t shape[11];
+    snapshot_shape(s, shape);
+    put(w, shape, sizeof shape);
+    int64_t T = s->n_tokens;
+    put_u64(w, (uint64_t)T);
+    put_u64(w, (uint64_t)s->logits_valid);
+    put(w, s->ids, (size_t)T * sizeof *s->ids);
+    if (s->logits_valid) put(w, s->logits, (size_t)cf->n_vocab * sizeof(float));
+    for (int l = 0; l < cf->n_layer; l++) {
+        const ds4_layer_state *ls = &s->layers[l];
+        put_ring(w, ls->raw, s->cap_raw, cf->head_dim, live_from(T, s->cap_raw), T);
+        if (!ls->ratio) continue;
+        put_ring(w, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, live_from(T, ls->cap_kg), T);
+        put(w, ls->rows, (size_t)(T / ls->ratio * cf->head_dim) * sizeof(float));
+        if (!ls->indexer) continue;
+        put_ring(w, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, live_from(T, ls->cap_kg), T);
+        put(w, ls->idx_rows, (size_t)(T / ls->ratio * cf->indexer_dim) * sizeof(float));
+    }
+    uint64_t sum = w->hash;
+    emit(w, &sum, 8);
+}
+
+int64_t ds4_session_snapshot_size(const ds4_session *s) {
+    struct writer w = {NULL, NULL, 0, 0, 0, 0};
+    write_snapshot(s, &w);
+    return (int64_t)w.pos;
+}
+
+int ds4_session_snapshot_write(const ds4_session *s, void *buf, int64_t size, char *err,
+                               size_t errlen) {
+    struct writer w = {NULL, buf, (size_t)(size > 0 ? size : 0), 0, 0xcbf29ce484222325ull, 0};
+    write_snapshot(s, &w);
+    if (w.failed || w.pos != (size_t)size) {
+        snprintf(err, errlen, "snapshot needs %lld bytes, the buffer has %lld",
+                 (long long)ds4_session_snapshot_size(s), (long long)size);
+        return -1;
+    }
+    return 0;
+}
+
+int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t errlen) {
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp) {
         snprintf(err, errlen, "path too long");
         return -1;
     }
-    struct writer w = {fopen(tmp, "wb"), 0xcbf29ce484222325ull, 0};
+    struct writer w = {fopen(tmp, "wb"), NULL, 0, 0, 0xcbf29ce484222325ull, 0};
     if (!w.f) {
         snprintf(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
         return -1;
     }
-    uint32_t head[2] = {SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
-    put(&w, head, sizeof head);
-    uint64_t shape[11];
-    snapshot_shape(s, shape);
-    put(&w, shape, sizeof shape);
-    int64_t T = s->n_tokens;
-    put_u64(&w, (uint64_t)T);
-    put_u64(&w, (uint64_t)s->logits_valid);
-    put(&w, s->ids, (size_t)T * sizeof *s->ids);
-    if (s->logits_valid) put(&w, s->logits, (size_t)cf->n_vocab * sizeof(float));
-    for (int l = 0; l < cf->n_layer; l++) {
-        const ds4_layer_state *ls = &s->layers[l];
-        put_ring(&w, ls->raw, s->cap_raw, cf->head_dim, live_from(T, s->cap_raw), T);
-        if (!ls->ratio) continue;
-        put_ring(&w, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, live_from(T, ls->cap_kg), T);
-        put(&w, ls->rows, (size_t)(T / ls->ratio * cf->head_dim) * sizeof(float));
-        if (!ls->indexer) continue;
-        put_ring(&w, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, live_from(T, ls->cap_kg), T);
-        put(&w, ls->idx_rows, (size_t)(T / ls->ratio * cf->indexer_dim) * sizeof(float));
-    }
-    uint64_t sum = w.hash;
-    if (!w.failed && fwrite(&sum, 8, 1, w.f) != 1) w.failed = 1;
+    write_snapshot(s, &w);
     if (!w.failed && (fflush(w.f) != 0 || fsync(fileno(w.f)) != 0)) w.failed = 1;
     int saved_errno = errno;
     if (fclose(w.f) != 0) w.failed = 1;
@@ -314,8 +354,80 @@ static void get_ring(struct reader *r, float *ring, int64_t cap, int64_t width, 
     for (int64_t p = first; p < last; p++) get(r, ring + (p % cap) * width, (size_t)width * sizeof(float));
 }
 
-int ds4_session_restore(ds4_session *s, const char *path, char *err, size_t errlen) {
+/* Restores from the snapshot bytes buf[0, size); `name` prefixes the messages. */
+static int restore_bytes(ds4_session *s, const uint8_t *buf, size_t size, const char *name,
+                         char *err, size_t errlen) {
     const ds4_config *cf = &s->model->cfg;
+    if (size < 8 + 88 + 16 + 8) {
+        snprintf(err, errlen, "%s: not a ds4 session snapshot (too short)", name);
+        return -1;
+    }
+    uint64_t stored;
+    memcpy(&stored, buf + size - 8, 8);
+    struct reader r = {buf, buf + size - 8, 0};
+    uint32_t head[2];
+    get(&r, head, sizeof head);
+    if (head[0] != SNAPSHOT_MAGIC) {
+        snprintf(err, errlen, "%s: not a ds4 session snapshot", name);
+        return -1;
+    }
+    if (head[1] != SNAPSHOT_VERSION) {
+        snprintf(err, errlen, "%s: snapshot version %u, this ds4 reads %u", name, head[1],
+                 SNAPSHOT_VERSION);
+        return -1;
+    }
+    if (hash_bytes(0xcbf29ce484222325ull, buf, size - 8) != stored) {
+        snprintf(err, errlen, "%s: snapshot checksum mismatch (corrupt or truncated)", name);
+        return -1;
+    }
+    uint64_t shape[11], want[11], T, logits_valid;
+    get(&r, shape, sizeof shape);
+    snapshot_shape(s, want);
+    if (memcmp(shape, want, sizeof shape) != 0) {
+        snprintf(err, errlen, "%s: snapshot was made with a different model file or numeric mode",
+                 name);
+        return -1;
+    }
+    get(&r, &T, 8);
+    get(&r, &logits_valid, 8);
+    if ((int64_t)T > s->ctx) {
+        snprintf(err, errlen, "%s: snapshot holds %llu tokens, more than this session's ctx %lld",
+                 name, (unsigned long long)T, (long long)s->ctx);
+        return -1;
+    }
+    get(&r, s->ids, (size_t)T * sizeof *s->ids);
+    if (logits_valid) get(&r, s->logits, (size_t)cf->n_vocab * sizeof(float));
+    for (int l = 0; l < cf->n_layer; l++) {
+        ds4_layer_state *ls = &s->layers[l];
+        get_ring(&r, ls->raw, s->cap_raw, cf->head_dim, live_from((int64_t)T, s->cap_raw), (int64_t)T);
+        if (!ls->ratio) continue;
+        get_ring(&r, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, live_from((int64_t)T, ls->cap_kg),
+                 (int64_t)T);
+        get(&r, ls->rows, (size_t)((int64_t)T / ls->ratio * cf->head_dim) * sizeof(float));
+        if (!ls->indexer) continue;
+        get_ring(&r, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, live_from((int64_t)T, ls->cap_kg),
+                 (int64_t)T);
+        get(&r, ls->idx_rows, (size_t)((int64_t)T / ls->ratio * cf->indexer_dim) * sizeof(float));
+    }
+    if (r.short_read || r.p != r.end) {
+        snprintf(err, errlen, "%s: snapshot length does not match its contents", name);
+        s->n_tokens = 0;
+        s->logits_valid = 0;
+        return -1;
+    }
+    for (uint64_t i = 0; i < T; i++)
+        if (s->ids[i] < 0 || s->ids[i] >= cf->n_vocab) {
+            snprintf(err, errlen, "%s: snapshot holds an invalid token id", name);
+            s->n_tokens = 0;
+            s->logits_valid = 0;
+            return -1;
+        }
+    s->n_tokens = (int64_t)T;
+    s->logits_valid = (int)logits_valid;
+    return 0;
+}
+
+int ds4_session_restore(ds4_session *s, const char *path, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
     if (!f) {
         snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
@@ -334,75 +446,13 @@ int ds4_session_restore(ds4_session *s, const char *path, char *err, size_t errl
         snprintf(err, errlen, "cannot read %s", path);
         return -1;
     }
-    int rc = -1;
-    if (size < 8 + 88 + 16 + 8) {
-        snprintf(err, errlen, "%s: not a ds4 session snapshot (too short)", path);
-        goto done;
-    }
-    uint64_t stored;
-    memcpy(&stored, buf + size - 8, 8);
-    struct reader r = {buf, buf + size - 8, 0};
-    uint32_t head[2];
-    get(&r, head, sizeof head);
-    if (head[0] != SNAPSHOT_MAGIC) {
-        snprintf(err, errlen, "%s: not a ds4 session snapshot", path);
-        goto done;
-    }
-    if (head[1] != SNAPSHOT_VERSION) {
-        snprintf(err, errlen, "%s: snapshot version %u, this ds4 reads %u", path, head[1],
-                 SNAPSHOT_VERSION);
-        goto done;
-    }
-    if (hash_bytes(0xcbf29ce484222325ull, buf, (size_t)size - 8) != stored) {
-        snprintf(err, errlen, "%s: snapshot checksum mismatch (corrupt or truncated)", path);
-        goto done;
-    }
-    uint64_t shape[11], want[11], T, logits_valid;
-    get(&r, shape, sizeof shape);
-    snapshot_shape(s, want);
-    if (memcmp(shape, want, sizeof shape) != 0) {
-        snprintf(err, errlen, "%s: snapshot was made with a different model file or numeric mode",
-                 path);
-        goto done;
-    }
-    get(&r, &T, 8);
-    get(&r, &logits_valid, 8);
-    if ((int64_t)T > s->ctx) {
-        snprintf(err, errlen, "%s: snapshot holds %llu tokens, more than this session's ctx %lld",
-                 path, (unsigned long long)T, (long long)s->ctx);
-        goto done;
-    }
-    get(&r, s->ids, (size_t)T * sizeof *s->ids);
-    if (logits_valid) get(&r, s->logits, (size_t)cf->n_vocab * sizeof(float));
-    for (int l = 0; l < cf->n_layer; l++) {
-        ds4_layer_state *ls = &s->layers[l];
-        get_ring(&r, ls->raw, s->cap_raw, cf->head_dim, live_from((int64_t)T, s->cap_raw), (int64_t)T);
-        if (!ls->ratio) continue;
-        get_ring(&r, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, live_from((int64_t)T, ls->cap_kg),
-                 (int64_t)T);
-        get(&r, ls->rows, (size_t)((int64_t)T / ls->ratio * cf->head_dim) * sizeof(float));
-        if (!ls->indexer) continue;
-        get_ring(&r, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, live_from((int64_t)T, ls->cap_kg),
-                 (int64_t)T);
-        get(&r, ls->idx_rows, (size_t)((int64_t)T / ls->ratio * cf->indexer_dim) * sizeof(float));
-    }
-    if (r.short_read || r.p != r.end) {
-        snprintf(err, errlen, "%s: snapshot length does not match its contents", path);
-        s->n_tokens = 0;
-        s->logits_valid = 0;
-        goto done;
-    }
-    for (uint64_t i = 0; i < T; i++)
-        if (s->ids[i] < 0 || s->ids[i] >= cf->n_vocab) {
-            snprintf(err, errlen, "%s: snapshot holds an invalid token id", path);
-            s->n_tokens = 0;
-            s->logits_valid = 0;
-            goto done;
-        }
-    s->n_tokens = (int64_t)T;
-    s->logits_valid = (int)logits_valid;
-    rc = 0;
-done:
+    int rc = restore_bytes(s, buf, (size_t)size, path, err, errlen);
     free(buf);
     return rc;
+}
+
+int ds4_session_snapshot_read(ds4_session *s, const void *buf, int64_t size, char *err,
+                              size_t errlen) {
+    if (size < 0) size = 0;
+    return restore_bytes(s, buf, (size_t)size, "snapshot", err, errlen);
 }

@@ -42,6 +42,15 @@ int ds4_session_rewind(ds4_session *s, int64_t n, char *err, size_t errlen);
 int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t errlen);
 int ds4_session_restore(ds4_session *s, const char *path, char *err, size_t errlen);
 
+/* The same snapshot bytes in memory, for containers that embed a snapshot
+ * (the disk KV cache): its exact size, writing it into buf[0, size), and
+ * restoring from buf[0, size) with the checks of ds4_session_restore. */
+int64_t ds4_session_snapshot_size(const ds4_session *s);
+int ds4_session_snapshot_write(const ds4_session *s, void *buf, int64_t size, char *err,
+                               size_t errlen);
+int ds4_session_snapshot_read(ds4_session *s, const void *buf, int64_t size, char *err,
+                              size_t errlen);
+
 /* Bytes of KV state held for the current tokens, and the growth per token
  * of each layer kind (forward-pass.md §6.2), float32. */
 int64_t ds4_session_kv_bytes(const ds4_session *s);
