@@ -104,9 +104,12 @@ class ScriptedEngine:
 
     ``script(text)`` queues one reply: the text is encoded with special-token
     recognition (so ``</think>`` and ``｜DSML｜`` are the model's real ids)
-    and followed by EOS. Requests with no queued reply get ``default``.
+    and followed by EOS. A reply given as a list of strings is encoded piece
+    by piece, which yields a non-canonical tokenization as a sampling model
+    may produce. Requests with no queued reply get ``default``.
     ``token_delay`` and ``prefill_delay`` (seconds per token) make it slow on
-    purpose; ``eval_log`` records how many tokens each prefill evaluated.
+    purpose; ``eval_log`` records how many tokens each prefill evaluated and
+    ``sampled`` how many tokens each request drew.
     """
 
     def __init__(self, tokenizer, *, ctx=32768, default="ok", token_delay=0.0,
@@ -118,6 +121,7 @@ class ScriptedEngine:
         self.prefill_delay = prefill_delay
         self.session = _ScriptedSession()
         self.eval_log = []
+        self.sampled = []
         self._replies = []
         self._lock = threading.Lock()
         self._current = []
@@ -129,8 +133,12 @@ class ScriptedEngine:
     def script(self, *texts):
         with self._lock:
             for text in texts:
-                self._replies.append(self.tokenizer.encode(text, special=True)
-                                     + [self.tokenizer.eos_id])
+                self._replies.append(self._encode(text))
+
+    def _encode(self, text):
+        pieces = [text] if isinstance(text, str) else text
+        return [i for p in pieces for i in self.tokenizer.encode(p, special=True)] \
+            + [self.tokenizer.eos_id]
 
     def prefill(self, ids, progress=None):
         s = self.session
@@ -145,11 +153,10 @@ class ScriptedEngine:
             if progress:
                 progress(min(start + PREFILL_CHUNK, len(todo)), len(todo))
         self.eval_log.append(len(todo))
+        self.sampled.append(0)
         with self._lock:
             reply = self._replies.pop(0) if self._replies else None
-        if reply is None:
-            reply = self.tokenizer.encode(self.default, special=True) + [self.tokenizer.eos_id]
-        self._current = list(reply)
+        self._current = reply if reply is not None else self._encode(self.default)
         return len(todo)
 
     def sampler(self, params):
@@ -158,6 +165,7 @@ class ScriptedEngine:
     def next_token(self, sampler, greedy=False):
         if self.token_delay:
             time.sleep(self.token_delay)
+        self.sampled[-1] += 1
         return self._current.pop(0) if self._current else self.tokenizer.eos_id
 
     def accept(self, token):

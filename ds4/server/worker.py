@@ -71,6 +71,7 @@ class Worker:
         self._stopping = False
         self._thread = None
         self.busy = False
+        self._current = None
         self._visible = None        # (text, live length) of a thinking answer (§5.1 rung 5)
         self.last_source = None
 
@@ -111,6 +112,9 @@ class Worker:
                 job.cancel.set()
                 job.emit(("error", "server shutting down"))
             self._jobs.clear()
+            if self._current is not None:      # its decode ends with an error
+                self._current.cancel.set()
+                self._current.emit(("error", "shutdown requested"))
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -130,6 +134,7 @@ class Worker:
                 if self._stopping:
                     return
                 job = self._jobs.popleft()
+                self._current = job
                 self.busy = True
             try:
                 if not job.cancel.is_set():
@@ -141,6 +146,7 @@ class Worker:
             finally:
                 with self._cv:
                     self.busy = False
+                    self._current = None
 
     def _safe_reset(self):
         self._visible = None
@@ -203,6 +209,8 @@ class Worker:
         if kv is not None:
             kv.after_prefill(eng.session, ids)
         self.last_source = source
+        log.info("prompt %d tokens: %s, %d reused, %d evaluated", len(ids), source,
+                 len(ids) - prefilled, prefilled)
         job.emit(("prompt", len(ids), len(ids) - prefilled, source))
         self._generate(job, ids)
 
