@@ -19,8 +19,10 @@ def parse(server, body, raw) -> rq.Prepared:
     prompt = body.get("prompt")
     if prompt is None:
         raise rq.bad("missing prompt")
-    if not isinstance(prompt, (str, list)):
-        raise rq.bad("invalid JSON request: prompt must be a string or an array")
+    if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and any(isinstance(p, str) for p in prompt)):
+        raise rq.bad("invalid JSON request: prompt must be a string or an array of strings "
+                     "(token-id prompts are not supported)")
     think = rq.think_mode(body, "completions")
     stream = rq.boolean(body, "stream") or False
     so = rq.obj(body, "stream_options") or {}
