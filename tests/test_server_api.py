@@ -4,7 +4,7 @@ import json
 import requests
 import pytest
 
-from test_server_support import EOS, harness, start_harness, tiny_tokenizer  # noqa: F401
+from test_server_support import harness, start_harness, tiny_tokenizer  # noqa: F401
 
 BOS = "<｜begin▁of▁sentence｜>"
 USER = "<｜User｜>"

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import pytest
 import requests
 
+import ds4
+
 from test_server_support import start_harness, tiny_tokenizer  # noqa: F401
 
 M = [{"role": "user", "content": "hi"}]
@@ -214,3 +216,66 @@ def test_disk_checkpoint_is_loaded_when_it_covers_more_than_the_live_state(tiny_
     finally:
         h.thread.stop()
     assert kv.calls[-1][0] == "shutdown"
+
+
+class FailingEngine:
+    """Wraps a ScriptedEngine; fails in prefill, or after `after` sampled tokens."""
+
+    def __init__(self, engine, stage, after=0):
+        self._e, self.stage, self.after = engine, stage, after
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+    def prefill(self, ids, progress=None):
+        if self.stage == "prefill":
+            raise ds4.Error("prompt processing failed")
+        return self._e.prefill(ids, progress)
+
+    def next_token(self, sampler, greedy=False):
+        if self.stage == "decode" and self._e.sampled[-1] >= self.after:
+            raise ds4.Error("decode failed")
+        return self._e.next_token(sampler, greedy)
+
+
+def failing_harness(tokenizer, stage):
+    h = start_harness(tokenizer, engine_kw={"default": "</think>one two three four"})
+    h.server.worker.engine = FailingEngine(h.engine, stage, after=2)
+    return h
+
+
+def test_prefill_failure_is_a_500_json_error_and_the_next_request_works(tiny_tokenizer):
+    h = failing_harness(tiny_tokenizer, "prefill")
+    try:
+        for path, body in ((CHAT, {"messages": M, "stream": True}),
+                           (MSGS, {"messages": M, "max_tokens": 5})):
+            r = h.post(path, body)
+            assert r.status_code == 500
+            assert "prompt processing failed" in r.text and "Traceback" not in r.text
+        h.server.worker.engine.stage = None
+        assert h.post(CHAT, {"messages": M}).status_code == 200
+    finally:
+        h.thread.stop()
+
+
+def test_failure_mid_stream_sends_an_error_event(tiny_tokenizer):
+    h = failing_harness(tiny_tokenizer, "decode")
+    try:
+        r = h.post(CHAT, {"messages": M, "stream": True})
+        assert r.status_code == 200
+        assert "event: error\ndata: " in r.text and "decode failed" in r.text
+        a = h.post(MSGS, {"messages": M, "max_tokens": 50, "stream": True})
+        error = [json.loads(line[6:]) for line in a.text.splitlines()
+                 if line.startswith("data: ") and '"error"' in line]
+        assert error[0]["error"]["type"] == "api_error"
+    finally:
+        h.thread.stop()
+
+
+def test_large_headers_are_accepted(tiny_tokenizer):
+    h = start_harness(tiny_tokenizer)
+    try:
+        r = h.post(CHAT, {"messages": M}, headers={"X-Big": "b" * 30000})
+        assert r.status_code == 200
+    finally:
+        h.thread.stop()

@@ -30,6 +30,12 @@ _ANTHROPIC_KINDS = {400: "invalid_request_error", 401: "authentication_error",
                     413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
+# Handler cancellation: a client that disconnects cancels its request at once.
+# Header limits as ds4's (64 KiB) rather than aiohttp's 8 KiB.
+_RUN_OPTIONS = dict(handler_cancellation=True, access_log=None, max_line_size=65536,
+                    max_field_size=65536)
+
+
 class LockedReplay:
     """The replay memory, shared by request threads and the event loop."""
 
@@ -234,8 +240,7 @@ class ServerThread:
     def _main(self):
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(self.server.make_app(), handler_cancellation=True,
-                               access_log=None)
+        runner = web.AppRunner(self.server.make_app(), **_RUN_OPTIONS)
         try:
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self.port)
@@ -266,5 +271,4 @@ def serve(server, host="127.0.0.1", port=8080, log_fn=print):
     """Serves until SIGINT/SIGTERM (the first one drains and saves; see worker.stop)."""
     app = server.make_app()
     log_fn(f"ds4: serving {MODEL_ID} on http://{host}:{port} (ctx {server.ctx})")
-    web.run_app(app, host=host, port=port, handler_cancellation=True, print=None,
-                access_log=None)
+    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=10, **_RUN_OPTIONS)

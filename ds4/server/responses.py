@@ -15,7 +15,7 @@ from aiohttp import web
 from ..chat import flatten_responses_content, render_chat
 from ..dsml import ReasoningDelta, TextDelta
 from . import requests as rq
-from .openai_chat import unsent_text
+from .openai_chat import collect, unsent_text
 from .sse import SSE
 from .turn import KEEPALIVE, Failure, Final, PromptDone, Turn
 
@@ -195,7 +195,6 @@ async def respond(request, server, prep: rq.Prepared):
     summary = prep.extra["summary"]
     turn = Turn(server, prep, tail=None)
     if not prep.stream:
-        from .openai_chat import collect
         final = await collect(turn)
         m = final.message
         item_status = "incomplete" if final.finish == "length" else "completed"
