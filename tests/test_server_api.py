@@ -237,3 +237,19 @@ def test_keepalive_comments_during_a_long_prefill(tiny_tokenizer):
         assert raw.rstrip().endswith("data: [DONE]")
     finally:
         h.thread.stop()
+
+
+def test_anthropic_stop_sequence_is_reported(harness):
+    client = harness.anthropic()
+    harness.engine.script("</think>alpha END beta")
+    m = client.messages.create(model="deepseek-v4-flash", max_tokens=50,
+                               thinking={"type": "disabled"}, stop_sequences=["END"],
+                               messages=[{"role": "user", "content": "go"}])
+    assert (m.stop_reason, m.stop_sequence, m.content[0].text) == ("stop_sequence", "END",
+                                                                   "alpha ")
+    harness.engine.script("</think>alpha END beta")
+    with client.messages.stream(model="deepseek-v4-flash", max_tokens=50,
+                                thinking={"type": "disabled"}, stop_sequences=["END"],
+                                messages=[{"role": "user", "content": "go"}]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")

@@ -157,6 +157,7 @@ def test_thinking_answer_reused_when_client_drops_the_reasoning(harness, tiny_to
     messages += [{"role": "assistant", "content": r1.choices[0].message.content},
                  {"role": "user", "content": "more"}]
     r2 = client.chat.completions.create(model="deepseek-v4-flash", messages=messages)
+    assert harness.server.worker.last_source == "thinking-visible"
     assert r2.usage.prompt_tokens_details.cached_tokens == (r1.usage.prompt_tokens
                                                            + r1.usage.completion_tokens)
     assert r2.usage.prompt_tokens_details.cache_write_tokens == ntok(
@@ -195,3 +196,27 @@ def test_tool_choice_none_renders_no_tools(harness, tiny_tokenizer):
     assert without.usage.prompt_tokens == ntok(
         tiny_tokenizer, "<｜begin▁of▁sentence｜>" + USER + "go" + ASSISTANT + "</think>")
     assert with_tools.usage.prompt_tokens > without.usage.prompt_tokens + 250  # tools block
+
+
+def test_tool_turn_replayed_without_its_reasoning_still_reuses_the_kv_state(
+        harness, tiny_tokenizer):
+    """Codex-style Responses replay (no reasoning items: summaries not asked for)."""
+    client = harness.openai()
+    tool = {"type": "function", "name": "bash", "description": "Run a shell command",
+            "parameters": BASH_OPENAI["function"]["parameters"]}
+    harness.engine.script(CALL_PIECES)
+    first = client.responses.create(model="deepseek-v4-flash", input="List files",
+                                    tools=[tool])
+    assert [o.type for o in first.output] == ["message", "function_call"]
+    call = first.output[1]
+    items = [{"role": "user", "content": "List files"}]
+    items += [o.model_dump(exclude_none=True) for o in first.output]
+    items.append({"type": "function_call_output", "call_id": call.call_id,
+                  "output": "a.c\nb.c"})
+    harness.engine.script("ok</think>Two files.")
+    r = client.responses.create(model="deepseek-v4-flash", input=items, tools=[tool])
+    assert harness.server.worker.last_source == "thinking-visible"
+    assert r.usage.input_tokens_details.cached_tokens == (first.usage.input_tokens
+                                                          + first.usage.output_tokens)
+    assert r.usage.input_tokens_details.cache_write_tokens == new_turn_tokens(
+        tiny_tokenizer, "a.c\nb.c")

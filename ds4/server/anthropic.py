@@ -17,6 +17,14 @@ STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_u
                "error": "end_turn"}
 
 
+def stop_reason(final):
+    """Anthropic's reason; a client stop sequence is reported as such (ds4
+    itself always says end_turn, spec §9.3)."""
+    if final.stop_sequence is not None:
+        return "stop_sequence"
+    return STOP_REASON[final.finish]
+
+
 def parse(server, body, raw) -> rq.Prepared:
     msgs = rq.messages_list(body)
     mt = rq.max_tokens(body, "max_tokens", required=True)
@@ -38,6 +46,7 @@ def parse(server, body, raw) -> rq.Prepared:
     ids = server.tokenize(rendered.text, "messages", anthropic=True)
     return rq.Prepared(model=rq.model_name(body), text=rendered.text, ids=ids,
                        think=rendered.think, tools=bool(tools), max_tokens=mt, params=params,
+                       keeps_reasoning=rendered.tool_context,
                        stop=stop, stream=stream)
 
 
@@ -55,7 +64,8 @@ async def respond(request, server, prep: rq.Prepared):
         content += [c.to_anthropic() for c in m.tool_calls]
         return web.json_response({
             "id": mid, "type": "message", "role": "assistant", "model": prep.model,
-            "content": content, "stop_reason": STOP_REASON[final.finish], "stop_sequence": None,
+            "content": content, "stop_reason": stop_reason(final),
+            "stop_sequence": final.stop_sequence,
             "usage": final.usage.anthropic()})
 
     sse = SSE(request)
@@ -135,7 +145,8 @@ async def respond(request, server, prep: rq.Prepared):
                     await open_block("text", {"type": "text", "text": ""})
                     await close_block()
                 await send("message_delta", {
-                    "delta": {"stop_reason": STOP_REASON[ev.finish], "stop_sequence": None},
+                    "delta": {"stop_reason": stop_reason(ev),
+                              "stop_sequence": ev.stop_sequence},
                     "usage": {"output_tokens": ev.usage.completion}})
                 await send("message_stop", {})
     return await sse.close()

@@ -41,6 +41,7 @@ def parse(server, body, raw) -> rq.Prepared:
     ids = server.tokenize(rendered.text, "messages")
     return rq.Prepared(model=rq.model_name(body), text=rendered.text, ids=ids,
                        think=rendered.think, tools=bool(tools), max_tokens=mt, params=params,
+                       keeps_reasoning=rendered.tool_context,
                        stop=stop, stream=stream, include_usage=bool(so.get("include_usage")))
 
 

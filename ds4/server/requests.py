@@ -202,6 +202,7 @@ class Prepared:
     stop: list
     stream: bool
     include_usage: bool = False
+    keeps_reasoning: bool = False   # rendered with earlier reasoning kept (tool context)
     extra: dict = field(default_factory=dict)
 
     @property

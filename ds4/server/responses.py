@@ -154,6 +154,7 @@ def parse(server, body, raw) -> rq.Prepared:
     ids = server.tokenize(rendered.text, "input")
     return rq.Prepared(model=rq.model_name(body), text=rendered.text, ids=ids,
                        think=rendered.think, tools=bool(tools), max_tokens=mt, params=params,
+                       keeps_reasoning=rendered.tool_context,
                        stop=[], stream=stream,
                        extra={"summary": reasoning.get("summary") in _SUMMARY_OPT_IN})
 

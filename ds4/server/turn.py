@@ -64,6 +64,7 @@ class Final:
     text: str                      # everything generated (stop sequences applied)
     usage: Usage
     note: str | None = None
+    stop_sequence: str | None = None   # the client stop sequence that ended the output
 
 
 @dataclass
@@ -92,7 +93,8 @@ class Turn:
                 pass
 
         job = Job(text=prep.text, ids=prep.ids, thinking=prep.thinking, tools=prep.tools,
-                  max_tokens=prep.max_tokens, params=prep.params, stop=prep.stop, emit=emit)
+                  max_tokens=prep.max_tokens, params=prep.params, stop=prep.stop,
+                  chat=not self.raw, keeps_reasoning=prep.keeps_reasoning, emit=emit)
         try:
             server.worker.submit(job)
         except QueueFull:
@@ -126,7 +128,7 @@ class Turn:
                 elif kind == "done":
                     finished = True
                     self.usage.completion = ev[2]
-                    yield_final = self._final(parser, ev[1], ev[3], "".join(pieces))
+                    yield_final = self._final(parser, ev[1], ev[3], "".join(pieces), ev[4])
                     for e in out + yield_final:
                         yield e
                     return
@@ -142,13 +144,13 @@ class Turn:
             if not finished:
                 server.worker.withdraw(job)
 
-    def _final(self, parser, finish, saw_tool_start, text):
+    def _final(self, parser, finish, saw_tool_start, text, stop_sequence):
         if parser is None:
-            return [Final(finish, None, text, self.usage)]
+            return [Final(finish, None, text, self.usage, stop_sequence=stop_sequence)]
         events = parser.finish(tail=self.tail)
         message = parser.result.message
         finish, note = finish_reason(finish, message, tools=self.prep.tools,
                                      saw_tool_start=saw_tool_start)
         if message.tool_calls and message.raw_dsml:
             self.server.remember_calls(message)
-        return events + [Final(finish, message, text, self.usage, note)]
+        return events + [Final(finish, message, text, self.usage, note, stop_sequence)]

@@ -11,8 +11,9 @@ they are a token prefix of the new prompt (``memory-token``), when their
 decoded bytes are a byte prefix of the rendered prompt (``memory-text``: a
 stateless client replaying the sampled text, whose tokenization may differ
 from the sampled ids), or when the prompt extends the remembered visible
-transcript of a thinking answer whose hidden reasoning the client dropped
-(``thinking-visible``). Otherwise the engine rewinds to the longest common
+transcript of a thinking turn whose hidden reasoning the client dropped
+(``thinking-visible``; ds4's ``responses-visible`` too: the same rule covers
+tool-call turns replayed without their reasoning). Otherwise the engine rewinds to the longest common
 token prefix, or a disk checkpoint is loaded when it covers more.
 """
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Job:
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: list = field(default_factory=list)
+    chat: bool = True              # a chat API (not raw completions): remember visible text
+    keeps_reasoning: bool = False  # the prompt keeps earlier turns' reasoning (tool context)
     emit: object = None            # callable(event tuple), thread-safe
     cancel: threading.Event = field(default_factory=threading.Event)
 
@@ -57,7 +60,8 @@ class Job:
 #   ("prefill", done, total)                  prefill progress
 #   ("prompt", prompt_tokens, cached, source) the prompt is in the KV state
 #   ("piece", text)                           generated text (stop sequences applied)
-#   ("done", finish, completion_tokens, saw_tool_start)  finish: stop | length | tool_calls | error
+#   ("done", finish, completion_tokens, saw_tool_start, matched stop sequence or None)
+#                                             finish: stop | length | tool_calls | error
 #   ("error", message)                        the engine failed
 
 
@@ -263,18 +267,30 @@ class Worker:
                 job.emit(("piece", rest))
         if monitor.unterminated and finish in ("stop", "length"):
             finish = "error"
-        job.emit(("done", finish, n, monitor.saw_start))
+        matched = None
+        if stop_hit:
+            at = stops.find("".join(raw))
+            matched = "".join(raw)[at[0]:at[0] + at[1]] if at else None
+        job.emit(("done", finish, n, monitor.saw_start, matched))
         # After the reply: the last sampled token joins the KV state, so the
         # next turn's prompt (which contains it) is a pure extension.
         if pending is not None and not job.cancel.is_set():
             eng.accept(pending)
-        if job.thinking and not job.tools and finish == "stop" and not stop_hit \
-                and job.text.endswith(THINK_OPEN):
-            text = "".join(raw)
-            if THINK_CLOSE in text:
-                content = parse_generated(text, thinking=True).content
-                visible = job.text[:-len(THINK_OPEN)] + THINK_CLOSE + content
-                self._visible = (visible, len(eng.tokens))
+        if job.chat and job.thinking and finish in ("stop", "tool_calls") and not stop_hit:
+            self._remember_visible(job, "".join(raw))
+
+    def _remember_visible(self, job, text):
+        """What a client that drops the hidden reasoning sends back for this
+        turn (§2.2): with tool context ``<think></think>`` + content + calls,
+        else ``</think>`` + content; the live KV (reasoning included) stands for it."""
+        if THINK_CLOSE not in text or not job.text.endswith(THINK_OPEN):
+            return
+        m = parse_generated(text, thinking=True)
+        if job.keeps_reasoning:
+            visible = job.text + THINK_CLOSE + m.content + (m.raw_dsml or "")
+        else:
+            visible = job.text[:-len(THINK_OPEN)] + THINK_CLOSE + m.content
+        self._visible = (visible, len(self.engine.tokens))
 
 
 def _one_line(exc):
