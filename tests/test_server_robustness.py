@@ -279,3 +279,25 @@ def test_large_headers_are_accepted(tiny_tokenizer):
         assert r.status_code == 200
     finally:
         h.thread.stop()
+
+
+def test_shutdown_ends_a_running_stream_with_an_error_event(tiny_tokenizer):
+    import threading
+    kv = FakeKV()
+    h = start_harness(tiny_tokenizer, kv_cache=kv,
+                      engine_kw={"token_delay": 0.02, "default": LONG})
+    got = []
+
+    def read():
+        with requests.post(h.url + CHAT, json={"messages": M, "stream": True}, stream=True,
+                           timeout=60) as r:
+            got.append(b"".join(r.iter_content(None)).decode())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_until(lambda: h.engine.sampled and h.engine.sampled[0] > 3, "generation started")
+    h.thread.stop()
+    reader.join(60)
+    assert "event: error" in got[0] and "shutdown requested" in got[0]
+    assert h.engine.sampled[0] < len(tiny_tokenizer.encode(LONG)) / 2
+    assert kv.calls[-1][0] == "shutdown"

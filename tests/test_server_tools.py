@@ -220,3 +220,16 @@ def test_tool_turn_replayed_without_its_reasoning_still_reuses_the_kv_state(
                                                           + first.usage.output_tokens)
     assert r.usage.input_tokens_details.cache_write_tokens == new_turn_tokens(
         tiny_tokenizer, "a.c\nb.c")
+
+
+def test_dsml_without_tools_in_the_request_is_reported_whole_at_the_end(harness):
+    """The final parser runs for every chat request (§3.1); calls not streamed
+    live arrive in one chunk before the finish chunk (§4.6)."""
+    harness.engine.script(CALL_PIECES)
+    chunks = list(harness.openai().chat.completions.create(
+        model="deepseek-v4-flash", messages=[{"role": "user", "content": "go"}], stream=True))
+    with_calls = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(with_calls) == 1
+    call = with_calls[0].choices[0].delta.tool_calls[0]
+    assert call.function.name == "bash" and json.loads(call.function.arguments) == ARGS
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

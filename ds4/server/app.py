@@ -123,11 +123,15 @@ class Server:
             app.router.add_post(path, _endpoint(module))
         app.on_response_prepare.append(_cors_headers)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
         app.on_cleanup.append(self._on_cleanup)
         return app
 
     async def _on_startup(self, app):
         self.worker.start()
+
+    async def _on_shutdown(self, app):
+        self.worker.begin_stop()     # open streams end now instead of after the drain timeout
 
     async def _on_cleanup(self, app):
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)

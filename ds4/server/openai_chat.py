@@ -70,7 +70,7 @@ async def respond(request, server, prep: rq.Prepared):
                 "model": prep.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-    pending = None        # a call not streamed live: sent whole with its arguments
+    whole = []            # calls not streamed live: sent in one chunk at the end (§4.6)
     text = ""
     async with aclosing(turn.events()) as events:
         async for ev in events:
@@ -89,14 +89,13 @@ async def respond(request, server, prep: rq.Prepared):
                 if ev.live:
                     await sse.send(chunk({"tool_calls": [call]}))
                 else:
-                    pending = call
+                    whole.append(call)
             elif isinstance(ev, ToolCallDelta):
                 if ev.live:
                     await sse.send(chunk({"tool_calls": [
                         {"index": ev.index, "function": {"arguments": ev.arguments}}]}))
                 else:
-                    pending["function"]["arguments"] = ev.arguments
-                    await sse.send(chunk({"tool_calls": [pending]}))
+                    whole[-1]["function"]["arguments"] = ev.arguments
             elif isinstance(ev, Failure):
                 if not sse.open:
                     raise rq.ApiError(500, ev.message, kind="server_error")
@@ -107,6 +106,8 @@ async def respond(request, server, prep: rq.Prepared):
                 rest = unsent_text(ev.message, text)
                 if rest:
                     await sse.send(chunk({"content": rest}))
+                if whole:
+                    await sse.send(chunk({"tool_calls": whole}))
                 await sse.send(chunk({}, OPENAI_FINISH[ev.finish]))
                 if prep.include_usage:
                     body = chunk({})

@@ -107,19 +107,22 @@ class Worker:
     def queued(self):
         return len(self._jobs)
 
-    def stop(self, timeout=None):
-        """Stops after the running job (queued ones are cancelled); then the
-        kv_cache gets its shutdown save."""
+    def begin_stop(self):
+        """Refuse new jobs; queued ones and the running decode end with an error."""
         with self._cv:
             self._stopping = True
             for job in self._jobs:
                 job.cancel.set()
                 job.emit(("error", "server shutting down"))
             self._jobs.clear()
-            if self._current is not None:      # its decode ends with an error
+            if self._current is not None:
                 self._current.cancel.set()
                 self._current.emit(("error", "shutdown requested"))
             self._cv.notify()
+
+    def stop(self, timeout=None):
+        """begin_stop, wait for the worker thread, then the kv_cache's shutdown save."""
+        self.begin_stop()
         if self._thread is not None:
             self._thread.join(timeout)
         if self.kv_cache is not None:
