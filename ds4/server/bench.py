@@ -1,11 +1,13 @@
 """Server overhead and queueing, measured with the scripted engine.
 
-    python -m ds4.server.bench MODEL.gguf [--requests 200] [--clients 8]
+    python -m ds4.server.bench MODEL.gguf [--requests 200] [--clients 8] [--real]
 
-MODEL only provides the tokenizer. Reports (1) the round trip of a 1-token
-reply per API (everything but inference: HTTP, validation, rendering,
+MODEL provides the tokenizer. Reports (1) the round trip of a 1-token reply
+per API (everything but inference: HTTP, validation, rendering,
 tokenization, the worker hop and the response), and (2) how concurrent
 clients queue on the single worker when each reply takes a fixed time.
+``--real`` adds (3): the same 1-token chat request on the real engine over
+HTTP against the engine called directly (same prompt, KV state reused).
 """
 import argparse
 import statistics
@@ -80,11 +82,43 @@ def queueing(url, engine, clients, per_client, reply_tokens, token_delay):
           f"p90 {p90:.0f} ms, max {worst:.0f} ms (ideal median {clients * service * 1e3:.0f})")
 
 
+def real_engine(path, n):
+    import ds4
+    from . import ModelEngine, Server, ServerThread
+    from .engine import SamplingParams
+    model = ds4.load(path, ctx=4096)
+    engine = ModelEngine(model)
+    body = {"messages": [{"role": "user", "content": "hi"}], "thinking": False,
+            "max_tokens": 1, "temperature": 0}
+    ids = model.tokenizer.encode(
+        "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜></think>", special=True)
+    direct = []
+    for i in range(n + 5):
+        t0 = time.perf_counter()
+        engine.prefill(ids)        # re-evaluates the last prompt token, as the server does
+        engine.accept(engine.next_token(engine.sampler(SamplingParams(temperature=0))))
+        if i >= 5:
+            direct.append(time.perf_counter() - t0)
+    http_times = []
+    with ServerThread(Server(engine)) as st:
+        http = requests.Session()
+        for i in range(n + 5):
+            t0 = time.perf_counter()
+            r = http.post(st.url + "/v1/chat/completions", json=body)
+            r.content
+            if i >= 5:
+                http_times.append(time.perf_counter() - t0)
+    d, h = statistics.median(direct) * 1e3, statistics.median(http_times) * 1e3
+    print(f"real engine, 1-token chat: direct {d:.2f} ms, over HTTP {h:.2f} ms median "
+          f"(server overhead {h - d:.2f} ms)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--real", action="store_true")
     args = ap.parse_args()
     import ds4
     from . import ScriptedEngine, Server, ServerThread
@@ -95,6 +129,8 @@ def main():
     with ServerThread(server) as st:
         round_trips(st.url, engine, args.requests)
         queueing(st.url, engine, args.clients, 10, reply_tokens=10, token_delay=0.002)
+    if args.real:
+        real_engine(args.model, min(args.requests, 50))
 
 
 if __name__ == "__main__":
