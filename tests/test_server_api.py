@@ -253,3 +253,19 @@ def test_anthropic_stop_sequence_is_reported(harness):
                                 messages=[{"role": "user", "content": "go"}]) as stream:
         final = stream.get_final_message()
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "END")
+
+
+def test_model_aliases_and_effort_select_the_thinking_mode(harness, tiny_tokenizer):
+    client = harness.openai()
+    plain = ntok(tiny_tokenizer, BOS + USER + "hi" + ASSISTANT + "</think>")
+    thinking = ntok(tiny_tokenizer, BOS + USER + "hi" + ASSISTANT + "<think>")
+    cases = [({"model": "deepseek-chat"}, plain),
+             ({"model": "deepseek-reasoner"}, thinking),
+             ({"model": "deepseek-chat", "extra_body": {"thinking": True}}, thinking),
+             ({"model": "x", "reasoning_effort": "none"}, plain),
+             # Think Max needs ctx >= 393216; this server has 8192, so plain thinking
+             ({"model": "x", "reasoning_effort": "max"}, thinking)]
+    for kw, expected in cases:
+        harness.engine.script("</think>ok")
+        r = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw)
+        assert r.usage.prompt_tokens == expected, kw

@@ -61,6 +61,10 @@ BAD_REQUESTS = [
     (MSGS, {"max_tokens": 5, "messages": M, "tool_choice": "none"}),
     (MSGS, {"max_tokens": 5, "messages": M, "output_config": {"effort": "ultra"}}),
     (MSGS, b"{bad"),
+    (MSGS, {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_gone", "content": "x"}]}]}),
+    (RESP, {"input": [{"type": "function_call_output", "call_id": "call_gone",
+                       "output": "x"}]}),
 ]
 
 

@@ -25,8 +25,26 @@ def stop_reason(final):
     return STOP_REASON[final.finish]
 
 
+def check_tool_results(msgs):
+    """Every tool_result answers a tool_use earlier in the request: there is no
+    server-side continuation state to resume from (§3.7)."""
+    seen = set()
+    for m in msgs:
+        blocks = m.get("content") if isinstance(m.get("content"), list) else ()
+        for b in blocks:
+            if not isinstance(b, dict):
+                continue
+            if b.get("type") == "tool_use":
+                seen.add(b.get("id"))
+            elif b.get("type") == "tool_result" and b.get("tool_use_id") not in seen:
+                raise rq.bad(f"continuation state is not available for tool_use_id "
+                             f"{b.get('tool_use_id')}; retry by replaying the full messages "
+                             f"history")
+
+
 def parse(server, body, raw) -> rq.Prepared:
     msgs = rq.messages_list(body)
+    check_tool_results(msgs)
     mt = rq.max_tokens(body, "max_tokens", required=True)
     system = body.get("system")
     if system is not None and not isinstance(system, (str, list)):

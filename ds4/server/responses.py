@@ -55,6 +55,7 @@ def input_messages(body):
         raise rq.bad("invalid JSON request: input must be a string or an array")
     reasoning = None       # a reasoning item waiting for its assistant turn
     last_assistant = None  # the message a following function_call merges into
+    calls = set()          # call ids seen so far: outputs must answer one (§3.7)
 
     def flush_reasoning():
         nonlocal reasoning
@@ -106,6 +107,7 @@ def input_messages(body):
                 raise rq.bad()
             call = {"id": item.get("call_id") or item.get("id"), "name": name,
                     "arguments": args}
+            calls.add(call["id"])
             if last_assistant is None:
                 last_assistant = {"role": "assistant", "content": ""}
                 if reasoning is not None:
@@ -113,6 +115,9 @@ def input_messages(body):
                 msgs.append(last_assistant)
             last_assistant.setdefault("tool_calls", []).append(call)
         elif kind in _OUTPUTS:
+            if item.get("call_id") not in calls and kind != "tool_search_output":
+                raise rq.bad(f"continuation state is not available for call_id "
+                             f"{item.get('call_id')}; retry by replaying the full input history")
             flush_reasoning()
             last_assistant = None
             out = next((item[k] for k in ("output", "result", "tools") if k in item), "")
