@@ -269,3 +269,12 @@ def test_model_aliases_and_effort_select_the_thinking_mode(harness, tiny_tokeniz
         harness.engine.script("</think>ok")
         r = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw)
         assert r.usage.prompt_tokens == expected, kw
+
+
+def test_anthropic_count_tokens(harness, tiny_tokenizer):
+    n = harness.anthropic().messages.count_tokens(
+        model="deepseek-v4-flash", system="You are terse.",
+        messages=[{"role": "user", "content": "hi"}])
+    assert n.input_tokens == ntok(tiny_tokenizer,
+                                  BOS + "You are terse." + USER + "hi" + ASSISTANT + "<think>")
+    assert harness.engine.eval_log == []        # counting never reaches the worker

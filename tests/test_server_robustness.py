@@ -25,7 +25,7 @@ def deep(n):
 
 BAD_REQUESTS = [
     (CHAT, b"{"), (CHAT, b"not json"), (CHAT, b"[]"), (CHAT, b'"text"'), (CHAT, b"\xff\xfe{}"),
-    (CHAT, {}), (CHAT, {"messages": "hi"}), (CHAT, {"messages": [1]}),
+    (CHAT, {}), (CHAT, {"messages": "hi"}), (CHAT, {"messages": []}), (CHAT, {"messages": [1]}),
     (CHAT, {"messages": [{"role": 5, "content": "x"}]}),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}),
     (CHAT, {"messages": [{"role": "user", "content": [1, 2]}]}),
@@ -40,7 +40,8 @@ BAD_REQUESTS = [
     (CHAT, {"messages": M, "stream_options": 1}), (CHAT, {"messages": M, "seed": "x"}),
     (CHAT, {"messages": M, "model": 5}),
     (CHAT, {"messages": M, "unknown_field": deep(300)}),
-    (CHAT, b'{"messages": [], "pad": "' + b"x" * (1 << 21) + b'"}'),          # over the limit
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "pad": "'
+     + b"x" * (1 << 21) + b'"}'),                                # over the 1 MiB limit
     (COMPL, {}), (COMPL, {"prompt": 5}), (COMPL, {"prompt": [1, 2]}),
     (COMPL, {"prompt": "x", "max_tokens": "x"}),
     (RESP, {}), (RESP, {"input": 5}), (RESP, {"input": [{"type": "bogus"}]}),
@@ -78,6 +79,8 @@ def test_fifty_malformed_requests_get_4xx_json_and_the_server_keeps_serving(tiny
             else:
                 r = h.post(path, body)
             assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+            if len(body) > 1 << 20:
+                assert r.status_code == 413
             err = r.json()
             if path == MSGS:
                 assert err["type"] == "error" and err["error"]["message"], err

@@ -42,10 +42,10 @@ def check_tool_results(msgs):
                              f"history")
 
 
-def parse(server, body, raw) -> rq.Prepared:
+def parse(server, body, raw, *, counting=False) -> rq.Prepared:
     msgs = rq.messages_list(body)
     check_tool_results(msgs)
-    mt = rq.max_tokens(body, "max_tokens", required=True)
+    mt = 0 if counting else rq.max_tokens(body, "max_tokens", required=True)
     system = body.get("system")
     if system is not None and not isinstance(system, (str, list)):
         raise rq.bad("invalid JSON request: system must be a string or an array")
@@ -66,6 +66,18 @@ def parse(server, body, raw) -> rq.Prepared:
                        think=rendered.think, tools=bool(tools), max_tokens=mt, params=params,
                        keeps_reasoning=rendered.tool_context,
                        stop=stop, stream=stream)
+
+
+class TokenCount:
+    """POST /v1/messages/count_tokens: the rendered prompt's length (Claude Code asks)."""
+
+    @staticmethod
+    def parse(server, body, raw):
+        return parse(server, body, raw, counting=True)
+
+    @staticmethod
+    async def respond(request, server, prep):
+        return web.json_response({"input_tokens": len(prep.ids)})
 
 
 async def respond(request, server, prep: rq.Prepared):

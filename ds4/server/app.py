@@ -119,7 +119,8 @@ class Server:
         app.router.add_get("/v1/models/{id}", _model)
         for path, module in (("/v1/chat/completions", openai_chat),
                              ("/v1/completions", openai_completions),
-                             ("/v1/responses", responses), ("/v1/messages", anthropic)):
+                             ("/v1/responses", responses), ("/v1/messages", anthropic),
+                             ("/v1/messages/count_tokens", anthropic.TokenCount)):
             app.router.add_post(path, _endpoint(module))
         app.on_response_prepare.append(_cors_headers)
         app.on_startup.append(self._on_startup)

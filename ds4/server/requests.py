@@ -168,6 +168,8 @@ def messages_list(body, key="messages"):
         raise bad(f"missing {key}")
     if not isinstance(msgs, list):
         raise bad(f"invalid JSON request: {key} must be an array")
+    if not msgs:
+        raise bad(f"invalid JSON request: {key} must not be empty")
     for m in msgs:
         if not isinstance(m, dict):
             raise bad(f"invalid JSON request: each of {key} must be an object")
