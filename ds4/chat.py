@@ -396,7 +396,7 @@ def _normalize(m) -> _Msg | None:
 # ---------------------------------------------------------------------------
 # Tool schemas (§2.5)
 
-def _raw_members(text: str):
+def raw_json_members(text: str):
     """[(key, raw value text)] of a JSON object, or None."""
     try:
         i = _skip_ws(text, 0)
@@ -446,7 +446,7 @@ def _schema_lines_of(item) -> list:
     if not isinstance(item, str):
         return []
     raw = item.strip(" \t\n\r")
-    members = _raw_members(raw)
+    members = raw_json_members(raw)
     if members is None:
         return [raw] if raw else []
     d = dict(members)
@@ -457,7 +457,7 @@ def _schema_lines_of(item) -> list:
         ns = _json_string_value(d["name"])
         lines = []
         for t in _raw_array_items(d["tools"]):
-            line = _namespace_line(dict(_raw_members(t) or ()), ns)
+            line = _namespace_line(dict(raw_json_members(t) or ()), ns)
             if line:
                 lines.append(line)
         if lines:

@@ -1,0 +1,111 @@
+"""ds4 serve on the real engine (tiny generated model) and as a command."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+import ds4
+from conftest import subprocess_env
+from ds4.server import ModelEngine, Server, ServerThread
+
+
+@pytest.fixture(scope="module")
+def real(tiny_q2):
+    model = ds4.load(tiny_q2, ctx=1024)
+    st = ServerThread(Server(ModelEngine(model))).start()
+    yield st
+    st.stop()
+
+
+def test_openai_sdk_two_turns_on_the_real_engine_reuse_the_kv_state(real):
+    import openai
+    client = openai.OpenAI(base_url=real.url + "/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "Say something."}]
+    r1 = client.chat.completions.create(model="deepseek-v4-flash", messages=messages,
+                                        max_tokens=6, temperature=0,
+                                        extra_body={"thinking": {"type": "disabled"}})
+    assert r1.choices[0].finish_reason in ("stop", "length")
+    assert 0 < r1.usage.completion_tokens <= 6
+    messages += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "More."}]
+    r2 = client.chat.completions.create(model="deepseek-v4-flash", messages=messages,
+                                        max_tokens=4, temperature=0,
+                                        extra_body={"thinking": {"type": "disabled"}})
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens
+
+
+def test_anthropic_sdk_stream_on_the_real_engine(real):
+    import anthropic
+    client = anthropic.Anthropic(base_url=real.url, api_key="x", max_retries=0)
+    with client.messages.stream(model="deepseek-v4-flash", max_tokens=5,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert final.stop_reason in ("end_turn", "max_tokens")
+    assert 0 < final.usage.output_tokens <= 5
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening_addresses(port):
+    """Local addresses of listening TCP sockets on `port` (from /proc/net/tcp)."""
+    out = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(name):
+            continue
+        with open(name) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, p = local.split(":")
+                if int(p, 16) == port and state == "0A":
+                    out.append(addr)
+    return out
+
+
+def test_serve_command_binds_loopback_by_default_and_stops_on_sigint(tiny_q2, tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ds4.cli", "serve", "-m", str(tiny_q2),
+                             "--port", str(port), "--ctx", "512"], cwd=tmp_path,
+                            env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < end, "server did not come up"
+            time.sleep(0.2)
+        assert listening_addresses(port) == ["0100007F"]        # 127.0.0.1 only
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions",
+                          json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_kv_disk_dir_that_cannot_be_made_is_a_one_line_error(tiny_q2, tmp_path):
+    (tmp_path / "kv").write_text("a file where a directory would go")
+    r = subprocess.run([sys.executable, "-m", "ds4.cli", "serve", "-m", str(tiny_q2),
+                        "--kv-disk-dir", str(tmp_path / "kv" / "cache"), "--port", str(free_port())],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("ds4: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
