@@ -76,6 +76,8 @@ from .cli_run import chat, run  # noqa: E402  (commands defined beside this grou
 
 main.add_command(run)
 main.add_command(chat)
+from .cli_bench import bench_cmd  # noqa: E402
+main.add_command(bench_cmd, "bench")
 
 if __name__ == "__main__":
     main()
