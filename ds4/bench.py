@@ -175,12 +175,16 @@ def cpu_copy_bandwidth(nbytes=1 << 30, repeats=4):
 COPY_BANDWIDTH = {"cpu": lambda model: cpu_copy_bandwidth()}
 
 
-def copy_bandwidth(model):
-    """The device's measured copy bandwidth in bytes/s (read + write)."""
+def bandwidth_probe(model):
     probe = COPY_BANDWIDTH.get(model.backend)
     if probe is None:
-        raise Error(f"no copy-bandwidth probe for the {model.backend} backend")
-    return probe(model)
+        raise Error(f"--batch-report: no copy-bandwidth probe for the {model.backend} backend")
+    return probe
+
+
+def copy_bandwidth(model):
+    """The device's measured copy bandwidth in bytes/s (read + write)."""
+    return bandwidth_probe(model)(model)
 
 
 def batch_report(rows, db, bandwidth):
@@ -210,7 +214,10 @@ def write_synthetic(directory, variant, config=None):
         raise Error(f"--synthetic must be q2 or q4, got {variant!r}")
     config = ModelConfig.flash() if config is None else config
     path = os.path.join(os.fspath(directory), f"synthetic-{variant}.gguf")
-    write_model(path, config, variant=variant, sparse=True)
+    try:
+        write_model(path, config, variant=variant, sparse=True)
+    except OSError as exc:
+        raise Error(f"cannot write the synthetic model in {directory}: {exc.strerror}") from None
     return path
 
 
@@ -241,5 +248,9 @@ def plot(rows, path, title):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise Error(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)

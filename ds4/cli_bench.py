@@ -85,7 +85,7 @@ def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, c
         ctx_start = min(bench.CTX_START, ctx_max)
     try:        # option errors before any work
         bench.frontiers(ctx_start, ctx_max, step_incr)
-        bench.session_ctx(ctx, ctx_max, gen_tokens)
+        ctx = bench.session_ctx(ctx, ctx_max, gen_tokens)
     except Error as exc:
         raise OneLineUsage(str(exc)) from None
     if plot_path:
@@ -95,9 +95,10 @@ def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, c
         with open(prompt_file, encoding="utf-8", errors="replace") as f:
             text = f.read()
     with tempfile.TemporaryDirectory(prefix="ds4-bench-") as tmp:
-        model = open_bench_model(model_path, synthetic, backend, ctx, ctx_max, gen_tokens,
-                                 threads, tmp)
+        model = open_bench_model(model_path, synthetic, backend, ctx, threads, tmp)
         with model:
+            if batch_report:
+                bench.bandwidth_probe(model)     # a missing probe fails before the walk
             rows = run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text,
                             csv_path)
             report = None
@@ -115,9 +116,8 @@ def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, c
         click.echo(f"ds4: bench: plot written to {plot_path}", err=True)
 
 
-def open_bench_model(model_path, synthetic, backend, ctx, ctx_max, gen_tokens, threads, tmp):
+def open_bench_model(model_path, synthetic, backend, ctx, threads, tmp):
     from .model import load
-    ctx = ctx or ctx_max + gen_tokens
     if not synthetic:
         return load(model_path, backend=backend, ctx=ctx, threads=threads)
     path = bench.write_synthetic(tmp, synthetic)

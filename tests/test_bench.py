@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import types
 
 import numpy as np
 import pytest
@@ -126,6 +127,14 @@ def test_plot_is_a_png(tiny_q2, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_unwritable_plot_is_one_line(tiny_q2, tmp_path):
+    pytest.importorskip("matplotlib")
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-max", "8", "--gen-tokens", "1",
+                "--plot", str(tmp_path / "no" / "b.png"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ds4: cannot write ")
+
+
 def test_plot_without_matplotlib_is_one_line(tiny_q2, tmp_path):
     # a module named matplotlib that fails to import stands in for a missing one
     (tmp_path / "matplotlib").mkdir()
@@ -169,6 +178,11 @@ def test_batch_report_relates_decode_rate_to_the_copy_bound():
     lines = bench.batch_report([row], db, bandwidth=1e6)   # bound: 1e6 / 8000 = 125 tok/s
     assert "decode bound 125 tok/s" in lines[1]
     assert "40.0% of bound" in lines[2]
+
+
+def test_a_backend_without_a_bandwidth_probe_is_refused_by_name():
+    with pytest.raises(ds4.Error, match="no copy-bandwidth probe for the metal backend"):
+        bench.bandwidth_probe(types.SimpleNamespace(backend="metal"))
 
 
 def test_cpu_copy_bandwidth_is_a_positive_rate():
