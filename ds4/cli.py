@@ -76,6 +76,7 @@ def info(model, ctx):
 
 
 # Commands defined beside this group, one module each.
+from .cli_bench import bench_cmd  # noqa: E402
 from .cli_download import download  # noqa: E402
 from .cli_run import chat, run  # noqa: E402
 from .cli_serve import serve  # noqa: E402
@@ -84,6 +85,7 @@ main.add_command(run)
 main.add_command(chat)
 main.add_command(download)
 main.add_command(serve)
+main.add_command(bench_cmd, "bench")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,256 @@
+"""Throughput benchmark: prefill and greedy decode speed at growing context frontiers.
+
+The walk follows antirez/ds4's ds4-bench so the CSVs compare: one fixed token
+sequence is fed up to frontiers ctx_start, ctx_start + step, ..., ctx_max (the last
+one clamped to ctx_max). At each frontier only the newest interval is prefilled and
+timed, then exactly `gen_tokens` greedy tokens are decoded (EOS excluded, so every
+row decodes the same amount) and timed, then the session is rewound to the frontier
+(outside both timings) before the walk goes on.
+
+Everything goes through the public API (ds4.load, Session.eval/rewind/kv_bytes), so
+it measures any backend.
+"""
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from .errors import Error
+from .generation import PREFILL_CHUNK
+
+CSV_COLUMNS = ("ctx_tokens", "prefill_tokens", "prefill_tps", "gen_tokens", "gen_tps",
+               "kvcache_bytes")
+ROUTED_EXPERTS = re.compile(r"\.ffn_(gate|up|down)_exps\.")
+# Token-indexed tables: a token reads one row of each, not the whole tensor.
+LOOKUP_TABLES = re.compile(r"^token_embd\.|_tid2eid\.")
+# Walk defaults, as in ds4-bench.
+CTX_START, CTX_MAX, STEP_INCR, GEN_TOKENS = 2048, 32768, 2048, 128
+
+
+@dataclass
+class Row:
+    ctx_tokens: int        # the frontier: tokens in the session before decoding
+    prefill_tokens: int    # tokens prefilled to reach it from the previous frontier
+    prefill_tps: float
+    gen_tokens: int
+    gen_tps: float
+    kvcache_bytes: int     # Session.kv_bytes at the frontier
+    generated: list = field(default_factory=list, repr=False)   # the decoded ids
+
+    def csv(self):
+        return (f"{self.ctx_tokens},{self.prefill_tokens},{self.prefill_tps:.2f},"
+                f"{self.gen_tokens},{self.gen_tps:.2f},{self.kvcache_bytes}")
+
+
+def frontiers(ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR):
+    """ctx_start, ctx_start + step_incr, ..., always ending exactly at ctx_max."""
+    for name, v in (("ctx-start", ctx_start), ("ctx-max", ctx_max), ("step-incr", step_incr)):
+        if v <= 0:
+            raise Error(f"--{name} must be positive, got {v}")
+    if ctx_start > ctx_max:
+        raise Error(f"--ctx-start ({ctx_start}) must not exceed --ctx-max ({ctx_max})")
+    return list(range(ctx_start, ctx_max, step_incr)) + [ctx_max]
+
+
+def session_ctx(ctx, ctx_max, gen_tokens):
+    """The session context: ctx, or just enough for the walk when None."""
+    if gen_tokens <= 0:
+        raise Error(f"--gen-tokens must be positive, got {gen_tokens}")
+    if ctx is None:
+        return ctx_max + gen_tokens
+    if ctx < ctx_max + gen_tokens:
+        raise Error(f"--ctx {ctx} is too small: the walk needs ctx-max + gen-tokens = "
+                    f"{ctx_max + gen_tokens}")
+    return ctx
+
+
+def default_text():
+    """The shipped benchmark text: Pride and Prejudice, chapters 1-30 (public domain)."""
+    return resources.files("ds4").joinpath("data/bench.txt").read_text(encoding="utf-8")
+
+
+def bench_tokens(tokenizer, n, text=None):
+    """The first n ids of the text as plain BPE, the text repeated as often as needed."""
+    text = default_text() if text is None else text
+    ids = tokenizer.encode(text, special=False)
+    if not ids:
+        raise Error("the benchmark text has no tokens")
+    reps = -(-n // len(ids))
+    if reps > 1:
+        ids = tokenizer.encode(text.rstrip() + "\n\n", special=False) * reps
+    return ids[:n]
+
+
+def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
+         gen_tokens=GEN_TOKENS, ctx=None, text=None, progress=None):
+    """Yields one Row per frontier. progress(frontier, stage, done, total) is called
+    before the prefill and as prefill chunks and decoded tokens complete (stage
+    "prefill" or "decode")."""
+    points = frontiers(ctx_start, ctx_max, step_incr)
+    ctx = session_ctx(ctx, ctx_max, gen_tokens)
+    ids = bench_tokens(model.tokenizer, ctx_max, text)
+    eos = model.tokenizer.eos_id
+    session = model.session(ctx)
+    previous = 0
+    for frontier in points:
+        todo = ids[previous:frontier]
+        if progress:
+            progress(frontier, "prefill", 0, len(todo))
+        t0 = time.perf_counter()
+        # the chunking `ds4 run` prefills with, so the numbers are what users get
+        for start in range(0, len(todo), PREFILL_CHUNK):
+            logits = session.eval(todo[start:start + PREFILL_CHUNK])
+            if progress:
+                progress(frontier, "prefill", min(start + PREFILL_CHUNK, len(todo)),
+                         len(todo))
+        prefill_s = time.perf_counter() - t0
+        kv = session.kv_bytes
+        generated = []
+        t0 = time.perf_counter()
+        for i in range(gen_tokens):
+            logits[eos] = -np.inf
+            tok = int(np.argmax(logits))
+            generated.append(tok)
+            logits = session.eval([tok])
+            if progress:
+                progress(frontier, "decode", i + 1, gen_tokens)
+        gen_s = time.perf_counter() - t0
+        if frontier != points[-1]:
+            session.rewind(frontier)
+        yield Row(frontier, len(todo), len(todo) / max(prefill_s, 1e-9), gen_tokens,
+                  gen_tokens / max(gen_s, 1e-9), kv, generated)
+        previous = frontier
+
+
+# ---------------------------------------------------------------- bandwidth bound
+
+@dataclass(frozen=True)
+class DecodeBytes:
+    """Weight bytes one decoded token reads, from the file's tensor directory."""
+    dense: int           # every tensor but routed experts and lookup tables
+    routed: int          # all routed-expert tensors
+    routed_share: float  # n_expert_used / n_expert
+    table_rows: int      # one row of each lookup table
+    active_weights: int  # weight elements a token multiplies with (2 FLOP each)
+
+    @property
+    def per_token(self):
+        return int(self.dense + self.routed * self.routed_share + self.table_rows)
+
+
+def decode_bytes(model):
+    dense = routed = rows = 0
+    active = 0.0
+    c = model.config
+    share = c.n_expert_used / c.n_expert
+    for t in model.gguf.tensors.values():
+        n_el = int(np.prod(t.shape))
+        if ROUTED_EXPERTS.search(t.name):
+            routed += t.nbytes
+            active += n_el * share
+        elif LOOKUP_TABLES.search(t.name):
+            rows += t.nbytes // t.shape[-1]
+        else:
+            dense += t.nbytes
+            active += n_el
+    return DecodeBytes(dense, routed, share, rows, int(active))
+
+
+def cpu_copy_bandwidth(nbytes=1 << 30, repeats=4):
+    """Bytes moved per second (read + write) by the best of a few numpy copies."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.ones(nbytes, np.uint8)   # touched, so no page faults inside the timing
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+# One probe per backend; a GPU backend adds its device-memory copy here.
+COPY_BANDWIDTH = {"cpu": lambda model: cpu_copy_bandwidth()}
+
+
+def bandwidth_probe(model):
+    probe = COPY_BANDWIDTH.get(model.backend)
+    if probe is None:
+        raise Error(f"--batch-report: no copy-bandwidth probe for the {model.backend} backend")
+    return probe
+
+
+def copy_bandwidth(model):
+    """The device's measured copy bandwidth in bytes/s (read + write)."""
+    return bandwidth_probe(model)(model)
+
+
+def batch_report(rows, db, bandwidth):
+    """Lines comparing each row's decode traffic with the copy-bandwidth bound."""
+    bound = bandwidth / db.per_token
+    lines = [f"weights read per decoded token: {db.per_token / 1e9:.4g} GB "
+             f"(dense {db.dense / 1e9:.4g} GB + {db.routed_share:.4g} of routed "
+             f"{db.routed / 1e9:.4g} GB + {db.table_rows} B of table rows)",
+             f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s -> decode bound "
+             f"{bound:.3g} tok/s; prefill ~{2 * db.active_weights / 1e9:.3g} GFLOP/token "
+             f"(2 per active weight)"]
+    for r in rows:
+        gbs = r.gen_tps * db.per_token / 1e9
+        lines.append(f"ctx {r.ctx_tokens:>7}: decode {r.gen_tps:8.2f} tok/s = {gbs:7.2f} GB/s, "
+                     f"{100 * r.gen_tps / bound:5.1f}% of bound; prefill "
+                     f"{r.prefill_tps * 2 * db.active_weights / 1e9:8.1f} GFLOP/s")
+    return lines
+
+
+# ---------------------------------------------------------------- synthetic model
+
+def write_synthetic(directory, variant, config=None):
+    """A sparse full-size (or `config`-size) generated GGUF in `directory`: the
+    header and tensor directory only, the data a hole that reads as zeros."""
+    from .testing import ModelConfig, write_model
+    if variant not in ("q2", "q4"):
+        raise Error(f"--synthetic must be q2 or q4, got {variant!r}")
+    config = ModelConfig.flash() if config is None else config
+    path = os.path.join(os.fspath(directory), f"synthetic-{variant}.gguf")
+    try:
+        write_model(path, config, variant=variant, sparse=True)
+    except OSError as exc:
+        raise Error(f"cannot write the synthetic model in {directory}: {exc.strerror}") from None
+    return path
+
+
+# ---------------------------------------------------------------- plot
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError:
+        raise Error("--plot needs matplotlib (pip install 'matplotlib>=3.8')") from None
+    matplotlib.use("Agg")
+
+
+def plot(rows, path, title):
+    """PNG: prefill and decode tok/s against context, on separate y axes."""
+    require_matplotlib()
+    import matplotlib.pyplot as plt
+    x = [r.ctx_tokens for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.plot(x, [r.prefill_tps for r in rows], "o-", color="tab:blue", label="prefill")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("prefill tok/s", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot(x, [r.gen_tps for r in rows], "s-", color="tab:red", label="decode")
+    ax2.set_ylabel("decode tok/s", color="tab:red")
+    ax2.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise Error(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        plt.close(fig)

@@ -1,0 +1,227 @@
+"""`ds4 bench`: the frontier walk, its CSV, greedy decode, plot, synthetic files, errors."""
+import csv
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import types
+
+import numpy as np
+import pytest
+
+import ds4
+from ds4 import bench
+from ds4.testing import ModelConfig, tensor_plan
+from conftest import subprocess_env
+
+
+def ds4_cli(*args):
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-m", "ds4.cli", *args], capture_output=True,
+                              text=True, timeout=300, cwd=cwd, env=subprocess_env())
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_q2):
+    with ds4.load(tiny_q2, backend="cpu", ctx=512) as m:
+        yield m
+
+
+def test_frontiers_step_from_start_and_end_exactly_at_max():
+    assert bench.frontiers(2048, 8192, 2048) == [2048, 4096, 6144, 8192]
+    assert bench.frontiers(100, 350, 100) == [100, 200, 300, 350]
+    assert bench.frontiers(64, 64, 1000) == [64]
+
+
+def test_csv_rows_walk_the_frontiers_and_prefill_adds_up_to_ctx_max(tiny_q2, tmp_path):
+    out = tmp_path / "b.csv"
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-start", "40", "--ctx-max", "100",
+                "--step-incr", "25", "--gen-tokens", "3", "--csv", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == list(bench.CSV_COLUMNS)
+    assert [int(x["ctx_tokens"]) for x in rows] == [40, 65, 90, 100]
+    assert [int(x["prefill_tokens"]) for x in rows] == [40, 25, 25, 10]
+    assert sum(int(x["prefill_tokens"]) for x in rows) == 100
+    assert all(int(x["gen_tokens"]) == 3 for x in rows)
+    assert all(float(x["prefill_tps"]) > 0 and float(x["gen_tps"]) > 0 for x in rows)
+    kv = [int(x["kvcache_bytes"]) for x in rows]
+    assert all(a < b for a, b in zip(kv, kv[1:]))
+    # the table on stdout carries the same rows
+    table = [line.split() for line in r.stdout.strip().splitlines()]
+    assert table[0] == list(bench.CSV_COLUMNS)
+    assert [int(t[0]) for t in table[1:]] == [40, 65, 90, 100]
+
+
+def test_kvcache_bytes_is_the_session_state_at_the_frontier(tiny):
+    ids = bench.bench_tokens(tiny.tokenizer, 60)
+    rows = list(bench.walk(tiny, ctx_start=30, ctx_max=60, step_incr=30, gen_tokens=2))
+    s = tiny.session(64)
+    s.eval(ids[:30])
+    assert rows[0].kvcache_bytes == s.kv_bytes
+    s.eval(ids[30:60])
+    assert rows[1].kvcache_bytes == s.kv_bytes
+
+
+def test_csv_on_stdout_with_dash_and_a_short_walk_starts_at_ctx_max(tiny_q2):
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-max", "32", "--gen-tokens", "2",
+                "--csv", "-")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert rows[0] == list(bench.CSV_COLUMNS) and [row[0] for row in rows[1:]] == ["32"]
+
+
+def test_decode_is_greedy_without_eos_and_repeats(tiny):
+    a = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
+    b = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
+    assert [r.generated for r in a] == [r.generated for r in b]
+    # each decoded token is the argmax (EOS excluded) after the frontier and the tokens before
+    ids = bench.bench_tokens(tiny.tokenizer, 40)
+    eos = tiny.tokenizer.eos_id
+    for row in a:
+        s = tiny.session(64)
+        logits = s.eval(ids[:row.ctx_tokens])
+        for tok in row.generated:
+            logits[eos] = -np.inf
+            assert tok == int(np.argmax(logits))
+            logits = s.eval([tok])
+
+
+def test_walk_after_rewind_matches_a_fresh_prefill(tiny):
+    """The rewind between frontiers leaves the state of feeding the prefix only,
+    so the second frontier decodes what a fresh session fed the same prefix does."""
+    rows = list(bench.walk(tiny, ctx_start=10, ctx_max=30, step_incr=20, gen_tokens=4))
+    fresh = list(bench.walk(tiny, ctx_start=30, ctx_max=30, step_incr=1, gen_tokens=4))
+    assert rows[-1].generated == fresh[0].generated
+
+
+def test_short_text_is_repeated_to_reach_the_frontier(tiny):
+    ids = bench.bench_tokens(tiny.tokenizer, 50, text="one two three")
+    once = tiny.tokenizer.encode("one two three\n\n")
+    assert len(ids) == 50 and ids[:len(once)] == once and ids[len(once):2 * len(once)] == once
+
+
+def test_prompt_file_is_the_walked_text(tiny_q2, tmp_path):
+    (tmp_path / "p.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--prompt-file", str(tmp_path / "p.txt"),
+                "--ctx-start", "30", "--ctx-max", "30", "--gen-tokens", "1", "--csv", "-")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "e.txt").write_text("")
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--prompt-file", str(tmp_path / "e.txt"),
+                "--ctx-start", "30", "--ctx-max", "30", "--gen-tokens", "1")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        "ds4: the benchmark text has no tokens"
+
+
+def test_shipped_text_covers_the_default_walk(tiny):
+    assert len(tiny.tokenizer.encode(bench.default_text())) >= bench.CTX_MAX
+
+
+def test_plot_is_a_png(tiny_q2, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-start", "16", "--ctx-max", "48",
+                "--step-incr", "16", "--gen-tokens", "2", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unwritable_plot_is_one_line(tiny_q2, tmp_path):
+    pytest.importorskip("matplotlib")
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-max", "8", "--gen-tokens", "1",
+                "--plot", str(tmp_path / "no" / "b.png"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ds4: cannot write ")
+
+
+def test_plot_without_matplotlib_is_one_line(tiny_q2, tmp_path):
+    # a module named matplotlib that fails to import stands in for a missing one
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('absent')\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
+    r = subprocess.run([sys.executable, "-m", "ds4.cli", "bench", "-m", str(tiny_q2),
+                        "--ctx-start", "8", "--ctx-max", "8", "--plot", str(tmp_path / "x.png")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "ds4: --plot needs matplotlib (pip install 'matplotlib>=3.8')"]
+
+
+def test_decode_bytes_counts_dense_tensors_a_share_of_experts_and_one_table_row(tiny):
+    c = tiny.config
+    plan = tensor_plan(ModelConfig.tiny(), "q2")
+    dense = sum(t.nbytes for t in plan if "_exps." not in t.name
+                and t.name != "token_embd.weight" and "tid2eid" not in t.name)
+    routed = sum(t.nbytes for t in plan if "_exps." in t.name)
+    rows = sum(t.nbytes // t.ne[-1] for t in plan
+               if t.name == "token_embd.weight" or "tid2eid" in t.name)
+    db = bench.decode_bytes(tiny)
+    assert (db.dense, db.routed, db.table_rows) == (dense, routed, rows)
+    assert db.per_token == int(dense + routed * c.n_expert_used / c.n_expert + rows)
+
+
+def test_flash_q2_reads_about_9_56_gb_per_decoded_token(tmp_path):
+    """The peer figure (antirez/ds4: 9.56 GB/token for q2), from the generator's
+    full-size layout, read back through ds4.load on a sparse file."""
+    path = bench.write_synthetic(tmp_path, "q2")
+    with ds4.load(path, backend="cpu", ctx=16, synthetic=True) as m:
+        db = bench.decode_bytes(m)
+    assert round(db.per_token / 1e9, 2) == 9.56
+
+
+def test_batch_report_relates_decode_rate_to_the_copy_bound():
+    db = bench.DecodeBytes(dense=6_000, routed=8_000, routed_share=0.25, table_rows=0,
+                           active_weights=1_000)
+    row = bench.Row(128, 128, 1000.0, 8, 50.0, 1)
+    lines = bench.batch_report([row], db, bandwidth=1e6)   # bound: 1e6 / 8000 = 125 tok/s
+    assert "decode bound 125 tok/s" in lines[1]
+    assert "40.0% of bound" in lines[2]
+
+
+def test_a_backend_without_a_bandwidth_probe_is_refused_by_name():
+    with pytest.raises(ds4.Error, match="no copy-bandwidth probe for the metal backend"):
+        bench.bandwidth_probe(types.SimpleNamespace(backend="metal"))
+
+
+def test_cpu_copy_bandwidth_is_a_positive_rate():
+    assert bench.cpu_copy_bandwidth(nbytes=1 << 20, repeats=2) > 0
+
+
+def test_synthetic_file_is_sparse_and_benchmarks_on_cpu(tmp_path):
+    cfg = ModelConfig.tiny()
+    path = bench.write_synthetic(tmp_path, "q4", cfg)
+    st = os.stat(path)
+    assert st.st_blocks * 512 < st.st_size // 4          # the data section is a hole
+    with ds4.load(path, backend="cpu", ctx=64, synthetic=True) as m:
+        assert m.synthetic and m.config.n_layer == cfg.n_layer
+        rows = list(bench.walk(m, ctx_start=8, ctx_max=16, step_incr=8, gen_tokens=2))
+    assert [r.ctx_tokens for r in rows] == [8, 16]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ctx-start", "200", "--ctx-max", "100"],
+     "--ctx-start (200) must not exceed --ctx-max (100)"),
+    (["--ctx-max", "100", "--gen-tokens", "8", "--ctx", "50"], "--ctx 50 is too small"),
+    (["--gen-tokens", "0"], "Invalid value for '--gen-tokens'"),
+    (["--step-incr", "x"], "Invalid value for '--step-incr'"),
+    (["--synthetic", "q3"], "Invalid value for '--synthetic'"),
+    (["--synthetic", "q2"], "give -m MODEL or --synthetic, not both"),
+    (["--bogus"], "No such option '--bogus'"),
+])
+def test_bad_options_are_one_line_usage_errors(tiny_q2, args, message):
+    r = ds4_cli("bench", "-m", str(tiny_q2), *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ds4: bench: ") and message in lines[0]
+
+
+def test_missing_model_and_unwritable_csv_are_one_line_errors(tiny_q2, tmp_path):
+    r = ds4_cli("bench", "-m", str(tmp_path / "absent.gguf"))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("ds4: ") and "absent.gguf" in r.stderr
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-start", "8", "--ctx-max", "8",
+                "--csv", str(tmp_path / "no" / "dir.csv"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ds4: cannot write ")
