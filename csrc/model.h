@@ -49,6 +49,7 @@ typedef struct ds4_model ds4_model;
 
 /* Returns 0 and sets *out, or -1 with a one-line reason in err. */
 int ds4_model_open(const char *path, ds4_model **out, char *err, size_t errlen);
+/* Drops the opener's reference: the model is freed once its sessions are freed too. */
 void ds4_model_close(ds4_model *m);
 
 const ds4_config *ds4_model_config(const ds4_model *m);

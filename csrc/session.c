@@ -35,6 +35,7 @@ void ds4_session_free(ds4_session *s) {
     free(s->logits);
     free(s->rope_main);
     free(s->rope_comp);
+    ds4_model_release(s->model);
     free(s);
 }
 
@@ -62,6 +63,7 @@ int ds4_session_new(const ds4_model *m, int64_t ctx, int numerics, int n_threads
     ds4_session *s = calloc(1, sizeof *s);
     if (!s) goto oom;
     s->model = m;
+    ds4_model_retain(m);
     s->numerics = numerics;
     s->ctx = ctx;
     s->rewind_budget = REWIND_BUDGET;

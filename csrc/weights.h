@@ -2,6 +2,7 @@
 #ifndef DS4_WEIGHTS_H
 #define DS4_WEIGHTS_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "ds4.h"
@@ -57,6 +58,13 @@ struct ds4_model {
     char profile_note[256];
     char **warnings;
     int64_t n_warnings;
+    /* The opener and every session hold a reference: a session freed after
+     * ds4_model_close (as a garbage collector may order it) still finds its
+     * model. The last one out frees it. */
+    atomic_int refs;
 };
+
+void ds4_model_retain(const ds4_model *m);
+void ds4_model_release(const ds4_model *m);
 
 #endif
