@@ -590,6 +590,7 @@ fail:
 
 void ds4_model_close(ds4_model *m) {
     if (!m) return;
+    ds4_model_release_backend(m);
     ds4_gguf_close(m->gguf);
     for (int64_t i = 0; i < m->n_warnings; i++) free(m->warnings[i]);
     free(m->warnings);

@@ -57,6 +57,14 @@ struct ds4_model {
     char profile_note[256];
     char **warnings;
     int64_t n_warnings;
+
+    /* compute backend (backend.h); NULL: the CPU */
+    const struct ds4_backend *backend;
+    void *backend_model;    /* the backend's device copy of the weights */
+    void *backend_lib;      /* dlopen handle */
 };
+
+/* Frees the backend's model state and unloads it (model.c, on close). */
+void ds4_model_release_backend(struct ds4_model *m);
 
 #endif

@@ -1,0 +1,43 @@
+#!/bin/bash
+# On the lent GPU machine, from the worktree root: install the carried wheels,
+# build the engine and the CUDA backend, then run the steps named.
+#   test       tests/test_cuda.py against the CPU engine
+#   sanitize   compute-sanitizer memcheck on a short tiny-model run
+#   bench-mid  prefill/decode speed on the mid model
+#   bench-full full-size synthetic q2 (needs an 80+ GiB GPU)
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site ../.whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+{ make build PYTHON=python3 && make cuda CUDA_ARCHS="-gencode arch=compute_90,code=sm_90"; } \
+  > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
+for step in "$@"; do
+  echo "== $step $(date +%T)"
+  case $step in
+  test)
+    timeout 420 python3 -m pytest -q -s -x -p no:cacheprovider tests/test_cuda.py 2>&1 \
+      | tee $OUT/test.log | grep -E "CUDA-vs|passed|failed|Error|error|assert" ;;
+  sanitize)
+    python3 -m ds4.testing /tmp/tiny.gguf --preset tiny --variant q2 --seed 1 >/dev/null
+    timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 -c "
+import ds4, numpy as np
+m = ds4.load('/tmp/tiny.gguf', backend='cuda', ctx=256)
+for num in ('exact', 'qat'):
+    s = m.session(numerics=num)
+    s.eval(list(range(1, 40)), all_logits=True)
+    for t in range(5): s.eval([t + 7])
+    s.rewind(30); s.eval([3, 4])
+print('sanitized run done')
+" 2>&1 | tail -25 | tee $OUT/sanitize.log ;;
+  bench-mid)
+    python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
+    timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
+      2>&1 | tee $OUT/bench_mid.log ;;
+  bench-full)
+    python3 -m ds4.testing /tmp/full.gguf --preset flash --variant q2 --sparse >/dev/null
+    timeout 400 python3 csrc/cuda/bench.py /tmp/full.gguf --synthetic --ctx 4096 --prompt 2048 \
+      --decode 32 2>&1 | tee $OUT/bench_full.log ;;
+  esac
+done

@@ -1,0 +1,627 @@
+/* The forward-pass kernels of the CUDA backend: one kernel per step of
+ * forward.c, float32 state and activations, the same evaluation order
+ * wherever the order is visible above rounding (norms in double, softmax
+ * with the sink, top-k ties to the lower index). */
+#pragma once
+
+#include "common.cuh"
+
+#define WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim a multiple of 32, at most 1024); every
+ * thread gets the total. */
+__device__ double block_sum_d(double v) {
+    __shared__ double part[32];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    double t = 0;
+    for (int i = 0; i < nw; i++) t += part[i];
+    return t;
+}
+
+__device__ __forceinline__ float d_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* ---- linear: one warp per output row, up to TT tokens per pass ----
+ * Plain mode: tokens 0..n_tok-1 (x row t, y row t). Expert mode (active
+ * != NULL): block row y picks active[y]; that expert's pairs
+ * offs[e]..offs[e+1] are its tokens (x row xrow[p] or p, y row p). */
+struct lin_args {
+    dmat w;
+    int64_t expert_bytes;
+    const float *x;
+    int64_t xs;
+    float *y;
+    int64_t ys;
+    int n_tok;
+    const int *active, *offs, *xrow;
+};
+
+#define LIN_TT 8
+#define LIN_WARPS 8
+
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a) {
+    int r = blockIdx.x * LIN_WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (r >= a.w.n_out) return;
+    const uint8_t *base = a.w.data;
+    int p0 = 0, p1 = a.n_tok;
+    if (a.active) {
+        int e = a.active[blockIdx.y];
+        if (e < 0) return;
+        base += (int64_t)e * a.expert_bytes;
+        p0 = a.offs[e];
+        p1 = a.offs[e + 1];
+    }
+    const uint8_t *row = base + (int64_t)r * a.w.row_bytes;
+    for (int t0 = p0; t0 < p1; t0 += LIN_TT) {
+        float acc[LIN_TT];
+        const float *xp[LIN_TT];
+#pragma unroll
+        for (int i = 0; i < LIN_TT; i++) {
+            acc[i] = 0;
+            int p = t0 + i < p1 ? t0 + i : p1 - 1;
+            xp[i] = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        }
+        for (int e0 = lane * 8; e0 < a.w.n_in; e0 += 256) {
+            float w[8];
+            deq8(a.w.type, row, e0, w);
+#pragma unroll
+            for (int i = 0; i < LIN_TT; i++) {
+                const float4 *v = (const float4 *)(xp[i] + e0);
+                float4 u0 = v[0], u1 = v[1];
+                acc[i] += w[0] * u0.x + w[1] * u0.y + w[2] * u0.z + w[3] * u0.w + w[4] * u1.x +
+                          w[5] * u1.y + w[6] * u1.z + w[7] * u1.w;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < LIN_TT; i++) {
+            float s = warp_sum(acc[i]);
+            if (lane == 0 && t0 + i < p1) a.y[(int64_t)(t0 + i) * a.ys + r] = s;
+        }
+    }
+}
+
+/* ---- row steps on global memory, one block per row ---- */
+
+/* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. */
+__device__ void d_rms(float *y, const float *x, const float *w, int n, float eps) {
+    double ss = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    ss = block_sum_d(ss);
+    float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = w ? x[i] * scale * w[i] : x[i] * scale;
+    __syncthreads();
+}
+
+__device__ void d_rope(float *x, int dim, int rope_dim, const float *freqs, int64_t pos, int sign) {
+    float *r = x + dim - rope_dim;
+    for (int k = threadIdx.x; k < rope_dim / 2; k += blockDim.x) {
+        float phi = (float)pos * freqs[k];
+        float c = cosf(phi), s = sign * sinf(phi);
+        float x0 = r[2 * k], x1 = r[2 * k + 1];
+        r[2 * k] = x0 * c - x1 * s;
+        r[2 * k + 1] = x0 * s + x1 * c;
+    }
+    __syncthreads();
+}
+
+__device__ float d_pow2_ceil(float ratio) {
+    int e;
+    float m = frexpf(ratio, &e);
+    return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+}
+
+__device__ float d_fp8(float y) {
+    if (isnan(y)) return y;
+    float a = fabsf(y);
+    if (a >= 448.0f) return copysignf(448.0f, y);
+    float step;
+    if (a < 0x1p-6f) {
+        step = 0x1p-9f;
+    } else {
+        int e;
+        frexpf(a, &e);
+        step = ldexpf(1.0f, e - 1 - 3);
+    }
+    float q = nearbyintf(a / step) * step;
+    return copysignf(q > 448.0f ? 448.0f : q, y);
+}
+
+__device__ float d_fp4(float y) {
+    const float values[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    if (isnan(y)) return y;
+    float a = fabsf(y);
+    if (a >= 6.0f) return copysignf(6.0f, y);
+    int best = 0;
+    for (int k = 1; k < 8; k++) {
+        float d = fabsf(a - values[k]), db = fabsf(a - values[best]);
+        if (d < db || (d == db && k % 2 == 0)) best = k;
+    }
+    return copysignf(values[best], y);
+}
+
+/* qat: FP8 blocks of 64 over the first n values. */
+__device__ void d_qat_fp8(float *v, int n) {
+    for (int b = threadIdx.x * 64; b < n; b += blockDim.x * 64) {
+        int len = n - b < 64 ? n - b : 64;
+        float amax = 1e-4f;
+        for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(v[b + i]));
+        float s = d_pow2_ceil(amax * (1.0f / 448.0f));
+        for (int i = 0; i < len; i++) v[b + i] = d_fp8(v[b + i] / s) * s;
+    }
+    __syncthreads();
+}
+
+/* qat: Hadamard rotation, then FP4 blocks of 32. */
+__device__ void d_qat_fp4(float *v, int n) {
+    if (threadIdx.x == 0) {
+        for (int h = 1; h < n; h *= 2)
+            for (int i = 0; i < n; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    float a = v[j], b = v[j + h];
+                    v[j] = a + b;
+                    v[j + h] = a - b;
+                }
+        float scale = 1.0f / sqrtf((float)n);
+        for (int i = 0; i < n; i++) v[i] *= scale;
+    }
+    __syncthreads();
+    for (int b = threadIdx.x * 32; b < n; b += blockDim.x * 32) {
+        int len = n - b < 32 ? n - b : 32;
+        float amax = 6.0f * 0x1p-126f;
+        for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(v[b + i]));
+        float s = d_pow2_ceil(amax * (1.0f / 6.0f));
+        for (int i = 0; i < len; i++) v[b + i] = d_fp4(v[b + i] / s) * s;
+    }
+    __syncthreads();
+}
+
+enum { QAT_NONE = 0, QAT_FP8 = 1, QAT_FP4 = 2 };
+
+/* Row r (token r / per_tok): optional norm, RoPE at pos0 + token, qat,
+ * then a final scale. */
+struct row_args {
+    const float *x;
+    float *y;
+    int64_t xs, ys;
+    int dim, per_tok;
+    int norm;
+    const float *norm_w;
+    float eps;
+    const float *freqs;
+    int rope_dim;
+    int64_t pos0;
+    int qat, qat_len;
+    float scale;    /* applied to y last when != 1 */
+};
+
+__global__ void k_rows(row_args a) {
+    int r = blockIdx.x;
+    const float *x = a.x + (int64_t)r * a.xs;
+    float *y = a.y + (int64_t)r * a.ys;
+    if (a.norm) {
+        d_rms(y, x, a.norm_w, a.dim, a.eps);
+    } else if (x != y) {
+        for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] = x[i];
+        __syncthreads();
+    }
+    if (a.freqs) d_rope(y, a.dim, a.rope_dim, a.freqs, a.pos0 + r / a.per_tok, 1);
+    if (a.qat == QAT_FP8) d_qat_fp8(y, a.qat_len);
+    if (a.qat == QAT_FP4) d_qat_fp4(y, a.qat_len);
+    if (a.scale != 1.0f)
+        for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] *= a.scale;
+}
+
+/* ---- hyper-connections ---- */
+
+/* Per token: pre, post and the Sinkhorn comb from the mix (§2.2), then the
+ * collapsed input x = sum_i pre_i X_i. */
+__global__ void k_hc_mix(const float *mix, const float *X, const float *base, const float *scale,
+                         int hc, int D, int iters, float eps, float *post, float *comb, float *x) {
+    int t = blockIdx.x, n_mix = (2 + hc) * hc;
+    __shared__ float pre[16];
+    if (threadIdx.x == 0) {
+        const float *mu = mix + (int64_t)t * n_mix, *b = base, *sc = scale;
+        float *po = post + t * hc, *C = comb + (int64_t)t * hc * hc;
+        for (int i = 0; i < hc; i++) {
+            pre[i] = d_sigmoid(mu[i] * sc[0] + b[i]) + eps;
+            po[i] = 2.0f * d_sigmoid(mu[hc + i] * sc[1] + b[hc + i]);
+        }
+        for (int i = 0; i < hc; i++) {
+            float *row = C + i * hc, m = -INFINITY, sum = 0;
+            for (int j = 0; j < hc; j++) {
+                row[j] = mu[2 * hc + i * hc + j] * sc[2] + b[2 * hc + i * hc + j];
+                m = fmaxf(m, row[j]);
+            }
+            for (int j = 0; j < hc; j++) sum += row[j] = expf(row[j] - m);
+            for (int j = 0; j < hc; j++) row[j] = row[j] / sum + eps;
+        }
+        for (int it = 0; it < iters; it++) {
+            if (it > 0)
+                for (int i = 0; i < hc; i++) {
+                    float sum = 0;
+                    for (int j = 0; j < hc; j++) sum += C[i * hc + j];
+                    for (int j = 0; j < hc; j++) C[i * hc + j] /= sum + eps;
+                }
+            for (int j = 0; j < hc; j++) {
+                float sum = 0;
+                for (int i = 0; i < hc; i++) sum += C[i * hc + j];
+                for (int i = 0; i < hc; i++) C[i * hc + j] /= sum + eps;
+            }
+        }
+    }
+    __syncthreads();
+    const float *Xt = X + (int64_t)t * hc * D;
+    for (int k = threadIdx.x; k < D; k += blockDim.x) {
+        float acc = 0;
+        for (int i = 0; i < hc; i++) acc += pre[i] * Xt[(int64_t)i * D + k];
+        x[(int64_t)t * D + k] = acc;
+    }
+}
+
+/* X'_j = post_j y + sum_i C_ij X_i, into Xn. */
+__global__ void k_hc_expand(const float *X, const float *post, const float *comb, const float *y,
+                            int hc, int D, int n, float *Xn) {
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)n * hc * D) return;
+    int k = idx % D, j = (idx / D) % hc, t = idx / ((int64_t)D * hc);
+    const float *Xt = X + (int64_t)t * hc * D, *C = comb + (int64_t)t * hc * hc;
+    float acc = 0;
+    for (int i = 0; i < hc; i++) acc += C[i * hc + j] * Xt[(int64_t)i * D + k];
+    Xn[idx] = post[t * hc + j] * y[(int64_t)t * D + k] + acc;
+}
+
+/* HC head (§2.5): h = sum_i (sigmoid(mix_i s + b_i) + eps) X_i. */
+__global__ void k_hc_head(const float *mix, const float *X, const float *base, const float *scale,
+                          int hc, int D, float eps, float *h) {
+    int t = blockIdx.x;
+    const float *Xt = X + (int64_t)t * hc * D;
+    float w[16];
+    for (int i = 0; i < hc; i++) w[i] = d_sigmoid(mix[t * hc + i] * scale[0] + base[i]) + eps;
+    for (int k = threadIdx.x; k < D; k += blockDim.x) {
+        float acc = 0;
+        for (int i = 0; i < hc; i++) acc += w[i] * Xt[(int64_t)i * D + k];
+        h[(int64_t)t * D + k] = acc;
+    }
+}
+
+/* Token embeddings, copied to every stream. */
+__global__ void k_embed(dmat E, const int32_t *ids, int hc, int D, float *X) {
+    int t = blockIdx.y, e0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (e0 >= D) return;
+    float w[8];
+    deq8(E.type, E.data + (int64_t)ids[t] * E.row_bytes, e0, w);
+    for (int i = 0; i < hc; i++)
+        for (int j = 0; j < 8; j++) X[((int64_t)t * hc + i) * D + e0 + j] = w[j];
+}
+
+/* ---- attention state ---- */
+
+/* Per token: the window row into the raw ring; kappa, gamma (+APE) into the
+ * compressor rings. */
+struct state_args {
+    const float *kv, *kg, *ikg;
+    const uint16_t *ape, *iape;
+    float *raw, *kg_ring, *ikg_ring;
+    int64_t pos0, cap_raw, cap_kg;
+    int d, cw, iw2, m;
+};
+
+__global__ void k_state(state_args a) {
+    int t = blockIdx.x;
+    int64_t pos = a.pos0 + t;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x)
+        a.raw[(pos % a.cap_raw) * a.d + k] = a.kv[(int64_t)t * a.d + k];
+    if (!a.m) return;
+    float *slot = a.kg_ring + (pos % a.cap_kg) * 2 * a.cw;
+    const float *src = a.kg + (int64_t)t * 2 * a.cw;
+    for (int k = threadIdx.x; k < 2 * a.cw; k += blockDim.x) {
+        float v = src[k];
+        if (k >= a.cw) v += __half2float(__ushort_as_half(a.ape[(pos % a.m) * a.cw + k - a.cw]));
+        slot[k] = v;
+    }
+    if (!a.ikg) return;
+    float *islot = a.ikg_ring + (pos % a.cap_kg) * 2 * a.iw2;
+    const float *isrc = a.ikg + (int64_t)t * 2 * a.iw2;
+    for (int k = threadIdx.x; k < 2 * a.iw2; k += blockDim.x) {
+        float v = isrc[k];
+        if (k >= a.iw2) v += __half2float(__ushort_as_half(a.iape[(pos % a.m) * a.iw2 + k - a.iw2]));
+        islot[k] = v;
+    }
+}
+
+/* One compressed row per block: window w0 + blockIdx.x pooled (§3.6), then
+ * norm, RoPE at w*m and the qat step. */
+struct comp_args {
+    const float *ring;
+    int64_t cap;
+    int width, dim, m, coff;
+    int64_t w0;
+    float *rows;
+    const float *norm_w;
+    float eps;
+    const float *freqs;
+    int rope_dim;
+    int qat;    /* QAT_* */
+};
+
+__global__ void k_compress(comp_args a) {
+    int64_t w = a.w0 + blockIdx.x;
+    int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
+    if (first < 0) first = w * a.m;
+    int64_t last = w * a.m + a.m;
+    float *out = a.rows + w * a.dim;
+    for (int j = threadIdx.x; j < a.dim; j += blockDim.x) {
+        float mx = -INFINITY;
+        for (int64_t p = first; p < last; p++) {
+            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
+            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
+            mx = fmaxf(mx, gamma[off + j]);
+        }
+        float sum = 0;
+        for (int64_t p = first; p < last; p++) {
+            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
+            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
+            sum += expf(gamma[off + j] - mx);
+        }
+        float acc = 0;
+        for (int64_t p = first; p < last; p++) {
+            const float *kappa = a.ring + ((p % a.cap) * 2) * a.width;
+            const float *gamma = kappa + a.width;
+            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
+            acc += expf(gamma[off + j] - mx) / sum * kappa[off + j];
+        }
+        out[j] = acc;
+    }
+    __syncthreads();
+    d_rms(out, out, a.norm_w, a.dim, a.eps);
+    d_rope(out, a.dim, a.rope_dim, a.freqs, w * a.m, 1);
+    if (a.qat == QAT_FP8) d_qat_fp8(out, a.dim - a.rope_dim);
+    if (a.qat == QAT_FP4) d_qat_fp4(out, a.dim);
+}
+
+/* Lightning indexer (§3.7), one block per token: when more compressed rows
+ * exist than top_k, the top_k by score (ties: lower index), in index order. */
+struct idx_args {
+    const float *iq, *iw, *krows;
+    float *scores;   /* [n][2][cap_rows]: scores, then selection flags */
+    int *sel;        /* [n][top_k] */
+    int *n_sel;      /* [n]: -1 = every row */
+    int64_t pos0, cap_rows;
+    int m, HI, dI, top_k;
+};
+
+__global__ void k_indexer(idx_args a) {
+    int t = blockIdx.x;
+    int64_t n_rows = (a.pos0 + t + 1) / a.m;
+    if (n_rows <= a.top_k) {
+        if (threadIdx.x == 0) a.n_sel[t] = -1;
+        return;
+    }
+    float *sc = a.scores + (int64_t)t * 2 * a.cap_rows;
+    const float *iq = a.iq + (int64_t)t * a.HI * a.dI, *iw = a.iw + (int64_t)t * a.HI;
+    float score_scale = 1.0f / sqrtf((float)a.dI);
+    int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    for (int64_t r = threadIdx.x / WARP; r < n_rows; r += nw) {
+        const float *K = a.krows + r * a.dI;
+        float score = 0;
+        for (int h = 0; h < a.HI; h++) {
+            float dot = 0;
+            for (int k = lane; k < a.dI; k += WARP) dot += iq[h * a.dI + k] * K[k];
+            dot = warp_sum(dot);
+            score += (dot > 0 ? dot : 0) * score_scale * iw[h];
+        }
+        if (lane == 0) sc[r] = score;
+    }
+    __syncthreads();
+    /* rank of each row; selected rows keep their index order */
+    float *flag = sc + a.cap_rows;
+    int *out = a.sel + (int64_t)t * a.top_k;
+    for (int64_t r = threadIdx.x; r < n_rows; r += blockDim.x) {
+        float s = sc[r];
+        int64_t rank = 0;
+        for (int64_t q = 0; q < n_rows && rank < a.top_k; q++) {
+            float v = sc[q];
+            rank += v > s || (v == s && q < r);
+        }
+        flag[r] = rank < a.top_k;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int c = 0;
+        for (int64_t r = 0; r < n_rows; r++)
+            if (flag[r] != 0) out[c++] = (int)r;
+        a.n_sel[t] = c;
+    }
+}
+
+/* Attention with sinks (§3.9) for one (token, head) per block, online
+ * softmax over tiles of keys: the window rows, then the compressed rows
+ * (all, or the indexer's choice); then the inverse RoPE (§3.10). */
+struct attn_args {
+    const float *q;      /* [n][H][d] */
+    float *o;
+    const float *raw, *rows, *sinks;
+    const int *sel, *n_sel;   /* NULL: every compressed row */
+    int top_k;
+    int64_t pos0, cap_raw;
+    int H, d, window, m, rope_dim;
+    const float *freqs;
+};
+
+#define ATTN_THREADS 128
+#define ATTN_TILE 64
+
+__global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
+    int t = blockIdx.y, h = blockIdx.x;
+    int64_t pos = a.pos0 + t;
+    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    int64_t n_raw = pos - raw_first + 1;
+    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
+    const int *sel = NULL;
+    if (a.sel && a.n_sel[t] >= 0) {
+        sel = a.sel + (int64_t)t * a.top_k;
+        n_rows = a.n_sel[t];
+    }
+    int64_t n_keys = n_raw + n_rows;
+    extern __shared__ float sh[];
+    float *qs = sh, *acc = sh + a.d;   /* [d] query, [d] output */
+    __shared__ float lg[ATTN_TILE];
+    __shared__ const float *kp[ATTN_TILE];
+    const float *qg = a.q + ((int64_t)t * a.H + h) * a.d;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+        qs[k] = qg[k];
+        acc[k] = 0;
+    }
+    float scale = 1.0f / sqrtf((float)a.d);
+    float M = a.sinks[h], den = 1.0f;   /* the sink: exp(sink - M) with M = sink */
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    __syncthreads();
+    for (int64_t k0 = 0; k0 < n_keys; k0 += ATTN_TILE) {
+        int nt = n_keys - k0 < ATTN_TILE ? (int)(n_keys - k0) : ATTN_TILE;
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
+            int64_t r = k0 + i;
+            kp[i] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * a.d
+                              : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * a.d;
+        }
+        __syncthreads();
+        for (int i = wid; i < nt; i += nw) {
+            const float *K = kp[i];
+            float dot = 0;
+            for (int k = lane; k < a.d; k += WARP) dot += qs[k] * K[k];
+            dot = warp_sum(dot);
+            if (lane == 0) lg[i] = dot * scale;
+        }
+        __syncthreads();
+        float tmax = -INFINITY;
+        for (int i = 0; i < nt; i++) tmax = fmaxf(tmax, lg[i]);
+        float Mn = fmaxf(M, tmax), alpha = expf(M - Mn);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) lg[i] = expf(lg[i] - Mn);
+        __syncthreads();
+        float psum = 0;
+        for (int i = 0; i < nt; i++) psum += lg[i];
+        den = den * alpha + psum;
+        for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+            float v = acc[k] * alpha;
+            for (int i = 0; i < nt; i++) v += lg[i] * kp[i][k];
+            acc[k] = v;
+        }
+        M = Mn;
+        __syncthreads();
+    }
+    float *og = a.o + ((int64_t)t * a.H + h) * a.d;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) og[k] = acc[k] / den;
+    __syncthreads();
+    d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
+}
+
+/* ---- MoE ---- */
+
+__device__ __forceinline__ float d_softplus(float z) { return z > 20.0f ? z : log1pf(expf(z)); }
+
+/* Router (§4.2), one warp per token: sqrt(softplus) scores, top-k with the
+ * bias (lowest index on ties) or the hash table, normalised weights. */
+__global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
+                        const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w) {
+    int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    if (t >= n) return;
+    const float *logit = router + (int64_t)t * E;
+    int32_t *s = sel + t * k;
+    if (tid2eid) {
+        for (int i = lane; i < k; i += WARP) s[i] = tid2eid[(int64_t)ids[t] * k + i];
+    } else {
+        for (int i = 0; i < k; i++) {
+            float best_v = -INFINITY;
+            int best = -1;
+            for (int e = lane; e < E; e += WARP) {
+                bool taken = false;
+                for (int j = 0; j < i; j++) taken |= s[j] == e;
+                float v = sqrtf(d_softplus(logit[e])) + (bias ? bias[e] : 0.0f);
+                if (!taken && (best < 0 || v > best_v)) {
+                    best = e;
+                    best_v = v;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
+                int ob = __shfl_xor_sync(0xffffffffu, best, o);
+                if (ob >= 0 && (best < 0 || ov > best_v || (ov == best_v && ob < best))) {
+                    best = ob;
+                    best_v = ov;
+                }
+            }
+            if (lane == 0) s[i] = best;
+            __syncwarp();
+        }
+    }
+    __syncwarp();
+    if (lane == 0) {
+        float sum = 0;
+        for (int i = 0; i < k; i++) sum += sqrtf(d_softplus(logit[s[i]]));
+        for (int i = 0; i < k; i++)
+            sel_w[t * k + i] = sqrtf(d_softplus(logit[s[i]])) / (sum + 1e-20f) * wscale;
+    }
+}
+
+/* Groups the n*k (token, slot) pairs by expert: offs[e] (E + 1 entries),
+ * the experts in use in order (the rest of active = -1), the token of each
+ * grouped pair and the grouped place of each (token, slot). */
+__global__ void k_group(const int32_t *sel, int nk, int k, int E, int *offs, int *active,
+                        int *pair_tok, int *slot_pair, int *cursor) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    for (int e = 0; e <= E; e++) offs[e] = 0;
+    for (int p = 0; p < nk; p++) offs[sel[p] + 1]++;
+    int na = 0;
+    for (int e = 0; e < E; e++) {
+        if (offs[e + 1]) active[na++] = e;
+        offs[e + 1] += offs[e];
+        cursor[e] = offs[e];
+    }
+    for (int i = na; i < (nk < E ? nk : E); i++) active[i] = -1;
+    for (int p = 0; p < nk; p++) {
+        int q = cursor[sel[p]]++;
+        pair_tok[q] = p / k;
+        slot_pair[p] = q;
+    }
+}
+
+/* SwiGLU with the clamp (§4.4), in place on g. */
+__global__ void k_swiglu(float *g, const float *u, int64_t count, float clamp) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    float gi = fminf(g[i], clamp), ui = fminf(fmaxf(u[i], -clamp), clamp);
+    g[i] = gi * (1.0f / (1.0f + expf(-gi))) * ui;
+}
+
+/* y[t] = sum_i w[t,i] ex_y[slot_pair[t,i]] + shared[t]. */
+__global__ void k_combine(const float *ex_y, const int *slot_pair, const float *sel_w,
+                          const float *shared, int k, int D, int n, float *y) {
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)n * D) return;
+    int t = idx / D, j = idx % D;
+    float acc = 0;
+    for (int i = 0; i < k; i++) acc += ex_y[(int64_t)slot_pair[t * k + i] * D + j] * sel_w[t * k + i];
+    y[idx] = acc + shared[idx];
+}
