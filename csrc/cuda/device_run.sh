@@ -4,7 +4,9 @@
 #   test       tests/test_cuda.py against the CPU engine
 #   sanitize   compute-sanitizer memcheck on a short tiny-model run
 #   bench-mid  prefill/decode speed on the mid model
+#   bench-mid-nograph  the same without the decode graph
 #   bench-full full-size synthetic q2 (needs an 80+ GiB GPU)
+#   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -35,9 +37,17 @@ print('sanitized run done')
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
     timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
       2>&1 | tee $OUT/bench_mid.log ;;
+  bench-mid-nograph)
+    DS4_CUDA_NO_GRAPH=1 timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 \
+      --prompt 2048 --decode 32 2>&1 | tee $OUT/bench_mid_nograph.log ;;
   bench-full)
     python3 -m ds4.testing /tmp/full.gguf --preset flash --variant q2 --sparse >/dev/null
     timeout 400 python3 csrc/cuda/bench.py /tmp/full.gguf --synthetic --ctx 4096 --prompt 2048 \
       --decode 32 2>&1 | tee $OUT/bench_full.log ;;
+  profile-full)
+    DS4_CUDA_NO_GRAPH=1 timeout 300 ncu --profile-from-start off --clock-control none --csv \
+      --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+      python3 csrc/cuda/profile_step.py /tmp/full.gguf --synthetic --prompt 2048 \
+      > $OUT/ncu_full.csv 2> $OUT/ncu_full.err; tail -3 $OUT/ncu_full.err; wc -l $OUT/ncu_full.csv ;;
   esac
 done

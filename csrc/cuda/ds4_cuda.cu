@@ -315,7 +315,18 @@ struct dsess {
         *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *logits;
     int32_t *sel, *ids;
     int *offs, *active, *pair_tok, *slot_pair, *cursor, *isel, *n_isel;
+    /* what a step reads from the host and writes back, pinned so that a
+     * captured graph can copy it */
+    int64_t *dpos, *hpos;   /* the chunk's first position */
+    int32_t *hids;
+    float *hlogits;
+    cudaGraphExec_t decode_graph;   /* one-token step with logits; NULL until captured */
 };
+
+static void drop_graph(dsess *g) {
+    if (g->decode_graph) cudaGraphExecDestroy(g->decode_graph);
+    g->decode_graph = NULL;
+}
 
 static int64_t max_cap_rows(const ds4_session *s) {
     int64_t c = 1;
@@ -330,6 +341,9 @@ static void free_chunk(dsess *g) {
                     g->ex_g, g->ex_u, g->ex_y, g->sh_y, g->iscores, g->sel, g->ids, g->offs,
                     g->active, g->pair_tok, g->slot_pair, g->cursor, g->isel, g->n_isel};
     for (void *b : bufs) cudaFree(b);
+    cudaFreeHost(g->hids);
+    g->hids = NULL;
+    drop_graph(g);
     float *keep_logits = g->logits;
     int64_t keep = g->cap_logits;
     g->X = g->Xn = g->u = g->mix = g->post = g->comb = g->x = g->xn = g->qr = g->q = g->kv = NULL;
@@ -383,16 +397,25 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
             return -1;
         }
     }
+    cudaError_t e = cudaHostAlloc(&g->hids, (size_t)c * 4, cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+        free_chunk(g);
+        return cuda_fail(e, "pinned ids", err, errlen);
+    }
     g->cap_n = c;
     return 0;
 }
 
 static int ensure_logits(const ds4_config *cf, dsess *g, int64_t rows, char *err, size_t errlen) {
     if (rows <= g->cap_logits) return 0;
+    drop_graph(g);
     cudaFree(g->logits);
-    g->logits = NULL;
+    cudaFreeHost(g->hlogits);
+    g->logits = g->hlogits = NULL;
     g->cap_logits = 0;
     CK(cudaMalloc(&g->logits, (size_t)rows * cf->n_vocab * 4), "allocating logits");
+    CK(cudaHostAlloc(&g->hlogits, (size_t)rows * cf->n_vocab * 4, cudaHostAllocDefault),
+       "allocating logits");
     g->cap_logits = rows;
     return 0;
 }
@@ -402,6 +425,9 @@ static void session_free(ds4_session *s) {
     if (!g) return;
     free_chunk(g);
     cudaFree(g->logits);
+    cudaFreeHost(g->hlogits);
+    cudaFree(g->dpos);
+    cudaFreeHost(g->hpos);
     if (g->L)
         for (int l = 0; l < s->model->cfg.n_layer; l++) {
             cudaFree(g->L[l].raw);
@@ -464,6 +490,8 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
         return -1;
     }
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
+    CK(cudaMalloc(&g->dpos, 8), "position");
+    CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
     for (int l = 0; l < cf->n_layer; l++) {
         state_sizes z = sizes_of(s, l);
         if (dalloc(&g->L[l].raw, z.raw, err, errlen) || dalloc(&g->L[l].kg, z.kg, err, errlen) ||
@@ -513,14 +541,18 @@ static unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1)
 
 static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, float *y, int64_t ys) {
     lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL};
-    k_linear<<<blocks_for(w.n_out, LIN_WARPS), LIN_WARPS * WARP, 0, st>>>(a);
+    unsigned grid = blocks_for(w.n_out, LIN_WARPS);
+    if (n == 1) k_linear<1><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+    else k_linear<8><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
 }
 
 /* Rows of every expert in use, over the pairs grouped for it. */
-static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int slots,
+static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int slots,
                           const int *xrow, const float *x, int64_t xs, float *y, int64_t ys) {
     lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, 0, g->active, g->offs, xrow};
-    k_linear<<<dim3(blocks_for(a.w.n_out, LIN_WARPS), slots), LIN_WARPS * WARP, 0, st>>>(a);
+    dim3 grid(blocks_for(a.w.n_out, LIN_WARPS), slots);
+    if (n == 1) k_linear<1><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+    else k_linear<8><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
 }
 
 static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
@@ -563,7 +595,7 @@ static void hc_expand(ds4_session *s, dsess *g, int n) {
     std::swap(g->X, g->Xn);
 }
 
-static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n, int64_t pos0) {
+static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n) {
     const ds4_config *cf = &s->model->cfg;
     const ds4_layer_state *ls = &s->layers[l];
     const dlayer &dl = g->L[l];
@@ -593,7 +625,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     r.eps = cf->rms_eps;
     r.freqs = rope;
     r.rope_dim = cf->rope_dim;
-    r.pos0 = pos0;
+    r.pos0 = g->dpos;
     run_rows(st, r, (int64_t)n * H);
 
     /* KV path (§3.2) */
@@ -604,7 +636,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     r.eps = cf->rms_eps;
     r.freqs = rope;
     r.rope_dim = cf->rope_dim;
-    r.pos0 = pos0;
+    r.pos0 = g->dpos;
     r.qat = qat ? QAT_FP8 : QAT_NONE;
     r.qat_len = d - cf->rope_dim;
     run_rows(st, r, n);
@@ -624,7 +656,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         r.per_tok = HI;
         r.freqs = g->rope_comp;
         r.rope_dim = cf->rope_dim;
-        r.pos0 = pos0;
+        r.pos0 = g->dpos;
         r.qat = qat ? QAT_FP4 : QAT_NONE;
         r.qat_len = dI;
         run_rows(st, r, (int64_t)n * HI);
@@ -636,29 +668,27 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     /* window and compressor rings, then the windows this chunk completes */
     state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
                      (const uint16_t *)L.comp_ape.data, (const uint16_t *)L.idx_comp_ape.data,
-                     dl.raw, dl.kg, dl.idx_kg, pos0, s->cap_raw, ls->cap_kg, d, cw, iw2, m};
+                     dl.raw, dl.kg, dl.idx_kg, g->dpos, s->cap_raw, ls->cap_kg, d, cw, iw2, m};
     k_state<<<n, 256, 0, st>>>(sa);
     if (m) {
-        int64_t w0 = pos0 / m, w1 = (pos0 + n) / m;
-        if (w1 > w0) {
-            comp_args ca = {dl.kg, ls->cap_kg, cw, d, m, ls->coff, w0, dl.rows, f32(L.comp_norm),
-                            cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE};
-            k_compress<<<(unsigned)(w1 - w0), 128, 0, st>>>(ca);
-            if (ls->indexer) {
-                comp_args ia = {dl.idx_kg, ls->cap_kg, iw2, dI, m, 2, w0, dl.idx_rows,
-                                f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
-                                qat ? QAT_FP4 : QAT_NONE};
-                k_compress<<<(unsigned)(w1 - w0), 128, 0, st>>>(ia);
-            }
+        unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
+        comp_args ca = {dl.kg, ls->cap_kg, cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
+                        cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE};
+        k_compress<<<windows, 128, 0, st>>>(ca);
+        if (ls->indexer) {
+            comp_args ia = {dl.idx_kg, ls->cap_kg, iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
+                            f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
+                            qat ? QAT_FP4 : QAT_NONE};
+            k_compress<<<windows, 128, 0, st>>>(ia);
         }
     }
     if (ls->indexer) {
-        idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, pos0,
+        idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
                        max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
         k_indexer<<<n, 256, 0, st>>>(ia);
     }
     attn_args aa = {g->q, g->o, dl.raw, dl.rows, f32(L.attn_sinks),
-                    ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, pos0, s->cap_raw,
+                    ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,
                     H, d, cf->sliding_window, m, cf->rope_dim, rope};
     k_attention<<<dim3(H, n), ATTN_THREADS, 2 * d * sizeof(float), st>>>(aa);
 
@@ -693,11 +723,11 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     k_group<<<1, 32, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair,
                               g->cursor);
     int slots = std::min(E, n * k);
-    expert_linear(st, L.ffn_gate_exps, g, slots, g->pair_tok, g->xn, D, g->ex_g, F);
-    expert_linear(st, L.ffn_up_exps, g, slots, g->pair_tok, g->xn, D, g->ex_u, F);
+    expert_linear(st, L.ffn_gate_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_g, F);
+    expert_linear(st, L.ffn_up_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_u, F);
     k_swiglu<<<blocks_for((int64_t)n * k * F, 256), 256, 0, st>>>(g->ex_g, g->ex_u,
                                                                   (int64_t)n * k * F, L.swiglu_clamp);
-    expert_linear(st, L.ffn_down_exps, g, slots, NULL, g->ex_g, F, g->ex_y, D);
+    expert_linear(st, L.ffn_down_exps, g, n, slots, NULL, g->ex_g, F, g->ex_y, D);
 
     /* shared expert, weight 1 (the routed outputs are in ex_y by now) */
     linear(st, dmat_of(L.ffn_gate_shexp), g->xn, D, n, g->ex_g, Fs);
@@ -709,52 +739,78 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
                                                                g->sh_y, k, D, n, g->y);
 }
 
-static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, char *err,
-                   size_t errlen) {
+/* Every step of one chunk onto the stream, from the pinned position and ids
+ * to the pinned logits of tokens t0.. (none when t0 < 0). */
+static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     const ds4_config *cf = &s->model->cfg;
     const dmodel *dm = (const dmodel *)s->model->backend_model;
-    dsess *g = (dsess *)s->backend_state;
-    int n = (int)n64;
-    int64_t pos0 = s->n_tokens;
-    if (ensure_chunk(s, g, n, err, errlen)) return -1;
-    int t0 = all_logits ? 0 : n - 1;
-    if (logits && ensure_logits(cf, g, n - t0, err, errlen)) return -1;
     cudaStream_t st = g->st;
     int D = cf->n_embd, hc = cf->n_hc;
-    CK(cudaMemcpyAsync(g->ids, s->ids + pos0, (size_t)n * 4, cudaMemcpyHostToDevice, st), "ids");
+    cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
+    cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
     dmat E = dmat_of(dm->token_embd);
     k_embed<<<dim3(blocks_for(D / 8, 128), n), 128, 0, st>>>(E, g->ids, hc, D, g->X);
     for (int l = 0; l < cf->n_layer; l++) {
         const ds4_layer &L = dm->layers[l];
         hc_controller(s, g, n, L.hc_attn_fn, L.hc_attn_base, L.hc_attn_scale);
-        attention(s, g, L, l, n, pos0);
+        attention(s, g, L, l, n);
         hc_expand(s, g, n);
         hc_controller(s, g, n, L.hc_ffn_fn, L.hc_ffn_base, L.hc_ffn_scale);
         moe(s, g, L, n);
         hc_expand(s, g, n);
     }
-    if (logits) {
-        int nn = n - t0;
-        const float *Xt = g->X + (int64_t)t0 * hc * D;
-        row_args r = rows_of(Xt, g->u, (int64_t)hc * D, hc * D);
-        r.norm = 1;
-        r.eps = cf->rms_eps;
-        run_rows(st, r, nn);
-        linear(st, dmat_of(dm->output_hc_fn), g->u, (int64_t)hc * D, nn, g->mix, hc);
-        k_hc_head<<<nn, 256, 0, st>>>(g->mix, Xt, f32(dm->output_hc_base), f32(dm->output_hc_scale),
-                                      hc, D, cf->hc_eps, g->x);
-        r = rows_of(g->x, g->x, D, D);
-        r.norm = 1;
-        r.norm_w = f32(dm->output_norm);
-        r.eps = cf->rms_eps;
-        run_rows(st, r, nn);
-        linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
-        CK(cudaMemcpyAsync(logits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost,
-                           st),
-           "logits");
+    if (t0 < 0) return;
+    int nn = n - t0;
+    const float *Xt = g->X + (int64_t)t0 * hc * D;
+    row_args r = rows_of(Xt, g->u, (int64_t)hc * D, hc * D);
+    r.norm = 1;
+    r.eps = cf->rms_eps;
+    run_rows(st, r, nn);
+    linear(st, dmat_of(dm->output_hc_fn), g->u, (int64_t)hc * D, nn, g->mix, hc);
+    k_hc_head<<<nn, 256, 0, st>>>(g->mix, Xt, f32(dm->output_hc_base), f32(dm->output_hc_scale), hc,
+                                  D, cf->hc_eps, g->x);
+    r = rows_of(g->x, g->x, D, D);
+    r.norm = 1;
+    r.norm_w = f32(dm->output_norm);
+    r.eps = cf->rms_eps;
+    run_rows(st, r, nn);
+    linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
+    cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
+}
+
+static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, char *err,
+                   size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    dsess *g = (dsess *)s->backend_state;
+    int n = (int)n64;
+    if (ensure_chunk(s, g, n, err, errlen)) return -1;
+    int t0 = !logits ? -1 : all_logits ? 0 : n - 1;
+    if (logits && ensure_logits(cf, g, n - t0, err, errlen)) return -1;
+    *g->hpos = s->n_tokens;
+    memcpy(g->hids, s->ids + s->n_tokens, (size_t)n * 4);
+    /* the hc_expand swaps leave X where it started: 2 per layer */
+    if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
+        /* decode: the whole step as one graph, captured on first use; it
+         * reads the position and ids from the pinned buffers at replay */
+        if (!g->decode_graph) {
+            cudaGraph_t graph;
+            CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
+            enqueue(s, g, n, t0);
+            CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
+            cudaError_t e = cudaGraphInstantiate(&g->decode_graph, graph, 0);
+            cudaGraphDestroy(graph);
+            if (e != cudaSuccess) {
+                g->decode_graph = NULL;
+                return cuda_fail(e, "graph instantiation", err, errlen);
+            }
+        }
+        CK(cudaGraphLaunch(g->decode_graph, g->st), "launching the decode graph");
+    } else {
+        enqueue(s, g, n, t0);
     }
     CK(cudaGetLastError(), "launching the forward pass");
-    CK(cudaStreamSynchronize(st), "the forward pass");
+    CK(cudaStreamSynchronize(g->st), "the forward pass");
+    if (logits) memcpy(logits, g->hlogits, (size_t)(n - t0) * cf->n_vocab * 4);
     return 0;
 }
 

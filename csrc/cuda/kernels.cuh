@@ -57,9 +57,9 @@ struct lin_args {
     const int *active, *offs, *xrow;
 };
 
-#define LIN_TT 8
 #define LIN_WARPS 8
 
+template <int LIN_TT>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a) {
     int r = blockIdx.x * LIN_WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     if (r >= a.w.n_out) return;
@@ -211,7 +211,7 @@ struct row_args {
     float eps;
     const float *freqs;
     int rope_dim;
-    int64_t pos0;
+    const int64_t *pos0;   /* device: the chunk's first position */
     int qat, qat_len;
     float scale;    /* applied to y last when != 1 */
 };
@@ -226,7 +226,7 @@ __global__ void k_rows(row_args a) {
         for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] = x[i];
         __syncthreads();
     }
-    if (a.freqs) d_rope(y, a.dim, a.rope_dim, a.freqs, a.pos0 + r / a.per_tok, 1);
+    if (a.freqs) d_rope(y, a.dim, a.rope_dim, a.freqs, *a.pos0 + r / a.per_tok, 1);
     if (a.qat == QAT_FP8) d_qat_fp8(y, a.qat_len);
     if (a.qat == QAT_FP4) d_qat_fp4(y, a.qat_len);
     if (a.scale != 1.0f)
@@ -324,13 +324,14 @@ struct state_args {
     const float *kv, *kg, *ikg;
     const uint16_t *ape, *iape;
     float *raw, *kg_ring, *ikg_ring;
-    int64_t pos0, cap_raw, cap_kg;
+    const int64_t *pos0;
+    int64_t cap_raw, cap_kg;
     int d, cw, iw2, m;
 };
 
 __global__ void k_state(state_args a) {
     int t = blockIdx.x;
-    int64_t pos = a.pos0 + t;
+    int64_t pos = *a.pos0 + t;
     for (int k = threadIdx.x; k < a.d; k += blockDim.x)
         a.raw[(pos % a.cap_raw) * a.d + k] = a.kv[(int64_t)t * a.d + k];
     if (!a.m) return;
@@ -351,13 +352,15 @@ __global__ void k_state(state_args a) {
     }
 }
 
-/* One compressed row per block: window w0 + blockIdx.x pooled (§3.6), then
- * norm, RoPE at w*m and the qat step. */
+/* One compressed row per block: window pos0 / m + blockIdx.x, when the
+ * chunk's n tokens complete it, pooled (§3.6), then norm, RoPE at w*m and the
+ * qat step. Launched with n / m + 1 blocks. */
 struct comp_args {
     const float *ring;
     int64_t cap;
     int width, dim, m, coff;
-    int64_t w0;
+    const int64_t *pos0;
+    int n;
     float *rows;
     const float *norm_w;
     float eps;
@@ -367,7 +370,8 @@ struct comp_args {
 };
 
 __global__ void k_compress(comp_args a) {
-    int64_t w = a.w0 + blockIdx.x;
+    int64_t w = *a.pos0 / a.m + blockIdx.x;
+    if (w >= (*a.pos0 + a.n) / a.m) return;
     int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
     if (first < 0) first = w * a.m;
     int64_t last = w * a.m + a.m;
@@ -408,13 +412,14 @@ struct idx_args {
     float *scores;   /* [n][2][cap_rows]: scores, then selection flags */
     int *sel;        /* [n][top_k] */
     int *n_sel;      /* [n]: -1 = every row */
-    int64_t pos0, cap_rows;
+    const int64_t *pos0;
+    int64_t cap_rows;
     int m, HI, dI, top_k;
 };
 
 __global__ void k_indexer(idx_args a) {
     int t = blockIdx.x;
-    int64_t n_rows = (a.pos0 + t + 1) / a.m;
+    int64_t n_rows = (*a.pos0 + t + 1) / a.m;
     if (n_rows <= a.top_k) {
         if (threadIdx.x == 0) a.n_sel[t] = -1;
         return;
@@ -465,7 +470,8 @@ struct attn_args {
     const float *raw, *rows, *sinks;
     const int *sel, *n_sel;   /* NULL: every compressed row */
     int top_k;
-    int64_t pos0, cap_raw;
+    const int64_t *pos0;
+    int64_t cap_raw;
     int H, d, window, m, rope_dim;
     const float *freqs;
 };
@@ -475,7 +481,7 @@ struct attn_args {
 
 __global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
     int t = blockIdx.y, h = blockIdx.x;
-    int64_t pos = a.pos0 + t;
+    int64_t pos = *a.pos0 + t;
     int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
     int64_t n_raw = pos - raw_first + 1;
     int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
