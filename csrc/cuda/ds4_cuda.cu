@@ -179,7 +179,7 @@ static int fill_synthetic(const tensor_ref *r, uint8_t *dst, int n_expert, uint6
  * kernels read 8 elements at a time); the block formats always are. */
 static int check_shapes(const ds4_model *m, char *err, size_t errlen) {
     const ds4_config *c = &m->cfg;
-    if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 2 || c->n_expert > 4096) {
+    if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 2 || c->n_expert > 1024) {
         snprintf(err, errlen, "the CUDA backend does not support this model shape (hc %d, embd %d)",
                  c->n_hc, c->n_embd);
         return -1;
@@ -312,9 +312,9 @@ struct dsess {
     float *rope_main, *rope_comp;
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
-        *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *logits;
+        *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *attn_part, *logits;
     int32_t *sel, *ids;
-    int *offs, *active, *pair_tok, *slot_pair, *cursor, *isel, *n_isel;
+    int *offs, *active, *pair_tok, *slot_pair, *isel, *n_isel;
     /* what a step reads from the host and writes back, pinned so that a
      * captured graph can copy it */
     int64_t *dpos, *hpos;   /* the chunk's first position */
@@ -338,8 +338,8 @@ static int64_t max_cap_rows(const ds4_session *s) {
 static void free_chunk(dsess *g) {
     void *bufs[] = {g->X, g->Xn, g->u, g->mix, g->post, g->comb, g->x, g->xn, g->qr, g->q,
                     g->kv, g->kg, g->ikg, g->iq, g->iw, g->o, g->low, g->y, g->router, g->sel_w,
-                    g->ex_g, g->ex_u, g->ex_y, g->sh_y, g->iscores, g->sel, g->ids, g->offs,
-                    g->active, g->pair_tok, g->slot_pair, g->cursor, g->isel, g->n_isel};
+                    g->ex_g, g->ex_u, g->ex_y, g->sh_y, g->iscores, g->attn_part, g->sel, g->ids, g->offs,
+                    g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel};
     for (void *b : bufs) cudaFree(b);
     cudaFreeHost(g->hids);
     g->hids = NULL;
@@ -348,9 +348,9 @@ static void free_chunk(dsess *g) {
     int64_t keep = g->cap_logits;
     g->X = g->Xn = g->u = g->mix = g->post = g->comb = g->x = g->xn = g->qr = g->q = g->kv = NULL;
     g->kg = g->ikg = g->iq = g->iw = g->o = g->low = g->y = g->router = g->sel_w = NULL;
-    g->ex_g = g->ex_u = g->ex_y = g->sh_y = g->iscores = NULL;
+    g->ex_g = g->ex_u = g->ex_y = g->sh_y = g->iscores = g->attn_part = NULL;
     g->sel = g->ids = NULL;
-    g->offs = g->active = g->pair_tok = g->slot_pair = g->cursor = g->isel = g->n_isel = NULL;
+    g->offs = g->active = g->pair_tok = g->slot_pair = g->isel = g->n_isel = NULL;
     g->logits = keep_logits;
     g->cap_logits = keep;
     g->cap_n = 0;
@@ -383,9 +383,10 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->ex_g, std::max(c * k * F, c * Fs) * 4},
         {(void **)&g->ex_u, std::max(c * k * F, c * Fs) * 4}, {(void **)&g->ex_y, c * k * D * 4},
         {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * 2 * max_cap_rows(s) * 4},
+        {(void **)&g->attn_part, c * cf->n_head * ATTN_SPLIT * (d + 2) * 4},
         {(void **)&g->sel, c * k * 4}, {(void **)&g->ids, c * 4}, {(void **)&g->offs, (E + 1) * 4},
         {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
-        {(void **)&g->slot_pair, c * k * 4}, {(void **)&g->cursor, E * 4},
+        {(void **)&g->slot_pair, c * k * 4},
         {(void **)&g->isel, c * std::max(1, cf->indexer_top_k) * 4}, {(void **)&g->n_isel, c * 4},
     };
     for (auto &b : a) {
@@ -539,20 +540,35 @@ static int state_from_host(ds4_session *s, char *err, size_t errlen) { return co
 
 static unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
 
+template <int TT>
+static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
+    switch (a.w.type) {
+#define CASE(T) \
+    case T: k_linear<TT, T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw); break;
+    CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
+    CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+#undef CASE
+    }
+}
+
+/* Decode (one token per row pass) or chunks (8 per pass): the same sums. */
+static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
+    int kw = lin_split(a.w.n_in);
+    dim3 grid(blocks_for(a.w.n_out, LIN_WARPS / kw), slots);
+    if (n == 1) launch_linear<1>(st, grid, a, kw);
+    else launch_linear<8>(st, grid, a, kw);
+}
+
 static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, float *y, int64_t ys) {
     lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL};
-    unsigned grid = blocks_for(w.n_out, LIN_WARPS);
-    if (n == 1) k_linear<1><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
-    else k_linear<8><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+    run_linear(st, a, n, 1);
 }
 
 /* Rows of every expert in use, over the pairs grouped for it. */
 static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int slots,
                           const int *xrow, const float *x, int64_t xs, float *y, int64_t ys) {
     lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, 0, g->active, g->offs, xrow};
-    dim3 grid(blocks_for(a.w.n_out, LIN_WARPS), slots);
-    if (n == 1) k_linear<1><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
-    else k_linear<8><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+    run_linear(st, a, n, slots);
 }
 
 static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
@@ -687,10 +703,11 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
                        max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
         k_indexer<<<n, 256, 0, st>>>(ia);
     }
-    attn_args aa = {g->q, g->o, dl.raw, dl.rows, f32(L.attn_sinks),
+    attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,
                     H, d, cf->sliding_window, m, cf->rope_dim, rope};
-    k_attention<<<dim3(H, n), ATTN_THREADS, 2 * d * sizeof(float), st>>>(aa);
+    k_attention<<<dim3(H, n, ATTN_SPLIT), ATTN_THREADS, 2 * d * sizeof(float), st>>>(aa);
+    k_attn_combine<<<dim3(H, n), ATTN_THREADS, 0, st>>>(aa);
 
     /* grouped output projection (§3.10) */
     int G = cf->o_groups, per_group = H * d / G, r_o = cf->o_lora_rank;
@@ -720,8 +737,7 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
         g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
         L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL, g->ids, cf->expert_weights_scale, n,
         g->sel, g->sel_w);
-    k_group<<<1, 32, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair,
-                              g->cursor);
+    k_group<<<1, 1024, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
     int slots = std::min(E, n * k);
     expert_linear(st, L.ffn_gate_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_g, F);
     expert_linear(st, L.ffn_up_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_u, F);

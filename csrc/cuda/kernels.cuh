@@ -59,45 +59,66 @@ struct lin_args {
 
 #define LIN_WARPS 8
 
-template <int LIN_TT>
-__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a) {
-    int r = blockIdx.x * LIN_WARPS + threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    if (r >= a.w.n_out) return;
+/* Warps that share one row (split over its 256-element chunks): enough rows
+ * in flight for small matrices, whole warps busy for short rows. A function
+ * of n_in alone, so one token and many sum in the same order. */
+static inline int lin_split(int n_in) {
+    return n_in >= 2048 ? 8 : n_in >= 1024 ? 4 : n_in >= 512 ? 2 : 1;
+}
+
+/* kw warps per row, LIN_WARPS / kw rows per block; TT tokens per pass; the
+ * weight type a compile-time constant so the dequantizer inlines branch-free. */
+template <int TT, int TYPE>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) {
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int r = blockIdx.x * (LIN_WARPS / kw) + warp / kw, part = warp % kw;
+    bool valid = r < a.w.n_out;
+    __shared__ float red[LIN_WARPS][TT];
     const uint8_t *base = a.w.data;
     int p0 = 0, p1 = a.n_tok;
     if (a.active) {
         int e = a.active[blockIdx.y];
-        if (e < 0) return;
+        if (e < 0) return;   /* the whole block */
         base += (int64_t)e * a.expert_bytes;
         p0 = a.offs[e];
         p1 = a.offs[e + 1];
     }
-    const uint8_t *row = base + (int64_t)r * a.w.row_bytes;
-    for (int t0 = p0; t0 < p1; t0 += LIN_TT) {
-        float acc[LIN_TT];
-        const float *xp[LIN_TT];
+    const uint8_t *row = base + (int64_t)(valid ? r : 0) * a.w.row_bytes;
+    for (int t0 = p0; t0 < p1; t0 += TT) {
+        float acc[TT];
+        const float *xp[TT];
 #pragma unroll
-        for (int i = 0; i < LIN_TT; i++) {
+        for (int i = 0; i < TT; i++) {
             acc[i] = 0;
             int p = t0 + i < p1 ? t0 + i : p1 - 1;
             xp[i] = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         }
-        for (int e0 = lane * 8; e0 < a.w.n_in; e0 += 256) {
-            float w[8];
-            deq8(a.w.type, row, e0, w);
+        if (valid) {
+#pragma unroll 2
+            for (int e0 = part * 256 + lane * 8; e0 < a.w.n_in; e0 += 256 * kw) {
+                float w[8];
+                deq8(TYPE, row, e0, w);
 #pragma unroll
-            for (int i = 0; i < LIN_TT; i++) {
-                const float4 *v = (const float4 *)(xp[i] + e0);
-                float4 u0 = v[0], u1 = v[1];
-                acc[i] += w[0] * u0.x + w[1] * u0.y + w[2] * u0.z + w[3] * u0.w + w[4] * u1.x +
-                          w[5] * u1.y + w[6] * u1.z + w[7] * u1.w;
+                for (int i = 0; i < TT; i++) {
+                    const float4 *v = (const float4 *)(xp[i] + e0);
+                    float4 u0 = v[0], u1 = v[1];
+                    acc[i] += w[0] * u0.x + w[1] * u0.y + w[2] * u0.z + w[3] * u0.w +
+                              w[4] * u1.x + w[5] * u1.y + w[6] * u1.z + w[7] * u1.w;
+                }
             }
         }
 #pragma unroll
-        for (int i = 0; i < LIN_TT; i++) {
-            float s = warp_sum(acc[i]);
-            if (lane == 0 && t0 + i < p1) a.y[(int64_t)(t0 + i) * a.ys + r] = s;
+        for (int i = 0; i < TT; i++) {
+            float v = warp_sum(acc[i]);
+            if (lane == 0) red[warp][i] = v;
         }
+        __syncthreads();
+        if (valid && part == 0 && lane < TT && t0 + lane < p1) {
+            float v = 0;
+            for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+            a.y[(int64_t)(t0 + lane) * a.ys + r] = v;
+        }
+        __syncthreads();
     }
 }
 
@@ -161,38 +182,43 @@ __device__ float d_fp4(float y) {
     return copysignf(values[best], y);
 }
 
-/* qat: FP8 blocks of 64 over the first n values. */
+/* qat: FP8 blocks of 64 over the first n values, a warp per block. */
 __device__ void d_qat_fp8(float *v, int n) {
-    for (int b = threadIdx.x * 64; b < n; b += blockDim.x * 64) {
+    int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    for (int b = threadIdx.x / WARP * 64; b < n; b += nw * 64) {
         int len = n - b < 64 ? n - b : 64;
-        float amax = 1e-4f;
-        for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(v[b + i]));
+        float x0 = lane < len ? v[b + lane] : 0, x1 = lane + 32 < len ? v[b + lane + 32] : 0;
+        float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
+        amax = fmaxf(1e-4f, amax);
         float s = d_pow2_ceil(amax * (1.0f / 448.0f));
-        for (int i = 0; i < len; i++) v[b + i] = d_fp8(v[b + i] / s) * s;
+        if (lane < len) v[b + lane] = d_fp8(x0 / s) * s;
+        if (lane + 32 < len) v[b + lane + 32] = d_fp8(x1 / s) * s;
     }
     __syncthreads();
 }
 
-/* qat: Hadamard rotation, then FP4 blocks of 32. */
+/* qat: Hadamard rotation (the butterflies of qat.c, a stage at a time), then
+ * FP4 blocks of 32, a warp per block. */
 __device__ void d_qat_fp4(float *v, int n) {
-    if (threadIdx.x == 0) {
-        for (int h = 1; h < n; h *= 2)
-            for (int i = 0; i < n; i += 2 * h)
-                for (int j = i; j < i + h; j++) {
-                    float a = v[j], b = v[j + h];
-                    v[j] = a + b;
-                    v[j + h] = a - b;
-                }
-        float scale = 1.0f / sqrtf((float)n);
-        for (int i = 0; i < n; i++) v[i] *= scale;
+    for (int h = 1; h < n; h *= 2) {
+        for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
+            int j = (i / h) * 2 * h + i % h;
+            float a = v[j], b = v[j + h];
+            v[j] = a + b;
+            v[j + h] = a - b;
+        }
+        __syncthreads();
     }
+    float scale = 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] *= scale;
     __syncthreads();
-    for (int b = threadIdx.x * 32; b < n; b += blockDim.x * 32) {
+    int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    for (int b = threadIdx.x / WARP * 32; b < n; b += nw * 32) {
         int len = n - b < 32 ? n - b : 32;
-        float amax = 6.0f * 0x1p-126f;
-        for (int i = 0; i < len; i++) amax = fmaxf(amax, fabsf(v[b + i]));
+        float x = lane < len ? v[b + lane] : 0;
+        float amax = fmaxf(6.0f * 0x1p-126f, warp_max(fabsf(x)));
         float s = d_pow2_ceil(amax * (1.0f / 6.0f));
-        for (int i = 0; i < len; i++) v[b + i] = d_fp4(v[b + i] / s) * s;
+        if (lane < len) v[b + lane] = d_fp4(x / s) * s;
     }
     __syncthreads();
 }
@@ -240,10 +266,11 @@ __global__ void k_rows(row_args a) {
 __global__ void k_hc_mix(const float *mix, const float *X, const float *base, const float *scale,
                          int hc, int D, int iters, float eps, float *post, float *comb, float *x) {
     int t = blockIdx.x, n_mix = (2 + hc) * hc;
-    __shared__ float pre[16];
+    __shared__ float pre[16], po[16], C[256], mu[(2 + 16) * 16];
+    for (int i = threadIdx.x; i < n_mix; i += blockDim.x) mu[i] = mix[(int64_t)t * n_mix + i];
+    __syncthreads();
     if (threadIdx.x == 0) {
-        const float *mu = mix + (int64_t)t * n_mix, *b = base, *sc = scale;
-        float *po = post + t * hc, *C = comb + (int64_t)t * hc * hc;
+        const float *b = base, *sc = scale;
         for (int i = 0; i < hc; i++) {
             pre[i] = d_sigmoid(mu[i] * sc[0] + b[i]) + eps;
             po[i] = 2.0f * d_sigmoid(mu[hc + i] * sc[1] + b[hc + i]);
@@ -272,6 +299,8 @@ __global__ void k_hc_mix(const float *mix, const float *X, const float *base, co
         }
     }
     __syncthreads();
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) comb[(int64_t)t * hc * hc + i] = C[i];
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) post[t * hc + i] = po[i];
     const float *Xt = X + (int64_t)t * hc * D;
     for (int k = threadIdx.x; k < D; k += blockDim.x) {
         float acc = 0;
@@ -461,12 +490,15 @@ __global__ void k_indexer(idx_args a) {
     }
 }
 
-/* Attention with sinks (§3.9) for one (token, head) per block, online
- * softmax over tiles of keys: the window rows, then the compressed rows
- * (all, or the indexer's choice); then the inverse RoPE (§3.10). */
+/* Attention with sinks (§3.9), split over the keys (the window rows, then the
+ * compressed rows: all, or the indexer's choice): block (head, token, split)
+ * runs an online softmax over its share of the keys into a partial (max,
+ * denominator, weighted sum); k_attn_combine merges the splits with the sink
+ * and applies the inverse RoPE (§3.10). */
 struct attn_args {
     const float *q;      /* [n][H][d] */
     float *o;
+    float *part;         /* [n][H][ATTN_SPLIT][d + 2] */
     const float *raw, *rows, *sinks;
     const int *sel, *n_sel;   /* NULL: every compressed row */
     int top_k;
@@ -477,10 +509,11 @@ struct attn_args {
 };
 
 #define ATTN_THREADS 128
-#define ATTN_TILE 64
+#define ATTN_TILE 32
+#define ATTN_SPLIT 8
 
 __global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
-    int t = blockIdx.y, h = blockIdx.x;
+    int t = blockIdx.y, h = blockIdx.x, sp = blockIdx.z;
     int64_t pos = *a.pos0 + t;
     int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
     int64_t n_raw = pos - raw_first + 1;
@@ -490,7 +523,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
         sel = a.sel + (int64_t)t * a.top_k;
         n_rows = a.n_sel[t];
     }
-    int64_t n_keys = n_raw + n_rows;
+    int64_t n_keys = n_raw + n_rows, per = (n_keys + ATTN_SPLIT - 1) / ATTN_SPLIT;
+    int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
     extern __shared__ float sh[];
     float *qs = sh, *acc = sh + a.d;   /* [d] query, [d] output */
     __shared__ float lg[ATTN_TILE];
@@ -501,11 +535,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
         acc[k] = 0;
     }
     float scale = 1.0f / sqrtf((float)a.d);
-    float M = a.sinks[h], den = 1.0f;   /* the sink: exp(sink - M) with M = sink */
+    float M = -INFINITY, den = 0.0f;
     int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
     __syncthreads();
-    for (int64_t k0 = 0; k0 < n_keys; k0 += ATTN_TILE) {
-        int nt = n_keys - k0 < ATTN_TILE ? (int)(n_keys - k0) : ATTN_TILE;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += ATTN_TILE) {
+        int nt = k_end - k0 < ATTN_TILE ? (int)(k_end - k0) : ATTN_TILE;
         for (int i = threadIdx.x; i < nt; i += blockDim.x) {
             int64_t r = k0 + i;
             kp[i] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * a.d
@@ -537,8 +571,34 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
         M = Mn;
         __syncthreads();
     }
+    float *pp = a.part + (((int64_t)t * a.H + h) * ATTN_SPLIT + sp) * (a.d + 2);
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) pp[2 + k] = acc[k];
+    if (threadIdx.x == 0) {
+        pp[0] = M;
+        pp[1] = den;
+    }
+}
+
+__global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
+    int t = blockIdx.y, h = blockIdx.x;
+    int64_t pos = *a.pos0 + t;
+    const float *pp = a.part + ((int64_t)t * a.H + h) * ATTN_SPLIT * (a.d + 2);
+    float M = a.sinks[h];
+    for (int sp = 0; sp < ATTN_SPLIT; sp++) M = fmaxf(M, pp[sp * (a.d + 2)]);
+    float den = expf(a.sinks[h] - M), wsp[ATTN_SPLIT];
+#pragma unroll
+    for (int sp = 0; sp < ATTN_SPLIT; sp++) {
+        const float *q = pp + sp * (a.d + 2);
+        wsp[sp] = q[1] > 0 ? expf(q[0] - M) : 0.0f;   /* an empty split has no keys */
+        den += q[1] * wsp[sp];
+    }
     float *og = a.o + ((int64_t)t * a.H + h) * a.d;
-    for (int k = threadIdx.x; k < a.d; k += blockDim.x) og[k] = acc[k] / den;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+        float v = 0;
+#pragma unroll
+        for (int sp = 0; sp < ATTN_SPLIT; sp++) v += pp[sp * (a.d + 2) + 2 + k] * wsp[sp];
+        og[k] = v / den;
+    }
     __syncthreads();
     d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
 }
@@ -552,8 +612,17 @@ __device__ __forceinline__ float d_softplus(float z) { return z > 20.0f ? z : lo
 __global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
                         const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w) {
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    __shared__ float score_sh[8][1024];
+    __shared__ unsigned char taken_sh[8][1024];
     if (t >= n) return;
     const float *logit = router + (int64_t)t * E;
+    float *score = score_sh[threadIdx.x / WARP];
+    unsigned char *taken = taken_sh[threadIdx.x / WARP];
+    for (int e = lane; e < E; e += WARP) {
+        score[e] = sqrtf(d_softplus(logit[e]));
+        taken[e] = 0;
+    }
+    __syncwarp();
     int32_t *s = sel + t * k;
     if (tid2eid) {
         for (int i = lane; i < k; i += WARP) s[i] = tid2eid[(int64_t)ids[t] * k + i];
@@ -562,10 +631,8 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
             float best_v = -INFINITY;
             int best = -1;
             for (int e = lane; e < E; e += WARP) {
-                bool taken = false;
-                for (int j = 0; j < i; j++) taken |= s[j] == e;
-                float v = sqrtf(d_softplus(logit[e])) + (bias ? bias[e] : 0.0f);
-                if (!taken && (best < 0 || v > best_v)) {
+                float v = score[e] + (bias ? bias[e] : 0.0f);
+                if (!taken[e] && (best < 0 || v > best_v)) {
                     best = e;
                     best_v = v;
                 }
@@ -578,36 +645,58 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
                     best_v = ov;
                 }
             }
-            if (lane == 0) s[i] = best;
+            if (lane == 0) {
+                s[i] = best;
+                taken[best] = 1;
+            }
             __syncwarp();
         }
     }
     __syncwarp();
     if (lane == 0) {
         float sum = 0;
-        for (int i = 0; i < k; i++) sum += sqrtf(d_softplus(logit[s[i]]));
-        for (int i = 0; i < k; i++)
-            sel_w[t * k + i] = sqrtf(d_softplus(logit[s[i]])) / (sum + 1e-20f) * wscale;
+        for (int i = 0; i < k; i++) sum += score[s[i]];
+        for (int i = 0; i < k; i++) sel_w[t * k + i] = score[s[i]] / (sum + 1e-20f) * wscale;
     }
 }
 
 /* Groups the n*k (token, slot) pairs by expert: offs[e] (E + 1 entries),
  * the experts in use in order (the rest of active = -1), the token of each
- * grouped pair and the grouped place of each (token, slot). */
+ * grouped pair and the grouped place of each (token, slot). The order of
+ * pairs inside an expert's group does not change any result. One block of
+ * 1024 threads, E <= 1024. */
 __global__ void k_group(const int32_t *sel, int nk, int k, int E, int *offs, int *active,
-                        int *pair_tok, int *slot_pair, int *cursor) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    for (int e = 0; e <= E; e++) offs[e] = 0;
-    for (int p = 0; p < nk; p++) offs[sel[p] + 1]++;
-    int na = 0;
-    for (int e = 0; e < E; e++) {
-        if (offs[e + 1]) active[na++] = e;
-        offs[e + 1] += offs[e];
-        cursor[e] = offs[e];
+                        int *pair_tok, int *slot_pair) {
+    __shared__ int cnt[1024], sc[1024], act[1024];
+    int e = threadIdx.x;
+    if (e < E) cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < nk; p += blockDim.x) atomicAdd(&cnt[sel[p]], 1);
+    __syncthreads();
+    /* inclusive scans of the counts and of the in-use flags */
+    int c = e < E ? cnt[e] : 0, u = c > 0;
+    sc[e] = c;
+    act[e] = u;
+    __syncthreads();
+    for (int o = 1; o < 1024; o *= 2) {
+        int c2 = e >= o ? sc[e - o] : 0, u2 = e >= o ? act[e - o] : 0;
+        __syncthreads();
+        sc[e] += c2;
+        act[e] += u2;
+        __syncthreads();
     }
-    for (int i = na; i < (nk < E ? nk : E); i++) active[i] = -1;
-    for (int p = 0; p < nk; p++) {
-        int q = cursor[sel[p]]++;
+    int start = sc[e] - c;
+    int na = act[1023];
+    if (e < E) {
+        offs[e + 1] = sc[e];
+        if (u) active[act[e] - 1] = e;
+        cnt[e] = start;   /* now the next free place of e */
+    }
+    if (e == 0) offs[0] = 0;
+    if (e >= na && e < (nk < E ? nk : E)) active[e] = -1;
+    __syncthreads();
+    for (int p = threadIdx.x; p < nk; p += blockDim.x) {
+        int q = atomicAdd(&cnt[sel[p]], 1);
         pair_tok[q] = p / k;
         slot_pair[p] = q;
     }
