@@ -44,7 +44,8 @@ def main():
     print(f"{a.model}: backend {m.backend}, {m.config.n_layer} layers, load {load_s:.1f} s")
     print(f"prefill {a.prompt} tokens: {prefill_s:.2f} s = {a.prompt / prefill_s:.0f} tok/s")
     print(f"decode at {a.prompt} ctx: median {np.median(steps) * 1e3:.2f} ms/token = "
-          f"{1 / np.median(steps):.1f} tok/s (min {steps.min() * 1e3:.2f} ms)")
+          f"{1 / np.median(steps):.1f} tok/s (min {steps.min() * 1e3:.2f} ms, "
+          f"p90 {np.percentile(steps, 90) * 1e3:.2f} ms)")
 
 
 if __name__ == "__main__":

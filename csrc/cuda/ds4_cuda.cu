@@ -179,6 +179,12 @@ static int fill_synthetic(const tensor_ref *r, uint8_t *dst, int n_expert, uint6
  * kernels read 8 elements at a time); the block formats always are. */
 static int check_shapes(const ds4_model *m, char *err, size_t errlen) {
     const ds4_config *c = &m->cfg;
+    /* the widest input of a product (the HC mixers) must fit k_linear1's registers */
+    if ((int64_t)c->n_hc * c->n_embd > 8 * 256 * 8) {
+        snprintf(err, errlen, "the CUDA backend supports hc x embd up to 16384 (got %d x %d)", c->n_hc,
+                 c->n_embd);
+        return -1;
+    }
     if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 2 || c->n_expert > 1024) {
         snprintf(err, errlen, "the CUDA backend does not support this model shape (hc %d, embd %d)",
                  c->n_hc, c->n_embd);
@@ -543,8 +549,11 @@ static unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1)
 template <int TT>
 static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
     switch (a.w.type) {
-#define CASE(T) \
-    case T: k_linear<TT, T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw); break;
+#define CASE(T)                                                                 \
+    case T:                                                                     \
+        if (TT == 1) k_linear1<T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);   \
+        else k_linear<TT, T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);       \
+        break;
     CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
 #undef CASE
@@ -554,9 +563,8 @@ static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
 /* Decode (one token per row pass) or chunks (8 per pass): the same sums. */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
-    dim3 grid(blocks_for(a.w.n_out, LIN_WARPS / kw), slots);
-    if (n == 1) launch_linear<1>(st, grid, a, kw);
-    else launch_linear<8>(st, grid, a, kw);
+    if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    else launch_linear<8>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw), slots), a, kw);
 }
 
 static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, float *y, int64_t ys) {
@@ -583,8 +591,9 @@ static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
     return a;
 }
 
+/* Threads per row by its length alone (it sets the order of the norm's sum). */
 static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
-    k_rows<<<(unsigned)n_rows, 256, 0, st>>>(a);
+    k_rows<<<(unsigned)n_rows, a.dim >= 8192 ? 1024 : 256, 0, st>>>(a);
 }
 
 static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }

@@ -59,6 +59,20 @@ struct lin_args {
 
 #define LIN_WARPS 8
 
+/* acc + w . x over 8 elements, the multiply-adds in a fixed order so that
+ * both linear kernels below give the same bits for one token. */
+__device__ __forceinline__ float dot8(float acc, const float *w, float4 u0, float4 u1) {
+    float s = w[0] * u0.x;
+    s = fmaf(w[1], u0.y, s);
+    s = fmaf(w[2], u0.z, s);
+    s = fmaf(w[3], u0.w, s);
+    s = fmaf(w[4], u1.x, s);
+    s = fmaf(w[5], u1.y, s);
+    s = fmaf(w[6], u1.z, s);
+    s = fmaf(w[7], u1.w, s);
+    return acc + s;
+}
+
 /* Warps that share one row (split over its 256-element chunks): enough rows
  * in flight for small matrices, whole warps busy for short rows. A function
  * of n_in alone, so one token and many sum in the same order. */
@@ -101,9 +115,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
 #pragma unroll
                 for (int i = 0; i < TT; i++) {
                     const float4 *v = (const float4 *)(xp[i] + e0);
-                    float4 u0 = v[0], u1 = v[1];
-                    acc[i] += w[0] * u0.x + w[1] * u0.y + w[2] * u0.z + w[3] * u0.w +
-                              w[4] * u1.x + w[5] * u1.y + w[6] * u1.z + w[7] * u1.w;
+                    acc[i] = dot8(acc[i], w, v[0], v[1]);
                 }
             }
         }
@@ -117,6 +129,70 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
             float v = 0;
             for (int j = 0; j < kw; j++) v += red[warp + j][lane];
             a.y[(int64_t)(t0 + lane) * a.ys + r] = v;
+        }
+        __syncthreads();
+    }
+}
+
+/* One token (decode): each warp keeps its slice of x in registers and runs
+ * it against LIN_R rows, so x is read once per LIN_R rows instead of once
+ * per row (for 2-bit weights x is 16 times the bytes of a row). Same sums as
+ * k_linear: chunk part + 256*kw*c of lane, c ascending. n_in <= 8*256*kw. */
+#define LIN_R 4
+#define LIN_MAXC 8
+
+template <int TYPE>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
+    int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
+    __shared__ float red[LIN_WARPS][LIN_R];
+    const uint8_t *base = a.w.data;
+    int p0 = 0, p1 = 1;
+    if (a.active) {
+        int e = a.active[blockIdx.y];
+        if (e < 0) return;   /* the whole block */
+        base += (int64_t)e * a.expert_bytes;
+        p0 = a.offs[e];
+        p1 = a.offs[e + 1];
+    }
+    for (int p = p0; p < p1; p++) {
+        const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        float4 xr[LIN_MAXC][2];
+#pragma unroll
+        for (int c = 0; c < LIN_MAXC; c++) {
+            int e0 = part * 256 + lane * 8 + c * 256 * kw;
+            if (e0 < a.w.n_in) {
+                xr[c][0] = *(const float4 *)(x + e0);
+                xr[c][1] = *(const float4 *)(x + e0 + 4);
+            }
+        }
+        float acc[LIN_R];
+#pragma unroll
+        for (int i = 0; i < LIN_R; i++) {
+            acc[i] = 0;
+            int r = r0 + i;
+            if (r >= a.w.n_out) continue;
+            const uint8_t *row = base + (int64_t)r * a.w.row_bytes;
+#pragma unroll
+            for (int c = 0; c < LIN_MAXC; c++) {
+                int e0 = part * 256 + lane * 8 + c * 256 * kw;
+                if (e0 < a.w.n_in) {
+                    float w[8];
+                    deq8(TYPE, row, e0, w);
+                    acc[i] = dot8(acc[i], w, xr[c][0], xr[c][1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < LIN_R; i++) {
+            float v = warp_sum(acc[i]);
+            if (lane == 0) red[warp][i] = v;
+        }
+        __syncthreads();
+        if (part == 0 && lane < LIN_R && r0 + lane < a.w.n_out) {
+            float v = 0;
+            for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+            a.y[(int64_t)p * a.ys + r0 + lane] = v;
         }
         __syncthreads();
     }
@@ -265,37 +341,47 @@ __global__ void k_rows(row_args a) {
  * collapsed input x = sum_i pre_i X_i. */
 __global__ void k_hc_mix(const float *mix, const float *X, const float *base, const float *scale,
                          int hc, int D, int iters, float eps, float *post, float *comb, float *x) {
-    int t = blockIdx.x, n_mix = (2 + hc) * hc;
-    __shared__ float pre[16], po[16], C[256], mu[(2 + 16) * 16];
+    int t = blockIdx.x, n_mix = (2 + hc) * hc, lane = threadIdx.x;
+    __shared__ float pre[16], po[16], C[256], mu[(2 + 16) * 16], rs[16];
     for (int i = threadIdx.x; i < n_mix; i += blockDim.x) mu[i] = mix[(int64_t)t * n_mix + i];
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x < WARP) {
+        /* the first warp: lane e holds comb entries e, e + 32, ... (row i, column j) */
         const float *b = base, *sc = scale;
-        for (int i = 0; i < hc; i++) {
-            pre[i] = d_sigmoid(mu[i] * sc[0] + b[i]) + eps;
-            po[i] = 2.0f * d_sigmoid(mu[hc + i] * sc[1] + b[hc + i]);
+        if (lane < hc) {
+            pre[lane] = d_sigmoid(mu[lane] * sc[0] + b[lane]) + eps;
+            po[lane] = 2.0f * d_sigmoid(mu[hc + lane] * sc[1] + b[hc + lane]);
         }
-        for (int i = 0; i < hc; i++) {
-            float *row = C + i * hc, m = -INFINITY, sum = 0;
-            for (int j = 0; j < hc; j++) {
-                row[j] = mu[2 * hc + i * hc + j] * sc[2] + b[2 * hc + i * hc + j];
-                m = fmaxf(m, row[j]);
-            }
+        for (int e = lane; e < hc * hc; e += WARP)
+            C[e] = mu[2 * hc + e] * sc[2] + b[2 * hc + e];
+        __syncwarp();
+        /* row softmax + eps, sums in column order as forward.c */
+        if (lane < hc) {
+            float *row = C + lane * hc, m = -INFINITY, sum = 0;
+            for (int j = 0; j < hc; j++) m = fmaxf(m, row[j]);
             for (int j = 0; j < hc; j++) sum += row[j] = expf(row[j] - m);
             for (int j = 0; j < hc; j++) row[j] = row[j] / sum + eps;
         }
+        __syncwarp();
         for (int it = 0; it < iters; it++) {
-            if (it > 0)
-                for (int i = 0; i < hc; i++) {
+            if (it > 0) {
+                if (lane < hc) {
                     float sum = 0;
-                    for (int j = 0; j < hc; j++) sum += C[i * hc + j];
-                    for (int j = 0; j < hc; j++) C[i * hc + j] /= sum + eps;
+                    for (int j = 0; j < hc; j++) sum += C[lane * hc + j];
+                    rs[lane] = sum;
                 }
-            for (int j = 0; j < hc; j++) {
-                float sum = 0;
-                for (int i = 0; i < hc; i++) sum += C[i * hc + j];
-                for (int i = 0; i < hc; i++) C[i * hc + j] /= sum + eps;
+                __syncwarp();
+                for (int e = lane; e < hc * hc; e += WARP) C[e] /= rs[e / hc] + eps;
+                __syncwarp();
             }
+            if (lane < hc) {
+                float sum = 0;
+                for (int i = 0; i < hc; i++) sum += C[i * hc + lane];
+                rs[lane] = sum;
+            }
+            __syncwarp();
+            for (int e = lane; e < hc * hc; e += WARP) C[e] /= rs[e % hc] + eps;
+            __syncwarp();
         }
     }
     __syncthreads();
