@@ -548,10 +548,13 @@ static unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1)
 
 template <int TT>
 static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
+    int chunks = (a.w.n_in + 256 * kw - 1) / (256 * kw);
     switch (a.w.type) {
 #define CASE(T)                                                                 \
     case T:                                                                     \
-        if (TT == 1) k_linear1<T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);   \
+        if (TT == 1 && chunks <= 2) k_linear1<T, 2><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);  \
+        else if (TT == 1 && chunks <= 4) k_linear1<T, 4><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw); \
+        else if (TT == 1) k_linear1<T, 8><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);   \
         else k_linear<TT, T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);       \
         break;
     CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)

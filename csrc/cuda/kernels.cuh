@@ -137,11 +137,11 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
 /* One token (decode): each warp keeps its slice of x in registers and runs
  * it against LIN_R rows, so x is read once per LIN_R rows instead of once
  * per row (for 2-bit weights x is 16 times the bytes of a row). Same sums as
- * k_linear: chunk part + 256*kw*c of lane, c ascending. n_in <= 8*256*kw. */
+ * k_linear: chunk part + 256*kw*c of lane, c ascending. n_in <= MAXC*256*kw
+ * (MAXC, the chunks a lane holds, sized per matrix to spare registers). */
 #define LIN_R 4
-#define LIN_MAXC 8
 
-template <int TYPE>
+template <int TYPE, int LIN_MAXC>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
     int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
@@ -166,21 +166,25 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
                 xr[c][1] = *(const float4 *)(x + e0 + 4);
             }
         }
+        /* chunk by chunk over the LIN_R rows: their loads are independent, so
+         * all are in flight together (rows past the end read the last row) */
+        const uint8_t *rows[LIN_R];
         float acc[LIN_R];
 #pragma unroll
         for (int i = 0; i < LIN_R; i++) {
             acc[i] = 0;
-            int r = r0 + i;
-            if (r >= a.w.n_out) continue;
-            const uint8_t *row = base + (int64_t)r * a.w.row_bytes;
+            int r = r0 + i < a.w.n_out ? r0 + i : a.w.n_out - 1;
+            rows[i] = base + (int64_t)r * a.w.row_bytes;
+        }
 #pragma unroll
-            for (int c = 0; c < LIN_MAXC; c++) {
-                int e0 = part * 256 + lane * 8 + c * 256 * kw;
-                if (e0 < a.w.n_in) {
-                    float w[8];
-                    deq8(TYPE, row, e0, w);
-                    acc[i] = dot8(acc[i], w, xr[c][0], xr[c][1]);
-                }
+        for (int c = 0; c < LIN_MAXC; c++) {
+            int e0 = part * 256 + lane * 8 + c * 256 * kw;
+            if (e0 < a.w.n_in) {
+                float w[LIN_R][8];
+#pragma unroll
+                for (int i = 0; i < LIN_R; i++) deq8(TYPE, rows[i], e0, w[i]);
+#pragma unroll
+                for (int i = 0; i < LIN_R; i++) acc[i] = dot8(acc[i], w[i], xr[c][0], xr[c][1]);
             }
         }
 #pragma unroll
