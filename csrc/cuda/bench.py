@@ -46,6 +46,7 @@ def main():
     print(f"decode at {a.prompt} ctx: median {np.median(steps) * 1e3:.2f} ms/token = "
           f"{1 / np.median(steps):.1f} tok/s (min {steps.min() * 1e3:.2f} ms, "
           f"p90 {np.percentile(steps, 90) * 1e3:.2f} ms)")
+    print("decode step ms, in order:", " ".join(f"{x * 1e3:.1f}" for x in steps))
 
 
 if __name__ == "__main__":

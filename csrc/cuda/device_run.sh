@@ -6,6 +6,7 @@
 #   bench-mid  prefill/decode speed on the mid model
 #   bench-mid-nograph  the same without the decode graph
 #   bench-full full-size synthetic q2 (needs an 80+ GiB GPU)
+#   bench-full-short  the same at 1K context (no indexer selection yet)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
 set -o pipefail
 OUT=${OUT:-/tmp/out}
@@ -44,6 +45,9 @@ print('sanitized run done')
     python3 -m ds4.testing /tmp/full.gguf --preset flash --variant q2 --sparse >/dev/null
     timeout 400 python3 csrc/cuda/bench.py /tmp/full.gguf --synthetic --ctx 4096 --prompt 2048 \
       --decode 32 2>&1 | tee $OUT/bench_full.log ;;
+  bench-full-short)
+    timeout 200 python3 csrc/cuda/bench.py /tmp/full.gguf --synthetic --ctx 4096 --prompt 1024 \
+      --decode 24 2>&1 | tee $OUT/bench_full_short.log ;;
   profile-full)
     DS4_CUDA_NO_GRAPH=1 timeout 300 ncu --profile-from-start off --clock-control none --csv \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \

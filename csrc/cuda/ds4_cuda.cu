@@ -257,6 +257,10 @@ static int model_init(ds4_model *m, int synthetic, char *err, size_t errlen) {
     }
     CKI(cudaMalloc(&d->mem, total), "allocating the weights");
     CKI(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
+    CKI(cudaFuncSetAttribute(k_indexer, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
+                                    8 * m->cfg.indexer_heads) * sizeof(float))),
+        "indexer shared memory");
     CKI(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKI(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {
@@ -713,7 +717,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     if (ls->indexer) {
         idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
                        max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
-        k_indexer<<<n, 256, 0, st>>>(ia);
+        size_t shm = ((size_t)HI * (dI + 1) + 8 * HI) * sizeof(float);
+        k_indexer<<<n, 256, shm, st>>>(ia);
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,

@@ -546,17 +546,30 @@ __global__ void k_indexer(idx_args a) {
     float *sc = a.scores + (int64_t)t * 2 * a.cap_rows;
     const float *iq = a.iq + (int64_t)t * a.HI * a.dI, *iw = a.iw + (int64_t)t * a.HI;
     float score_scale = 1.0f / sqrtf((float)a.dI);
-    int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
-    for (int64_t r = threadIdx.x / WARP; r < n_rows; r += nw) {
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    /* the token's queries in shared memory, rows padded by one against bank
+     * conflicts; a warp scores one row, a lane one head at a time; the heads'
+     * terms are summed in head order as forward.c does */
+    extern __shared__ float qsh[];   /* [HI][dI + 1], then [nw][HI] terms */
+    float *terms = qsh + a.HI * (a.dI + 1) + wid * a.HI;
+    for (int i = threadIdx.x; i < a.HI * a.dI; i += blockDim.x)
+        qsh[(i / a.dI) * (a.dI + 1) + i % a.dI] = iq[i];
+    __syncthreads();
+    for (int64_t r = wid; r < n_rows; r += nw) {
         const float *K = a.krows + r * a.dI;
-        float score = 0;
-        for (int h = 0; h < a.HI; h++) {
+        for (int h = lane; h < a.HI; h += WARP) {
+            const float *q = qsh + h * (a.dI + 1);
             float dot = 0;
-            for (int k = lane; k < a.dI; k += WARP) dot += iq[h * a.dI + k] * K[k];
-            dot = warp_sum(dot);
-            score += (dot > 0 ? dot : 0) * score_scale * iw[h];
+            for (int k = 0; k < a.dI; k++) dot = fmaf(q[k], K[k], dot);
+            terms[h] = (dot > 0 ? dot : 0) * score_scale * iw[h];
         }
-        if (lane == 0) sc[r] = score;
+        __syncwarp();
+        if (lane == 0) {
+            float score = 0;
+            for (int h = 0; h < a.HI; h++) score += terms[h];
+            sc[r] = score;
+        }
+        __syncwarp();
     }
     __syncthreads();
     /* rank of each row; selected rows keep their index order */
