@@ -32,7 +32,7 @@ int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, i
     }
     if (strcmp(name, "cpu") == 0) return 0;
     if (!library || !*library) {
-        snprintf(err, errlen, "backend %s is not built (no library)", name);
+        snprintf(err, errlen, "not built (no %s library: `make cuda` builds it where nvcc is)", name);
         return DS4_BACKEND_UNAVAILABLE;
     }
     void *h = dlopen(library, RTLD_NOW | RTLD_LOCAL);

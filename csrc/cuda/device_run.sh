@@ -24,8 +24,8 @@ for step in "$@"; do
       | tee $OUT/test.log | grep -E "CUDA-vs|passed|failed|Error|error|assert" ;;
   sanitize)
     python3 -m ds4.testing /tmp/tiny.gguf --preset tiny --variant q2 --seed 1 >/dev/null
-    timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 -c "
-import ds4, numpy as np
+    cat > /tmp/short.py <<'PY'
+import ds4
 m = ds4.load('/tmp/tiny.gguf', backend='cuda', ctx=256)
 for num in ('exact', 'qat'):
     s = m.session(numerics=num)
@@ -33,7 +33,11 @@ for num in ('exact', 'qat'):
     for t in range(5): s.eval([t + 7])
     s.rewind(30); s.eval([3, 4])
 print('sanitized run done')
-" 2>&1 | tail -25 | tee $OUT/sanitize.log ;;
+PY
+    for tool in memcheck racecheck; do
+      timeout 150 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
+        | tail -6 | tee $OUT/sanitize_$tool.log
+    done ;;
   bench-mid)
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
     timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
