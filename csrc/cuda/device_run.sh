@@ -35,7 +35,7 @@ for num in ('exact', 'qat'):
 print('sanitized run done')
 PY
     for tool in memcheck racecheck; do
-      timeout 150 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
+      timeout 50 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
         | tail -6 | tee $OUT/sanitize_$tool.log
     done ;;
   bench-mid)
