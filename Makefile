@@ -16,17 +16,19 @@ test: build
 bench: build
 	$(PYTHON) -m pytest -q --benchmark-only --benchmark-enable tests
 
-# Compiles every CUDA source (object files only; the engine links them in
-# when the CUDA backend is built). Does nothing without nvcc.
-cuda:
+# The CUDA backend: a shared library the engine loads at run time
+# (ds4/_ds4_cuda.so). Does nothing without nvcc.
+CUDA_LIB := ds4/_ds4_cuda.so
+CUDA_HDR := $(wildcard csrc/cuda/*.cuh) csrc/backend.h csrc/weights.h csrc/session_state.h
+cuda: $(CUDA_LIB)
+
+$(CUDA_LIB): $(CUDA_SRC) $(CUDA_HDR)
 	@if command -v $(NVCC) >/dev/null 2>&1; then \
-	  mkdir -p $(BUILD_DIR)/cuda; \
-	  for f in $(CUDA_SRC); do \
-	    echo "nvcc $$f"; \
-	    $(NVCC) -O3 -std=c++17 $(CUDA_ARCHS) -Icsrc -c $$f -o $(BUILD_DIR)/cuda/$$(basename $$f .cu).o || exit 1; \
-	  done; \
-	else echo "nvcc not found: skipping CUDA build"; fi
+	  echo "nvcc -> $@"; \
+	  $(NVCC) -O3 -std=c++17 $(CUDA_ARCHS) -Icsrc -shared -Xcompiler -fPIC,-fvisibility=hidden \
+	    $(CUDA_SRC) -o $@; \
+	else echo "nvcc not found: skipping the CUDA backend"; fi
 
 clean:
-	rm -rf build ds4/_native*.so ds4/_native.c ds4/_native.o *.egg-info .pytest_cache
+	rm -rf build ds4/_native*.so ds4/_ds4_cuda.so ds4/_native.c ds4/_native.o *.egg-info .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

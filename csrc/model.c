@@ -599,6 +599,7 @@ void ds4_model_retain(const ds4_model *m) {
 void ds4_model_release(const ds4_model *cm) {
     ds4_model *m = (ds4_model *)cm;
     if (!m || atomic_fetch_sub(&m->refs, 1) != 1) return;
+    ds4_model_release_backend(m);
     ds4_gguf_close(m->gguf);
     for (int64_t i = 0; i < m->n_warnings; i++) free(m->warnings[i]);
     free(m->warnings);

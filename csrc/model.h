@@ -68,6 +68,15 @@ const char *ds4_model_profile_note(const ds4_model *m);
  * made with one file are refused by another. */
 uint64_t ds4_model_fingerprint(const ds4_model *m);
 int64_t ds4_model_n_warnings(const ds4_model *m);
+
+/* Runs the model on a compute backend: "cpu", or "cuda" from the shared
+ * library at `library` (synthetic: random valid weights on the device
+ * instead of the file's). Call before any session exists. Returns 0; -2
+ * when the library or its device is not there; -1 on other failures (for
+ * instance a model larger than the device). */
+int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, int synthetic,
+                          char *err, size_t errlen);
+const char *ds4_model_backend_name(const ds4_model *m);
 const char *ds4_model_warning(const ds4_model *m, int64_t i);
 
 #endif

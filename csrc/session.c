@@ -6,7 +6,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "session_state.h"
+#include "weights.h"
 
 #define PREFILL_CHUNK 256
 #define REWIND_BUDGET 512
@@ -29,6 +31,8 @@ static void free_layers(ds4_session *s) {
 
 void ds4_session_free(ds4_session *s) {
     if (!s) return;
+    const ds4_backend *b = ds4_model_backend(s->model);
+    if (s->backend_state && b->session_free) b->session_free(s);
     free_layers(s);
     ds4_pool_free(s->pool);
     free(s->ids);
@@ -95,6 +99,11 @@ int ds4_session_new(const ds4_model *m, int64_t ctx, int numerics, int n_threads
                             !(ls->idx_rows = alloc_floats(ls->cap_rows * cf->indexer_dim))))
             goto oom;
     }
+    const ds4_backend *b = ds4_model_backend(m);
+    if (b->session_init && b->session_init(s, err, errlen)) {
+        ds4_session_free(s);
+        return -1;
+    }
     *out = s;
     return 0;
 oom:
@@ -135,7 +144,7 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logit
         float *out = NULL;
         if (all_logits && logits) out = logits + done * cf->n_vocab;
         else if (last) out = s->logits;
-        if (ds4_forward(s, len, out, all_logits && logits, err, errlen)) {
+        if (ds4_model_backend(s->model)->forward(s, len, out, all_logits && logits, err, errlen)) {
             /* the chunk's partial writes are past the old token count: invisible */
             s->n_tokens = start;
             s->logits_valid = 0;
@@ -280,6 +289,13 @@ static void write_snapshot(const ds4_session *s, struct writer *w) {
     emit(w, &sum, 8);
 }
 
+/* A GPU backend keeps the state in device memory: bring it to the host
+ * arrays the serializer reads (and back after a restore). */
+static int backend_state_to_host(const ds4_session *s, char *err, size_t errlen) {
+    const ds4_backend *b = ds4_model_backend(s->model);
+    return b->state_to_host ? b->state_to_host((ds4_session *)s, err, errlen) : 0;
+}
+
 int64_t ds4_session_snapshot_size(const ds4_session *s) {
     struct writer w = {NULL, NULL, 0, 0, 0, 0};
     write_snapshot(s, &w);
@@ -288,6 +304,7 @@ int64_t ds4_session_snapshot_size(const ds4_session *s) {
 
 int ds4_session_snapshot_write(const ds4_session *s, void *buf, int64_t size, char *err,
                                size_t errlen) {
+    if (backend_state_to_host(s, err, errlen)) return -1;
     struct writer w = {NULL, buf, (size_t)(size > 0 ? size : 0), 0, 0xcbf29ce484222325ull, 0};
     write_snapshot(s, &w);
     if (w.failed || w.pos != (size_t)size) {
@@ -304,6 +321,7 @@ int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t e
         snprintf(err, errlen, "path too long");
         return -1;
     }
+    if (backend_state_to_host(s, err, errlen)) return -1;
     struct writer w = {fopen(tmp, "wb"), NULL, 0, 0, 0xcbf29ce484222325ull, 0};
     if (!w.f) {
         snprintf(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
@@ -426,6 +444,12 @@ static int restore_bytes(ds4_session *s, const uint8_t *buf, size_t size, const 
         }
     s->n_tokens = (int64_t)T;
     s->logits_valid = (int)logits_valid;
+    const ds4_backend *b = ds4_model_backend(s->model);
+    if (b->state_from_host && b->state_from_host(s, err, errlen)) {
+        s->n_tokens = 0;
+        s->logits_valid = 0;
+        return -1;
+    }
     return 0;
 }
 

@@ -37,6 +37,7 @@ struct ds4_session {
     int logits_valid;
     float *rope_main;       /* [rope_dim/2] */
     float *rope_comp;
+    void *backend_state;    /* the backend's device KV state and buffers */
 };
 
 /* Runs n tokens (already appended to s->ids at n_tokens..) through the

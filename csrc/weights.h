@@ -62,9 +62,17 @@ struct ds4_model {
      * ds4_model_close (as a garbage collector may order it) still finds its
      * model. The last one out frees it. */
     atomic_int refs;
+
+    /* compute backend (backend.h); NULL: the CPU */
+    const struct ds4_backend *backend;
+    void *backend_model;    /* the backend's device copy of the weights */
+    void *backend_lib;      /* dlopen handle */
 };
 
 void ds4_model_retain(const ds4_model *m);
 void ds4_model_release(const ds4_model *m);
+
+/* Frees the backend's model state and unloads it (model.c, with the last reference). */
+void ds4_model_release_backend(struct ds4_model *m);
 
 #endif

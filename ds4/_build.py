@@ -51,7 +51,7 @@ ffibuilder.set_source(
     extra_compile_args=compile_args(),
     extra_link_args=["-pthread"] + (["-fsanitize=address,undefined"]
                                     if os.environ.get("DS4_DEBUG_BUILD") else []),
-    libraries=["m"],
+    libraries=["m", "dl"],
 )
 
 if __name__ == "__main__":

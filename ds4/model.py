@@ -85,7 +85,7 @@ class Model:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be 'qat' or 'exact', got {numerics!r}")
-        if backend in ("cuda", "metal"):
+        if backend == "metal":
             raise Error(f"backend {backend!r} is not available in this build")
         if int(ctx) <= 0:
             raise ValueError(f"ctx must be positive, got {ctx}")
@@ -97,7 +97,7 @@ class Model:
         if lib.ds4_model_open(self.path.encode(), out, err, len(err)) != 0:
             raise ModelFormatError(f"{self.path}: {ffi.string(err).decode('utf-8', 'replace')}")
         self._m = out[0]
-        self.backend = "cpu"
+        self.backend = self._attach_backend(backend, bool(synthetic))
         self.ctx = int(ctx)
         self.threads = threads
         self.numerics = numerics
@@ -114,6 +114,22 @@ class Model:
         self._sessions = weakref.WeakSet()
         self._closed = False
         self._live = None        # the session generate() reuses across calls
+
+    def _attach_backend(self, backend, synthetic):
+        """"cpu" or "cuda"; "auto" is cuda when its library and a GPU are there."""
+        if backend == "cpu":
+            return "cpu"
+        library = cuda_library()
+        err = ffi.new("char[512]")
+        rc = lib.ds4_model_use_backend(self._m, b"cuda", (library or "").encode(), int(synthetic),
+                                       err, len(err))
+        if rc == 0:
+            return "cuda"
+        if rc == UNAVAILABLE and backend == "auto":
+            return "cpu"
+        lib.ds4_model_close(self._m)
+        self._m = None
+        raise Error(f"{self.path}: backend 'cuda': {ffi.string(err).decode('utf-8', 'replace')}")
 
     @property
     def _handle(self):
@@ -211,6 +227,18 @@ class Model:
         c = self.config
         return (f"<ds4.Model {os.path.basename(self.path)}: {c.profile}, {c.variant}, "
                 f"{c.n_layer} layers, backend={self.backend}>")
+
+
+UNAVAILABLE = -2   # ds4_model_use_backend: no library or no device
+
+
+def cuda_library():
+    """The CUDA backend library: $DS4_CUDA_LIB, else ds4/_ds4_cuda.so when built; or None."""
+    env = os.environ.get("DS4_CUDA_LIB")
+    if env:
+        return env
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ds4_cuda.so")
+    return path if os.path.exists(path) else None
 
 
 _cached = {}

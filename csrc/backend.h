@@ -1,0 +1,53 @@
+/* Internal: the seam between the core and a compute backend.
+ *
+ * The core (model.c, session.c) owns the file mapping, the token ids, the
+ * logits and the host copy of the KV state that snapshots read and write;
+ * a backend owns the arithmetic. The CPU backend is built in; the CUDA one
+ * is a separate shared library loaded with dlopen, so the engine builds and
+ * runs without CUDA. Not read by cffi: no CUDA types here either. */
+#ifndef DS4_BACKEND_H
+#define DS4_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Bumped whenever this table or the structs in weights.h / session_state.h
+ * change, so a stale library is refused instead of misreading them. */
+#define DS4_BACKEND_ABI 1
+
+struct ds4_model;
+struct ds4_session;
+
+typedef struct ds4_backend {
+    int abi;
+    const char *name;
+    /* Weights onto the device (synthetic: random valid blocks instead of
+     * the file's bytes). Sets m->backend_model. */
+    int (*model_init)(struct ds4_model *m, int synthetic, char *err, size_t errlen);
+    void (*model_free)(struct ds4_model *m);
+    /* Device KV state for a new session (sets s->backend_state). */
+    int (*session_init)(struct ds4_session *s, char *err, size_t errlen);
+    void (*session_free)(struct ds4_session *s);
+    /* Runs the n ids at s->ids[s->n_tokens..] (n <= the core's chunk size)
+     * at positions s->n_tokens..; logits as ds4_forward writes them. */
+    int (*forward)(struct ds4_session *s, int64_t n, float *logits, int all_logits, char *err,
+                   size_t errlen);
+    /* Snapshots: the device state into the host arrays of session_state.h
+     * (before save), and back (after restore). NULL: nothing to do. */
+    int (*state_to_host)(struct ds4_session *s, char *err, size_t errlen);
+    int (*state_from_host)(struct ds4_session *s, char *err, size_t errlen);
+} ds4_backend;
+
+/* The symbol a backend library exports. */
+#define DS4_BACKEND_ENTRY "ds4_backend_entry"
+typedef const ds4_backend *(*ds4_backend_entry_fn)(void);
+
+extern const ds4_backend ds4_cpu_backend;
+
+/* The backend of a model (the CPU one unless another was attached). */
+const ds4_backend *ds4_model_backend(const struct ds4_model *m);
+
+/* ds4_model_use_backend's "not here" status: no library, or no device. */
+#define DS4_BACKEND_UNAVAILABLE (-2)
+
+#endif

@@ -1,0 +1,857 @@
+/* The CUDA backend (backend.h): weights in device memory, the KV state in
+ * device memory, and the forward pass of forward.c as CUDA kernels.
+ * Built as its own shared library (ds4/_ds4_cuda.so) and loaded with
+ * dlopen; it calls nothing in the core, it only reads the core's structs. */
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+
+#include "kernels.cuh"
+
+extern "C" {
+#include "iq2_tables.h"
+}
+
+/* ---- errors ---- */
+
+static int cuda_fail(cudaError_t e, const char *what, char *err, size_t errlen) {
+    snprintf(err, errlen, "CUDA error in %s: %s", what, cudaGetErrorString(e));
+    return -1;
+}
+
+#define CK(call, what)                                              \
+    do {                                                            \
+        cudaError_t e_ = (call);                                    \
+        if (e_ != cudaSuccess) return cuda_fail(e_, what, err, errlen); \
+    } while (0)
+
+static double gib(double b) { return b / (1024.0 * 1024.0 * 1024.0); }
+
+/* ---- the device copy of the weights ---- */
+
+struct dmodel {
+    ds4_layer *layers;   /* the model's layers with data pointing to device memory */
+    ds4_tensor token_embd, output_hc_fn, output_hc_base, output_hc_scale, output_norm, output;
+    uint8_t *mem;
+    size_t bytes;
+    char device_name[256];
+};
+
+enum { ROLE_PLAIN = 0, ROLE_NORM = 1, ROLE_EXPERT_IDS = 2 };
+
+#define LAYER_TENSORS(X)                                                                       \
+    X(hc_attn_fn, 0) X(hc_attn_base, 0) X(hc_attn_scale, 0) X(attn_norm, 1) X(hc_ffn_fn, 0)   \
+    X(hc_ffn_base, 0) X(hc_ffn_scale, 0) X(ffn_norm, 1) X(attn_q_a, 0) X(attn_q_a_norm, 1)     \
+    X(attn_q_b, 0) X(attn_kv, 0) X(attn_kv_a_norm, 1) X(attn_sinks, 0) X(attn_output_a, 0)     \
+    X(attn_output_b, 0) X(comp_ape, 0) X(comp_kv, 0) X(comp_gate, 0) X(comp_norm, 1)           \
+    X(idx_q_b, 0) X(idx_proj, 0) X(idx_comp_ape, 0) X(idx_comp_kv, 0) X(idx_comp_gate, 0)      \
+    X(idx_comp_norm, 1) X(ffn_gate_inp, 0) X(exp_probs_b, 0) X(tid2eid, 2) X(ffn_gate_exps, 0) \
+    X(ffn_up_exps, 0) X(ffn_down_exps, 0) X(ffn_gate_shexp, 0) X(ffn_up_shexp, 0)              \
+    X(ffn_down_shexp, 0)
+
+struct tensor_ref {
+    const ds4_tensor *host;
+    ds4_tensor *dev;
+    int role;
+};
+
+static int tensor_refs(const ds4_model *m, dmodel *d, tensor_ref **out) {
+    int n_layer = m->cfg.n_layer, cap = 6 + 40 * n_layer, n = 0;
+    tensor_ref *r = (tensor_ref *)calloc((size_t)cap, sizeof *r);
+    if (!r) return -1;
+#define ADD(h, dv, role_)                                       \
+    do {                                                        \
+        if ((h).data) r[n++] = tensor_ref{&(h), &(dv), role_};  \
+    } while (0)
+    ADD(m->token_embd, d->token_embd, 0);
+    ADD(m->output_hc_fn, d->output_hc_fn, 0);
+    ADD(m->output_hc_base, d->output_hc_base, 0);
+    ADD(m->output_hc_scale, d->output_hc_scale, 0);
+    ADD(m->output_norm, d->output_norm, 1);
+    ADD(m->output, d->output, 0);
+    for (int l = 0; l < n_layer; l++) {
+#define LAYER_ADD(f, role_) ADD(m->layers[l].f, d->layers[l].f, role_);
+        LAYER_TENSORS(LAYER_ADD)
+#undef LAYER_ADD
+    }
+#undef ADD
+    *out = r;
+    return n;
+}
+
+static size_t align_up(size_t x) { return (x + 255) & ~(size_t)255; }
+
+/* Deterministic noise for synthetic weights. */
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ float unit(uint64_t seed, uint64_t i) {   /* uniform in [-1, 1) */
+    return (float)(mix64(seed + i * 0x9e3779b97f4a7c15ull) >> 40) * 0x1p-23f - 1.0f;
+}
+
+/* Random bytes over a whole tensor (4-byte words, then the tail). */
+__global__ void k_fill_bytes(uint8_t *p, int64_t nbytes, uint64_t seed) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t words = nbytes / 4;
+    for (; i < words; i += (int64_t)gridDim.x * blockDim.x)
+        ((uint32_t *)p)[i] = (uint32_t)mix64(seed + (uint64_t)i * 0x9e3779b97f4a7c15ull);
+    if (blockIdx.x == 0 && threadIdx.x < (nbytes & 3))
+        p[words * 4 + threadIdx.x] = (uint8_t)mix64(seed ^ (uint64_t)threadIdx.x);
+}
+
+/* Float tensors: norms 1, expert ids in range, the rest uniform with std s. */
+__global__ void k_fill_float(uint8_t *p, int type, int64_t n, int role, float s, int n_expert,
+                             uint64_t seed) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float v = role == ROLE_NORM ? 1.0f : unit(seed, (uint64_t)i) * s * 1.7320508f;
+        if (role == ROLE_EXPERT_IDS) ((int32_t *)p)[i] = (int32_t)(mix64(seed + (uint64_t)i) % (uint64_t)n_expert);
+        else if (type == DS4_TYPE_F32) ((float *)p)[i] = v;
+        else if (type == DS4_TYPE_F16) ((__half *)p)[i] = __float2half(v);
+        else ((uint16_t *)p)[i] = (uint16_t)(__float_as_uint(v) >> 16);
+    }
+}
+
+/* Quantized blocks: random codes (already there), then finite scales sized
+ * for std s; Q8_0 codes kept in [-127, 127]. */
+__global__ void k_fix_blocks(uint8_t *p, int type, int64_t n_blocks, float d, float dmin) {
+    for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < n_blocks;
+         b += (int64_t)gridDim.x * blockDim.x) {
+        uint8_t *blk;
+        switch (type) {
+        case DS4_TYPE_Q8_0:
+            blk = p + b * 34;
+            *(__half *)blk = __float2half(d);
+            for (int i = 0; i < 32; i++)
+                if ((int8_t)blk[2 + i] == -128) blk[2 + i] = (uint8_t)(int8_t)-127;
+            break;
+        case DS4_TYPE_Q2_K:
+            blk = p + b * 84;
+            *(__half *)(blk + 80) = __float2half(d);
+            *(__half *)(blk + 82) = __float2half(dmin);
+            break;
+        case DS4_TYPE_Q4_K:
+            blk = p + b * 144;
+            *(__half *)blk = __float2half(d);
+            *(__half *)(blk + 2) = __float2half(dmin);
+            break;
+        case DS4_TYPE_IQ2_XXS:
+            blk = p + b * 66;
+            *(__half *)blk = __float2half(d);
+            break;
+        }
+    }
+}
+
+static int fill_synthetic(const tensor_ref *r, uint8_t *dst, int n_expert, uint64_t seed,
+                          cudaStream_t st, char *err, size_t errlen) {
+    const ds4_tensor *t = r->host;
+    int64_t n = t->ne[0] * (t->n_dims > 1 ? t->ne[1] : 1) * (t->n_dims > 2 ? t->ne[2] : 1);
+    float s = 1.0f / sqrtf((float)t->ne[0]);    /* keeps each product's output near unit size */
+    int grid = (int)std::min<int64_t>(4096, (n + 255) / 256 + 1);
+    switch (t->type) {
+    case DS4_TYPE_F32:
+    case DS4_TYPE_F16:
+    case DS4_TYPE_BF16:
+    case DS4_TYPE_I32:
+        k_fill_float<<<grid, 256, 0, st>>>(dst, t->type, n, r->role, t->n_dims == 1 ? 0.1f : s,
+                                           n_expert, seed);
+        break;
+    default: {
+        int64_t be = t->type == DS4_TYPE_Q8_0 ? 32 : 256;
+        k_fill_bytes<<<4096, 256, 0, st>>>(dst, t->nbytes, seed);
+        /* unit-scale code spreads of each format, measured on random codes */
+        float spread = t->type == DS4_TYPE_Q8_0 ? 73.3f : t->type == DS4_TYPE_Q2_K ? 23.0f
+                     : t->type == DS4_TYPE_Q4_K ? 400.0f : 60.0f;
+        k_fix_blocks<<<4096, 256, 0, st>>>(dst, t->type, n / be, s / spread, s / spread);
+    }
+    }
+    CK(cudaGetLastError(), "synthetic weights");
+    return 0;
+}
+
+/* Device n_in of every tensor used as a matrix must be a multiple of 8 (the
+ * kernels read 8 elements at a time); the block formats always are. */
+static int check_shapes(const ds4_model *m, char *err, size_t errlen) {
+    const ds4_config *c = &m->cfg;
+    /* the widest input of a product (the HC mixers) must fit k_linear1's registers */
+    if ((int64_t)c->n_hc * c->n_embd > 8 * 256 * 8) {
+        snprintf(err, errlen, "the CUDA backend supports hc x embd up to 16384 (got %d x %d)", c->n_hc,
+                 c->n_embd);
+        return -1;
+    }
+    if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 2 || c->n_expert > 1024) {
+        snprintf(err, errlen, "the CUDA backend does not support this model shape (hc %d, embd %d)",
+                 c->n_hc, c->n_embd);
+        return -1;
+    }
+    return 0;
+}
+
+static void model_free(ds4_model *m) {
+    dmodel *d = (dmodel *)m->backend_model;
+    if (!d) return;
+    cudaFree(d->mem);
+    free(d->layers);
+    free(d);
+    m->backend_model = NULL;
+}
+
+#define STAGE_BYTES (64u << 20)
+
+static int model_init(ds4_model *m, int synthetic, char *err, size_t errlen) {
+    int n_dev = 0;
+    if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+        snprintf(err, errlen, "no CUDA GPU found");
+        return DS4_BACKEND_UNAVAILABLE;
+    }
+    if (check_shapes(m, err, errlen)) return -1;
+    dmodel *d = (dmodel *)calloc(1, sizeof *d);
+    if (!d) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    m->backend_model = d;
+    d->layers = (ds4_layer *)calloc((size_t)m->cfg.n_layer, sizeof *d->layers);
+    tensor_ref *refs = NULL;
+    int n_ref = d->layers ? tensor_refs(m, d, &refs) : -1;
+    if (n_ref < 0) {
+        model_free(m);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    memcpy(d->layers, m->layers, (size_t)m->cfg.n_layer * sizeof *d->layers);
+    size_t total = 0;
+    for (int i = 0; i < n_ref; i++) total += align_up((size_t)refs[i].host->nbytes);
+    d->bytes = total;
+
+    cudaDeviceProp prop;
+    size_t free_b = 0, all_b = 0;
+    int rc = -1;
+    uint8_t *stage[2] = {NULL, NULL};
+    cudaEvent_t done[2] = {NULL, NULL};
+    cudaStream_t st = NULL;
+#define CKI(call, what)                                        \
+    do {                                                       \
+        cudaError_t e_ = (call);                               \
+        if (e_ != cudaSuccess) {                               \
+            cuda_fail(e_, what, err, errlen);                  \
+            goto out;                                          \
+        }                                                      \
+    } while (0)
+    CKI(cudaGetDeviceProperties(&prop, 0), "device query");
+    snprintf(d->device_name, sizeof d->device_name, "%s", prop.name);
+    CKI(cudaMemGetInfo(&free_b, &all_b), "device query");
+    /* headroom for the KV state and a chunk's buffers */
+    if (total + ((size_t)1 << 30) > free_b) {
+        snprintf(err, errlen,
+                 "the model needs %.1f GiB of GPU memory for its weights (+1 GiB working space); "
+                 "the %s has %.1f GiB free of %.1f GiB",
+                 gib((double)total), prop.name, gib((double)free_b), gib((double)all_b));
+        goto out;
+    }
+    CKI(cudaMalloc(&d->mem, total), "allocating the weights");
+    CKI(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
+    CKI(cudaFuncSetAttribute(k_indexer, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
+                                    8 * m->cfg.indexer_heads) * sizeof(float))),
+        "indexer shared memory");
+    CKI(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
+    CKI(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
+    if (!synthetic) {
+        for (int b = 0; b < 2; b++) {
+            CKI(cudaHostAlloc(&stage[b], STAGE_BYTES, cudaHostAllocDefault), "pinned staging");
+            CKI(cudaEventCreateWithFlags(&done[b], cudaEventDisableTiming), "event");
+        }
+    }
+    {
+        /* the file's bytes through two pinned buffers: the copy out of the
+         * mapping overlaps the transfer of the previous chunk */
+        size_t off = 0;
+        int k = 0;
+        for (int i = 0; i < n_ref; i++) {
+            const ds4_tensor *h = refs[i].host;
+            uint8_t *dst = d->mem + off;
+            *refs[i].dev = *h;
+            refs[i].dev->data = dst;
+            if (synthetic) {
+                if (fill_synthetic(&refs[i], dst, m->cfg.n_expert, 0x5eed0000ull + (uint64_t)i * 7919,
+                                   st, err, errlen))
+                    goto out;
+            } else {
+                for (int64_t c = 0; c < h->nbytes; c += STAGE_BYTES, k ^= 1) {
+                    size_t len = (size_t)std::min<int64_t>(STAGE_BYTES, h->nbytes - c);
+                    CKI(cudaEventSynchronize(done[k]), "weight upload");
+                    memcpy(stage[k], (const uint8_t *)h->data + c, len);
+                    CKI(cudaMemcpyAsync(dst + c, stage[k], len, cudaMemcpyHostToDevice, st),
+                        "weight upload");
+                    CKI(cudaEventRecord(done[k], st), "weight upload");
+                }
+            }
+            off += align_up((size_t)h->nbytes);
+        }
+        CKI(cudaStreamSynchronize(st), "weight upload");
+    }
+    rc = 0;
+out:
+#undef CKI
+    for (int b = 0; b < 2; b++) {
+        if (stage[b]) cudaFreeHost(stage[b]);
+        if (done[b]) cudaEventDestroy(done[b]);
+    }
+    if (st) cudaStreamDestroy(st);
+    free(refs);
+    if (rc) model_free(m);
+    return rc;
+}
+
+/* ---- sessions ---- */
+
+struct dlayer {
+    float *raw, *kg, *idx_kg, *rows, *idx_rows;
+};
+
+struct dsess {
+    cudaStream_t st;
+    dlayer *L;
+    float *rope_main, *rope_comp;
+    int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
+    float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
+        *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *attn_part, *logits;
+    int32_t *sel, *ids;
+    int *offs, *active, *pair_tok, *slot_pair, *isel, *n_isel;
+    /* what a step reads from the host and writes back, pinned so that a
+     * captured graph can copy it */
+    int64_t *dpos, *hpos;   /* the chunk's first position */
+    int32_t *hids;
+    float *hlogits;
+    cudaGraphExec_t decode_graph;   /* one-token step with logits; NULL until captured */
+};
+
+static void drop_graph(dsess *g) {
+    if (g->decode_graph) cudaGraphExecDestroy(g->decode_graph);
+    g->decode_graph = NULL;
+}
+
+static int64_t max_cap_rows(const ds4_session *s) {
+    int64_t c = 1;
+    for (int l = 0; l < s->model->cfg.n_layer; l++)
+        if (s->layers[l].indexer) c = std::max(c, s->layers[l].cap_rows);
+    return c;
+}
+
+static void free_chunk(dsess *g) {
+    void *bufs[] = {g->X, g->Xn, g->u, g->mix, g->post, g->comb, g->x, g->xn, g->qr, g->q,
+                    g->kv, g->kg, g->ikg, g->iq, g->iw, g->o, g->low, g->y, g->router, g->sel_w,
+                    g->ex_g, g->ex_u, g->ex_y, g->sh_y, g->iscores, g->attn_part, g->sel, g->ids, g->offs,
+                    g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel};
+    for (void *b : bufs) cudaFree(b);
+    cudaFreeHost(g->hids);
+    g->hids = NULL;
+    drop_graph(g);
+    float *keep_logits = g->logits;
+    int64_t keep = g->cap_logits;
+    g->X = g->Xn = g->u = g->mix = g->post = g->comb = g->x = g->xn = g->qr = g->q = g->kv = NULL;
+    g->kg = g->ikg = g->iq = g->iw = g->o = g->low = g->y = g->router = g->sel_w = NULL;
+    g->ex_g = g->ex_u = g->ex_y = g->sh_y = g->iscores = g->attn_part = NULL;
+    g->sel = g->ids = NULL;
+    g->offs = g->active = g->pair_tok = g->slot_pair = g->isel = g->n_isel = NULL;
+    g->logits = keep_logits;
+    g->cap_logits = keep;
+    g->cap_n = 0;
+}
+
+/* Chunk buffers for n tokens (grown to the next power of two). */
+static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t errlen) {
+    if (n <= g->cap_n) return 0;
+    free_chunk(g);
+    int64_t c = 1;
+    while (c < n) c *= 2;
+    const ds4_config *cf = &s->model->cfg;
+    int64_t D = cf->n_embd, hc = cf->n_hc, d = cf->head_dim, k = cf->n_expert_used;
+    int64_t F = cf->expert_ff, Fs = F * cf->n_shared_experts, dI = cf->indexer_dim;
+    int64_t E = cf->n_expert;
+    struct {
+        void **p;
+        int64_t bytes;
+    } a[] = {
+        {(void **)&g->X, c * hc * D * 4}, {(void **)&g->Xn, c * hc * D * 4},
+        {(void **)&g->u, c * hc * D * 4}, {(void **)&g->mix, c * (2 + hc) * hc * 4},
+        {(void **)&g->post, c * hc * 4}, {(void **)&g->comb, c * hc * hc * 4},
+        {(void **)&g->x, c * D * 4}, {(void **)&g->xn, c * D * 4},
+        {(void **)&g->qr, c * cf->q_lora_rank * 4}, {(void **)&g->q, c * cf->n_head * d * 4},
+        {(void **)&g->kv, c * d * 4}, {(void **)&g->kg, c * 4 * d * 4},
+        {(void **)&g->ikg, c * 4 * dI * 4}, {(void **)&g->iq, c * cf->indexer_heads * dI * 4},
+        {(void **)&g->iw, c * cf->indexer_heads * 4}, {(void **)&g->o, c * cf->n_head * d * 4},
+        {(void **)&g->low, c * cf->o_groups * cf->o_lora_rank * 4}, {(void **)&g->y, c * D * 4},
+        {(void **)&g->router, c * E * 4}, {(void **)&g->sel_w, c * k * 4},
+        {(void **)&g->ex_g, std::max(c * k * F, c * Fs) * 4},
+        {(void **)&g->ex_u, std::max(c * k * F, c * Fs) * 4}, {(void **)&g->ex_y, c * k * D * 4},
+        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * 2 * max_cap_rows(s) * 4},
+        {(void **)&g->attn_part, c * cf->n_head * ATTN_SPLIT * (d + 2) * 4},
+        {(void **)&g->sel, c * k * 4}, {(void **)&g->ids, c * 4}, {(void **)&g->offs, (E + 1) * 4},
+        {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
+        {(void **)&g->slot_pair, c * k * 4},
+        {(void **)&g->isel, c * std::max(1, cf->indexer_top_k) * 4}, {(void **)&g->n_isel, c * 4},
+    };
+    for (auto &b : a) {
+        cudaError_t e = cudaMalloc(b.p, (size_t)std::max<int64_t>(b.bytes, 4));
+        if (e != cudaSuccess) {
+            free_chunk(g);
+            snprintf(err, errlen, "out of GPU memory for a chunk of %lld tokens: %s", (long long)n,
+                     cudaGetErrorString(e));
+            return -1;
+        }
+    }
+    cudaError_t e = cudaHostAlloc(&g->hids, (size_t)c * 4, cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+        free_chunk(g);
+        return cuda_fail(e, "pinned ids", err, errlen);
+    }
+    g->cap_n = c;
+    return 0;
+}
+
+static int ensure_logits(const ds4_config *cf, dsess *g, int64_t rows, char *err, size_t errlen) {
+    if (rows <= g->cap_logits) return 0;
+    drop_graph(g);
+    cudaFree(g->logits);
+    cudaFreeHost(g->hlogits);
+    g->logits = g->hlogits = NULL;
+    g->cap_logits = 0;
+    CK(cudaMalloc(&g->logits, (size_t)rows * cf->n_vocab * 4), "allocating logits");
+    CK(cudaHostAlloc(&g->hlogits, (size_t)rows * cf->n_vocab * 4, cudaHostAllocDefault),
+       "allocating logits");
+    g->cap_logits = rows;
+    return 0;
+}
+
+static void session_free(ds4_session *s) {
+    dsess *g = (dsess *)s->backend_state;
+    if (!g) return;
+    free_chunk(g);
+    cudaFree(g->logits);
+    cudaFreeHost(g->hlogits);
+    cudaFree(g->dpos);
+    cudaFreeHost(g->hpos);
+    if (g->L)
+        for (int l = 0; l < s->model->cfg.n_layer; l++) {
+            cudaFree(g->L[l].raw);
+            cudaFree(g->L[l].kg);
+            cudaFree(g->L[l].idx_kg);
+            cudaFree(g->L[l].rows);
+            cudaFree(g->L[l].idx_rows);
+        }
+    free(g->L);
+    cudaFree(g->rope_main);
+    cudaFree(g->rope_comp);
+    if (g->st) cudaStreamDestroy(g->st);
+    free(g);
+    s->backend_state = NULL;
+}
+
+static int dalloc(float **p, int64_t count, char *err, size_t errlen) {
+    *p = NULL;
+    if (count <= 0) return 0;
+    cudaError_t e = cudaMalloc(p, (size_t)count * sizeof(float));
+    if (e == cudaSuccess) e = cudaMemset(*p, 0, (size_t)count * sizeof(float));
+    if (e != cudaSuccess) {
+        snprintf(err, errlen, "out of GPU memory for the KV state (%.2f GiB more): %s",
+                 gib((double)count * 4), cudaGetErrorString(e));
+        return -1;
+    }
+    return 0;
+}
+
+/* Host-side KV state array sizes (floats), as session.c allocates them. */
+struct state_sizes {
+    int64_t raw, kg, idx_kg, rows, idx_rows;
+};
+
+static state_sizes sizes_of(const ds4_session *s, int l) {
+    const ds4_config *cf = &s->model->cfg;
+    const ds4_layer_state *ls = &s->layers[l];
+    state_sizes z = {s->cap_raw * cf->head_dim, 0, 0, 0, 0};
+    if (!ls->ratio) return z;
+    z.kg = ls->cap_kg * 2 * ls->coff * cf->head_dim;
+    z.rows = ls->cap_rows * cf->head_dim;
+    if (ls->indexer) {
+        z.idx_kg = ls->cap_kg * 2 * 2 * cf->indexer_dim;
+        z.idx_rows = ls->cap_rows * cf->indexer_dim;
+    }
+    return z;
+}
+
+static int session_init(ds4_session *s, char *err, size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    dsess *g = (dsess *)calloc(1, sizeof *g);
+    if (!g) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    s->backend_state = g;
+    g->L = (dlayer *)calloc((size_t)cf->n_layer, sizeof *g->L);
+    if (!g->L) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
+    CK(cudaMalloc(&g->dpos, 8), "position");
+    CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
+    for (int l = 0; l < cf->n_layer; l++) {
+        state_sizes z = sizes_of(s, l);
+        if (dalloc(&g->L[l].raw, z.raw, err, errlen) || dalloc(&g->L[l].kg, z.kg, err, errlen) ||
+            dalloc(&g->L[l].idx_kg, z.idx_kg, err, errlen) ||
+            dalloc(&g->L[l].rows, z.rows, err, errlen) ||
+            dalloc(&g->L[l].idx_rows, z.idx_rows, err, errlen))
+            return -1;
+    }
+    if (dalloc(&g->rope_main, cf->rope_dim / 2, err, errlen) ||
+        dalloc(&g->rope_comp, cf->rope_dim / 2, err, errlen))
+        return -1;
+    CK(cudaMemcpy(g->rope_main, s->rope_main, (size_t)(cf->rope_dim / 2) * 4, cudaMemcpyHostToDevice),
+       "rope table");
+    CK(cudaMemcpy(g->rope_comp, s->rope_comp, (size_t)(cf->rope_dim / 2) * 4, cudaMemcpyHostToDevice),
+       "rope table");
+    return 0;
+}
+
+static int copy_state(ds4_session *s, int to_host, char *err, size_t errlen) {
+    dsess *g = (dsess *)s->backend_state;
+    for (int l = 0; l < s->model->cfg.n_layer; l++) {
+        state_sizes z = sizes_of(s, l);
+        ds4_layer_state *ls = &s->layers[l];
+        struct {
+            float *h, *d;
+            int64_t n;
+        } a[] = {{ls->raw, g->L[l].raw, z.raw}, {ls->kg, g->L[l].kg, z.kg},
+                 {ls->idx_kg, g->L[l].idx_kg, z.idx_kg}, {ls->rows, g->L[l].rows, z.rows},
+                 {ls->idx_rows, g->L[l].idx_rows, z.idx_rows}};
+        for (auto &b : a) {
+            if (!b.n) continue;
+            if (to_host)
+                CK(cudaMemcpy(b.h, b.d, (size_t)b.n * 4, cudaMemcpyDeviceToHost), "state copy");
+            else
+                CK(cudaMemcpy(b.d, b.h, (size_t)b.n * 4, cudaMemcpyHostToDevice), "state copy");
+        }
+    }
+    return 0;
+}
+
+static int state_to_host(ds4_session *s, char *err, size_t errlen) { return copy_state(s, 1, err, errlen); }
+static int state_from_host(ds4_session *s, char *err, size_t errlen) { return copy_state(s, 0, err, errlen); }
+
+/* ---- the forward pass ---- */
+
+static unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
+
+template <int TT>
+static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
+    int chunks = (a.w.n_in + 256 * kw - 1) / (256 * kw);
+    switch (a.w.type) {
+#define CASE(T)                                                                 \
+    case T:                                                                     \
+        if (TT == 1 && chunks <= 2) k_linear1<T, 2><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);  \
+        else if (TT == 1 && chunks <= 4) k_linear1<T, 4><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw); \
+        else if (TT == 1) k_linear1<T, 8><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);   \
+        else k_linear<TT, T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);       \
+        break;
+    CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
+    CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+#undef CASE
+    }
+}
+
+/* Decode (one token per row pass) or chunks (8 per pass): the same sums. */
+static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
+    int kw = lin_split(a.w.n_in);
+    if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    else launch_linear<8>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw), slots), a, kw);
+}
+
+static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, float *y, int64_t ys) {
+    lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL};
+    run_linear(st, a, n, 1);
+}
+
+/* Rows of every expert in use, over the pairs grouped for it. */
+static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int slots,
+                          const int *xrow, const float *x, int64_t xs, float *y, int64_t ys) {
+    lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, 0, g->active, g->offs, xrow};
+    run_linear(st, a, n, slots);
+}
+
+static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
+    row_args a;
+    memset(&a, 0, sizeof a);
+    a.x = x;
+    a.y = y;
+    a.xs = a.ys = stride;
+    a.dim = dim;
+    a.per_tok = 1;
+    a.scale = 1.0f;
+    return a;
+}
+
+/* Threads per row by its length alone (it sets the order of the norm's sum). */
+static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
+    k_rows<<<(unsigned)n_rows, a.dim >= 8192 ? 1024 : 256, 0, st>>>(a);
+}
+
+static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }
+
+/* The HC controller of one site (§2.2): x, post, comb from X. */
+static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
+                          const ds4_tensor &base, const ds4_tensor &scale) {
+    const ds4_config *cf = &s->model->cfg;
+    int hc = cf->n_hc, D = cf->n_embd, n_mix = (2 + hc) * hc;
+    row_args r = rows_of(g->X, g->u, (int64_t)hc * D, hc * D);
+    r.norm = 1;
+    r.eps = cf->rms_eps;
+    run_rows(g->st, r, n);
+    linear(g->st, dmat_of(fn), g->u, (int64_t)hc * D, n, g->mix, n_mix);
+    k_hc_mix<<<n, 256, 0, g->st>>>(g->mix, g->X, f32(base), f32(scale), hc, D, cf->sinkhorn_iters,
+                                   cf->hc_eps, g->post, g->comb, g->x);
+}
+
+static void hc_expand(ds4_session *s, dsess *g, int n) {
+    const ds4_config *cf = &s->model->cfg;
+    int64_t count = (int64_t)n * cf->n_hc * cf->n_embd;
+    k_hc_expand<<<blocks_for(count, 256), 256, 0, g->st>>>(g->X, g->post, g->comb, g->y, cf->n_hc,
+                                                           cf->n_embd, n, g->Xn);
+    std::swap(g->X, g->Xn);
+}
+
+static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n) {
+    const ds4_config *cf = &s->model->cfg;
+    const ds4_layer_state *ls = &s->layers[l];
+    const dlayer &dl = g->L[l];
+    cudaStream_t st = g->st;
+    int D = cf->n_embd, d = cf->head_dim, H = cf->n_head, m = ls->ratio;
+    int dI = cf->indexer_dim, HI = cf->indexer_heads, QL = cf->q_lora_rank;
+    int qat = s->numerics == DS4_NUMERICS_QAT;
+    const float *rope = m ? g->rope_comp : g->rope_main;
+
+    row_args r = rows_of(g->x, g->xn, D, D);
+    r.norm = 1;
+    r.norm_w = f32(L.attn_norm);
+    r.eps = cf->rms_eps;
+    run_rows(st, r, n);
+
+    /* query path (§3.1) */
+    linear(st, dmat_of(L.attn_q_a), g->xn, D, n, g->qr, QL);
+    r = rows_of(g->qr, g->qr, QL, QL);
+    r.norm = 1;
+    r.norm_w = f32(L.attn_q_a_norm);
+    r.eps = cf->rms_eps;
+    run_rows(st, r, n);
+    linear(st, dmat_of(L.attn_q_b), g->qr, QL, n, g->q, (int64_t)H * d);
+    r = rows_of(g->q, g->q, d, d);
+    r.per_tok = H;
+    r.norm = 1;
+    r.eps = cf->rms_eps;
+    r.freqs = rope;
+    r.rope_dim = cf->rope_dim;
+    r.pos0 = g->dpos;
+    run_rows(st, r, (int64_t)n * H);
+
+    /* KV path (§3.2) */
+    linear(st, dmat_of(L.attn_kv), g->xn, D, n, g->kv, d);
+    r = rows_of(g->kv, g->kv, d, d);
+    r.norm = 1;
+    r.norm_w = f32(L.attn_kv_a_norm);
+    r.eps = cf->rms_eps;
+    r.freqs = rope;
+    r.rope_dim = cf->rope_dim;
+    r.pos0 = g->dpos;
+    r.qat = qat ? QAT_FP8 : QAT_NONE;
+    r.qat_len = d - cf->rope_dim;
+    run_rows(st, r, n);
+
+    /* compressor and indexer projections (§3.6, §3.7) */
+    int cw = ls->coff * d, iw2 = 2 * dI;
+    if (m) {
+        linear(st, dmat_of(L.comp_kv), g->xn, D, n, g->kg, 2 * cw);
+        linear(st, dmat_of(L.comp_gate), g->xn, D, n, g->kg + cw, 2 * cw);
+    }
+    if (ls->indexer) {
+        linear(st, dmat_of(L.idx_comp_kv), g->xn, D, n, g->ikg, 2 * iw2);
+        linear(st, dmat_of(L.idx_comp_gate), g->xn, D, n, g->ikg + iw2, 2 * iw2);
+        linear(st, dmat_of(L.idx_q_b), g->qr, QL, n, g->iq, (int64_t)HI * dI);
+        linear(st, dmat_of(L.idx_proj), g->xn, D, n, g->iw, HI);
+        r = rows_of(g->iq, g->iq, dI, dI);
+        r.per_tok = HI;
+        r.freqs = g->rope_comp;
+        r.rope_dim = cf->rope_dim;
+        r.pos0 = g->dpos;
+        r.qat = qat ? QAT_FP4 : QAT_NONE;
+        r.qat_len = dI;
+        run_rows(st, r, (int64_t)n * HI);
+        r = rows_of(g->iw, g->iw, HI, HI);
+        r.scale = 1.0f / sqrtf((float)HI);
+        run_rows(st, r, n);
+    }
+
+    /* window and compressor rings, then the windows this chunk completes */
+    state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
+                     (const uint16_t *)L.comp_ape.data, (const uint16_t *)L.idx_comp_ape.data,
+                     dl.raw, dl.kg, dl.idx_kg, g->dpos, s->cap_raw, ls->cap_kg, d, cw, iw2, m};
+    k_state<<<n, 256, 0, st>>>(sa);
+    if (m) {
+        unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
+        comp_args ca = {dl.kg, ls->cap_kg, cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
+                        cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE};
+        k_compress<<<windows, 128, 0, st>>>(ca);
+        if (ls->indexer) {
+            comp_args ia = {dl.idx_kg, ls->cap_kg, iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
+                            f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
+                            qat ? QAT_FP4 : QAT_NONE};
+            k_compress<<<windows, 128, 0, st>>>(ia);
+        }
+    }
+    if (ls->indexer) {
+        idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
+                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
+        size_t shm = ((size_t)HI * (dI + 1) + 8 * HI) * sizeof(float);
+        k_indexer<<<n, 256, shm, st>>>(ia);
+    }
+    attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
+                    ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,
+                    H, d, cf->sliding_window, m, cf->rope_dim, rope};
+    k_attention<<<dim3(H, n, ATTN_SPLIT), ATTN_THREADS, 2 * d * sizeof(float), st>>>(aa);
+    k_attn_combine<<<dim3(H, n), ATTN_THREADS, 0, st>>>(aa);
+
+    /* grouped output projection (§3.10) */
+    int G = cf->o_groups, per_group = H * d / G, r_o = cf->o_lora_rank;
+    dmat wo_a = dmat_of(L.attn_output_a);
+    for (int gi = 0; gi < G; gi++) {
+        dmat part = wo_a;
+        part.data += (int64_t)gi * r_o * wo_a.row_bytes;
+        part.n_out = r_o;
+        linear(st, part, g->o + gi * per_group, (int64_t)H * d, n, g->low + gi * r_o,
+               (int64_t)G * r_o);
+    }
+    linear(st, dmat_of(L.attn_output_b), g->low, (int64_t)G * r_o, n, g->y, D);
+}
+
+static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
+    const ds4_config *cf = &s->model->cfg;
+    cudaStream_t st = g->st;
+    int D = cf->n_embd, F = cf->expert_ff, k = cf->n_expert_used, E = cf->n_expert;
+    int Fs = F * cf->n_shared_experts;
+    row_args r = rows_of(g->x, g->xn, D, D);
+    r.norm = 1;
+    r.norm_w = f32(L.ffn_norm);
+    r.eps = cf->rms_eps;
+    run_rows(st, r, n);
+    linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
+    k_route<<<blocks_for(n, 8), 256, 0, st>>>(
+        g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
+        L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL, g->ids, cf->expert_weights_scale, n,
+        g->sel, g->sel_w);
+    k_group<<<1, 1024, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
+    int slots = std::min(E, n * k);
+    expert_linear(st, L.ffn_gate_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_g, F);
+    expert_linear(st, L.ffn_up_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_u, F);
+    k_swiglu<<<blocks_for((int64_t)n * k * F, 256), 256, 0, st>>>(g->ex_g, g->ex_u,
+                                                                  (int64_t)n * k * F, L.swiglu_clamp);
+    expert_linear(st, L.ffn_down_exps, g, n, slots, NULL, g->ex_g, F, g->ex_y, D);
+
+    /* shared expert, weight 1 (the routed outputs are in ex_y by now) */
+    linear(st, dmat_of(L.ffn_gate_shexp), g->xn, D, n, g->ex_g, Fs);
+    linear(st, dmat_of(L.ffn_up_shexp), g->xn, D, n, g->ex_u, Fs);
+    k_swiglu<<<blocks_for((int64_t)n * Fs, 256), 256, 0, st>>>(g->ex_g, g->ex_u, (int64_t)n * Fs,
+                                                               L.swiglu_clamp);
+    linear(st, dmat_of(L.ffn_down_shexp), g->ex_g, Fs, n, g->sh_y, D);
+    k_combine<<<blocks_for((int64_t)n * D, 256), 256, 0, st>>>(g->ex_y, g->slot_pair, g->sel_w,
+                                                               g->sh_y, k, D, n, g->y);
+}
+
+/* Every step of one chunk onto the stream, from the pinned position and ids
+ * to the pinned logits of tokens t0.. (none when t0 < 0). */
+static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
+    const ds4_config *cf = &s->model->cfg;
+    const dmodel *dm = (const dmodel *)s->model->backend_model;
+    cudaStream_t st = g->st;
+    int D = cf->n_embd, hc = cf->n_hc;
+    cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
+    cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
+    dmat E = dmat_of(dm->token_embd);
+    k_embed<<<dim3(blocks_for(D / 8, 128), n), 128, 0, st>>>(E, g->ids, hc, D, g->X);
+    for (int l = 0; l < cf->n_layer; l++) {
+        const ds4_layer &L = dm->layers[l];
+        hc_controller(s, g, n, L.hc_attn_fn, L.hc_attn_base, L.hc_attn_scale);
+        attention(s, g, L, l, n);
+        hc_expand(s, g, n);
+        hc_controller(s, g, n, L.hc_ffn_fn, L.hc_ffn_base, L.hc_ffn_scale);
+        moe(s, g, L, n);
+        hc_expand(s, g, n);
+    }
+    if (t0 < 0) return;
+    int nn = n - t0;
+    const float *Xt = g->X + (int64_t)t0 * hc * D;
+    row_args r = rows_of(Xt, g->u, (int64_t)hc * D, hc * D);
+    r.norm = 1;
+    r.eps = cf->rms_eps;
+    run_rows(st, r, nn);
+    linear(st, dmat_of(dm->output_hc_fn), g->u, (int64_t)hc * D, nn, g->mix, hc);
+    k_hc_head<<<nn, 256, 0, st>>>(g->mix, Xt, f32(dm->output_hc_base), f32(dm->output_hc_scale), hc,
+                                  D, cf->hc_eps, g->x);
+    r = rows_of(g->x, g->x, D, D);
+    r.norm = 1;
+    r.norm_w = f32(dm->output_norm);
+    r.eps = cf->rms_eps;
+    run_rows(st, r, nn);
+    linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
+    cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
+}
+
+static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, char *err,
+                   size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    dsess *g = (dsess *)s->backend_state;
+    int n = (int)n64;
+    if (ensure_chunk(s, g, n, err, errlen)) return -1;
+    int t0 = !logits ? -1 : all_logits ? 0 : n - 1;
+    if (logits && ensure_logits(cf, g, n - t0, err, errlen)) return -1;
+    *g->hpos = s->n_tokens;
+    memcpy(g->hids, s->ids + s->n_tokens, (size_t)n * 4);
+    /* the hc_expand swaps leave X where it started: 2 per layer */
+    if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
+        /* decode: the whole step as one graph, captured on first use; it
+         * reads the position and ids from the pinned buffers at replay */
+        if (!g->decode_graph) {
+            cudaGraph_t graph;
+            CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
+            enqueue(s, g, n, t0);
+            CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
+            cudaError_t e = cudaGraphInstantiate(&g->decode_graph, graph, 0);
+            cudaGraphDestroy(graph);
+            if (e != cudaSuccess) {
+                g->decode_graph = NULL;
+                return cuda_fail(e, "graph instantiation", err, errlen);
+            }
+        }
+        CK(cudaGraphLaunch(g->decode_graph, g->st), "launching the decode graph");
+    } else {
+        enqueue(s, g, n, t0);
+    }
+    CK(cudaGetLastError(), "launching the forward pass");
+    CK(cudaStreamSynchronize(g->st), "the forward pass");
+    if (logits) memcpy(logits, g->hlogits, (size_t)(n - t0) * cf->n_vocab * 4);
+    return 0;
+}
+
+static const ds4_backend CUDA_BACKEND = {
+    DS4_BACKEND_ABI, "cuda",        model_init,    model_free,     session_init,
+    session_free,    forward,       state_to_host, state_from_host,
+};
+
+extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {
+    return &CUDA_BACKEND;
+}

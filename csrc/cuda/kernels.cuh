@@ -1,0 +1,825 @@
+/* The forward-pass kernels of the CUDA backend: one kernel per step of
+ * forward.c, float32 state and activations, the same evaluation order
+ * wherever the order is visible above rounding (norms in double, softmax
+ * with the sink, top-k ties to the lower index). */
+#pragma once
+
+#include "common.cuh"
+
+#define WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim a multiple of 32, at most 1024); every
+ * thread gets the total. */
+__device__ double block_sum_d(double v) {
+    __shared__ double part[32];
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) part[w] = v;
+    __syncthreads();
+    double t = 0;
+    for (int i = 0; i < nw; i++) t += part[i];
+    return t;
+}
+
+__device__ __forceinline__ float d_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* ---- linear: one warp per output row, up to TT tokens per pass ----
+ * Plain mode: tokens 0..n_tok-1 (x row t, y row t). Expert mode (active
+ * != NULL): block row y picks active[y]; that expert's pairs
+ * offs[e]..offs[e+1] are its tokens (x row xrow[p] or p, y row p). */
+struct lin_args {
+    dmat w;
+    int64_t expert_bytes;
+    const float *x;
+    int64_t xs;
+    float *y;
+    int64_t ys;
+    int n_tok;
+    const int *active, *offs, *xrow;
+};
+
+#define LIN_WARPS 8
+
+/* acc + w . x over 8 elements, the multiply-adds in a fixed order so that
+ * both linear kernels below give the same bits for one token. */
+__device__ __forceinline__ float dot8(float acc, const float *w, float4 u0, float4 u1) {
+    float s = w[0] * u0.x;
+    s = fmaf(w[1], u0.y, s);
+    s = fmaf(w[2], u0.z, s);
+    s = fmaf(w[3], u0.w, s);
+    s = fmaf(w[4], u1.x, s);
+    s = fmaf(w[5], u1.y, s);
+    s = fmaf(w[6], u1.z, s);
+    s = fmaf(w[7], u1.w, s);
+    return acc + s;
+}
+
+/* Warps that share one row (split over its 256-element chunks): enough rows
+ * in flight for small matrices, whole warps busy for short rows. A function
+ * of n_in alone, so one token and many sum in the same order. */
+static inline int lin_split(int n_in) {
+    return n_in >= 2048 ? 8 : n_in >= 1024 ? 4 : n_in >= 512 ? 2 : 1;
+}
+
+/* kw warps per row, LIN_WARPS / kw rows per block; TT tokens per pass; the
+ * weight type a compile-time constant so the dequantizer inlines branch-free. */
+template <int TT, int TYPE>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) {
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int r = blockIdx.x * (LIN_WARPS / kw) + warp / kw, part = warp % kw;
+    bool valid = r < a.w.n_out;
+    __shared__ float red[LIN_WARPS][TT];
+    const uint8_t *base = a.w.data;
+    int p0 = 0, p1 = a.n_tok;
+    if (a.active) {
+        int e = a.active[blockIdx.y];
+        if (e < 0) return;   /* the whole block */
+        base += (int64_t)e * a.expert_bytes;
+        p0 = a.offs[e];
+        p1 = a.offs[e + 1];
+    }
+    const uint8_t *row = base + (int64_t)(valid ? r : 0) * a.w.row_bytes;
+    for (int t0 = p0; t0 < p1; t0 += TT) {
+        float acc[TT];
+        const float *xp[TT];
+#pragma unroll
+        for (int i = 0; i < TT; i++) {
+            acc[i] = 0;
+            int p = t0 + i < p1 ? t0 + i : p1 - 1;
+            xp[i] = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        }
+        if (valid) {
+#pragma unroll 2
+            for (int e0 = part * 256 + lane * 8; e0 < a.w.n_in; e0 += 256 * kw) {
+                float w[8];
+                deq8(TYPE, row, e0, w);
+#pragma unroll
+                for (int i = 0; i < TT; i++) {
+                    const float4 *v = (const float4 *)(xp[i] + e0);
+                    acc[i] = dot8(acc[i], w, v[0], v[1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < TT; i++) {
+            float v = warp_sum(acc[i]);
+            if (lane == 0) red[warp][i] = v;
+        }
+        __syncthreads();
+        if (valid && part == 0 && lane < TT && t0 + lane < p1) {
+            float v = 0;
+            for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+            a.y[(int64_t)(t0 + lane) * a.ys + r] = v;
+        }
+        __syncthreads();
+    }
+}
+
+/* One token (decode): each warp keeps its slice of x in registers and runs
+ * it against LIN_R rows, so x is read once per LIN_R rows instead of once
+ * per row (for 2-bit weights x is 16 times the bytes of a row). Same sums as
+ * k_linear: chunk part + 256*kw*c of lane, c ascending. n_in <= MAXC*256*kw
+ * (MAXC, the chunks a lane holds, sized per matrix to spare registers). */
+#define LIN_R 4
+
+template <int TYPE, int LIN_MAXC>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
+    int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
+    __shared__ float red[LIN_WARPS][LIN_R];
+    const uint8_t *base = a.w.data;
+    int p0 = 0, p1 = 1;
+    if (a.active) {
+        int e = a.active[blockIdx.y];
+        if (e < 0) return;   /* the whole block */
+        base += (int64_t)e * a.expert_bytes;
+        p0 = a.offs[e];
+        p1 = a.offs[e + 1];
+    }
+    for (int p = p0; p < p1; p++) {
+        const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        float4 xr[LIN_MAXC][2];
+#pragma unroll
+        for (int c = 0; c < LIN_MAXC; c++) {
+            int e0 = part * 256 + lane * 8 + c * 256 * kw;
+            if (e0 < a.w.n_in) {
+                xr[c][0] = *(const float4 *)(x + e0);
+                xr[c][1] = *(const float4 *)(x + e0 + 4);
+            }
+        }
+        /* chunk by chunk over the LIN_R rows: their loads are independent, so
+         * all are in flight together (rows past the end read the last row) */
+        const uint8_t *rows[LIN_R];
+        float acc[LIN_R];
+#pragma unroll
+        for (int i = 0; i < LIN_R; i++) {
+            acc[i] = 0;
+            int r = r0 + i < a.w.n_out ? r0 + i : a.w.n_out - 1;
+            rows[i] = base + (int64_t)r * a.w.row_bytes;
+        }
+#pragma unroll
+        for (int c = 0; c < LIN_MAXC; c++) {
+            int e0 = part * 256 + lane * 8 + c * 256 * kw;
+            if (e0 < a.w.n_in) {
+                float w[LIN_R][8];
+#pragma unroll
+                for (int i = 0; i < LIN_R; i++) deq8(TYPE, rows[i], e0, w[i]);
+#pragma unroll
+                for (int i = 0; i < LIN_R; i++) acc[i] = dot8(acc[i], w[i], xr[c][0], xr[c][1]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < LIN_R; i++) {
+            float v = warp_sum(acc[i]);
+            if (lane == 0) red[warp][i] = v;
+        }
+        __syncthreads();
+        if (part == 0 && lane < LIN_R && r0 + lane < a.w.n_out) {
+            float v = 0;
+            for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+            a.y[(int64_t)p * a.ys + r0 + lane] = v;
+        }
+        __syncthreads();
+    }
+}
+
+/* ---- row steps on global memory, one block per row ---- */
+
+/* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. */
+__device__ void d_rms(float *y, const float *x, const float *w, int n, float eps) {
+    double ss = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    ss = block_sum_d(ss);
+    float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = w ? x[i] * scale * w[i] : x[i] * scale;
+    __syncthreads();
+}
+
+__device__ void d_rope(float *x, int dim, int rope_dim, const float *freqs, int64_t pos, int sign) {
+    float *r = x + dim - rope_dim;
+    for (int k = threadIdx.x; k < rope_dim / 2; k += blockDim.x) {
+        float phi = (float)pos * freqs[k];
+        float c = cosf(phi), s = sign * sinf(phi);
+        float x0 = r[2 * k], x1 = r[2 * k + 1];
+        r[2 * k] = x0 * c - x1 * s;
+        r[2 * k + 1] = x0 * s + x1 * c;
+    }
+    __syncthreads();
+}
+
+__device__ float d_pow2_ceil(float ratio) {
+    int e;
+    float m = frexpf(ratio, &e);
+    return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+}
+
+__device__ float d_fp8(float y) {
+    if (isnan(y)) return y;
+    float a = fabsf(y);
+    if (a >= 448.0f) return copysignf(448.0f, y);
+    float step;
+    if (a < 0x1p-6f) {
+        step = 0x1p-9f;
+    } else {
+        int e;
+        frexpf(a, &e);
+        step = ldexpf(1.0f, e - 1 - 3);
+    }
+    float q = nearbyintf(a / step) * step;
+    return copysignf(q > 448.0f ? 448.0f : q, y);
+}
+
+__device__ float d_fp4(float y) {
+    const float values[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    if (isnan(y)) return y;
+    float a = fabsf(y);
+    if (a >= 6.0f) return copysignf(6.0f, y);
+    int best = 0;
+    for (int k = 1; k < 8; k++) {
+        float d = fabsf(a - values[k]), db = fabsf(a - values[best]);
+        if (d < db || (d == db && k % 2 == 0)) best = k;
+    }
+    return copysignf(values[best], y);
+}
+
+/* qat: FP8 blocks of 64 over the first n values, a warp per block. */
+__device__ void d_qat_fp8(float *v, int n) {
+    int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    for (int b = threadIdx.x / WARP * 64; b < n; b += nw * 64) {
+        int len = n - b < 64 ? n - b : 64;
+        float x0 = lane < len ? v[b + lane] : 0, x1 = lane + 32 < len ? v[b + lane + 32] : 0;
+        float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
+        amax = fmaxf(1e-4f, amax);
+        float s = d_pow2_ceil(amax * (1.0f / 448.0f));
+        if (lane < len) v[b + lane] = d_fp8(x0 / s) * s;
+        if (lane + 32 < len) v[b + lane + 32] = d_fp8(x1 / s) * s;
+    }
+    __syncthreads();
+}
+
+/* qat: Hadamard rotation (the butterflies of qat.c, a stage at a time), then
+ * FP4 blocks of 32, a warp per block. */
+__device__ void d_qat_fp4(float *v, int n) {
+    for (int h = 1; h < n; h *= 2) {
+        for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
+            int j = (i / h) * 2 * h + i % h;
+            float a = v[j], b = v[j + h];
+            v[j] = a + b;
+            v[j + h] = a - b;
+        }
+        __syncthreads();
+    }
+    float scale = 1.0f / sqrtf((float)n);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] *= scale;
+    __syncthreads();
+    int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    for (int b = threadIdx.x / WARP * 32; b < n; b += nw * 32) {
+        int len = n - b < 32 ? n - b : 32;
+        float x = lane < len ? v[b + lane] : 0;
+        float amax = fmaxf(6.0f * 0x1p-126f, warp_max(fabsf(x)));
+        float s = d_pow2_ceil(amax * (1.0f / 6.0f));
+        if (lane < len) v[b + lane] = d_fp4(x / s) * s;
+    }
+    __syncthreads();
+}
+
+enum { QAT_NONE = 0, QAT_FP8 = 1, QAT_FP4 = 2 };
+
+/* Row r (token r / per_tok): optional norm, RoPE at pos0 + token, qat,
+ * then a final scale. */
+struct row_args {
+    const float *x;
+    float *y;
+    int64_t xs, ys;
+    int dim, per_tok;
+    int norm;
+    const float *norm_w;
+    float eps;
+    const float *freqs;
+    int rope_dim;
+    const int64_t *pos0;   /* device: the chunk's first position */
+    int qat, qat_len;
+    float scale;    /* applied to y last when != 1 */
+};
+
+__global__ void k_rows(row_args a) {
+    int r = blockIdx.x;
+    const float *x = a.x + (int64_t)r * a.xs;
+    float *y = a.y + (int64_t)r * a.ys;
+    if (a.norm) {
+        d_rms(y, x, a.norm_w, a.dim, a.eps);
+    } else if (x != y) {
+        for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] = x[i];
+        __syncthreads();
+    }
+    if (a.freqs) d_rope(y, a.dim, a.rope_dim, a.freqs, *a.pos0 + r / a.per_tok, 1);
+    if (a.qat == QAT_FP8) d_qat_fp8(y, a.qat_len);
+    if (a.qat == QAT_FP4) d_qat_fp4(y, a.qat_len);
+    if (a.scale != 1.0f)
+        for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] *= a.scale;
+}
+
+/* ---- hyper-connections ---- */
+
+/* Per token: pre, post and the Sinkhorn comb from the mix (§2.2), then the
+ * collapsed input x = sum_i pre_i X_i. */
+__global__ void k_hc_mix(const float *mix, const float *X, const float *base, const float *scale,
+                         int hc, int D, int iters, float eps, float *post, float *comb, float *x) {
+    int t = blockIdx.x, n_mix = (2 + hc) * hc, lane = threadIdx.x;
+    __shared__ float pre[16], po[16], C[256], mu[(2 + 16) * 16], rs[16];
+    for (int i = threadIdx.x; i < n_mix; i += blockDim.x) mu[i] = mix[(int64_t)t * n_mix + i];
+    __syncthreads();
+    if (threadIdx.x < WARP) {
+        /* the first warp: lane e holds comb entries e, e + 32, ... (row i, column j) */
+        const float *b = base, *sc = scale;
+        if (lane < hc) {
+            pre[lane] = d_sigmoid(mu[lane] * sc[0] + b[lane]) + eps;
+            po[lane] = 2.0f * d_sigmoid(mu[hc + lane] * sc[1] + b[hc + lane]);
+        }
+        for (int e = lane; e < hc * hc; e += WARP)
+            C[e] = mu[2 * hc + e] * sc[2] + b[2 * hc + e];
+        __syncwarp();
+        /* row softmax + eps, sums in column order as forward.c */
+        if (lane < hc) {
+            float *row = C + lane * hc, m = -INFINITY, sum = 0;
+            for (int j = 0; j < hc; j++) m = fmaxf(m, row[j]);
+            for (int j = 0; j < hc; j++) sum += row[j] = expf(row[j] - m);
+            for (int j = 0; j < hc; j++) row[j] = row[j] / sum + eps;
+        }
+        __syncwarp();
+        for (int it = 0; it < iters; it++) {
+            if (it > 0) {
+                if (lane < hc) {
+                    float sum = 0;
+                    for (int j = 0; j < hc; j++) sum += C[lane * hc + j];
+                    rs[lane] = sum;
+                }
+                __syncwarp();
+                for (int e = lane; e < hc * hc; e += WARP) C[e] /= rs[e / hc] + eps;
+                __syncwarp();
+            }
+            if (lane < hc) {
+                float sum = 0;
+                for (int i = 0; i < hc; i++) sum += C[i * hc + lane];
+                rs[lane] = sum;
+            }
+            __syncwarp();
+            for (int e = lane; e < hc * hc; e += WARP) C[e] /= rs[e % hc] + eps;
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) comb[(int64_t)t * hc * hc + i] = C[i];
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) post[t * hc + i] = po[i];
+    const float *Xt = X + (int64_t)t * hc * D;
+    for (int k = threadIdx.x; k < D; k += blockDim.x) {
+        float acc = 0;
+        for (int i = 0; i < hc; i++) acc += pre[i] * Xt[(int64_t)i * D + k];
+        x[(int64_t)t * D + k] = acc;
+    }
+}
+
+/* X'_j = post_j y + sum_i C_ij X_i, into Xn. */
+__global__ void k_hc_expand(const float *X, const float *post, const float *comb, const float *y,
+                            int hc, int D, int n, float *Xn) {
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)n * hc * D) return;
+    int k = idx % D, j = (idx / D) % hc, t = idx / ((int64_t)D * hc);
+    const float *Xt = X + (int64_t)t * hc * D, *C = comb + (int64_t)t * hc * hc;
+    float acc = 0;
+    for (int i = 0; i < hc; i++) acc += C[i * hc + j] * Xt[(int64_t)i * D + k];
+    Xn[idx] = post[t * hc + j] * y[(int64_t)t * D + k] + acc;
+}
+
+/* HC head (§2.5): h = sum_i (sigmoid(mix_i s + b_i) + eps) X_i. */
+__global__ void k_hc_head(const float *mix, const float *X, const float *base, const float *scale,
+                          int hc, int D, float eps, float *h) {
+    int t = blockIdx.x;
+    const float *Xt = X + (int64_t)t * hc * D;
+    float w[16];
+    for (int i = 0; i < hc; i++) w[i] = d_sigmoid(mix[t * hc + i] * scale[0] + base[i]) + eps;
+    for (int k = threadIdx.x; k < D; k += blockDim.x) {
+        float acc = 0;
+        for (int i = 0; i < hc; i++) acc += w[i] * Xt[(int64_t)i * D + k];
+        h[(int64_t)t * D + k] = acc;
+    }
+}
+
+/* Token embeddings, copied to every stream. */
+__global__ void k_embed(dmat E, const int32_t *ids, int hc, int D, float *X) {
+    int t = blockIdx.y, e0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (e0 >= D) return;
+    float w[8];
+    deq8(E.type, E.data + (int64_t)ids[t] * E.row_bytes, e0, w);
+    for (int i = 0; i < hc; i++)
+        for (int j = 0; j < 8; j++) X[((int64_t)t * hc + i) * D + e0 + j] = w[j];
+}
+
+/* ---- attention state ---- */
+
+/* Per token: the window row into the raw ring; kappa, gamma (+APE) into the
+ * compressor rings. */
+struct state_args {
+    const float *kv, *kg, *ikg;
+    const uint16_t *ape, *iape;
+    float *raw, *kg_ring, *ikg_ring;
+    const int64_t *pos0;
+    int64_t cap_raw, cap_kg;
+    int d, cw, iw2, m;
+};
+
+__global__ void k_state(state_args a) {
+    int t = blockIdx.x;
+    int64_t pos = *a.pos0 + t;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x)
+        a.raw[(pos % a.cap_raw) * a.d + k] = a.kv[(int64_t)t * a.d + k];
+    if (!a.m) return;
+    float *slot = a.kg_ring + (pos % a.cap_kg) * 2 * a.cw;
+    const float *src = a.kg + (int64_t)t * 2 * a.cw;
+    for (int k = threadIdx.x; k < 2 * a.cw; k += blockDim.x) {
+        float v = src[k];
+        if (k >= a.cw) v += __half2float(__ushort_as_half(a.ape[(pos % a.m) * a.cw + k - a.cw]));
+        slot[k] = v;
+    }
+    if (!a.ikg) return;
+    float *islot = a.ikg_ring + (pos % a.cap_kg) * 2 * a.iw2;
+    const float *isrc = a.ikg + (int64_t)t * 2 * a.iw2;
+    for (int k = threadIdx.x; k < 2 * a.iw2; k += blockDim.x) {
+        float v = isrc[k];
+        if (k >= a.iw2) v += __half2float(__ushort_as_half(a.iape[(pos % a.m) * a.iw2 + k - a.iw2]));
+        islot[k] = v;
+    }
+}
+
+/* One compressed row per block: window pos0 / m + blockIdx.x, when the
+ * chunk's n tokens complete it, pooled (§3.6), then norm, RoPE at w*m and the
+ * qat step. Launched with n / m + 1 blocks. */
+struct comp_args {
+    const float *ring;
+    int64_t cap;
+    int width, dim, m, coff;
+    const int64_t *pos0;
+    int n;
+    float *rows;
+    const float *norm_w;
+    float eps;
+    const float *freqs;
+    int rope_dim;
+    int qat;    /* QAT_* */
+};
+
+__global__ void k_compress(comp_args a) {
+    int64_t w = *a.pos0 / a.m + blockIdx.x;
+    if (w >= (*a.pos0 + a.n) / a.m) return;
+    int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
+    if (first < 0) first = w * a.m;
+    int64_t last = w * a.m + a.m;
+    float *out = a.rows + w * a.dim;
+    for (int j = threadIdx.x; j < a.dim; j += blockDim.x) {
+        float mx = -INFINITY;
+        for (int64_t p = first; p < last; p++) {
+            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
+            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
+            mx = fmaxf(mx, gamma[off + j]);
+        }
+        float sum = 0;
+        for (int64_t p = first; p < last; p++) {
+            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
+            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
+            sum += expf(gamma[off + j] - mx);
+        }
+        float acc = 0;
+        for (int64_t p = first; p < last; p++) {
+            const float *kappa = a.ring + ((p % a.cap) * 2) * a.width;
+            const float *gamma = kappa + a.width;
+            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
+            acc += expf(gamma[off + j] - mx) / sum * kappa[off + j];
+        }
+        out[j] = acc;
+    }
+    __syncthreads();
+    d_rms(out, out, a.norm_w, a.dim, a.eps);
+    d_rope(out, a.dim, a.rope_dim, a.freqs, w * a.m, 1);
+    if (a.qat == QAT_FP8) d_qat_fp8(out, a.dim - a.rope_dim);
+    if (a.qat == QAT_FP4) d_qat_fp4(out, a.dim);
+}
+
+/* Lightning indexer (§3.7), one block per token: when more compressed rows
+ * exist than top_k, the top_k by score (ties: lower index), in index order. */
+struct idx_args {
+    const float *iq, *iw, *krows;
+    float *scores;   /* [n][2][cap_rows]: scores, then selection flags */
+    int *sel;        /* [n][top_k] */
+    int *n_sel;      /* [n]: -1 = every row */
+    const int64_t *pos0;
+    int64_t cap_rows;
+    int m, HI, dI, top_k;
+};
+
+__global__ void k_indexer(idx_args a) {
+    int t = blockIdx.x;
+    int64_t n_rows = (*a.pos0 + t + 1) / a.m;
+    if (n_rows <= a.top_k) {
+        if (threadIdx.x == 0) a.n_sel[t] = -1;
+        return;
+    }
+    float *sc = a.scores + (int64_t)t * 2 * a.cap_rows;
+    const float *iq = a.iq + (int64_t)t * a.HI * a.dI, *iw = a.iw + (int64_t)t * a.HI;
+    float score_scale = 1.0f / sqrtf((float)a.dI);
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    /* the token's queries in shared memory, rows padded by one against bank
+     * conflicts; a warp scores one row, a lane one head at a time; the heads'
+     * terms are summed in head order as forward.c does */
+    extern __shared__ float qsh[];   /* [HI][dI + 1], then [nw][HI] terms */
+    float *terms = qsh + a.HI * (a.dI + 1) + wid * a.HI;
+    for (int i = threadIdx.x; i < a.HI * a.dI; i += blockDim.x)
+        qsh[(i / a.dI) * (a.dI + 1) + i % a.dI] = iq[i];
+    __syncthreads();
+    for (int64_t r = wid; r < n_rows; r += nw) {
+        const float *K = a.krows + r * a.dI;
+        for (int h = lane; h < a.HI; h += WARP) {
+            const float *q = qsh + h * (a.dI + 1);
+            float dot = 0;
+            for (int k = 0; k < a.dI; k++) dot = fmaf(q[k], K[k], dot);
+            terms[h] = (dot > 0 ? dot : 0) * score_scale * iw[h];
+        }
+        __syncwarp();
+        if (lane == 0) {
+            float score = 0;
+            for (int h = 0; h < a.HI; h++) score += terms[h];
+            sc[r] = score;
+        }
+        __syncwarp();
+    }
+    __syncthreads();
+    /* rank of each row; selected rows keep their index order */
+    float *flag = sc + a.cap_rows;
+    int *out = a.sel + (int64_t)t * a.top_k;
+    for (int64_t r = threadIdx.x; r < n_rows; r += blockDim.x) {
+        float s = sc[r];
+        int64_t rank = 0;
+        for (int64_t q = 0; q < n_rows && rank < a.top_k; q++) {
+            float v = sc[q];
+            rank += v > s || (v == s && q < r);
+        }
+        flag[r] = rank < a.top_k;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int c = 0;
+        for (int64_t r = 0; r < n_rows; r++)
+            if (flag[r] != 0) out[c++] = (int)r;
+        a.n_sel[t] = c;
+    }
+}
+
+/* Attention with sinks (§3.9), split over the keys (the window rows, then the
+ * compressed rows: all, or the indexer's choice): block (head, token, split)
+ * runs an online softmax over its share of the keys into a partial (max,
+ * denominator, weighted sum); k_attn_combine merges the splits with the sink
+ * and applies the inverse RoPE (§3.10). */
+struct attn_args {
+    const float *q;      /* [n][H][d] */
+    float *o;
+    float *part;         /* [n][H][ATTN_SPLIT][d + 2] */
+    const float *raw, *rows, *sinks;
+    const int *sel, *n_sel;   /* NULL: every compressed row */
+    int top_k;
+    const int64_t *pos0;
+    int64_t cap_raw;
+    int H, d, window, m, rope_dim;
+    const float *freqs;
+};
+
+#define ATTN_THREADS 128
+#define ATTN_TILE 32
+#define ATTN_SPLIT 8
+
+__global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
+    int t = blockIdx.y, h = blockIdx.x, sp = blockIdx.z;
+    int64_t pos = *a.pos0 + t;
+    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    int64_t n_raw = pos - raw_first + 1;
+    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
+    const int *sel = NULL;
+    if (a.sel && a.n_sel[t] >= 0) {
+        sel = a.sel + (int64_t)t * a.top_k;
+        n_rows = a.n_sel[t];
+    }
+    int64_t n_keys = n_raw + n_rows, per = (n_keys + ATTN_SPLIT - 1) / ATTN_SPLIT;
+    int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
+    extern __shared__ float sh[];
+    float *qs = sh, *acc = sh + a.d;   /* [d] query, [d] output */
+    __shared__ float lg[ATTN_TILE];
+    __shared__ const float *kp[ATTN_TILE];
+    const float *qg = a.q + ((int64_t)t * a.H + h) * a.d;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+        qs[k] = qg[k];
+        acc[k] = 0;
+    }
+    float scale = 1.0f / sqrtf((float)a.d);
+    float M = -INFINITY, den = 0.0f;
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    __syncthreads();
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += ATTN_TILE) {
+        int nt = k_end - k0 < ATTN_TILE ? (int)(k_end - k0) : ATTN_TILE;
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
+            int64_t r = k0 + i;
+            kp[i] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * a.d
+                              : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * a.d;
+        }
+        __syncthreads();
+        for (int i = wid; i < nt; i += nw) {
+            const float *K = kp[i];
+            float dot = 0;
+            for (int k = lane; k < a.d; k += WARP) dot += qs[k] * K[k];
+            dot = warp_sum(dot);
+            if (lane == 0) lg[i] = dot * scale;
+        }
+        __syncthreads();
+        float tmax = -INFINITY;
+        for (int i = 0; i < nt; i++) tmax = fmaxf(tmax, lg[i]);
+        float Mn = fmaxf(M, tmax), alpha = expf(M - Mn);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) lg[i] = expf(lg[i] - Mn);
+        __syncthreads();
+        float psum = 0;
+        for (int i = 0; i < nt; i++) psum += lg[i];
+        den = den * alpha + psum;
+        for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+            float v = acc[k] * alpha;
+            for (int i = 0; i < nt; i++) v += lg[i] * kp[i][k];
+            acc[k] = v;
+        }
+        M = Mn;
+        __syncthreads();
+    }
+    float *pp = a.part + (((int64_t)t * a.H + h) * ATTN_SPLIT + sp) * (a.d + 2);
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) pp[2 + k] = acc[k];
+    if (threadIdx.x == 0) {
+        pp[0] = M;
+        pp[1] = den;
+    }
+}
+
+__global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
+    int t = blockIdx.y, h = blockIdx.x;
+    int64_t pos = *a.pos0 + t;
+    const float *pp = a.part + ((int64_t)t * a.H + h) * ATTN_SPLIT * (a.d + 2);
+    float M = a.sinks[h];
+    for (int sp = 0; sp < ATTN_SPLIT; sp++) M = fmaxf(M, pp[sp * (a.d + 2)]);
+    float den = expf(a.sinks[h] - M), wsp[ATTN_SPLIT];
+#pragma unroll
+    for (int sp = 0; sp < ATTN_SPLIT; sp++) {
+        const float *q = pp + sp * (a.d + 2);
+        wsp[sp] = q[1] > 0 ? expf(q[0] - M) : 0.0f;   /* an empty split has no keys */
+        den += q[1] * wsp[sp];
+    }
+    float *og = a.o + ((int64_t)t * a.H + h) * a.d;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+        float v = 0;
+#pragma unroll
+        for (int sp = 0; sp < ATTN_SPLIT; sp++) v += pp[sp * (a.d + 2) + 2 + k] * wsp[sp];
+        og[k] = v / den;
+    }
+    __syncthreads();
+    d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
+}
+
+/* ---- MoE ---- */
+
+__device__ __forceinline__ float d_softplus(float z) { return z > 20.0f ? z : log1pf(expf(z)); }
+
+/* Router (§4.2), one warp per token: sqrt(softplus) scores, top-k with the
+ * bias (lowest index on ties) or the hash table, normalised weights. */
+__global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
+                        const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w) {
+    int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    __shared__ float score_sh[8][1024];
+    __shared__ unsigned char taken_sh[8][1024];
+    if (t >= n) return;
+    const float *logit = router + (int64_t)t * E;
+    float *score = score_sh[threadIdx.x / WARP];
+    unsigned char *taken = taken_sh[threadIdx.x / WARP];
+    for (int e = lane; e < E; e += WARP) {
+        score[e] = sqrtf(d_softplus(logit[e]));
+        taken[e] = 0;
+    }
+    __syncwarp();
+    int32_t *s = sel + t * k;
+    if (tid2eid) {
+        for (int i = lane; i < k; i += WARP) s[i] = tid2eid[(int64_t)ids[t] * k + i];
+    } else {
+        for (int i = 0; i < k; i++) {
+            float best_v = -INFINITY;
+            int best = -1;
+            for (int e = lane; e < E; e += WARP) {
+                float v = score[e] + (bias ? bias[e] : 0.0f);
+                if (!taken[e] && (best < 0 || v > best_v)) {
+                    best = e;
+                    best_v = v;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
+                int ob = __shfl_xor_sync(0xffffffffu, best, o);
+                if (ob >= 0 && (best < 0 || ov > best_v || (ov == best_v && ob < best))) {
+                    best = ob;
+                    best_v = ov;
+                }
+            }
+            if (lane == 0) {
+                s[i] = best;
+                taken[best] = 1;
+            }
+            __syncwarp();
+        }
+    }
+    __syncwarp();
+    if (lane == 0) {
+        float sum = 0;
+        for (int i = 0; i < k; i++) sum += score[s[i]];
+        for (int i = 0; i < k; i++) sel_w[t * k + i] = score[s[i]] / (sum + 1e-20f) * wscale;
+    }
+}
+
+/* Groups the n*k (token, slot) pairs by expert: offs[e] (E + 1 entries),
+ * the experts in use in order (the rest of active = -1), the token of each
+ * grouped pair and the grouped place of each (token, slot). The order of
+ * pairs inside an expert's group does not change any result. One block of
+ * 1024 threads, E <= 1024. */
+__global__ void k_group(const int32_t *sel, int nk, int k, int E, int *offs, int *active,
+                        int *pair_tok, int *slot_pair) {
+    __shared__ int cnt[1024], sc[1024], act[1024];
+    int e = threadIdx.x;
+    if (e < E) cnt[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < nk; p += blockDim.x) atomicAdd(&cnt[sel[p]], 1);
+    __syncthreads();
+    /* inclusive scans of the counts and of the in-use flags */
+    int c = e < E ? cnt[e] : 0, u = c > 0;
+    sc[e] = c;
+    act[e] = u;
+    __syncthreads();
+    for (int o = 1; o < 1024; o *= 2) {
+        int c2 = e >= o ? sc[e - o] : 0, u2 = e >= o ? act[e - o] : 0;
+        __syncthreads();
+        sc[e] += c2;
+        act[e] += u2;
+        __syncthreads();
+    }
+    int start = sc[e] - c;
+    int na = act[1023];
+    if (e < E) {
+        offs[e + 1] = sc[e];
+        if (u) active[act[e] - 1] = e;
+        cnt[e] = start;   /* now the next free place of e */
+    }
+    if (e == 0) offs[0] = 0;
+    if (e >= na && e < (nk < E ? nk : E)) active[e] = -1;
+    __syncthreads();
+    for (int p = threadIdx.x; p < nk; p += blockDim.x) {
+        int q = atomicAdd(&cnt[sel[p]], 1);
+        pair_tok[q] = p / k;
+        slot_pair[p] = q;
+    }
+}
+
+/* SwiGLU with the clamp (§4.4), in place on g. */
+__global__ void k_swiglu(float *g, const float *u, int64_t count, float clamp) {
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    float gi = fminf(g[i], clamp), ui = fminf(fmaxf(u[i], -clamp), clamp);
+    g[i] = gi * (1.0f / (1.0f + expf(-gi))) * ui;
+}
+
+/* y[t] = sum_i w[t,i] ex_y[slot_pair[t,i]] + shared[t]. */
+__global__ void k_combine(const float *ex_y, const int *slot_pair, const float *sel_w,
+                          const float *shared, int k, int D, int n, float *y) {
+    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (int64_t)n * D) return;
+    int t = idx / D, j = idx % D;
+    float acc = 0;
+    for (int i = 0; i < k; i++) acc += ex_y[(int64_t)slot_pair[t * k + i] * D + j] * sel_w[t * k + i];
+    y[idx] = acc + shared[idx];
+}

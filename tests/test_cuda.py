@@ -1,0 +1,195 @@
+"""The CUDA backend against the CPU engine (skipped without a GPU and the built
+backend), and how backend selection behaves without them.
+
+Agreement bar (issue 6): per position max|dlogit| / max|logit| <= 1e-3, and the
+argmax of both backends equal on >= 99.5% of the positions compared."""
+import numpy as np
+import pytest
+
+import ds4
+from ds4.testing import ModelConfig, write_model
+
+REL_TOL = 1e-3
+ARGMAX_AGREE = 0.995
+
+
+def _ids(rng, n, vocab):
+    return rng.integers(0, vocab, size=n).astype(np.int64)
+
+
+class Tally:
+    """Every compared position of one scenario."""
+
+    def __init__(self, name):
+        self.name, self.rel, self.agree = name, [], []
+
+    def add(self, ref, got):
+        ref, got = np.atleast_2d(ref), np.atleast_2d(got)
+        assert np.isfinite(got).all(), f"{self.name}: non-finite CUDA logits"
+        self.rel += list(np.abs(ref - got).max(axis=1) / np.abs(ref).max(axis=1))
+        self.agree += list(ref.argmax(axis=1) == got.argmax(axis=1))
+
+    def check(self):
+        worst, agree = max(self.rel), float(np.mean(self.agree))
+        print(f"\nCUDA-vs-CPU {self.name}: {len(self.rel)} positions, max rel {worst:.2e}, "
+              f"argmax agreement {agree:.4f}")
+        assert worst <= REL_TOL, f"{self.name}: max rel error {worst:.2e}"
+        assert agree >= ARGMAX_AGREE, f"{self.name}: argmax agreement {agree:.4f}"
+
+
+# ---- selection without a GPU (runs everywhere) ----
+
+def test_cuda_backend_without_its_library_is_a_clear_error(tiny_q2, monkeypatch):
+    monkeypatch.setenv("DS4_CUDA_LIB", "/nonexistent/_ds4_cuda.so")
+    with pytest.raises(ds4.Error, match="backend 'cuda'"):
+        ds4.load(tiny_q2, backend="cuda", ctx=64)
+
+
+def test_auto_backend_falls_back_to_cpu_without_the_cuda_library(tiny_q2, monkeypatch):
+    monkeypatch.setenv("DS4_CUDA_LIB", "/nonexistent/_ds4_cuda.so")
+    m = ds4.load(tiny_q2, backend="auto", ctx=64)
+    assert m.backend == "cpu"
+    assert m.session().eval([1, 2, 3]).shape == (m.config.n_vocab,)
+
+
+# ---- CUDA against the CPU (needs a GPU) ----
+
+def _cuda_model(path, ctx):
+    m = ds4.load(path, backend="auto", ctx=ctx)
+    if m.backend != "cuda":
+        pytest.skip("no CUDA GPU or CUDA backend not built")
+    return m
+
+
+@pytest.fixture(scope="module")
+def mid_q2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "mid-q2.gguf"
+    write_model(path, ModelConfig.mid(), variant="q2", seed=5)
+    return path
+
+
+MODELS = {"tiny_q2": 48, "tiny_q4": 48, "mid_q2": 300}   # prefill length (mid: two chunks)
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_pair(request):
+    path = request.getfixturevalue(request.param)
+    gpu = _cuda_model(path, 1024)
+    cpu = ds4.load(path, backend="cpu", ctx=1024)
+    return request.param, cpu, gpu
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_prefill_decode_rewind_restore(model_pair, tmp_path):
+    name, cpu_m, gpu_m = model_pair
+    vocab = cpu_m.config.n_vocab
+    rng = np.random.default_rng(11)
+    cpu, gpu = cpu_m.session(numerics="exact"), gpu_m.session(numerics="exact")
+
+    prompt = _ids(rng, MODELS[name], vocab)
+    t = Tally(f"{name}/exact/prefill")
+    t.add(cpu.eval(prompt, all_logits=True), gpu.eval(prompt, all_logits=True))
+    t.check()
+
+    t = Tally(f"{name}/exact/decode")
+    for tok in _ids(rng, 6, vocab):
+        t.add(cpu.eval([tok]), gpu.eval([tok]))
+    t.check()
+
+    t = Tally(f"{name}/exact/rewind")
+    back = cpu.n_tokens - 12
+    cpu.rewind(back)
+    gpu.rewind(back)
+    assert gpu.logits is None and gpu.n_tokens == back
+    more = _ids(rng, 5, vocab)
+    t.add(cpu.eval(more, all_logits=True), gpu.eval(more, all_logits=True))
+    t.check()
+
+    # snapshots: the GPU's restored on the GPU, and the CPU's on the GPU
+    t = Tally(f"{name}/exact/restore")
+    gpu.save(tmp_path / "gpu.snap")
+    cpu.save(tmp_path / "cpu.snap")
+    after = _ids(rng, 3, vocab)
+    ref = cpu.eval(after, all_logits=True)
+    for snap in ("gpu.snap", "cpu.snap"):
+        fresh = gpu_m.session(numerics="exact")
+        fresh.load(tmp_path / snap)
+        assert fresh.tokens == cpu.tokens[:-3]
+        t.add(ref, fresh.eval(after, all_logits=True))
+    t.check()
+
+
+# qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization
+# step now and then, and on these random models such steps compound: the CPU
+# engine's own scalar and SIMD kernels part ways (measured: max rel 1.6e-3 on
+# tiny after 26 positions, 0.27 on mid after 21). So against the CPU, qat is
+# held to the bar over the first positions; over longer runs the GPU is held
+# to agreeing with itself exactly (prefill = decode = rewind = restore).
+QAT_PREFIX = 16
+
+
+@pytest.mark.gpu
+def test_cuda_qat_matches_cpu_over_the_first_positions(model_pair):
+    name, cpu_m, gpu_m = model_pair
+    vocab = cpu_m.config.n_vocab
+    rng = np.random.default_rng(13)
+    cpu, gpu = cpu_m.session(numerics="qat"), gpu_m.session(numerics="qat")
+    prompt = _ids(rng, QAT_PREFIX - 2, vocab)
+    t = Tally(f"{name}/qat/first {QAT_PREFIX}")
+    t.add(cpu.eval(prompt, all_logits=True), gpu.eval(prompt, all_logits=True))
+    for tok in _ids(rng, 2, vocab):
+        t.add(cpu.eval([tok]), gpu.eval([tok]))
+    t.check()
+
+
+def _same(name, ref, got):
+    ref, got = np.atleast_2d(ref), np.atleast_2d(got)
+    worst = float((np.abs(ref - got).max(axis=1) / np.abs(ref).max(axis=1)).max())
+    print(f"\nCUDA self-consistency {name}: max rel {worst:.2e}")
+    assert worst <= 1e-5, f"{name}: max rel {worst:.2e}"
+
+
+@pytest.mark.gpu
+def test_cuda_qat_prefill_decode_rewind_restore_agree(model_pair, tmp_path):
+    name, _, gpu_m = model_pair
+    vocab = gpu_m.config.n_vocab
+    rng = np.random.default_rng(14)
+    prompt = _ids(rng, MODELS[name], vocab)
+    a = gpu_m.session(numerics="qat")
+    chunked = a.eval(prompt, all_logits=True)
+    b = gpu_m.session(numerics="qat")
+    _same(f"{name}/qat/prefill=decode", chunked, np.stack([b.eval([tok]) for tok in prompt]))
+    a.rewind(len(prompt) - 12)
+    _same(f"{name}/qat/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
+    a.save(tmp_path / "a.snap")
+    c = gpu_m.session(numerics="qat")
+    c.load(tmp_path / "a.snap")
+    after = _ids(rng, 3, vocab)
+    _same(f"{name}/qat/restore", a.eval(after, all_logits=True), c.eval(after, all_logits=True))
+
+
+@pytest.mark.gpu
+def test_cuda_deep_rewind_replays_to_the_cpu_state(tiny_q2):
+    cpu_m, gpu_m = ds4.load(tiny_q2, backend="cpu", ctx=1024), _cuda_model(tiny_q2, 1024)
+    rng = np.random.default_rng(12)
+    vocab = cpu_m.config.n_vocab
+    prompt = _ids(rng, 560, vocab)
+    cpu, gpu = cpu_m.session(numerics="exact"), gpu_m.session(numerics="exact")
+    cpu.eval(prompt)
+    gpu.eval(prompt)
+    cpu.rewind(30)    # past the rewind budget: the kept ids are replayed
+    gpu.rewind(30)
+    more = _ids(rng, 4, vocab)
+    t = Tally("tiny_q2/exact/deep-rewind")
+    t.add(cpu.eval(more, all_logits=True), gpu.eval(more, all_logits=True))
+    t.check()
+
+
+@pytest.mark.gpu
+def test_cuda_synthetic_weights_give_finite_logits(tiny_q2):
+    m = ds4.load(tiny_q2, backend="auto", ctx=256, synthetic=True)
+    if m.backend != "cuda":
+        pytest.skip("no CUDA GPU or CUDA backend not built")
+    s = m.session()
+    logits = s.eval(list(range(40)), all_logits=True)
+    assert np.isfinite(logits).all() and np.abs(logits).max() > 0
