@@ -552,7 +552,7 @@ static void set_variant(ds4_model *m) {
 int ds4_model_open(const char *path, ds4_model **out, char *err, size_t errlen) {
     *out = NULL;
     ds4_model *m = calloc(1, sizeof *m);
-    if (m) atomic_init(&m->refs, 1);
+    if (m) m->refs = 1;
     if (!m) {
         snprintf(err, errlen, "out of memory");
         return -1;
@@ -593,12 +593,12 @@ void ds4_model_close(ds4_model *m) { ds4_model_release(m); }
 
 void ds4_model_retain(const ds4_model *m) {
     /* the count is the one mutable part of a model that sessions share as const */
-    atomic_fetch_add(&((ds4_model *)m)->refs, 1);
+    __atomic_fetch_add(&((ds4_model *)m)->refs, 1, __ATOMIC_ACQ_REL);
 }
 
 void ds4_model_release(const ds4_model *cm) {
     ds4_model *m = (ds4_model *)cm;
-    if (!m || atomic_fetch_sub(&m->refs, 1) != 1) return;
+    if (!m || __atomic_fetch_sub(&m->refs, 1, __ATOMIC_ACQ_REL) != 1) return;
     ds4_model_release_backend(m);
     ds4_gguf_close(m->gguf);
     for (int64_t i = 0; i < m->n_warnings; i++) free(m->warnings[i]);

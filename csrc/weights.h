@@ -2,7 +2,6 @@
 #ifndef DS4_WEIGHTS_H
 #define DS4_WEIGHTS_H
 
-#include <stdatomic.h>
 #include <stdint.h>
 
 #include "ds4.h"
@@ -61,7 +60,7 @@ struct ds4_model {
     /* The opener and every session hold a reference: a session freed after
      * ds4_model_close (as a garbage collector may order it) still finds its
      * model. The last one out frees it. */
-    atomic_int refs;
+    int refs;               /* changed only with __atomic builtins (C and CUDA C++ read this header) */
 
     /* compute backend (backend.h); NULL: the CPU */
     const struct ds4_backend *backend;

@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # test helpers (gguf_header, load
 
 def subprocess_env():
     """Environment for child Pythons: they import the same ds4 as this process
-    (installed, or the in-place build), whatever their working directory."""
+    (installed, or the in-place build). Run them with a working directory outside
+    the checkout: `python -m` puts the working directory before PYTHONPATH."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(ds4.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")

@@ -143,7 +143,7 @@ def test_plot_without_matplotlib_is_one_line(tiny_q2, tmp_path):
     env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env["PYTHONPATH"]
     r = subprocess.run([sys.executable, "-m", "ds4.cli", "bench", "-m", str(tiny_q2),
                         "--ctx-start", "8", "--ctx-max", "8", "--plot", str(tmp_path / "x.png")],
-                       capture_output=True, text=True, timeout=120, env=env)
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "ds4: --plot needs matplotlib (pip install 'matplotlib>=3.8')"]

@@ -105,7 +105,8 @@ def test_kv_disk_dir_that_cannot_be_made_is_a_one_line_error(tiny_q2, tmp_path):
     (tmp_path / "kv").write_text("a file where a directory would go")
     r = subprocess.run([sys.executable, "-m", "ds4.cli", "serve", "-m", str(tiny_q2),
                         "--kv-disk-dir", str(tmp_path / "kv" / "cache"), "--port", str(free_port())],
-                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120,
+                       cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("ds4: ") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
