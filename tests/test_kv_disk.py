@@ -469,17 +469,19 @@ def test_a_session_too_small_or_in_another_mode_loads_nothing_and_keeps_the_file
     assert cache.load(entry, model.session()) == 100
 
 
-def test_memory_snapshots_are_the_bytes_of_session_save(model, long_ids, tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_memory_snapshots_are_the_bytes_of_session_save(model, long_ids, tmp_path, compact):
     from ds4.native import ffi, lib
     s = session_at(model, long_ids[:100])
-    s.save(tmp_path / "snap")
-    n = lib.ds4_session_snapshot_size(s._s)
+    s.save(tmp_path / "snap", compact=compact)
+    n = lib.ds4_session_snapshot_size(s._s, compact)
     buf = np.empty(n, np.uint8)
     err = ffi.new("char[512]")
-    assert lib.ds4_session_snapshot_write(s._s, ffi.from_buffer("char[]", buf), n, err, 512) == 0
+    assert lib.ds4_session_snapshot_write(s._s, compact, ffi.from_buffer("char[]", buf), n, err,
+                                          512) == 0
     assert buf.tobytes() == (tmp_path / "snap").read_bytes()
-    assert lib.ds4_session_snapshot_write(s._s, ffi.from_buffer("char[]", buf), n - 1, err,
-                                          512) == -1
+    assert lib.ds4_session_snapshot_write(s._s, compact, ffi.from_buffer("char[]", buf), n - 1,
+                                          err, 512) == -1
     assert f"needs {n} bytes" in ffi.string(err).decode()
     fresh = model.session()
     assert lib.ds4_session_snapshot_read(fresh._s, ffi.from_buffer("char[]", buf), n - 1, err,
