@@ -136,6 +136,32 @@ def test_restored_session_matches_the_saved_one_bitwise(model, long_ids, referen
     assert np.array_equal(fresh.eval(long_ids[300:512]), reference[512])
 
 
+def test_checkpoints_hold_compact_snapshots(model, long_ids, tmp_path):
+    from ds4.native import lib
+    cache = small_cache(tmp_path, model)
+    live = session_at(model, long_ids[:300])
+    entry = cache._save(live, "evict")
+    compact, full = (lib.ds4_session_snapshot_size(live._s, c) for c in (1, 0))
+    assert entry.size == os.path.getsize(entry.path) == HEADER.size + 4 * 300 + compact
+    assert compact < full
+
+
+def test_a_prompt_diverging_inside_a_loaded_checkpoint_gets_the_uncached_answer(
+        model, long_ids, reference, tmp_path):
+    """A compact checkpoint keeps no rewind rings: going below its length
+    replays its tokens, and the logits are those of a session without cache."""
+    cache = small_cache(tmp_path, model)
+    cache._save(session_at(model, long_ids[:300]), "evict")
+    fresh = model.session()
+    assert cache.load(cache.lookup(long_ids), fresh) == 300
+    other = long_ids[:256] + filler(44, seed=7)
+    logits, evaluated = cache.prefill(fresh, other)
+    assert evaluated == 44
+    assert np.array_equal(logits, session_at(model, other).logits)
+    np.testing.assert_array_equal(fresh.eval(long_ids[300:512]), session_at(
+        model, other + long_ids[300:512]).logits)
+
+
 def test_lookup_picks_the_longest_stored_prefix(model, long_ids, tmp_path):
     cache = small_cache(tmp_path, model)
     live = model.session()
