@@ -13,7 +13,7 @@
 #define PREFILL_CHUNK 256
 #define REWIND_BUDGET 512
 #define SNAPSHOT_MAGIC 0x53345344u   /* "DS4S" */
-#define SNAPSHOT_VERSION 1u
+#define SNAPSHOT_VERSION 2u   /* 2: + the rewind floor; 1 is still read */
 
 static void free_layers(ds4_session *s) {
     if (!s->layers) return;
@@ -169,13 +169,14 @@ int ds4_session_rewind(ds4_session *s, int64_t n, char *err, size_t errlen) {
     }
     if (n == s->n_tokens) return 0;
     s->logits_valid = 0;
-    if (s->n_tokens - n <= s->rewind_budget) {
+    if (n >= s->rewind_floor && s->n_tokens - n <= s->rewind_budget) {
         /* the rings still hold every input of the state at n */
         s->n_tokens = n;
         return 0;
     }
     /* deeper: replay the kept tokens */
     s->n_tokens = 0;
+    s->rewind_floor = 0;
     if (n == 0) return 0;
     int32_t *replay = malloc((size_t)n * sizeof *replay);
     if (!replay) {
@@ -202,9 +203,10 @@ int64_t ds4_session_kv_bytes(const ds4_session *s) {
 }
 
 /* ---- snapshots ----
- * header (u32 magic, u32 version, u64 fields), token ids, logits, then per
- * layer the live ring entries and compressed rows, then a 64-bit checksum of
- * everything before it. */
+ * header (u32 magic, u32 version, u64 shape fields, token count T, logits
+ * known, rewind floor F (version 2 on)), token ids, logits, then per layer
+ * the ring entries of positions [raw_from/kg_from, T) in position order and
+ * the compressed rows, then a 64-bit checksum of everything before it. */
 
 /* Writes to a FILE, to a memory buffer of `cap` bytes, or (neither) only
  * counts the bytes, so the three share one serializer. */
@@ -250,7 +252,33 @@ static void put_ring(struct writer *w, const float *ring, int64_t cap, int64_t w
     for (int64_t p = first; p < last; p++) put(w, ring + (p % cap) * width, (size_t)width * sizeof(float));
 }
 
-static int64_t live_from(int64_t T, int64_t cap) { return T > cap ? T - cap : 0; }
+static int64_t max3(int64_t a, int64_t b, int64_t c) {
+    int64_t m = a > b ? a : b;
+    return m > c ? m : c;
+}
+
+/* A snapshot of T tokens with rewind floor F holds the ring entries that the
+ * states at F..T read: window rows from F - (sliding_window - 1) (the next
+ * token attends to sliding_window positions, itself included), compressor
+ * entries from the start of the window open at F (with overlap, the one
+ * before it too: its first halves join), and no more than the ring keeps.
+ * F = 0 gives the whole live ring (version 1). */
+static int64_t raw_from(const ds4_session *s, int64_t T, int64_t F) {
+    return max3(T - s->cap_raw, F - (s->model->cfg.sliding_window - 1), 0);
+}
+
+static int64_t kg_from(const ds4_layer_state *ls, int64_t T, int64_t F) {
+    return max3(T - ls->cap_kg, (F / ls->ratio - (ls->coff == 2)) * ls->ratio, 0);
+}
+
+/* The floor a snapshot records: the session's own for a full one; for a
+ * compact one its length, or one less when the logits are unknown (getting
+ * them means evaluating the last token again). */
+static int64_t snapshot_floor(const ds4_session *s, int compact) {
+    if (!compact) return s->rewind_floor;
+    int64_t F = s->logits_valid || !s->n_tokens ? s->n_tokens : s->n_tokens - 1;
+    return F > s->rewind_floor ? F : s->rewind_floor;
+}
 
 static void snapshot_shape(const ds4_session *s, uint64_t shape[11]) {
     const ds4_config *cf = &s->model->cfg;
@@ -263,26 +291,27 @@ static void snapshot_shape(const ds4_session *s, uint64_t shape[11]) {
     memcpy(shape, v, sizeof v);
 }
 
-static void write_snapshot(const ds4_session *s, struct writer *w) {
+static void write_snapshot(const ds4_session *s, int compact, struct writer *w) {
     const ds4_config *cf = &s->model->cfg;
     uint32_t head[2] = {SNAPSHOT_MAGIC, SNAPSHOT_VERSION};
     put(w, head, sizeof head);
     uint64_t shape[11];
     snapshot_shape(s, shape);
     put(w, shape, sizeof shape);
-    int64_t T = s->n_tokens;
+    int64_t T = s->n_tokens, F = snapshot_floor(s, compact);
     put_u64(w, (uint64_t)T);
     put_u64(w, (uint64_t)s->logits_valid);
+    put_u64(w, (uint64_t)F);
     put(w, s->ids, (size_t)T * sizeof *s->ids);
     if (s->logits_valid) put(w, s->logits, (size_t)cf->n_vocab * sizeof(float));
     for (int l = 0; l < cf->n_layer; l++) {
         const ds4_layer_state *ls = &s->layers[l];
-        put_ring(w, ls->raw, s->cap_raw, cf->head_dim, live_from(T, s->cap_raw), T);
+        put_ring(w, ls->raw, s->cap_raw, cf->head_dim, raw_from(s, T, F), T);
         if (!ls->ratio) continue;
-        put_ring(w, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, live_from(T, ls->cap_kg), T);
+        put_ring(w, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, kg_from(ls, T, F), T);
         put(w, ls->rows, (size_t)(T / ls->ratio * cf->head_dim) * sizeof(float));
         if (!ls->indexer) continue;
-        put_ring(w, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, live_from(T, ls->cap_kg), T);
+        put_ring(w, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, kg_from(ls, T, F), T);
         put(w, ls->idx_rows, (size_t)(T / ls->ratio * cf->indexer_dim) * sizeof(float));
     }
     uint64_t sum = w->hash;
@@ -296,26 +325,27 @@ static int backend_state_to_host(const ds4_session *s, char *err, size_t errlen)
     return b->state_to_host ? b->state_to_host((ds4_session *)s, err, errlen) : 0;
 }
 
-int64_t ds4_session_snapshot_size(const ds4_session *s) {
+int64_t ds4_session_snapshot_size(const ds4_session *s, int compact) {
     struct writer w = {NULL, NULL, 0, 0, 0, 0};
-    write_snapshot(s, &w);
+    write_snapshot(s, compact, &w);
     return (int64_t)w.pos;
 }
 
-int ds4_session_snapshot_write(const ds4_session *s, void *buf, int64_t size, char *err,
-                               size_t errlen) {
+int ds4_session_snapshot_write(const ds4_session *s, int compact, void *buf, int64_t size,
+                               char *err, size_t errlen) {
     if (backend_state_to_host(s, err, errlen)) return -1;
     struct writer w = {NULL, buf, (size_t)(size > 0 ? size : 0), 0, 0xcbf29ce484222325ull, 0};
-    write_snapshot(s, &w);
+    write_snapshot(s, compact, &w);
     if (w.failed || w.pos != (size_t)size) {
         snprintf(err, errlen, "snapshot needs %lld bytes, the buffer has %lld",
-                 (long long)ds4_session_snapshot_size(s), (long long)size);
+                 (long long)ds4_session_snapshot_size(s, compact), (long long)size);
         return -1;
     }
     return 0;
 }
 
-int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t errlen) {
+int ds4_session_save(const ds4_session *s, const char *path, int compact, char *err,
+                     size_t errlen) {
     char tmp[4096];
     if (snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid()) >= (int)sizeof tmp) {
         snprintf(err, errlen, "path too long");
@@ -327,7 +357,7 @@ int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t e
         snprintf(err, errlen, "cannot write %s: %s", tmp, strerror(errno));
         return -1;
     }
-    write_snapshot(s, &w);
+    write_snapshot(s, compact, &w);
     if (!w.failed && (fflush(w.f) != 0 || fsync(fileno(w.f)) != 0)) w.failed = 1;
     int saved_errno = errno;
     if (fclose(w.f) != 0) w.failed = 1;
@@ -374,6 +404,13 @@ static void get_ring(struct reader *r, float *ring, int64_t cap, int64_t width, 
     for (int64_t p = first; p < last; p++) get(r, ring + (p % cap) * width, (size_t)width * sizeof(float));
 }
 
+/* After a restore failed half-way: the empty state. */
+static void forget_state(ds4_session *s) {
+    s->n_tokens = 0;
+    s->rewind_floor = 0;
+    s->logits_valid = 0;
+}
+
 /* Restores from the snapshot bytes buf[0, size); `name` prefixes the messages. */
 static int restore_bytes(ds4_session *s, const uint8_t *buf, size_t size, const char *name,
                          char *err, size_t errlen) {
@@ -391,8 +428,8 @@ static int restore_bytes(ds4_session *s, const uint8_t *buf, size_t size, const 
         snprintf(err, errlen, "%s: not a ds4 session snapshot", name);
         return -1;
     }
-    if (head[1] != SNAPSHOT_VERSION) {
-        snprintf(err, errlen, "%s: snapshot version %u, this ds4 reads %u", name, head[1],
+    if (head[1] != 1 && head[1] != SNAPSHOT_VERSION) {
+        snprintf(err, errlen, "%s: snapshot version %u, this ds4 reads 1 to %u", name, head[1],
                  SNAPSHOT_VERSION);
         return -1;
     }
@@ -400,7 +437,7 @@ static int restore_bytes(ds4_session *s, const uint8_t *buf, size_t size, const 
         snprintf(err, errlen, "%s: snapshot checksum mismatch (corrupt or truncated)", name);
         return -1;
     }
-    uint64_t shape[11], want[11], T, logits_valid;
+    uint64_t shape[11], want[11], T = 0, logits_valid = 0, F = 0;
     get(&r, shape, sizeof shape);
     snapshot_shape(s, want);
     if (memcmp(shape, want, sizeof shape) != 0) {
@@ -410,44 +447,48 @@ static int restore_bytes(ds4_session *s, const uint8_t *buf, size_t size, const 
     }
     get(&r, &T, 8);
     get(&r, &logits_valid, 8);
-    if ((int64_t)T > s->ctx) {
+    if (head[1] >= 2) get(&r, &F, 8);
+    if (T > (uint64_t)s->ctx) {
         snprintf(err, errlen, "%s: snapshot holds %llu tokens, more than this session's ctx %lld",
                  name, (unsigned long long)T, (long long)s->ctx);
+        return -1;
+    }
+    if (F > T) {
+        snprintf(err, errlen, "%s: snapshot rewind floor %llu is past its %llu tokens", name,
+                 (unsigned long long)F, (unsigned long long)T);
         return -1;
     }
     get(&r, s->ids, (size_t)T * sizeof *s->ids);
     if (logits_valid) get(&r, s->logits, (size_t)cf->n_vocab * sizeof(float));
     for (int l = 0; l < cf->n_layer; l++) {
         ds4_layer_state *ls = &s->layers[l];
-        get_ring(&r, ls->raw, s->cap_raw, cf->head_dim, live_from((int64_t)T, s->cap_raw), (int64_t)T);
+        get_ring(&r, ls->raw, s->cap_raw, cf->head_dim, raw_from(s, (int64_t)T, (int64_t)F), (int64_t)T);
         if (!ls->ratio) continue;
-        get_ring(&r, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, live_from((int64_t)T, ls->cap_kg),
+        get_ring(&r, ls->kg, ls->cap_kg, 2 * ls->coff * cf->head_dim, kg_from(ls, (int64_t)T, (int64_t)F),
                  (int64_t)T);
         get(&r, ls->rows, (size_t)((int64_t)T / ls->ratio * cf->head_dim) * sizeof(float));
         if (!ls->indexer) continue;
-        get_ring(&r, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, live_from((int64_t)T, ls->cap_kg),
+        get_ring(&r, ls->idx_kg, ls->cap_kg, 4 * cf->indexer_dim, kg_from(ls, (int64_t)T, (int64_t)F),
                  (int64_t)T);
         get(&r, ls->idx_rows, (size_t)((int64_t)T / ls->ratio * cf->indexer_dim) * sizeof(float));
     }
     if (r.short_read || r.p != r.end) {
         snprintf(err, errlen, "%s: snapshot length does not match its contents", name);
-        s->n_tokens = 0;
-        s->logits_valid = 0;
+        forget_state(s);
         return -1;
     }
     for (uint64_t i = 0; i < T; i++)
         if (s->ids[i] < 0 || s->ids[i] >= cf->n_vocab) {
             snprintf(err, errlen, "%s: snapshot holds an invalid token id", name);
-            s->n_tokens = 0;
-            s->logits_valid = 0;
+            forget_state(s);
             return -1;
         }
     s->n_tokens = (int64_t)T;
+    s->rewind_floor = (int64_t)F;
     s->logits_valid = (int)logits_valid;
     const ds4_backend *b = ds4_model_backend(s->model);
     if (b->state_from_host && b->state_from_host(s, err, errlen)) {
-        s->n_tokens = 0;
-        s->logits_valid = 0;
+        forget_state(s);
         return -1;
     }
     return 0;

@@ -38,16 +38,25 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logit
 int ds4_session_rewind(ds4_session *s, int64_t n, char *err, size_t errlen);
 
 /* Snapshot to a file (written to a temporary name, fsynced, renamed) and
- * back; restore checks the version, the model shape and a checksum. */
-int ds4_session_save(const ds4_session *s, const char *path, char *err, size_t errlen);
+ * back; restore checks the version, the model shape and a checksum.
+ * compact = 0 keeps the rewind rings: the restored session rewinds as
+ * cheaply as this one. compact = 1 keeps only what going on from the current
+ * tokens needs (the last sliding_window - 1 window rows, the open compressor
+ * windows, every compressed row): far smaller, and the restored session
+ * replays from its token ids to rewind below the length it was restored at
+ * (below one token less when the logits are unknown, as after a rewind,
+ * since getting them means evaluating the last token again). Reads the
+ * version 1 snapshots of earlier ds4 too. */
+int ds4_session_save(const ds4_session *s, const char *path, int compact, char *err,
+                     size_t errlen);
 int ds4_session_restore(ds4_session *s, const char *path, char *err, size_t errlen);
 
 /* The same snapshot bytes in memory, for containers that embed a snapshot
  * (the disk KV cache): its exact size, writing it into buf[0, size), and
  * restoring from buf[0, size) with the checks of ds4_session_restore. */
-int64_t ds4_session_snapshot_size(const ds4_session *s);
-int ds4_session_snapshot_write(const ds4_session *s, void *buf, int64_t size, char *err,
-                               size_t errlen);
+int64_t ds4_session_snapshot_size(const ds4_session *s, int compact);
+int ds4_session_snapshot_write(const ds4_session *s, int compact, void *buf, int64_t size,
+                               char *err, size_t errlen);
 int ds4_session_snapshot_read(ds4_session *s, const void *buf, int64_t size, char *err,
                               size_t errlen);
 

@@ -3,7 +3,9 @@
  * Every per-token input of the state is kept in rings that hold the last
  * `cap` positions (position p at slot p % cap), and compressed rows never
  * change once written. So rewinding by up to `rewind_budget` tokens is just
- * lowering the token count; a deeper rewind replays the kept token ids. */
+ * lowering the token count; a deeper rewind replays the kept token ids.
+ * A compact snapshot restores only what continuing needs, so below the
+ * restored length (rewind_floor) the rings are not valid and rewinds replay. */
 #ifndef DS4_SESSION_STATE_H
 #define DS4_SESSION_STATE_H
 
@@ -38,6 +40,9 @@ struct ds4_session {
     float *rope_main;       /* [rope_dim/2] */
     float *rope_comp;
     void *backend_state;    /* the backend's device KV state and buffers */
+    /* Rings hold valid entries only for states at n >= rewind_floor. Last,
+     * so a backend library built before it sees the same layout. */
+    int64_t rewind_floor;
 };
 
 /* Runs n tokens (already appended to s->ids at n_tokens..) through the

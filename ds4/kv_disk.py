@@ -22,11 +22,13 @@ checkpoint's token ids (u32 little-endian). Layout (little-endian):
 | 48 | u32 | key byte count L = 4·T |
 | 52 | u64 | model fingerprint (ds4_model_fingerprint; spec: the key starts here) |
 | 60 | L bytes | key: the token ids |
-| 60+L | payload | ds4's own session snapshot (`DS4S` v1: shape, model fingerprint, ids, logits, KV; ends with its FNV-1a 64 checksum) |
+| 60+L | payload | ds4's own compact session snapshot (`DS4S` v2: shape, model fingerprint, ids, logits, the KV that continuing needs; ends with its FNV-1a 64 checksum) |
 
 The payload is ds4's native snapshot, not the DSV4 payload of §5.6, so these
 files are readable by this engine only and only with the same model file and
-numeric mode.
+numeric mode. Compact means the window rows and open compressor windows
+that the next tokens read, without the rewind rings: a loaded checkpoint
+continues cheaply, and rewinding below its length replays its tokens.
 """
 import errno
 import hashlib
@@ -475,7 +477,7 @@ class DiskKVCache:
         path = self._path(name)
         if name in self.entries and not self.entries[name].foreign and os.path.exists(path):
             return self.entries[name]
-        payload = lib.ds4_session_snapshot_size(session._s)
+        payload = lib.ds4_session_snapshot_size(session._s, 1)
         size = HEADER.size + len(key) + payload
         if size * 1.01 > self.budget:
             self.log(f"kv cache: {n}-token checkpoint ({size >> 20} MiB) does not fit the "
@@ -489,8 +491,8 @@ class DiskKVCache:
             self.log(f"kv cache: no memory for a {payload >> 20} MiB snapshot; not saved")
             return None
         err = ffi.new("char[512]")
-        if lib.ds4_session_snapshot_write(session._s, ffi.from_buffer("char[]", buf), payload,
-                                          err, len(err)) != 0:
+        if lib.ds4_session_snapshot_write(session._s, 1, ffi.from_buffer("char[]", buf),
+                                          payload, err, len(err)) != 0:
             self.log(f"kv cache: no checkpoint: {ffi.string(err).decode('utf-8', 'replace')}")
             return None
         now = int(time.time())

@@ -72,10 +72,13 @@ class Session:
         if lib.ds4_session_rewind(self._s, int(n), err, len(err)) != 0:
             raise Error(_err(err))
 
-    def save(self, path):
-        """Writes a snapshot atomically (temporary file, fsync, rename)."""
+    def save(self, path, *, compact=False):
+        """Writes a snapshot atomically (temporary file, fsync, rename). A compact
+        one holds only what going on from the current tokens needs: much smaller,
+        but the restored session replays its tokens to rewind below its length."""
         err = ffi.new("char[512]")
-        if lib.ds4_session_save(self._s, os.fspath(path).encode(), err, len(err)) != 0:
+        if lib.ds4_session_save(self._s, os.fspath(path).encode(), int(compact), err,
+                                len(err)) != 0:
             raise Error(_err(err))
 
     def load(self, path):

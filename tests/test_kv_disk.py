@@ -136,6 +136,32 @@ def test_restored_session_matches_the_saved_one_bitwise(model, long_ids, referen
     assert np.array_equal(fresh.eval(long_ids[300:512]), reference[512])
 
 
+def test_checkpoints_hold_compact_snapshots(model, long_ids, tmp_path):
+    from ds4.native import lib
+    cache = small_cache(tmp_path, model)
+    live = session_at(model, long_ids[:300])
+    entry = cache._save(live, "evict")
+    compact, full = (lib.ds4_session_snapshot_size(live._s, c) for c in (1, 0))
+    assert entry.size == os.path.getsize(entry.path) == HEADER.size + 4 * 300 + compact
+    assert compact < full
+
+
+def test_a_prompt_diverging_inside_a_loaded_checkpoint_gets_the_uncached_answer(
+        model, long_ids, reference, tmp_path):
+    """A compact checkpoint keeps no rewind rings: going below its length
+    replays its tokens, and the logits are those of a session without cache."""
+    cache = small_cache(tmp_path, model)
+    cache._save(session_at(model, long_ids[:300]), "evict")
+    fresh = model.session()
+    assert cache.load(cache.lookup(long_ids), fresh) == 300
+    other = long_ids[:256] + filler(44, seed=7)
+    logits, evaluated = cache.prefill(fresh, other)
+    assert evaluated == 44
+    assert np.array_equal(logits, session_at(model, other).logits)
+    np.testing.assert_array_equal(fresh.eval(long_ids[300:512]), session_at(
+        model, other + long_ids[300:512]).logits)
+
+
 def test_lookup_picks_the_longest_stored_prefix(model, long_ids, tmp_path):
     cache = small_cache(tmp_path, model)
     live = model.session()
@@ -469,17 +495,19 @@ def test_a_session_too_small_or_in_another_mode_loads_nothing_and_keeps_the_file
     assert cache.load(entry, model.session()) == 100
 
 
-def test_memory_snapshots_are_the_bytes_of_session_save(model, long_ids, tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_memory_snapshots_are_the_bytes_of_session_save(model, long_ids, tmp_path, compact):
     from ds4.native import ffi, lib
     s = session_at(model, long_ids[:100])
-    s.save(tmp_path / "snap")
-    n = lib.ds4_session_snapshot_size(s._s)
+    s.save(tmp_path / "snap", compact=compact)
+    n = lib.ds4_session_snapshot_size(s._s, compact)
     buf = np.empty(n, np.uint8)
     err = ffi.new("char[512]")
-    assert lib.ds4_session_snapshot_write(s._s, ffi.from_buffer("char[]", buf), n, err, 512) == 0
+    assert lib.ds4_session_snapshot_write(s._s, compact, ffi.from_buffer("char[]", buf), n, err,
+                                          512) == 0
     assert buf.tobytes() == (tmp_path / "snap").read_bytes()
-    assert lib.ds4_session_snapshot_write(s._s, ffi.from_buffer("char[]", buf), n - 1, err,
-                                          512) == -1
+    assert lib.ds4_session_snapshot_write(s._s, compact, ffi.from_buffer("char[]", buf), n - 1,
+                                          err, 512) == -1
     assert f"needs {n} bytes" in ffi.string(err).decode()
     fresh = model.session()
     assert lib.ds4_session_snapshot_read(fresh._s, ffi.from_buffer("char[]", buf), n - 1, err,

@@ -1,5 +1,6 @@
 """Session behaviour that needs no reference model: errors, state bookkeeping, snapshots."""
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -126,3 +127,179 @@ def test_session_outliving_its_closed_model_in_a_garbage_cycle_is_freed_safely(t
         np.testing.assert_array_equal(s.eval([7]), s.logits)
         del m, s
         gc.collect()
+
+
+# ---- compact snapshots ----
+
+REWIND_BUDGET = 512   # session.c: ring entries kept beyond what the state needs
+
+
+def snapshot_bytes(cfg, T, floor, logits_known):
+    """The size of a snapshot of T tokens with rewind floor `floor`, from the
+    layout: window rows from floor - (sliding_window - 1), compressor entries
+    from the window open at the floor (the one before it too with the m = 4
+    overlap), each no further back than its ring keeps."""
+    d, dI, sw = cfg.head_dim, cfg.indexer_dim, cfg.sliding_window
+    size = 8 + 11 * 8 + 3 * 8 + 4 * T + (4 * cfg.n_vocab if logits_known else 0) + 8
+    for m in cfg.compress_ratios:
+        size += 4 * d * (T - max(T - (sw + REWIND_BUDGET), floor - (sw - 1), 0))
+        if not m:
+            continue
+        coff = 2 if m == 4 else 1
+        kg = T - max(T - (2 * m + REWIND_BUDGET), (floor // m - (coff - 1)) * m, 0)
+        size += 4 * (kg * 2 * coff * d + T // m * d)
+        if m == 4:
+            size += 4 * (kg * 4 * dI + T // m * dI)
+    return size
+
+
+@pytest.fixture(scope="module")
+def ratio_model_path(tmp_path_factory):
+    """The real 4 / 128 compression ratios and a 128-token window."""
+    from ds4.testing import ModelConfig, write_model
+    path = tmp_path_factory.mktemp("models") / "ratios.gguf"
+    write_model(path, ModelConfig.tiny(compress_ratios=(0, 0, 4, 128, 4, 128),
+                                       sliding_window=128, indexer_top_k=16), variant="q2", seed=3)
+    return path
+
+
+def long_ids(n, seed=0):
+    return np.random.default_rng(seed).integers(1000, 60000, n).tolist()
+
+
+# (model fixture, numerics, T restored at, tokens fed after it)
+CASES = {"tiny-q2-exact": ("tiny_q2", "exact", 21, 11),
+         "tiny-q4-qat": ("tiny_q4", "qat", 23, 11),
+         "ratios-exact": ("ratio_model_path", "exact", 301, 90),
+         "ratios-qat": ("ratio_model_path", "qat", 301, 90)}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    fixture, numerics, T, k = CASES[request.param]
+    with ds4.load(request.getfixturevalue(fixture), numerics=numerics, ctx=1024) as m:
+        yield m, T, k
+
+
+def compact_copy(m, s, path):
+    """s saved compact and restored into a session whose rings hold other tokens,
+    so a ring slot that the snapshot left out and the forward pass read shows."""
+    s.save(path, compact=True)
+    r = m.session()
+    r.eval(long_ids(s.n_tokens + 40, seed=9))
+    r.load(path)
+    return r
+
+
+def test_compact_restore_continues_bitwise_like_the_original(case, tmp_path):
+    m, T, k = case
+    ids = long_ids(T + k + 3)
+    s = m.session()
+    s.eval(ids[:T])
+    r = compact_copy(m, s, tmp_path / "c.ds4s")
+    assert r.tokens == ids[:T]
+    np.testing.assert_array_equal(r.logits, s.logits)
+    np.testing.assert_array_equal(r.eval(ids[T:T + k], all_logits=True),
+                                  s.eval(ids[T:T + k], all_logits=True))
+    for t in ids[T + k:]:
+        np.testing.assert_array_equal(r.eval([t]), s.eval([t]))
+
+
+def test_rewinds_after_a_compact_restore_equal_a_fresh_session(case, tmp_path):
+    m, T, k = case
+    ids = long_ids(T + k, seed=1)
+    s = m.session()
+    s.eval(ids[:T])
+    r = compact_copy(m, s, tmp_path / "c.ds4s")
+    r.eval(ids[T:])
+    for n in (T + k // 2, T, T - 3, 1):     # above the floor: cheap; below: replayed
+        r.rewind(n)
+        fresh = m.session()
+        fresh.eval(ids[:n])
+        np.testing.assert_array_equal(r.eval(ids[n:n + 6], all_logits=True),
+                                      fresh.eval(ids[n:n + 6], all_logits=True))
+
+
+def test_full_snapshot_after_a_compact_restore_keeps_the_floor(case, tmp_path):
+    """The rings below a compact restore's length hold other tokens' rows: a
+    full snapshot taken later must not let its restore rewind cheaply there."""
+    m, T, k = case
+    ids = long_ids(T + k, seed=2)
+    s = m.session()
+    s.eval(ids[:T])
+    r = compact_copy(m, s, tmp_path / "c.ds4s")
+    r.eval(ids[T:])
+    r.save(tmp_path / "full.ds4s")
+    assert os.path.getsize(tmp_path / "full.ds4s") == snapshot_bytes(m.config, T + k, T, True)
+    again = ds4.Session.restore(m, tmp_path / "full.ds4s")
+    for n in (T + 1, T - 2):
+        again.rewind(n)
+        fresh = m.session()
+        fresh.eval(ids[:n])
+        np.testing.assert_array_equal(again.eval(ids[n:n + 4], all_logits=True),
+                                      fresh.eval(ids[n:n + 4], all_logits=True))
+
+
+def test_compact_snapshot_with_unknown_logits_can_evaluate_its_last_token_again(case, tmp_path):
+    m, T, k = case
+    ids = long_ids(T + 5, seed=3)
+    s = m.session()
+    s.eval(ids)
+    s.rewind(T)
+    assert s.logits is None
+    s.save(tmp_path / "c.ds4s", compact=True)
+    assert os.path.getsize(tmp_path / "c.ds4s") == snapshot_bytes(m.config, T, T - 1, False)
+    r = ds4.Session.restore(m, tmp_path / "c.ds4s")
+    r.rewind(T - 1)
+    fresh = m.session()
+    fresh.eval(ids[:T - 1])
+    np.testing.assert_array_equal(r.eval(ids[T - 1:], all_logits=True),
+                                  fresh.eval(ids[T - 1:], all_logits=True))
+
+
+def test_snapshot_sizes_follow_the_layout(case, tmp_path):
+    m, T, k = case
+    s = m.session()
+    for n in (1, T, T + k):
+        s.eval(long_ids(n - s.n_tokens, seed=n))
+        s.save(tmp_path / "full", compact=False)
+        s.save(tmp_path / "compact", compact=True)
+        assert os.path.getsize(tmp_path / "full") == snapshot_bytes(m.config, n, 0, True)
+        assert os.path.getsize(tmp_path / "compact") == snapshot_bytes(m.config, n, n, True)
+    assert os.path.getsize(tmp_path / "compact") < os.path.getsize(tmp_path / "full")
+
+
+def fnv1a64(data):
+    h = 0xcbf29ce484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001b3) & 0xffffffffffffffff
+    return h
+
+
+def test_version_1_snapshots_still_restore(model, tmp_path):
+    """Version 1 is version 2 without the rewind floor (always 0 then)."""
+    s = model.session(ctx=64)
+    s.eval(IDS)
+    s.save(tmp_path / "v2.ds4s")
+    blob = (tmp_path / "v2.ds4s").read_bytes()
+    floor_at = 8 + 11 * 8 + 2 * 8
+    assert blob[4:8] == struct.pack("<I", 2) and blob[floor_at:floor_at + 8] == bytes(8)
+    v1 = blob[:4] + struct.pack("<I", 1) + blob[8:floor_at] + blob[floor_at + 8:-8]
+    (tmp_path / "v1.ds4s").write_bytes(v1 + struct.pack("<Q", fnv1a64(v1)))
+    r = ds4.Session.restore(model, tmp_path / "v1.ds4s", ctx=64)
+    assert r.tokens == IDS
+    np.testing.assert_array_equal(r.logits, s.logits)
+    r.rewind(10)
+    s.rewind(10)
+    np.testing.assert_array_equal(r.eval(IDS[10:]), s.eval(IDS[10:]))
+
+
+def test_unknown_snapshot_version_is_refused(model, tmp_path):
+    s = model.session(ctx=64)
+    s.eval(IDS[:3])
+    s.save(tmp_path / "s.ds4s")
+    blob = bytearray((tmp_path / "s.ds4s").read_bytes())
+    blob[4:8] = struct.pack("<I", 3)
+    (tmp_path / "v3.ds4s").write_bytes(bytes(blob))
+    with pytest.raises(ds4.Error, match="version 3, this ds4 reads 1 to 2"):
+        ds4.Session.restore(model, tmp_path / "v3.ds4s", ctx=64)
