@@ -13,7 +13,7 @@
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 2
+#define DS4_BACKEND_ABI 3
 
 struct ds4_model;
 struct ds4_session;
