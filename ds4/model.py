@@ -116,7 +116,8 @@ class Model:
         self._live = None        # the session generate() reuses across calls
 
     def _attach_backend(self, backend, synthetic):
-        """"cpu" or "cuda"; "auto" is cuda when its library and a GPU are there."""
+        """"cpu" or "cuda"; "auto" is cuda when its library and a GPU are there and
+        take the model, else the CPU (with a warning when a GPU was there)."""
         if backend == "cpu":
             return "cpu"
         library = cuda_library()
@@ -125,11 +126,15 @@ class Model:
                                        err, len(err))
         if rc == 0:
             return "cuda"
-        if rc == UNAVAILABLE and backend == "auto":
+        reason = ffi.string(err).decode("utf-8", "replace")
+        if backend == "auto":
+            if rc != UNAVAILABLE:   # there is a GPU, but it cannot take this model
+                warnings.warn(f"{self.path}: running on the CPU: backend 'cuda': {reason}",
+                              stacklevel=4)
             return "cpu"
         lib.ds4_model_close(self._m)
         self._m = None
-        raise Error(f"{self.path}: backend 'cuda': {ffi.string(err).decode('utf-8', 'replace')}")
+        raise Error(f"{self.path}: backend 'cuda': {reason}")
 
     @property
     def _handle(self):
