@@ -193,3 +193,21 @@ def test_cuda_synthetic_weights_give_finite_logits(tiny_q2):
     s = m.session()
     logits = s.eval(list(range(40)), all_logits=True)
     assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+
+
+@pytest.mark.gpu
+def test_cuda_indexer_selection_over_many_rows_matches_cpu(tmp_path):
+    # top_k 48 of up to 600 compressed rows: the GPU's radix select and its
+    # index-order compaction (512 rows a pass) must pick the CPU's rows
+    path = tmp_path / "tiny-topk.gguf"
+    write_model(path, ModelConfig.tiny(indexer_top_k=48), variant="q2", seed=7)
+    cpu_m, gpu_m = ds4.load(path, backend="cpu", ctx=4096), _cuda_model(path, 4096)
+    rng = np.random.default_rng(15)
+    vocab = cpu_m.config.n_vocab
+    cpu, gpu = cpu_m.session(numerics="exact"), gpu_m.session(numerics="exact")
+    prompt = _ids(rng, 2400, vocab)
+    t = Tally("tiny_q2 top_k 48/exact")
+    t.add(cpu.eval(prompt), gpu.eval(prompt))
+    for tok in _ids(rng, 4, vocab):
+        t.add(cpu.eval([tok]), gpu.eval([tok]))
+    t.check()

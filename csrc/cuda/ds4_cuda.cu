@@ -257,7 +257,7 @@ static int model_init(ds4_model *m, int synthetic, char *err, size_t errlen) {
     }
     CKI(cudaMalloc(&d->mem, total), "allocating the weights");
     CKI(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
-    CKI(cudaFuncSetAttribute(k_indexer, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CKI(cudaFuncSetAttribute(k_idx_score, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
                                     8 * m->cfg.indexer_heads) * sizeof(float))),
         "indexer shared memory");
@@ -392,7 +392,7 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->router, c * E * 4}, {(void **)&g->sel_w, c * k * 4},
         {(void **)&g->ex_g, std::max(c * k * F, c * Fs) * 4},
         {(void **)&g->ex_u, std::max(c * k * F, c * Fs) * 4}, {(void **)&g->ex_y, c * k * D * 4},
-        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * 2 * max_cap_rows(s) * 4},
+        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * max_cap_rows(s) * 4},
         {(void **)&g->attn_part, c * cf->n_head * ATTN_SPLIT * (d + 2) * 4},
         {(void **)&g->sel, c * k * 4}, {(void **)&g->ids, c * 4}, {(void **)&g->offs, (E + 1) * 4},
         {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
@@ -718,7 +718,11 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
                        max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
         size_t shm = ((size_t)HI * (dI + 1) + 8 * HI) * sizeof(float);
-        k_indexer<<<n, 256, shm, st>>>(ia);
+        /* splits of >= 16 rows a warp, to ~256 blocks in all: a decode token
+         * fills the GPU, a prefill chunk loads its queries once a token */
+        int64_t split = std::min((ia.cap_rows + 127) / 128, std::max<int64_t>(1, 256 / n));
+        k_idx_score<<<dim3((unsigned)n, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
+        k_idx_select<<<n, IDX_SEL_THREADS, 0, st>>>(ia);
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,
