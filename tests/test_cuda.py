@@ -3,6 +3,8 @@ backend), and how backend selection behaves without them.
 
 Agreement bar (issue 6): per position max|dlogit| / max|logit| <= 1e-3, and the
 argmax of both backends equal on >= 99.5% of the positions compared."""
+import types
+
 import numpy as np
 import pytest
 
@@ -211,3 +213,18 @@ def test_cuda_indexer_selection_over_many_rows_matches_cpu(tmp_path):
     for tok in _ids(rng, 4, vocab):
         t.add(cpu.eval([tok]), gpu.eval([tok]))
     t.check()
+
+
+def test_cuda_copy_bandwidth_without_its_library_is_a_clear_error(monkeypatch):
+    from ds4 import bench
+    monkeypatch.setenv("DS4_CUDA_LIB", "/nonexistent/_ds4_cuda.so")
+    with pytest.raises(ds4.Error, match="copy bandwidth: cannot load"):
+        bench.copy_bandwidth(types.SimpleNamespace(backend="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_copy_bandwidth_is_a_positive_rate(tiny_q2):
+    from ds4 import bench
+    m = _cuda_model(tiny_q2, 64)
+    assert bench.copy_bandwidth(m) > 0
+    assert bench.cuda_copy_bandwidth(nbytes=1 << 20, repeats=2) > 0

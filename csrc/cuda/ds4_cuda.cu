@@ -859,3 +859,47 @@ static const ds4_backend CUDA_BACKEND = {
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {
     return &CUDA_BACKEND;
 }
+
+/* Device-to-device copy bandwidth for ds4.bench's decode bound: bytes read +
+ * written per second by the best of `repeats` copies of nbytes, after one
+ * untimed copy. Plain C types: Python calls it through ctypes. */
+extern "C" __attribute__((visibility("default"))) int ds4_cuda_copy_bandwidth(
+    int64_t nbytes, int repeats, double *out, char *err, size_t errlen) {
+    void *src = NULL, *dst = NULL;
+    cudaEvent_t ev[2] = {NULL, NULL};
+    cudaStream_t st = NULL;
+    float best = 0;
+    int rc = -1;
+#define CKB(call, what)                                   \
+    do {                                                  \
+        cudaError_t e_ = (call);                          \
+        if (e_ != cudaSuccess) {                          \
+            cuda_fail(e_, what, err, errlen);             \
+            goto out;                                     \
+        }                                                 \
+    } while (0)
+    CKB(cudaMalloc(&src, (size_t)nbytes), "allocating the copy-bandwidth buffers");
+    CKB(cudaMalloc(&dst, (size_t)nbytes), "allocating the copy-bandwidth buffers");
+    CKB(cudaMemset(src, 1, (size_t)nbytes), "copy bandwidth");
+    CKB(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "copy bandwidth");
+    for (int i = 0; i < 2; i++) CKB(cudaEventCreate(&ev[i]), "copy bandwidth");
+    for (int r = 0; r <= repeats; r++) {
+        float ms;
+        CKB(cudaEventRecord(ev[0], st), "copy bandwidth");
+        CKB(cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, st), "copy bandwidth");
+        CKB(cudaEventRecord(ev[1], st), "copy bandwidth");
+        CKB(cudaEventSynchronize(ev[1]), "copy bandwidth");
+        CKB(cudaEventElapsedTime(&ms, ev[0], ev[1]), "copy bandwidth");
+        if (r > 0 && (best == 0 || ms < best)) best = ms;
+    }
+    *out = 2.0 * (double)nbytes / (best * 1e-3);
+    rc = 0;
+#undef CKB
+out:
+    for (int i = 0; i < 2; i++)
+        if (ev[i]) cudaEventDestroy(ev[i]);
+    if (st) cudaStreamDestroy(st);
+    cudaFree(src);
+    cudaFree(dst);
+    return rc;
+}
