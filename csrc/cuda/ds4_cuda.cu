@@ -567,10 +567,25 @@ static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
-/* Decode (one token per row pass) or chunks (8 per pass): the same sums. */
+static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
+    size_t shm = (size_t)lin_staged_bytes(a.w, kw);
+    switch (a.w.type) {
+#define CASE(T)                                                                  \
+    case T: k_linear1s<T, 2><<<grid, LIN_WARPS * WARP, shm, st>>>(a, kw); break;
+    CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
+    CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+#undef CASE
+    }
+}
+
+/* Decode (one token per row pass) or chunks (8 per pass): the same sums.
+ * Decode of routed experts stages its rows in shared memory (up to the
+ * 48 KB a launch gets without opting in; two chunks a lane, as Flash's). */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
-    if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024)
+        launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
+    else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else launch_linear<8>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw), slots), a, kw);
 }
 

@@ -202,6 +202,99 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
     }
 }
 
+/* Decode rows of the routed experts (1 KB IQ2_XXS / Q2_K rows at 2-byte
+ * aligned 66 / 84-byte blocks): the block's LIN_RS rows per warp group are
+ * contiguous, so the block first copies them to shared memory with 16-byte
+ * loads, all in flight at once, then runs k_linear1's sums on the copy (the
+ * same bits). */
+#define LIN_RS 16
+
+/* Bytes [lo, hi) (both even) to sh, keeping lo's place within 16 bytes;
+ * returns where lo landed. Partial 16-byte chunks at the ends are read in
+ * 2-byte pieces, so nothing outside [lo, hi) is touched. */
+__device__ const uint8_t *d_stage(uint8_t *sh, const uint8_t *lo, const uint8_t *hi) {
+    uintptr_t l = (uintptr_t)lo, h = (uintptr_t)hi, a = l & ~(uintptr_t)15;
+    int n16 = (int)((h - a + 15) / 16);
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) {
+        uintptr_t c = a + 16 * (uintptr_t)i;
+        if (c >= l && c + 16 <= h) {
+            ((uint4 *)sh)[i] = __ldg((const uint4 *)c);
+        } else {
+            for (int j = 0; j < 16; j += 2)
+                if (c + j >= l && c + j < h) *(uint16_t *)(sh + 16 * i + j) = *(const uint16_t *)(c + j);
+        }
+    }
+    __syncthreads();
+    return sh + (l - a);
+}
+
+/* Shared bytes of k_linear1s for one matrix (the alignment slack included). */
+static inline int64_t lin_staged_bytes(const dmat &w, int kw) {
+    return (int64_t)(LIN_WARPS / kw) * LIN_RS * w.row_bytes + 32;
+}
+
+template <int TYPE, int LIN_MAXC>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw) {
+    extern __shared__ __align__(16) uint8_t wsh[];
+    __shared__ float red[LIN_WARPS][LIN_RS];
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
+    int rb = LIN_WARPS / kw * LIN_RS, rbeg = blockIdx.x * rb;
+    int rend = rbeg + rb < a.w.n_out ? rbeg + rb : a.w.n_out;
+    int g0 = rbeg + warp / kw * LIN_RS;   /* the warp group's first row */
+    const uint8_t *base = a.w.data;
+    int p0 = 0, p1 = 1;
+    if (a.active) {
+        int e = a.active[blockIdx.y];
+        if (e < 0) return;   /* the whole block */
+        base += (int64_t)e * a.expert_bytes;
+        p0 = a.offs[e];
+        p1 = a.offs[e + 1];
+    }
+    const uint8_t *srows = NULL;
+    for (int p = p0; p < p1; p++) {
+        const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        float4 xr[LIN_MAXC][2];
+#pragma unroll
+        for (int c = 0; c < LIN_MAXC; c++) {
+            int e0 = part * 256 + lane * 8 + c * 256 * kw;
+            if (e0 < a.w.n_in) {
+                xr[c][0] = *(const float4 *)(x + e0);
+                xr[c][1] = *(const float4 *)(x + e0 + 4);
+            }
+        }
+        /* the rows after the first x loads are issued, so both are in flight */
+        if (p == p0)
+            srows = d_stage(wsh, base + (int64_t)rbeg * a.w.row_bytes,
+                            base + (int64_t)rend * a.w.row_bytes);
+        /* row by row from shared memory (short latency): registers stay low */
+#pragma unroll 4
+        for (int i = 0; i < LIN_RS; i++) {
+            /* rows past the end compute on the last row, unused */
+            int r = g0 + i < rend ? g0 + i : rend - 1;
+            const uint8_t *row = srows + (int64_t)(r - rbeg) * a.w.row_bytes;
+            float acc = 0;
+#pragma unroll
+            for (int c = 0; c < LIN_MAXC; c++) {
+                int e0 = part * 256 + lane * 8 + c * 256 * kw;
+                if (e0 < a.w.n_in) {
+                    float w[8];
+                    deq8(TYPE, row, e0, w);
+                    acc = dot8(acc, w, xr[c][0], xr[c][1]);
+                }
+            }
+            float v = warp_sum(acc);
+            if (lane == 0) red[warp][i] = v;
+        }
+        __syncthreads();
+        if (part == 0 && lane < LIN_RS && g0 + lane < rend) {
+            float v = 0;
+            for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+            a.y[(int64_t)p * a.ys + g0 + lane] = v;
+        }
+        __syncthreads();
+    }
+}
+
 /* ---- row steps on global memory, one block per row ---- */
 
 /* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. */
@@ -617,6 +710,10 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
     if (n_rows <= a.top_k) {
         if (threadIdx.x == 0) a.n_sel[t] = -1;
+        return;
+    }
+    if (a.top_k <= 0) {   /* no radix pass finds a 0th row */
+        if (threadIdx.x == 0) a.n_sel[t] = 0;
         return;
     }
     const float *sc = a.scores + (int64_t)t * a.cap_rows;
