@@ -3,6 +3,8 @@ backend), and how backend selection behaves without them.
 
 Agreement bar (issue 6): per position max|dlogit| / max|logit| <= 1e-3, and the
 argmax of both backends equal on >= 99.5% of the positions compared."""
+import types
+
 import numpy as np
 import pytest
 
@@ -198,3 +200,36 @@ def test_cuda_synthetic_weights_give_finite_logits(tiny_q2):
     s = m.session()
     logits = s.eval(list(range(40)), all_logits=True)
     assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+
+
+@pytest.mark.gpu
+def test_cuda_indexer_selection_over_many_rows_matches_cpu(tmp_path):
+    # top_k 48 of up to 600 compressed rows: the GPU's radix select and its
+    # index-order compaction (512 rows a pass) must pick the CPU's rows
+    path = tmp_path / "tiny-topk.gguf"
+    write_model(path, ModelConfig.tiny(indexer_top_k=48), variant="q2", seed=7)
+    cpu_m, gpu_m = ds4.load(path, backend="cpu", ctx=4096), _cuda_model(path, 4096)
+    rng = np.random.default_rng(15)
+    vocab = cpu_m.config.n_vocab
+    cpu, gpu = cpu_m.session(numerics="exact"), gpu_m.session(numerics="exact")
+    prompt = _ids(rng, 2400, vocab)
+    t = Tally("tiny_q2 top_k 48/exact")
+    t.add(cpu.eval(prompt), gpu.eval(prompt))
+    for tok in _ids(rng, 4, vocab):
+        t.add(cpu.eval([tok]), gpu.eval([tok]))
+    t.check()
+
+
+def test_cuda_copy_bandwidth_without_its_library_is_a_clear_error(monkeypatch):
+    from ds4 import bench
+    monkeypatch.setenv("DS4_CUDA_LIB", "/nonexistent/_ds4_cuda.so")
+    with pytest.raises(ds4.Error, match="copy bandwidth: cannot load"):
+        bench.copy_bandwidth(types.SimpleNamespace(backend="cuda"))
+
+
+@pytest.mark.gpu
+def test_cuda_copy_bandwidth_is_a_positive_rate(tiny_q2):
+    from ds4 import bench
+    m = _cuda_model(tiny_q2, 64)
+    assert bench.copy_bandwidth(m) > 0
+    assert bench.cuda_copy_bandwidth(nbytes=1 << 20, repeats=2) > 0

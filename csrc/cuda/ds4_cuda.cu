@@ -257,7 +257,7 @@ static int model_init(ds4_model *m, int synthetic, char *err, size_t errlen) {
     }
     CKI(cudaMalloc(&d->mem, total), "allocating the weights");
     CKI(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
-    CKI(cudaFuncSetAttribute(k_indexer, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CKI(cudaFuncSetAttribute(k_idx_score, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
                                     8 * m->cfg.indexer_heads) * sizeof(float))),
         "indexer shared memory");
@@ -392,7 +392,7 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->router, c * E * 4}, {(void **)&g->sel_w, c * k * 4},
         {(void **)&g->ex_g, std::max(c * k * F, c * Fs) * 4},
         {(void **)&g->ex_u, std::max(c * k * F, c * Fs) * 4}, {(void **)&g->ex_y, c * k * D * 4},
-        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * 2 * max_cap_rows(s) * 4},
+        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * max_cap_rows(s) * 4},
         {(void **)&g->attn_part, c * cf->n_head * ATTN_SPLIT * (d + 2) * 4},
         {(void **)&g->sel, c * k * 4}, {(void **)&g->ids, c * 4}, {(void **)&g->offs, (E + 1) * 4},
         {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
@@ -567,10 +567,25 @@ static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
-/* Decode (one token per row pass) or chunks (8 per pass): the same sums. */
+static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
+    size_t shm = (size_t)lin_staged_bytes(a.w, kw);
+    switch (a.w.type) {
+#define CASE(T)                                                                  \
+    case T: k_linear1s<T, 2><<<grid, LIN_WARPS * WARP, shm, st>>>(a, kw); break;
+    CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
+    CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+#undef CASE
+    }
+}
+
+/* Decode (one token per row pass) or chunks (8 per pass): the same sums.
+ * Decode of routed experts stages its rows in shared memory (up to the
+ * 48 KB a launch gets without opting in; two chunks a lane, as Flash's). */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
-    if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024)
+        launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
+    else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else launch_linear<8>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw), slots), a, kw);
 }
 
@@ -718,7 +733,11 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
                        max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
         size_t shm = ((size_t)HI * (dI + 1) + 8 * HI) * sizeof(float);
-        k_indexer<<<n, 256, shm, st>>>(ia);
+        /* splits of >= 16 rows a warp, to ~256 blocks in all: a decode token
+         * fills the GPU, a prefill chunk loads its queries once a token */
+        int64_t split = std::min((ia.cap_rows + 127) / 128, std::max<int64_t>(1, 256 / n));
+        k_idx_score<<<dim3((unsigned)n, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
+        k_idx_select<<<n, IDX_SEL_THREADS, 0, st>>>(ia);
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,
@@ -854,4 +873,48 @@ static const ds4_backend CUDA_BACKEND = {
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {
     return &CUDA_BACKEND;
+}
+
+/* Device-to-device copy bandwidth for ds4.bench's decode bound: bytes read +
+ * written per second by the best of `repeats` copies of nbytes, after one
+ * untimed copy. Plain C types: Python calls it through ctypes. */
+extern "C" __attribute__((visibility("default"))) int ds4_cuda_copy_bandwidth(
+    int64_t nbytes, int repeats, double *out, char *err, size_t errlen) {
+    void *src = NULL, *dst = NULL;
+    cudaEvent_t ev[2] = {NULL, NULL};
+    cudaStream_t st = NULL;
+    float best = 0;
+    int rc = -1;
+#define CKB(call, what)                                   \
+    do {                                                  \
+        cudaError_t e_ = (call);                          \
+        if (e_ != cudaSuccess) {                          \
+            cuda_fail(e_, what, err, errlen);             \
+            goto out;                                     \
+        }                                                 \
+    } while (0)
+    CKB(cudaMalloc(&src, (size_t)nbytes), "allocating the copy-bandwidth buffers");
+    CKB(cudaMalloc(&dst, (size_t)nbytes), "allocating the copy-bandwidth buffers");
+    CKB(cudaMemset(src, 1, (size_t)nbytes), "copy bandwidth");
+    CKB(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "copy bandwidth");
+    for (int i = 0; i < 2; i++) CKB(cudaEventCreate(&ev[i]), "copy bandwidth");
+    for (int r = 0; r <= repeats; r++) {
+        float ms;
+        CKB(cudaEventRecord(ev[0], st), "copy bandwidth");
+        CKB(cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, st), "copy bandwidth");
+        CKB(cudaEventRecord(ev[1], st), "copy bandwidth");
+        CKB(cudaEventSynchronize(ev[1]), "copy bandwidth");
+        CKB(cudaEventElapsedTime(&ms, ev[0], ev[1]), "copy bandwidth");
+        if (r > 0 && (best == 0 || ms < best)) best = ms;
+    }
+    *out = 2.0 * (double)nbytes / (best * 1e-3);
+    rc = 0;
+#undef CKB
+out:
+    for (int i = 0; i < 2; i++)
+        if (ev[i]) cudaEventDestroy(ev[i]);
+    if (st) cudaStreamDestroy(st);
+    cudaFree(src);
+    cudaFree(dst);
+    return rc;
 }

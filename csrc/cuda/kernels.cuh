@@ -202,6 +202,99 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
     }
 }
 
+/* Decode rows of the routed experts (1 KB IQ2_XXS / Q2_K rows at 2-byte
+ * aligned 66 / 84-byte blocks): the block's LIN_RS rows per warp group are
+ * contiguous, so the block first copies them to shared memory with 16-byte
+ * loads, all in flight at once, then runs k_linear1's sums on the copy (the
+ * same bits). */
+#define LIN_RS 16
+
+/* Bytes [lo, hi) (both even) to sh, keeping lo's place within 16 bytes;
+ * returns where lo landed. Partial 16-byte chunks at the ends are read in
+ * 2-byte pieces, so nothing outside [lo, hi) is touched. */
+__device__ const uint8_t *d_stage(uint8_t *sh, const uint8_t *lo, const uint8_t *hi) {
+    uintptr_t l = (uintptr_t)lo, h = (uintptr_t)hi, a = l & ~(uintptr_t)15;
+    int n16 = (int)((h - a + 15) / 16);
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) {
+        uintptr_t c = a + 16 * (uintptr_t)i;
+        if (c >= l && c + 16 <= h) {
+            ((uint4 *)sh)[i] = __ldg((const uint4 *)c);
+        } else {
+            for (int j = 0; j < 16; j += 2)
+                if (c + j >= l && c + j < h) *(uint16_t *)(sh + 16 * i + j) = *(const uint16_t *)(c + j);
+        }
+    }
+    __syncthreads();
+    return sh + (l - a);
+}
+
+/* Shared bytes of k_linear1s for one matrix (the alignment slack included). */
+static inline int64_t lin_staged_bytes(const dmat &w, int kw) {
+    return (int64_t)(LIN_WARPS / kw) * LIN_RS * w.row_bytes + 32;
+}
+
+template <int TYPE, int LIN_MAXC>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw) {
+    extern __shared__ __align__(16) uint8_t wsh[];
+    __shared__ float red[LIN_WARPS][LIN_RS];
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
+    int rb = LIN_WARPS / kw * LIN_RS, rbeg = blockIdx.x * rb;
+    int rend = rbeg + rb < a.w.n_out ? rbeg + rb : a.w.n_out;
+    int g0 = rbeg + warp / kw * LIN_RS;   /* the warp group's first row */
+    const uint8_t *base = a.w.data;
+    int p0 = 0, p1 = 1;
+    if (a.active) {
+        int e = a.active[blockIdx.y];
+        if (e < 0) return;   /* the whole block */
+        base += (int64_t)e * a.expert_bytes;
+        p0 = a.offs[e];
+        p1 = a.offs[e + 1];
+    }
+    const uint8_t *srows = NULL;
+    for (int p = p0; p < p1; p++) {
+        const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        float4 xr[LIN_MAXC][2];
+#pragma unroll
+        for (int c = 0; c < LIN_MAXC; c++) {
+            int e0 = part * 256 + lane * 8 + c * 256 * kw;
+            if (e0 < a.w.n_in) {
+                xr[c][0] = *(const float4 *)(x + e0);
+                xr[c][1] = *(const float4 *)(x + e0 + 4);
+            }
+        }
+        /* the rows after the first x loads are issued, so both are in flight */
+        if (p == p0)
+            srows = d_stage(wsh, base + (int64_t)rbeg * a.w.row_bytes,
+                            base + (int64_t)rend * a.w.row_bytes);
+        /* row by row from shared memory (short latency): registers stay low */
+#pragma unroll 4
+        for (int i = 0; i < LIN_RS; i++) {
+            /* rows past the end compute on the last row, unused */
+            int r = g0 + i < rend ? g0 + i : rend - 1;
+            const uint8_t *row = srows + (int64_t)(r - rbeg) * a.w.row_bytes;
+            float acc = 0;
+#pragma unroll
+            for (int c = 0; c < LIN_MAXC; c++) {
+                int e0 = part * 256 + lane * 8 + c * 256 * kw;
+                if (e0 < a.w.n_in) {
+                    float w[8];
+                    deq8(TYPE, row, e0, w);
+                    acc = dot8(acc, w, xr[c][0], xr[c][1]);
+                }
+            }
+            float v = warp_sum(acc);
+            if (lane == 0) red[warp][i] = v;
+        }
+        __syncthreads();
+        if (part == 0 && lane < LIN_RS && g0 + lane < rend) {
+            float v = 0;
+            for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+            a.y[(int64_t)p * a.ys + g0 + lane] = v;
+        }
+        __syncthreads();
+    }
+}
+
 /* ---- row steps on global memory, one block per row ---- */
 
 /* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. */
@@ -524,11 +617,12 @@ __global__ void k_compress(comp_args a) {
     if (a.qat == QAT_FP4) d_qat_fp4(out, a.dim);
 }
 
-/* Lightning indexer (§3.7), one block per token: when more compressed rows
- * exist than top_k, the top_k by score (ties: lower index), in index order. */
+/* Lightning indexer (§3.7): when more compressed rows exist than top_k, the
+ * top_k by score (ties: lower index), in index order, as forward.c's sorts
+ * give. k_idx_score writes every row's score, k_idx_select picks the rows. */
 struct idx_args {
     const float *iq, *iw, *krows;
-    float *scores;   /* [n][2][cap_rows]: scores, then selection flags */
+    float *scores;   /* [n][cap_rows] */
     int *sel;        /* [n][top_k] */
     int *n_sel;      /* [n]: -1 = every row */
     const int64_t *pos0;
@@ -536,26 +630,24 @@ struct idx_args {
     int m, HI, dI, top_k;
 };
 
-__global__ void k_indexer(idx_args a) {
+/* Grid (token, split): a warp scores one row, a lane one head at a time, the
+ * splits share a token's rows so that one decode token fills the GPU. */
+__global__ void k_idx_score(idx_args a) {
     int t = blockIdx.x;
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
-    if (n_rows <= a.top_k) {
-        if (threadIdx.x == 0) a.n_sel[t] = -1;
-        return;
-    }
-    float *sc = a.scores + (int64_t)t * 2 * a.cap_rows;
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    if (n_rows <= a.top_k || (int64_t)blockIdx.y * nw >= n_rows) return;
+    float *sc = a.scores + (int64_t)t * a.cap_rows;
     const float *iq = a.iq + (int64_t)t * a.HI * a.dI, *iw = a.iw + (int64_t)t * a.HI;
     float score_scale = 1.0f / sqrtf((float)a.dI);
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
     /* the token's queries in shared memory, rows padded by one against bank
-     * conflicts; a warp scores one row, a lane one head at a time; the heads'
-     * terms are summed in head order as forward.c does */
+     * conflicts; the heads' terms are summed in head order as forward.c does */
     extern __shared__ float qsh[];   /* [HI][dI + 1], then [nw][HI] terms */
     float *terms = qsh + a.HI * (a.dI + 1) + wid * a.HI;
     for (int i = threadIdx.x; i < a.HI * a.dI; i += blockDim.x)
         qsh[(i / a.dI) * (a.dI + 1) + i % a.dI] = iq[i];
     __syncthreads();
-    for (int64_t r = wid; r < n_rows; r += nw) {
+    for (int64_t r = (int64_t)blockIdx.y * nw + wid; r < n_rows; r += (int64_t)gridDim.y * nw) {
         const float *K = a.krows + r * a.dI;
         for (int h = lane; h < a.HI; h += WARP) {
             const float *q = qsh + h * (a.dI + 1);
@@ -571,26 +663,106 @@ __global__ void k_indexer(idx_args a) {
         }
         __syncwarp();
     }
+}
+
+/* A score as a key where smaller = higher score; -0 and +0 are one key, as
+ * they compare equal in forward.c's sort. */
+__device__ __forceinline__ uint32_t d_desc_key(float f) {
+    uint32_t u = __float_as_uint(f);
+    if (u == 0x80000000u) u = 0;
+    return (u & 0x80000000u) ? u : ~(u | 0x80000000u);
+}
+
+/* Exclusive prefix sum of v over the block; *total = the block's sum. */
+__device__ __forceinline__ uint32_t d_block_scan(uint32_t v, uint32_t *ws, uint32_t *total) {
+    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    uint32_t x = v;
+    for (int o = 1; o < WARP; o <<= 1) {
+        uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == WARP - 1) ws[wid] = x;
     __syncthreads();
-    /* rank of each row; selected rows keep their index order */
-    float *flag = sc + a.cap_rows;
-    int *out = a.sel + (int64_t)t * a.top_k;
-    for (int64_t r = threadIdx.x; r < n_rows; r += blockDim.x) {
-        float s = sc[r];
-        int64_t rank = 0;
-        for (int64_t q = 0; q < n_rows && rank < a.top_k; q++) {
-            float v = sc[q];
-            rank += v > s || (v == s && q < r);
+    if (wid == 0) {
+        uint32_t s = lane < nw ? ws[lane] : 0;
+        for (int o = 1; o < WARP; o <<= 1) {
+            uint32_t y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
         }
-        flag[r] = rank < a.top_k;
+        if (lane < nw) ws[lane] = s;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        int c = 0;
-        for (int64_t r = 0; r < n_rows; r++)
-            if (flag[r] != 0) out[c++] = (int)r;
-        a.n_sel[t] = c;
+    uint32_t before = (wid ? ws[wid - 1] : 0) + x - v;
+    *total = ws[nw - 1];
+    __syncthreads();
+    return before;
+}
+
+#define IDX_SEL_THREADS 512   /* >= 256: a thread per histogram bin */
+
+/* One block per token. A radix select over the score keys, a byte a pass
+ * from the top, finds the key T of the top_k-th best row and how many rows
+ * of key T it takes (`need`, the lowest-indexed ones); one scan pass then
+ * writes the chosen rows in index order: row r goes to (better rows before
+ * r) + min(rows of key T before r, need). O(rows) and no sort. */
+__global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
+    int t = blockIdx.x;
+    int64_t n_rows = (*a.pos0 + t + 1) / a.m;
+    if (n_rows <= a.top_k) {
+        if (threadIdx.x == 0) a.n_sel[t] = -1;
+        return;
     }
+    if (a.top_k <= 0) {   /* no radix pass finds a 0th row */
+        if (threadIdx.x == 0) a.n_sel[t] = 0;
+        return;
+    }
+    const float *sc = a.scores + (int64_t)t * a.cap_rows;
+    int *out = a.sel + (int64_t)t * a.top_k;
+    __shared__ uint32_t hist[256], ws[WARP], s_prefix, s_rem;
+    int lane = threadIdx.x % WARP;
+    uint32_t prefix = 0, rem = (uint32_t)a.top_k;   /* rem: rank wanted among rows matching prefix */
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        uint32_t mask = shift == 24 ? 0 : 0xFFFFFFFFu << (shift + 8);
+        for (int64_t r0 = 0; r0 < n_rows; r0 += blockDim.x) {
+            int64_t r = r0 + threadIdx.x;
+            uint32_t k = r < n_rows ? d_desc_key(sc[r]) : 0;
+            bool live = r < n_rows && (k & mask) == prefix;
+            unsigned act = __ballot_sync(0xffffffffu, live);
+            if (live) {
+                /* lanes with the same bin add once: high bytes are mostly equal */
+                uint32_t bin = (k >> shift) & 255;
+                unsigned peers = __match_any_sync(act, bin);
+                if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
+            }
+        }
+        __syncthreads();
+        uint32_t c = threadIdx.x < 256 ? hist[threadIdx.x] : 0, tot;
+        uint32_t before = d_block_scan(c, ws, &tot);
+        if (threadIdx.x < 256 && before < rem && before + c >= rem) {
+            s_prefix = prefix | ((uint32_t)threadIdx.x << shift);
+            s_rem = rem - before;
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        rem = s_rem;
+    }
+    uint32_t T = prefix, need = rem, base_gt = 0, base_eq = 0;
+    for (int64_t r0 = 0; r0 < n_rows; r0 += blockDim.x) {
+        int64_t r = r0 + threadIdx.x;
+        uint32_t v = 0;   /* counts packed: key T rows << 16 | better rows */
+        if (r < n_rows) {
+            uint32_t k = d_desc_key(sc[r]);
+            v = k < T ? 1u : k == T ? 0x10000u : 0u;
+        }
+        uint32_t tot, before = d_block_scan(v, ws, &tot);
+        uint32_t gt = base_gt + (before & 0xFFFFu), eq = base_eq + (before >> 16);
+        if (v == 1u || (v && eq < need)) out[gt + (eq < need ? eq : need)] = (int)r;
+        base_gt += tot & 0xFFFFu;
+        base_eq += tot >> 16;
+    }
+    if (threadIdx.x == 0) a.n_sel[t] = a.top_k;
 }
 
 /* Attention with sinks (§3.9), split over the keys (the window rows, then the
