@@ -25,7 +25,8 @@ const ds4_backend *ds4_model_backend(const ds4_model *m) {
 const char *ds4_model_backend_name(const ds4_model *m) { return ds4_model_backend(m)->name; }
 
 int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, int synthetic,
-                          char *err, size_t errlen) {
+                          ds4_progress_fn progress, void *progress_user, char *err,
+                          size_t errlen) {
     if (m->backend) {
         snprintf(err, errlen, "the model already runs on %s", m->backend->name);
         return -1;
@@ -49,7 +50,7 @@ int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, i
         return -1;
     }
     if (b->model_init) {
-        int rc = b->model_init(m, synthetic, err, errlen);
+        int rc = b->model_init(m, synthetic, progress, progress_user, err, errlen);
         if (rc) {
             dlclose(h);
             return rc;
@@ -58,6 +59,16 @@ int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, i
     m->backend = b;
     m->backend_lib = h;
     return 0;
+}
+
+int ds4_model_copy_bandwidth(const ds4_model *m, int64_t nbytes, int repeats, double *out,
+                             char *err, size_t errlen) {
+    const ds4_backend *b = ds4_model_backend(m);
+    if (!b->copy_bandwidth) {
+        snprintf(err, errlen, "the %s backend does not measure its copy bandwidth", b->name);
+        return -1;
+    }
+    return b->copy_bandwidth(nbytes, repeats, out, err, errlen);
 }
 
 void ds4_model_release_backend(ds4_model *m) {

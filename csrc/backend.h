@@ -11,9 +11,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "model.h"
+
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 3
+#define DS4_BACKEND_ABI 4
 
 struct ds4_model;
 struct ds4_session;
@@ -23,7 +25,8 @@ typedef struct ds4_backend {
     const char *name;
     /* Weights onto the device (synthetic: random valid blocks instead of
      * the file's bytes). Sets m->backend_model. */
-    int (*model_init)(struct ds4_model *m, int synthetic, char *err, size_t errlen);
+    int (*model_init)(struct ds4_model *m, int synthetic, ds4_progress_fn progress,
+                      void *progress_user, char *err, size_t errlen);
     void (*model_free)(struct ds4_model *m);
     /* Device KV state for a new session (sets s->backend_state). */
     int (*session_init)(struct ds4_session *s, char *err, size_t errlen);
@@ -36,6 +39,10 @@ typedef struct ds4_backend {
      * (before save), and back (after restore). NULL: nothing to do. */
     int (*state_to_host)(struct ds4_session *s, char *err, size_t errlen);
     int (*state_from_host)(struct ds4_session *s, char *err, size_t errlen);
+    /* Bytes per second (read + write) of the best of `repeats` copies of
+     * `nbytes` within the device's memory: the decode bound's denominator.
+     * NULL: not measurable. */
+    int (*copy_bandwidth)(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
 } ds4_backend;
 
 /* The symbol a backend library exports. */

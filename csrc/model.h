@@ -71,11 +71,18 @@ int64_t ds4_model_n_warnings(const ds4_model *m);
 
 /* Runs the model on a compute backend: "cpu", or "cuda" from the shared
  * library at `library` (synthetic: random valid weights on the device
- * instead of the file's). Call before any session exists. Returns 0; -2
+ * instead of the file's). progress (may be NULL) hears of the bytes moved so
+ * far. Call before any session exists. Returns 0; -2
  * when the library or its device is not there; -1 on other failures (for
  * instance a model larger than the device). */
+typedef void (*ds4_progress_fn)(void *user, int64_t done, int64_t total);
 int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, int synthetic,
-                          char *err, size_t errlen);
+                          ds4_progress_fn progress, void *progress_user, char *err,
+                          size_t errlen);
+/* The backend's device-memory copy bandwidth (bytes/s, read + write). Returns
+ * 0, or -1 with a reason (a backend that cannot measure it says so). */
+int ds4_model_copy_bandwidth(const ds4_model *m, int64_t nbytes, int repeats, double *out,
+                             char *err, size_t errlen);
 const char *ds4_model_backend_name(const ds4_model *m);
 const char *ds4_model_warning(const ds4_model *m, int64_t i);
 

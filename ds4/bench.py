@@ -10,7 +10,6 @@ row decodes the same amount) and timed, then the session is rewound to the front
 Everything goes through the public API (ds4.load, Session.eval/rewind/kv_bytes), so
 it measures any backend.
 """
-import ctypes
 import os
 import re
 import time
@@ -21,6 +20,7 @@ import numpy as np
 
 from .errors import Error
 from .generation import PREFILL_CHUNK
+from .model import copy_bandwidth as backend_copy_bandwidth
 
 CSV_COLUMNS = ("ctx_tokens", "prefill_tokens", "prefill_tps", "gen_tokens", "gen_tps",
                "kvcache_bytes")
@@ -172,30 +172,9 @@ def cpu_copy_bandwidth(nbytes=1 << 30, repeats=4):
     return 2 * nbytes / best
 
 
-def cuda_copy_bandwidth(nbytes=1 << 30, repeats=5):
-    """Bytes moved per second (read + write) by the best of a few device-to-device
-    copies on the GPU, measured by the CUDA backend's library."""
-    from .model import cuda_library
-    path = cuda_library()
-    try:
-        lib = ctypes.CDLL(path) if path else None
-    except OSError as e:
-        raise Error(f"copy bandwidth: cannot load the CUDA backend library: {e}") from None
-    if lib is None or not hasattr(lib, "ds4_cuda_copy_bandwidth"):
-        raise Error("copy bandwidth: the CUDA backend library is not built (make cuda)")
-    fn = lib.ds4_cuda_copy_bandwidth
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
-                   ctypes.c_char_p, ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    out, err = ctypes.c_double(), ctypes.create_string_buffer(512)
-    if fn(nbytes, repeats, ctypes.byref(out), err, len(err)) != 0:
-        raise Error(f"copy bandwidth: {err.value.decode('utf-8', 'replace')}")
-    return out.value
-
-
 # One probe per backend.
 COPY_BANDWIDTH = {"cpu": lambda model: cpu_copy_bandwidth(),
-                  "cuda": lambda model: cuda_copy_bandwidth()}
+                  "cuda": lambda model: backend_copy_bandwidth(model)}
 
 
 def bandwidth_probe(model):

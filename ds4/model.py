@@ -1,5 +1,7 @@
 """Loading a DeepSeek V4 model file: `ds4.load`."""
 import os
+import sys
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -122,8 +124,9 @@ class Model:
             return "cpu"
         library = cuda_library()
         err = ffi.new("char[512]")
+        report = ffi.callback("void(void *, int64_t, int64_t)", UploadProgress(self.path))
         rc = lib.ds4_model_use_backend(self._m, b"cuda", (library or "").encode(), int(synthetic),
-                                       err, len(err))
+                                       report, ffi.NULL, err, len(err))
         if rc == 0:
             return "cuda"
         reason = ffi.string(err).decode("utf-8", "replace")
@@ -235,6 +238,36 @@ class Model:
 
 
 UNAVAILABLE = -2   # ds4_model_use_backend: no library or no device
+
+
+class UploadProgress:
+    """A progress line on stderr while the weights go to the GPU, once the copy
+    has taken more than a second (a tiny model loads silently)."""
+
+    def __init__(self, path):
+        self.name = os.path.basename(path)
+        self.start = time.monotonic()
+        self.shown = False
+
+    def __call__(self, _user, done, total):
+        elapsed = time.monotonic() - self.start
+        if elapsed < 1 and not self.shown:
+            return
+        self.shown = True
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rds4: {self.name} to the GPU: {done / 2**30:.1f} / "
+                         f"{total / 2**30:.1f} GiB ({done / 2**30 / max(elapsed, 1e-9):.1f} GiB/s)"
+                         + end)
+        sys.stderr.flush()
+
+
+def copy_bandwidth(model, nbytes=1 << 30, repeats=5):
+    """The model's backend's device-memory copy bandwidth (bytes/s, read + write)."""
+    out = ffi.new("double *")
+    err = ffi.new("char[512]")
+    if lib.ds4_model_copy_bandwidth(model._handle, nbytes, repeats, out, err, len(err)) != 0:
+        raise Error(f"copy bandwidth: {ffi.string(err).decode('utf-8', 'replace')}")
+    return out[0]
 
 
 def cuda_library():

@@ -3,7 +3,6 @@ backend), and how backend selection behaves without them.
 
 Agreement bar (issue 6): per position max|dlogit| / max|logit| <= 1e-3, and the
 argmax of both backends equal on >= 99.5% of the positions compared."""
-import types
 
 import numpy as np
 import pytest
@@ -220,11 +219,10 @@ def test_cuda_indexer_selection_over_many_rows_matches_cpu(tmp_path):
     t.check()
 
 
-def test_cuda_copy_bandwidth_without_its_library_is_a_clear_error(monkeypatch):
-    from ds4 import bench
-    monkeypatch.setenv("DS4_CUDA_LIB", "/nonexistent/_ds4_cuda.so")
-    with pytest.raises(ds4.Error, match="copy bandwidth: cannot load"):
-        bench.copy_bandwidth(types.SimpleNamespace(backend="cuda"))
+def test_copy_bandwidth_of_a_backend_that_cannot_measure_it_is_a_clear_error(tiny_q2):
+    m = ds4.load(tiny_q2, backend="cpu", ctx=64)
+    with pytest.raises(ds4.Error, match="copy bandwidth: the cpu backend does not measure"):
+        ds4.model.copy_bandwidth(m)
 
 
 @pytest.mark.gpu
@@ -232,4 +230,4 @@ def test_cuda_copy_bandwidth_is_a_positive_rate(tiny_q2):
     from ds4 import bench
     m = _cuda_model(tiny_q2, 64)
     assert bench.copy_bandwidth(m) > 0
-    assert bench.cuda_copy_bandwidth(nbytes=1 << 20, repeats=2) > 0
+    assert ds4.model.copy_bandwidth(m, nbytes=1 << 20, repeats=2) > 0

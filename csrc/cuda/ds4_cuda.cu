@@ -204,7 +204,8 @@ static void model_free(ds4_model *m) {
 
 #define STAGE_BYTES (64u << 20)
 
-static int model_init(ds4_model *m, int synthetic, char *err, size_t errlen) {
+static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, void *progress_user,
+                      char *err, size_t errlen) {
     int n_dev = 0;
     if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
         snprintf(err, errlen, "no CUDA GPU found");
@@ -294,6 +295,7 @@ static int model_init(ds4_model *m, int synthetic, char *err, size_t errlen) {
                 }
             }
             off += align_up((size_t)h->nbytes);
+            if (progress) progress(progress_user, (int64_t)off, (int64_t)total);
         }
         CKI(cudaStreamSynchronize(st), "weight upload");
     }
@@ -866,9 +868,11 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     return 0;
 }
 
+static int copy_bandwidth(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
+
 static const ds4_backend CUDA_BACKEND = {
     DS4_BACKEND_ABI, "cuda",        model_init,    model_free,     session_init,
-    session_free,    forward,       state_to_host, state_from_host,
+    session_free,    forward,       state_to_host, state_from_host, copy_bandwidth,
 };
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {
@@ -877,9 +881,8 @@ extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend
 
 /* Device-to-device copy bandwidth for ds4.bench's decode bound: bytes read +
  * written per second by the best of `repeats` copies of nbytes, after one
- * untimed copy. Plain C types: Python calls it through ctypes. */
-extern "C" __attribute__((visibility("default"))) int ds4_cuda_copy_bandwidth(
-    int64_t nbytes, int repeats, double *out, char *err, size_t errlen) {
+ * untimed copy. */
+static int copy_bandwidth(int64_t nbytes, int repeats, double *out, char *err, size_t errlen) {
     void *src = NULL, *dst = NULL;
     cudaEvent_t ev[2] = {NULL, NULL};
     cudaStream_t st = NULL;
