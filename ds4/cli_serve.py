@@ -35,8 +35,11 @@ def open_kv_cache(directory, space_mb, model):
 @click.option("--max-body-mb", default=64, show_default=True, type=click.IntRange(min=1),
               help="Largest request body accepted (HTTP 413 above).")
 @click.option("-v", "--verbose", is_flag=True, help="Log each request's cache decision.")
+@click.option("--trace", "trace_path", default=None, type=click.Path(dir_okay=False),
+              help="Append a human-readable log of every request (raw JSON, cache decision, "
+                   "rendered prompt, generated text, tool calls) to this file.")
 def serve(model_path, backend, threads, host, port, ctx, kv_disk_dir, kv_disk_space_mb, cors,
-          api_key, max_queue, max_body_mb, verbose):
+          api_key, max_queue, max_body_mb, verbose, trace_path):
     """Serve the model over HTTP (OpenAI chat/completions/responses, Anthropic messages)."""
     from .server import Server, load_engine, serve as run_server
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -45,8 +48,15 @@ def serve(model_path, backend, threads, host, port, ctx, kv_disk_dir, kv_disk_sp
     kv_cache = None
     if kv_disk_dir:
         kv_cache = open_kv_cache(kv_disk_dir, kv_disk_space_mb, engine.model)
+    trace = None
+    if trace_path:
+        from .server.trace import Trace
+        try:
+            trace = Trace(trace_path)
+        except OSError as exc:
+            raise Error(f"cannot open the trace file {trace_path}: {exc.strerror}") from None
     server = Server(engine, max_queue=max_queue, kv_cache=kv_cache, api_key=api_key, cors=cors,
-                    max_body_mb=max_body_mb)
+                    max_body_mb=max_body_mb, trace=trace)
     try:
         run_server(server, host, port, log_fn=lambda s: click.echo(s, err=True))
     except OSError as exc:

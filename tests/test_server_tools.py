@@ -233,3 +233,48 @@ def test_dsml_without_tools_in_the_request_is_reported_whole_at_the_end(harness)
     call = with_calls[0].choices[0].delta.tool_calls[0]
     assert call.function.name == "bash" and json.loads(call.function.arguments) == ARGS
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_trace_file_logs_request_cache_decision_prompt_generation_and_calls(tiny_tokenizer,
+                                                                            tmp_path):
+    from ds4.server.trace import Trace
+    from test_server_support import start_harness
+    trace = Trace(tmp_path / "trace.log")
+    h = start_harness(tiny_tokenizer, trace=trace)
+    try:
+        client = h.openai()
+        messages = [{"role": "user", "content": "List files"}]
+        h.engine.script(CALL_PIECES)
+        first = client.chat.completions.create(model="deepseek-v4-flash", messages=messages,
+                                               tools=[BASH_OPENAI])
+        h.engine.script("ok</think>Two files.")
+        messages += [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
+                      "content": "a.c\nb.c"}]
+        client.chat.completions.create(model="deepseek-v4-flash", messages=messages,
+                                       tools=[BASH_OPENAI])
+    finally:
+        h.thread.stop()
+    log = (tmp_path / "trace.log").read_text()
+    blocks = log.split("=== ")[1:]
+    assert len(blocks) == 2 and all(" POST /v1/chat/completions\n" in b for b in blocks)
+    request = json.loads(blocks[0].split("request: ", 1)[1].split("\n", 1)[0])
+    assert request["messages"] == [{"role": "user", "content": "List files"}]
+    assert "cache: cold" in blocks[0]
+    assert "cache: memory-" in blocks[1] and "is a prefix of the prompt" in blocks[1]
+    assert "".join(CALL_PIECES) in blocks[0]      # the generated text, as sampled
+    call = first.choices[0].message.tool_calls[0].function
+    assert f"--- tool calls\n{call.name}({call.arguments})" in blocks[0]
+    assert "Two files." in blocks[1]
+
+
+def test_trace_names_the_first_mismatch_with_tokens_around_it(tiny_tokenizer):
+    from ds4.server.trace import mismatch_window
+    live = tiny_tokenizer.encode("the cat sat on the mat today")
+    ids = tiny_tokenizer.encode("the cat sat on a hat today")
+    at = next(i for i, (a, b) in enumerate(zip(live, ids)) if a != b)
+    text = mismatch_window(tiny_tokenizer, live, ids)
+    assert text.startswith(f"first mismatch at token {at} (live {len(live)}, prompt {len(ids)})")
+    shown_live, shown_prompt = text.splitlines()[1], text.splitlines()[2]
+    assert json.dumps(tiny_tokenizer.decode([live[at]])) in shown_live
+    assert json.dumps(tiny_tokenizer.decode([ids[at]])) in shown_prompt

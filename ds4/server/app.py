@@ -64,10 +64,10 @@ class Server:
     """Everything one ``ds4 serve`` process shares: engine, worker, replay memory."""
 
     def __init__(self, engine, *, max_queue=16, kv_cache=None, api_key=None, cors=False,
-                 keepalive=5.0, max_body_mb=64, tool_memory_max_ids=100_000):
+                 keepalive=5.0, max_body_mb=64, tool_memory_max_ids=100_000, trace=None):
         self.engine = engine
         self.ctx = engine.ctx
-        self.worker = Worker(engine, max_queue=max_queue, kv_cache=kv_cache)
+        self.worker = Worker(engine, max_queue=max_queue, kv_cache=kv_cache, trace=trace)
         self.replay = LockedReplay(tool_memory_max_ids)
         self.api_key = api_key
         self.cors = cors
@@ -137,6 +137,8 @@ class Server:
     async def _on_cleanup(self, app):
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
         self._prep_pool.shutdown(wait=False)
+        if self.worker.trace is not None:
+            self.worker.trace.close()
 
     async def prepare(self, module, body, raw):
         loop = asyncio.get_running_loop()
@@ -149,6 +151,8 @@ def _endpoint(module):
         raw = await request.read()
         body = rq.parse_body(raw)
         prep = await server.prepare(module, body, raw)
+        if server.worker.trace is not None:
+            prep.extra.update(endpoint=request.path, request=raw.decode("utf-8", "replace"))
         return await module.respond(request, server, prep)
     return handler
 

@@ -94,7 +94,8 @@ class Turn:
 
         job = Job(text=prep.text, ids=prep.ids, thinking=prep.thinking, tools=prep.tools,
                   max_tokens=prep.max_tokens, params=prep.params, stop=prep.stop,
-                  chat=not self.raw, keeps_reasoning=prep.keeps_reasoning, emit=emit)
+                  chat=not self.raw, keeps_reasoning=prep.keeps_reasoning, emit=emit,
+                  endpoint=prep.extra.get("endpoint", ""), request=prep.extra.get("request", ""))
         try:
             server.worker.submit(job)
         except QueueFull:

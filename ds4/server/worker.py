@@ -52,6 +52,8 @@ class Job:
     chat: bool = True              # a chat API (not raw completions): remember visible text
     keeps_reasoning: bool = False  # the prompt keeps earlier turns' reasoning (tool context)
     emit: object = None            # callable(event tuple), thread-safe
+    endpoint: str = ""             # for --trace: the path and the raw request JSON
+    request: str = ""
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -66,10 +68,11 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine, *, max_queue=16, kv_cache=None):
+    def __init__(self, engine, *, max_queue=16, kv_cache=None, trace=None):
         self.engine = engine
         self.max_queue = max_queue
         self.kv_cache = kv_cache
+        self.trace = trace          # a ds4.server.trace.Trace, or None
         self._jobs = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -217,9 +220,14 @@ class Worker:
         log.info("prompt %d tokens: %s, %d reused, %d evaluated", len(ids), source,
                  len(ids) - prefilled, prefilled)
         job.emit(("prompt", len(ids), len(ids) - prefilled, source))
-        self._generate(job, ids)
+        cache = None
+        if self.trace is not None:
+            from .trace import mismatch_window
+            cache = (f"cache: {source}, {len(ids)} prompt tokens, {len(ids) - prefilled} reused, "
+                     f"{prefilled} evaluated\n{mismatch_window(eng.tokenizer, live, ids)}")
+        self._generate(job, ids, cache)
 
-    def _generate(self, job, prompt_ids):
+    def _generate(self, job, prompt_ids, cache=None):
         eng = self.engine
         tok_eos = eng.tokenizer.eos_id
         max_tokens = max(0, min(job.max_tokens, eng.ctx - len(prompt_ids)))
@@ -273,6 +281,11 @@ class Worker:
             at = stops.find("".join(raw))
             matched = "".join(raw)[at[0]:at[0] + at[1]] if at else None
         job.emit(("done", finish, n, monitor.saw_start, matched))
+        if self.trace is not None:
+            text = "".join(raw)
+            parsed = parse_generated(text, thinking=job.thinking) if job.chat else None
+            self.trace.write(job, cache=cache, generated=text, finish=finish,
+                             completion_tokens=n, parsed=parsed)
         # After the reply: the last sampled token joins the KV state, so the
         # next turn's prompt (which contains it) is a pure extension.
         if pending is not None and not job.cancel.is_set():
