@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <string.h>
 
 #include "weights.h"
@@ -590,6 +591,26 @@ fail:
 }
 
 void ds4_model_close(ds4_model *m) { ds4_model_release(m); }
+
+/* Reads every page of the tensor data once, so the first tokens do not stall
+ * on page faults; the kernel is asked to read ahead a chunk at a time. */
+int64_t ds4_model_warm(const ds4_model *m, ds4_progress_fn progress, void *user) {
+    const uint8_t *base = ds4_gguf_base(m->gguf);
+    uint64_t start = ds4_gguf_data_offset(m->gguf), end = ds4_gguf_file_size(m->gguf);
+    const uint64_t chunk = (uint64_t)64 << 20, page = 4096;
+    volatile uint8_t sink = 0;
+    for (uint64_t at = start; at < end; at += chunk) {
+        uint64_t len = end - at < chunk ? end - at : chunk;
+        uint64_t aligned = at & ~(page - 1);
+        madvise((void *)(base + aligned), (size_t)(at + len - aligned), MADV_WILLNEED);
+        uint8_t acc = 0;
+        for (uint64_t p = at; p < at + len; p += page) acc ^= base[p];
+        sink ^= acc;
+        if (progress) progress(user, (int64_t)(at + len - start), (int64_t)(end - start));
+    }
+    (void)sink;
+    return (int64_t)(end - start);
+}
 
 void ds4_model_retain(const ds4_model *m) {
     /* the count is the one mutable part of a model that sessions share as const */

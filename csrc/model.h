@@ -79,6 +79,8 @@ typedef void (*ds4_progress_fn)(void *user, int64_t done, int64_t total);
 int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, int synthetic,
                           ds4_progress_fn progress, void *progress_user, char *err,
                           size_t errlen);
+/* Reads the tensor data once (page cache warm-up); returns its bytes. */
+int64_t ds4_model_warm(const ds4_model *m, ds4_progress_fn progress, void *user);
 /* The backend's device-memory copy bandwidth (bytes/s, read + write). Returns
  * 0, or -1 with a reason (a backend that cannot measure it says so). */
 int ds4_model_copy_bandwidth(const ds4_model *m, int64_t nbytes, int repeats, double *out,

@@ -22,6 +22,9 @@ def model_options(f):
         click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"])),
         click.option("--ctx", default=32768, show_default=True, help="Context size in tokens."),
         click.option("-t", "--threads", default=None, type=int, help="CPU threads."),
+        click.option("--warm-weights", is_flag=True,
+                     help="Read the whole model file first (progress shown), so the first "
+                          "tokens do not wait on the disk."),
         click.option("-n", "--max-tokens", default=50000, show_default=True),
         click.option("--temp", "temperature", default=1.0, show_default=True),
         click.option("--top-p", default=1.0, show_default=True),
@@ -39,10 +42,12 @@ def model_options(f):
     return f
 
 
-def open_model(model_path, backend, ctx, threads):
+def open_model(model_path, backend, ctx, threads, warm_weights=False):
     from .model import load
     t0 = time.time()
     model = load(model_path, backend=backend, ctx=ctx, threads=threads)
+    if warm_weights and model.backend == "cpu":
+        model.warm()
     model.tokenizer  # built now, so the load time below includes it
     if time.time() - t0 > 2:
         click.echo(f"ds4: loaded {os.path.basename(model.path)} in {time.time() - t0:.1f}s",
@@ -132,7 +137,8 @@ def run(prompt, prompt_file, **opts):
         if sys.stdin.isatty():
             raise click.UsageError("no prompt: pass one, use --prompt-file, or pipe it on stdin")
         prompt = sys.stdin.read()
-    model = open_model(opts["model_path"], opts["backend"], opts["ctx"], opts["threads"])
+    model = open_model(opts["model_path"], opts["backend"], opts["ctx"], opts["threads"],
+                       opts["warm_weights"])
     tok = model.tokenizer
     if prompt.startswith(tmpl.BOS):   # already rendered: server-path tokenization
         ids = tok.encode(prompt, special=True)
@@ -228,7 +234,8 @@ def chat(**opts):
     """Talk with the model: a REPL on a live KV state."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
-    model = open_model(opts["model_path"], opts["backend"], opts["ctx"], opts["threads"])
+    model = open_model(opts["model_path"], opts["backend"], opts["ctx"], opts["threads"],
+                       opts["warm_weights"])
     conv = Conversation(model, opts)
     history = FileHistory(os.path.expanduser("~/.ds4_history"))
     prompt = PromptSession(history=history)

@@ -18,6 +18,8 @@ def open_kv_cache(directory, space_mb, model):
               help="GGUF file (default: $DS4_MODEL, ./ds4flash.gguf, the download dir).")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"]))
 @click.option("-t", "--threads", default=None, type=int, help="CPU threads.")
+@click.option("--warm-weights", is_flag=True,
+              help="Read the whole model file before serving (progress shown).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 to accept other machines).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
@@ -38,13 +40,14 @@ def open_kv_cache(directory, space_mb, model):
 @click.option("--trace", "trace_path", default=None, type=click.Path(dir_okay=False),
               help="Append a human-readable log of every request (raw JSON, cache decision, "
                    "rendered prompt, generated text, tool calls) to this file.")
-def serve(model_path, backend, threads, host, port, ctx, kv_disk_dir, kv_disk_space_mb, cors,
-          api_key, max_queue, max_body_mb, verbose, trace_path):
+def serve(model_path, backend, threads, warm_weights, host, port, ctx, kv_disk_dir,
+          kv_disk_space_mb, cors, api_key, max_queue, max_body_mb, verbose, trace_path):
     """Serve the model over HTTP (OpenAI chat/completions/responses, Anthropic messages)."""
     from .server import Server, load_engine, serve as run_server
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ds4: %(message)s")
-    engine = load_engine(model_path, ctx=ctx, backend=backend, threads=threads)
+    engine = load_engine(model_path, ctx=ctx, backend=backend, threads=threads,
+                         warm_weights=warm_weights)
     kv_cache = None
     if kv_disk_dir:
         kv_cache = open_kv_cache(kv_disk_dir, kv_disk_space_mb, engine.model)

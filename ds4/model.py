@@ -124,7 +124,7 @@ class Model:
             return "cpu"
         library = cuda_library()
         err = ffi.new("char[512]")
-        report = ffi.callback("void(void *, int64_t, int64_t)", UploadProgress(self.path))
+        report = progress_callback(LoadProgress(f"{os.path.basename(self.path)} to the GPU"))
         rc = lib.ds4_model_use_backend(self._m, b"cuda", (library or "").encode(), int(synthetic),
                                        report, ffi.NULL, err, len(err))
         if rc == 0:
@@ -144,6 +144,14 @@ class Model:
         if self._m is None:
             raise Error(f"{self.path}: the model is closed")
         return self._m
+
+    def warm(self, progress=None):
+        """Reads the weights once into the page cache, so the first tokens do not
+        wait on the disk; progress(done_bytes, total_bytes), else a line on stderr
+        when it takes a while. Returns the bytes read. (A GPU backend has read
+        them already, copying them to the device.)"""
+        report = progress or LoadProgress(f"reading {os.path.basename(self.path)}")
+        return lib.ds4_model_warm(self._handle, progress_callback(report), ffi.NULL)
 
     def session(self, ctx=None, *, numerics=None, threads=None):
         """A new, empty KV state (ctx defaults to the model's)."""
@@ -240,25 +248,30 @@ class Model:
 UNAVAILABLE = -2   # ds4_model_use_backend: no library or no device
 
 
-class UploadProgress:
-    """A progress line on stderr while the weights go to the GPU, once the copy
+class LoadProgress:
+    """A progress line on stderr while weights are read or copied, once the work
     has taken more than a second (a tiny model loads silently)."""
 
-    def __init__(self, path):
-        self.name = os.path.basename(path)
+    def __init__(self, what):
+        self.what = what
         self.start = time.monotonic()
         self.shown = False
 
-    def __call__(self, _user, done, total):
+    def __call__(self, done, total):
         elapsed = time.monotonic() - self.start
         if elapsed < 1 and not self.shown:
             return
         self.shown = True
         end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rds4: {self.name} to the GPU: {done / 2**30:.1f} / "
-                         f"{total / 2**30:.1f} GiB ({done / 2**30 / max(elapsed, 1e-9):.1f} GiB/s)"
-                         + end)
+        sys.stderr.write(f"\rds4: {self.what}: {done / 2**30:.1f} / {total / 2**30:.1f} GiB "
+                         f"({done / 2**30 / max(elapsed, 1e-9):.1f} GiB/s)" + end)
         sys.stderr.flush()
+
+
+def progress_callback(report):
+    """A native ds4_progress_fn calling report(done, total); keep it alive for the call."""
+    return ffi.callback("void(void *, int64_t, int64_t)",
+                        lambda _user, done, total: report(done, total))
 
 
 def copy_bandwidth(model, nbytes=1 << 30, repeats=5):

@@ -156,3 +156,10 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tiny_q2, tmp_pat
     finally:
         child.close(force=True)
     assert second == expected_turn_tokens(tiny_q2, "short")
+
+
+def test_warm_weights_run_answers_the_same(tiny_q2):
+    base = ("run", "-m", str(tiny_q2), "--temp", "0", "-n", "6", "--nothink", "hi")
+    warm = ds4_cli(*base[:1], "--warm-weights", *base[1:])
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout == ds4_cli(*base).stdout

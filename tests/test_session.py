@@ -303,3 +303,13 @@ def test_unknown_snapshot_version_is_refused(model, tmp_path):
     (tmp_path / "v3.ds4s").write_bytes(bytes(blob))
     with pytest.raises(ds4.Error, match="version 3, this ds4 reads 1 to 2"):
         ds4.Session.restore(model, tmp_path / "v3.ds4s", ctx=64)
+
+
+def test_warm_reads_every_byte_of_tensor_data_and_reports_progress(tiny_q2):
+    import gguf
+    data_bytes = tiny_q2.stat().st_size - gguf.GGUFReader(tiny_q2).data_offset
+    seen = []
+    with ds4.load(tiny_q2, backend="cpu", ctx=64) as m:
+        assert m.warm(lambda done, total: seen.append((done, total))) == data_bytes
+    assert seen and seen[-1] == (data_bytes, data_bytes)
+    assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))

@@ -181,11 +181,13 @@ class ScriptedEngine:
         self.session.rewind(0)
 
 
-def load_engine(model_path, *, ctx, backend="auto", threads=None):
+def load_engine(model_path, *, ctx, backend="auto", threads=None, warm_weights=False):
     """A ModelEngine on a model file (ds4.Error with one line if it cannot load)."""
     from ..model import load
     try:
         model = load(model_path, backend=backend, ctx=ctx, threads=threads)
+        if warm_weights and model.backend == "cpu":
+            model.warm()
         model.tokenizer
     except (OSError, ValueError) as exc:
         raise Error(str(exc)) from None
