@@ -525,16 +525,6 @@ def init_kind(name: str) -> tuple[str, float]:
     return "linear", 0.0
 
 
-def target_std(t: PlannedTensor) -> float | None:
-    """The intended std of a matrix-like tensor's dequantized values (None: special)."""
-    kind, p = init_kind(t.name)
-    if kind == "linear":
-        return 1.0 / np.sqrt(t.ne[0])
-    if kind == "std":
-        return p
-    return None
-
-
 def _moments_uniform_int(lo, hi):
     v = np.arange(lo, hi + 1, dtype=np.float64)
     return v.mean(), (v * v).mean()
