@@ -42,6 +42,5 @@ void ds4_rope_freqs(float *freqs, int rope_dim, float base, int yarn, float fact
 void ds4_rope(float *x, int64_t dim, int rope_dim, const float *freqs, int64_t pos, int sign);
 
 static inline float ds4_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
-static inline float ds4_silu(float z) { return z / (1.0f + expf(-z)); }
 
 #endif

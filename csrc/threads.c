@@ -96,7 +96,6 @@ void ds4_pool_free(ds4_pool *p) {
     free(p);
 }
 
-int ds4_pool_size(const ds4_pool *p) { return p ? p->n_threads : 1; }
 
 void ds4_parallel_for(ds4_pool *p, int64_t n, int64_t grain, ds4_range_fn fn, void *ctx) {
     if (n <= 0) return;

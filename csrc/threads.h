@@ -12,7 +12,6 @@ typedef void (*ds4_range_fn)(void *ctx, int64_t begin, int64_t end, int thread);
 /* n_threads <= 0: one per online CPU. Returns NULL when out of memory. */
 ds4_pool *ds4_pool_new(int n_threads);
 void ds4_pool_free(ds4_pool *p);
-int ds4_pool_size(const ds4_pool *p);
 
 /* Splits [0, n) into contiguous slices of at least `grain` items, one per
  * thread, and returns when all are done. The caller's thread works too. */
