@@ -12,6 +12,15 @@ from . import requests as rq
 from .sse import SSE
 from .turn import KEEPALIVE, Failure, Final, PromptDone, Turn
 
+
+async def stream_failure(sse, failure):
+    """The engine failed: a 500 before any output, else an SSE error event (OpenAI shape)."""
+    if not sse.open:
+        raise rq.ApiError(500, failure.message, kind="server_error")
+    await sse.send({"error": {"message": failure.message, "type": "server_error"}}, event="error")
+    return await sse.close()
+
+
 OPENAI_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "error": "error"}
 
 
@@ -97,11 +106,7 @@ async def respond(request, server, prep: rq.Prepared):
                 else:
                     whole[-1]["function"]["arguments"] = ev.arguments
             elif isinstance(ev, Failure):
-                if not sse.open:
-                    raise rq.ApiError(500, ev.message, kind="server_error")
-                await sse.send({"error": {"message": ev.message, "type": "server_error"}},
-                               event="error")
-                return await sse.close()
+                return await stream_failure(sse, ev)
             elif isinstance(ev, Final):
                 rest = unsent_text(ev.message, text)
                 if rest:

@@ -10,7 +10,7 @@ from aiohttp import web
 from ..chat import render_completion
 from ..dsml import TextDelta
 from . import requests as rq
-from .openai_chat import OPENAI_FINISH, collect
+from .openai_chat import OPENAI_FINISH, collect, stream_failure
 from .sse import SSE
 from .turn import KEEPALIVE, Failure, Final, Turn
 
@@ -59,11 +59,7 @@ async def respond(request, server, prep: rq.Prepared):
             elif isinstance(ev, TextDelta):
                 await sse.send(body(ev.text))
             elif isinstance(ev, Failure):
-                if not sse.open:
-                    raise rq.ApiError(500, ev.message, kind="server_error")
-                await sse.send({"error": {"message": ev.message, "type": "server_error"}},
-                               event="error")
-                return await sse.close()
+                return await stream_failure(sse, ev)
             elif isinstance(ev, Final):
                 await sse.send(body("", OPENAI_FINISH[ev.finish]))
                 if prep.include_usage:
