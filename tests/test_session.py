@@ -205,6 +205,15 @@ def test_compact_restore_continues_bitwise_like_the_original(case, tmp_path):
         np.testing.assert_array_equal(r.eval([t]), s.eval([t]))
 
 
+def assert_rewind_continues_like_a_fresh_session(m, session, ids, n, k):
+    """After rewind(n), the next k tokens give bitwise the logits of a session fed ids[:n]."""
+    session.rewind(n)
+    fresh = m.session()
+    fresh.eval(ids[:n])
+    np.testing.assert_array_equal(session.eval(ids[n:n + k], all_logits=True),
+                                  fresh.eval(ids[n:n + k], all_logits=True))
+
+
 def test_rewinds_after_a_compact_restore_equal_a_fresh_session(case, tmp_path):
     m, T, k = case
     ids = long_ids(T + k, seed=1)
@@ -213,11 +222,7 @@ def test_rewinds_after_a_compact_restore_equal_a_fresh_session(case, tmp_path):
     r = compact_copy(m, s, tmp_path / "c.ds4s")
     r.eval(ids[T:])
     for n in (T + k // 2, T, T - 3, 1):     # above the floor: cheap; below: replayed
-        r.rewind(n)
-        fresh = m.session()
-        fresh.eval(ids[:n])
-        np.testing.assert_array_equal(r.eval(ids[n:n + 6], all_logits=True),
-                                      fresh.eval(ids[n:n + 6], all_logits=True))
+        assert_rewind_continues_like_a_fresh_session(m, r, ids, n, 6)
 
 
 def test_full_snapshot_after_a_compact_restore_keeps_the_floor(case, tmp_path):
@@ -233,11 +238,7 @@ def test_full_snapshot_after_a_compact_restore_keeps_the_floor(case, tmp_path):
     assert os.path.getsize(tmp_path / "full.ds4s") == snapshot_bytes(m.config, T + k, T, True)
     again = ds4.Session.restore(m, tmp_path / "full.ds4s")
     for n in (T + 1, T - 2):
-        again.rewind(n)
-        fresh = m.session()
-        fresh.eval(ids[:n])
-        np.testing.assert_array_equal(again.eval(ids[n:n + 4], all_logits=True),
-                                      fresh.eval(ids[n:n + 4], all_logits=True))
+        assert_rewind_continues_like_a_fresh_session(m, again, ids, n, 4)
 
 
 def test_compact_snapshot_with_unknown_logits_can_evaluate_its_last_token_again(case, tmp_path):
@@ -250,11 +251,7 @@ def test_compact_snapshot_with_unknown_logits_can_evaluate_its_last_token_again(
     s.save(tmp_path / "c.ds4s", compact=True)
     assert os.path.getsize(tmp_path / "c.ds4s") == snapshot_bytes(m.config, T, T - 1, False)
     r = ds4.Session.restore(m, tmp_path / "c.ds4s")
-    r.rewind(T - 1)
-    fresh = m.session()
-    fresh.eval(ids[:T - 1])
-    np.testing.assert_array_equal(r.eval(ids[T - 1:], all_logits=True),
-                                  fresh.eval(ids[T - 1:], all_logits=True))
+    assert_rewind_continues_like_a_fresh_session(m, r, ids, T - 1, len(ids) - (T - 1))
 
 
 def test_snapshot_sizes_follow_the_layout(case, tmp_path):
