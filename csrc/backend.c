@@ -15,6 +15,7 @@ static int cpu_forward(ds4_session *s, int64_t n, float *logits, int all_logits,
 const ds4_backend ds4_cpu_backend = {
     .abi = DS4_BACKEND_ABI,
     .name = "cpu",
+    .prefill_chunk = 256,
     .forward = cpu_forward,
 };
 
@@ -23,6 +24,8 @@ const ds4_backend *ds4_model_backend(const ds4_model *m) {
 }
 
 const char *ds4_model_backend_name(const ds4_model *m) { return ds4_model_backend(m)->name; }
+
+int ds4_model_prefill_chunk(const ds4_model *m) { return ds4_model_backend(m)->prefill_chunk; }
 
 int ds4_model_use_backend(ds4_model *m, const char *name, const char *library, int synthetic,
                           ds4_progress_fn progress, void *progress_user, char *err,

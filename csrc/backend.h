@@ -15,7 +15,7 @@
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 4
+#define DS4_BACKEND_ABI 5
 
 struct ds4_model;
 struct ds4_session;
@@ -23,6 +23,9 @@ struct ds4_session;
 typedef struct ds4_backend {
     int abi;
     const char *name;
+    /* The most tokens one forward call takes: the core splits longer evals
+     * into chunks this size (bigger chunks feed a GPU's matrix units). */
+    int prefill_chunk;
     /* Weights onto the device (synthetic: random valid blocks instead of
      * the file's bytes). Sets m->backend_model. */
     int (*model_init)(struct ds4_model *m, int synthetic, ds4_progress_fn progress,

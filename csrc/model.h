@@ -86,6 +86,9 @@ int64_t ds4_model_warm(const ds4_model *m, ds4_progress_fn progress, void *user)
 int ds4_model_copy_bandwidth(const ds4_model *m, int64_t nbytes, int repeats, double *out,
                              char *err, size_t errlen);
 const char *ds4_model_backend_name(const ds4_model *m);
+/* Tokens per forward call of the model's backend (an eval is run in chunks
+ * of this size). */
+int ds4_model_prefill_chunk(const ds4_model *m);
 const char *ds4_model_warning(const ds4_model *m, int64_t i);
 
 #endif

@@ -10,7 +10,6 @@
 #include "session_state.h"
 #include "weights.h"
 
-#define PREFILL_CHUNK 256
 #define REWIND_BUDGET 512
 #define SNAPSHOT_MAGIC 0x53345344u   /* "DS4S" */
 #define SNAPSHOT_VERSION 2u   /* 2: + the rewind floor; 1 is still read */
@@ -138,8 +137,9 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logit
         }
     int64_t start = s->n_tokens;
     memcpy(s->ids + start, ids, (size_t)n * sizeof *ids);
+    const int64_t chunk = ds4_model_prefill_chunk(s->model);
     for (int64_t done = 0; done < n;) {
-        int64_t len = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
+        int64_t len = n - done < chunk ? n - done : chunk;
         int last = done + len == n;
         float *out = NULL;
         if (all_logits && logits) out = logits + done * cf->n_vocab;

@@ -19,7 +19,7 @@ from importlib import resources
 import numpy as np
 
 from .errors import Error
-from .generation import PREFILL_CHUNK
+from .generation import prefill_step
 from .model import copy_bandwidth as backend_copy_bandwidth
 
 CSV_COLUMNS = ("ctx_tokens", "prefill_tokens", "prefill_tps", "gen_tokens", "gen_tps",
@@ -102,11 +102,11 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
             progress(frontier, "prefill", 0, len(todo))
         t0 = time.perf_counter()
         # the chunking `ds4 run` prefills with, so the numbers are what users get
-        for start in range(0, len(todo), PREFILL_CHUNK):
-            logits = session.eval(todo[start:start + PREFILL_CHUNK])
+        step = prefill_step(session)
+        for start in range(0, len(todo), step):
+            logits = session.eval(todo[start:start + step])
             if progress:
-                progress(frontier, "prefill", min(start + PREFILL_CHUNK, len(todo)),
-                         len(todo))
+                progress(frontier, "prefill", min(start + step, len(todo)), len(todo))
         prefill_s = time.perf_counter() - t0
         kv = session.kv_bytes
         generated = []

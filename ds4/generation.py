@@ -12,6 +12,13 @@ from .sampling import Sampler
 PREFILL_CHUNK = 512
 
 
+def prefill_step(session):
+    """Tokens per eval call of a prefill: the backend's own chunk (2048 on
+    CUDA, whose matrix units want long chunks), and at least PREFILL_CHUNK so
+    that progress is reported between calls without slowing the CPU."""
+    return max(PREFILL_CHUNK, session.prefill_chunk)
+
+
 class Piece(str):
     """A piece of generated text; `kind` is "reasoning" or "answer"."""
 
@@ -61,10 +68,11 @@ def prefill(session, ids, progress=None):
     session.rewind(keep)
     todo = ids[keep:]
     logits = None
-    for start in range(0, len(todo), PREFILL_CHUNK):
-        logits = session.eval(todo[start:start + PREFILL_CHUNK])
+    step = prefill_step(session)
+    for start in range(0, len(todo), step):
+        logits = session.eval(todo[start:start + step])
         if progress:
-            progress(min(start + PREFILL_CHUNK, len(todo)), len(todo))
+            progress(min(start + step, len(todo)), len(todo))
     return logits, len(todo)
 
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import Error
-from .generation import PREFILL_CHUNK
+from .generation import prefill_step
 from .native import ffi, lib
 
 MAGIC = b"KVC"
@@ -309,10 +309,10 @@ class DiskKVCache:
         self._start_request(session, keep)
         points = self.save_points(ids, keep)
         cold = self.cold_save_length(ids) if keep < self.min_tokens else None
-        pos, logits = keep, None
+        pos, logits, step = keep, None, prefill_step(session)
         for stop in points + [len(ids)]:
             while pos < stop:
-                end = min(pos + PREFILL_CHUNK, stop)
+                end = min(pos + step, stop)
                 logits = session.eval(ids[pos:end])
                 pos = end
                 if progress:

@@ -47,6 +47,11 @@ class Session:
         return np.frombuffer(ffi.buffer(p, 4 * self._vocab), np.float32).copy()
 
     @property
+    def prefill_chunk(self):
+        """Tokens the backend takes per forward call (longer evals are split)."""
+        return lib.ds4_model_prefill_chunk(self.model._handle)
+
+    @property
     def kv_bytes(self):
         return lib.ds4_session_kv_bytes(self._s)
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import Error
-from ..generation import PREFILL_CHUNK, common_prefix
+from ..generation import PREFILL_CHUNK, common_prefix, prefill_step
 
 MODEL_ID = "deepseek-v4-flash"
 
@@ -67,10 +67,11 @@ class ModelEngine:
         keep = min(keep, len(ids) - 1)      # the last id is evaluated for its logits
         s.rewind(keep)
         todo = ids[keep:]
-        for start in range(0, len(todo), PREFILL_CHUNK):
-            self._logits = s.eval(todo[start:start + PREFILL_CHUNK])
+        step = prefill_step(s)
+        for start in range(0, len(todo), step):
+            self._logits = s.eval(todo[start:start + step])
             if progress:
-                progress(min(start + PREFILL_CHUNK, len(todo)), len(todo))
+                progress(min(start + step, len(todo)), len(todo))
         return len(todo)
 
     def sampler(self, params: SamplingParams):
