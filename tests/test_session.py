@@ -119,7 +119,9 @@ def test_session_outliving_its_closed_model_in_a_garbage_cycle_is_freed_safely(t
     model and its live session form a cycle); freeing them must not crash."""
     import gc
     with ds4.load(tiny_q2, ctx=256) as ref:
-        want = ref.session().eval([0, 5, 6, 7])
+        r = ref.session()
+        r.eval([0, 5, 6])
+        want = r.eval([7])       # chunked as below: a GPU's chunks and single tokens differ in bits
     for _ in range(3):
         m = ds4.load(tiny_q2, ctx=256)
         s = m.session()
@@ -178,8 +180,12 @@ CASES = {"tiny-q2-exact": ("tiny_q2", "exact", 21, 11),
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
+    # bitwise comparisons of chunkings: the CPU engine gives one token the same
+    # bits in any chunk; a GPU's tensor-core chunks do not match its one-token
+    # decode bit for bit (tests/test_cuda.py holds it to its bar instead)
     fixture, numerics, T, k = CASES[request.param]
-    with ds4.load(request.getfixturevalue(fixture), numerics=numerics, ctx=1024) as m:
+    with ds4.load(request.getfixturevalue(fixture), backend="cpu", numerics=numerics,
+                  ctx=1024) as m:
         yield m, T, k
 
 
