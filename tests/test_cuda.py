@@ -30,11 +30,11 @@ class Tally:
         self.rel += list(np.abs(ref - got).max(axis=1) / np.abs(ref).max(axis=1))
         self.agree += list(ref.argmax(axis=1) == got.argmax(axis=1))
 
-    def check(self):
+    def check(self, rel_tol=REL_TOL):
         worst, agree = max(self.rel), float(np.mean(self.agree))
         print(f"\nCUDA-vs-CPU {self.name}: {len(self.rel)} positions, max rel {worst:.2e}, "
               f"argmax agreement {agree:.4f}")
-        assert worst <= REL_TOL, f"{self.name}: max rel error {worst:.2e}"
+        assert worst <= rel_tol, f"{self.name}: max rel error {worst:.2e}"
         assert agree >= ARGMAX_AGREE, f"{self.name}: argmax agreement {agree:.4f}"
 
 
@@ -76,7 +76,7 @@ def mid_q2(tmp_path_factory):
     return path
 
 
-MODELS = {"tiny_q2": 48, "tiny_q4": 48, "mid_q2": 300}   # prefill length (mid: two chunks)
+MODELS = {"tiny_q2": 48, "tiny_q4": 48, "mid_q2": 300}   # prefill length (mid: two CPU chunks)
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -96,7 +96,9 @@ def test_cuda_matches_cpu_prefill_decode_rewind_restore(model_pair, tmp_path):
 
     prompt = _ids(rng, MODELS[name], vocab)
     t = Tally(f"{name}/exact/prefill")
-    t.add(cpu.eval(prompt, all_logits=True), gpu.eval(prompt, all_logits=True))
+    # two evals: the second chunk continues from the first's device state
+    for part in np.split(prompt, [2 * len(prompt) // 3]):
+        t.add(cpu.eval(part, all_logits=True), gpu.eval(part, all_logits=True))
     t.check()
 
     t = Tally(f"{name}/exact/decode")
@@ -130,10 +132,13 @@ def test_cuda_matches_cpu_prefill_decode_rewind_restore(model_pair, tmp_path):
 # qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization
 # step now and then, and on these random models such steps compound: the CPU
 # engine's own scalar and SIMD kernels part ways (measured: max rel 1.6e-3 on
-# tiny after 26 positions, 0.27 on mid after 21). So against the CPU, qat is
-# held to the bar over the first positions; over longer runs the GPU is held
-# to agreeing with itself exactly (prefill = decode = rewind = restore).
+# tiny after 26 positions, 0.27 on mid after 21). So in qat, where two paths
+# sum in different orders (CPU and GPU; the GPU's one-token decode and its
+# tensor-core chunks), they are held to the bar over the first positions; where
+# the GPU runs the same kernels on the same state (a rewind re-evaluating part
+# of a chunk, a restored snapshot) it must agree with itself exactly.
 QAT_PREFIX = 16
+QAT_FLIP = 1e-2   # one FP8 step of one KV value, seen through the layers above it
 
 
 @pytest.mark.gpu
@@ -159,14 +164,24 @@ def _same(name, ref, got):
 
 @pytest.mark.gpu
 def test_cuda_qat_prefill_decode_rewind_restore_agree(model_pair, tmp_path):
-    name, _, gpu_m = model_pair
+    name, cpu_m, gpu_m = model_pair
     vocab = gpu_m.config.n_vocab
     rng = np.random.default_rng(14)
     prompt = _ids(rng, MODELS[name], vocab)
     a = gpu_m.session(numerics="qat")
     chunked = a.eval(prompt, all_logits=True)
+    # the GPU's two paths each against the CPU (whose one-token evals give its
+    # chunk bits). The chunk is held to the bar; sixteen one-token steps on mid
+    # cross an FP8 rounding boundary the CPU's order does not (measured 2.5e-3):
+    # one flipped step, so that path is held to the argmax bar and to QAT_FLIP
+    ref = cpu_m.session(numerics="qat").eval(prompt[:QAT_PREFIX], all_logits=True)
+    t = Tally(f"{name}/qat/tensor-core chunk first {QAT_PREFIX}")
+    t.add(ref, chunked[:QAT_PREFIX])
+    t.check()
     b = gpu_m.session(numerics="qat")
-    _same(f"{name}/qat/prefill=decode", chunked, np.stack([b.eval([tok]) for tok in prompt]))
+    t = Tally(f"{name}/qat/one-token decode first {QAT_PREFIX}")
+    t.add(ref, np.stack([b.eval([tok]) for tok in prompt[:QAT_PREFIX]]))
+    t.check(rel_tol=QAT_FLIP)
     a.rewind(len(prompt) - 12)
     _same(f"{name}/qat/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
     a.save(tmp_path / "a.snap")
@@ -211,11 +226,17 @@ def test_cuda_indexer_selection_over_many_rows_matches_cpu(tmp_path):
     rng = np.random.default_rng(15)
     vocab = cpu_m.config.n_vocab
     cpu, gpu = cpu_m.session(numerics="exact"), gpu_m.session(numerics="exact")
-    prompt = _ids(rng, 2400, vocab)
+    prompt = _ids(rng, 2400, vocab)     # two GPU chunks: the rings wrap within each
     t = Tally("tiny_q2 top_k 48/exact")
     t.add(cpu.eval(prompt), gpu.eval(prompt))
+    # a snapshot of the wrapped device rings (deeper than the host's) restores
+    gpu.save(tmp_path / "wrapped.snap")
+    restored = gpu_m.session(numerics="exact")
+    restored.load(tmp_path / "wrapped.snap")
     for tok in _ids(rng, 4, vocab):
-        t.add(cpu.eval([tok]), gpu.eval([tok]))
+        ref = cpu.eval([tok])
+        t.add(ref, gpu.eval([tok]))
+        t.add(ref, restored.eval([tok]))
     t.check()
 
 

@@ -30,7 +30,8 @@ static inline dmat dmat_of(const ds4_tensor &t) {
 
 /* ---- device dequantization: 8 consecutive elements at e0 of a row ----
  * e0 is a multiple of 8, so the 8 never straddle a block of any type.
- * Blocks are only 2-byte aligned (34, 66, 84-byte blocks): 16-bit loads. */
+ * Quantized blocks are only 2-byte aligned (34, 66, 84-byte blocks): 16-bit
+ * loads; float rows (n_in % 8 == 0, check_shapes) take 16-byte loads. */
 
 __device__ __forceinline__ float d_h2f(const uint8_t *p) {
     return __half2float(__ushort_as_half(*(const uint16_t *)p));
@@ -47,30 +48,42 @@ __device__ uint8_t d_iq2_signs[128];
 
 __device__ __forceinline__ void deq8(int type, const uint8_t *row, int e0, float *w) {
     switch (type) {
-    case DS4_TYPE_F32: {
-        const float *p = (const float *)row + e0;
-#pragma unroll
-        for (int j = 0; j < 8; j++) w[j] = p[j];
+    case DS4_TYPE_F32: {   /* rows of n_in % 8 == 0 floats: 32-byte aligned */
+        float4 a = *(const float4 *)((const float *)row + e0), b = *(const float4 *)((const float *)row + e0 + 4);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
         break;
     }
-    case DS4_TYPE_F16: {
-        const uint16_t *p = (const uint16_t *)row + e0;
+    case DS4_TYPE_F16: {   /* rows of n_in % 8 == 0 halves: 16-byte aligned */
+        uint4 v = *(const uint4 *)((const uint16_t *)row + e0);
+        const uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int j = 0; j < 8; j++) w[j] = __half2float(__ushort_as_half(p[j]));
+        for (int j = 0; j < 4; j++) {
+            float2 f = __half22float2(*(const __half2 *)&u[j]);
+            w[2 * j] = f.x;
+            w[2 * j + 1] = f.y;
+        }
         break;
     }
     case DS4_TYPE_BF16: {
-        const uint16_t *p = (const uint16_t *)row + e0;
+        uint4 v = *(const uint4 *)((const uint16_t *)row + e0);
+        const uint32_t u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-        for (int j = 0; j < 8; j++) w[j] = __uint_as_float((uint32_t)p[j] << 16);
+        for (int j = 0; j < 4; j++) {
+            w[2 * j] = __uint_as_float(u[j] << 16);
+            w[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+        }
         break;
     }
     case DS4_TYPE_Q8_0: {
         const uint8_t *b = row + (e0 / 32) * 34;
         float d = d_h2f(b);
-        const int8_t *q = (const int8_t *)(b + 2 + e0 % 32);
+        const uint16_t *q = (const uint16_t *)(b + 2 + e0 % 32);   /* 2-byte aligned */
 #pragma unroll
-        for (int j = 0; j < 8; j++) w[j] = (float)q[j] * d;
+        for (int j = 0; j < 4; j++) {
+            uint16_t v = q[j];
+            w[2 * j] = (float)(int8_t)(v & 0xff) * d;
+            w[2 * j + 1] = (float)(int8_t)(v >> 8) * d;
+        }
         break;
     }
     case DS4_TYPE_Q2_K: {
@@ -79,9 +92,13 @@ __device__ __forceinline__ void deq8(int type, const uint8_t *row, int e0, float
         float d = d_h2f(b + 80), dmin = d_h2f(b + 82);
         uint8_t sc = b[8 * n + 2 * s + h];
         float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
-        const uint8_t *q = b + 16 + 32 * n + 16 * h + l0;
+        const uint16_t *q = (const uint16_t *)(b + 16 + 32 * n + 16 * h + l0);
 #pragma unroll
-        for (int k = 0; k < 8; k++) w[k] = dl * (float)((q[k] >> (2 * s)) & 3) - ml;
+        for (int k = 0; k < 4; k++) {
+            uint16_t v = q[k];
+            w[2 * k] = dl * (float)((v >> (2 * s)) & 3) - ml;
+            w[2 * k + 1] = dl * (float)((v >> (8 + 2 * s)) & 3) - ml;
+        }
         break;
     }
     case DS4_TYPE_Q4_K: {
@@ -98,9 +115,13 @@ __device__ __forceinline__ void deq8(int type, const uint8_t *row, int e0, float
             m = (uint8_t)((s[sub + 4] >> 4) | ((s[sub] >> 6) << 4));
         }
         float d = d_h2f(b) * (float)sc, mn = d_h2f(b + 2) * (float)m;
-        const uint8_t *q = b + 16 + 32 * c + l0;
+        const uint16_t *q = (const uint16_t *)(b + 16 + 32 * c + l0);
 #pragma unroll
-        for (int k = 0; k < 8; k++) w[k] = d * (float)(hi ? q[k] >> 4 : q[k] & 0xf) - mn;
+        for (int k = 0; k < 4; k++) {
+            uint16_t v = q[k] >> (hi ? 4 : 0);
+            w[2 * k] = d * (float)(v & 0xf) - mn;
+            w[2 * k + 1] = d * (float)((v >> 8) & 0xf) - mn;
+        }
         break;
     }
     case DS4_TYPE_IQ2_XXS: {

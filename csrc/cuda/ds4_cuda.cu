@@ -8,7 +8,9 @@
 
 #include <algorithm>
 
+#include "attention.cuh"
 #include "kernels.cuh"
+#include "mma_linear.cuh"
 
 extern "C" {
 #include "iq2_tables.h"
@@ -185,9 +187,11 @@ static int check_shapes(const ds4_model *m, char *err, size_t errlen) {
                  c->n_embd);
         return -1;
     }
-    if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 2 || c->n_expert > 1024) {
-        snprintf(err, errlen, "the CUDA backend does not support this model shape (hc %d, embd %d)",
-                 c->n_hc, c->n_embd);
+    int dpl = c->head_dim / 32;   /* attention: a head's vector over a warp's lanes */
+    if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 32 || dpl & (dpl - 1) || dpl > 16 ||
+        c->n_expert > 1024) {
+        snprintf(err, errlen, "the CUDA backend does not support this model shape (hc %d, embd %d, "
+                 "head_dim %d: a power of two from 32 to 512)", c->n_hc, c->n_embd, c->head_dim);
         return -1;
     }
     return 0;
@@ -314,6 +318,10 @@ out:
 
 /* ---- sessions ---- */
 
+/* Tokens per forward call: a chunk's (token, expert) pairs give each of
+ * Flash's 256 experts ~48 tokens, enough to fill the tensor-core tiles. */
+#define CUDA_PREFILL_CHUNK 2048
+
 struct dlayer {
     float *raw, *kg, *idx_kg, *rows, *idx_rows;
 };
@@ -345,6 +353,14 @@ static int64_t max_cap_rows(const ds4_session *s) {
     for (int l = 0; l < s->model->cfg.n_layer; l++)
         if (s->layers[l].indexer) c = std::max(c, s->layers[l].cap_rows);
     return c;
+}
+
+/* Tokens of a chunk whose indexer scores (a float per compressed row) are
+ * held at once: the whole chunk up to 256 MiB of scores (a 2048-token chunk
+ * at 16K context takes 32 MiB; at 1M context slices of 256 tokens). */
+static int idx_slice_tokens(int64_t cap_rows, int64_t n) {
+    int64_t fit = ((int64_t)64 << 20) / std::max<int64_t>(1, cap_rows);
+    return (int)std::max<int64_t>(1, std::min(n, fit));
 }
 
 static void free_chunk(dsess *g) {
@@ -394,8 +410,8 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->router, c * E * 4}, {(void **)&g->sel_w, c * k * 4},
         {(void **)&g->ex_g, std::max(c * k * F, c * Fs) * 4},
         {(void **)&g->ex_u, std::max(c * k * F, c * Fs) * 4}, {(void **)&g->ex_y, c * k * D * 4},
-        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, c * max_cap_rows(s) * 4},
-        {(void **)&g->attn_part, c * cf->n_head * ATTN_SPLIT * (d + 2) * 4},
+        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, idx_slice_tokens(max_cap_rows(s), c) * max_cap_rows(s) * 4},
+        {(void **)&g->attn_part, attn_part_floats(c, cf->n_head, (int)d) * 4},
         {(void **)&g->sel, c * k * 4}, {(void **)&g->ids, c * 4}, {(void **)&g->offs, (E + 1) * 4},
         {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
         {(void **)&g->slot_pair, c * k * 4},
@@ -470,7 +486,20 @@ static int dalloc(float **p, int64_t count, char *err, size_t errlen) {
     return 0;
 }
 
-/* Host-side KV state array sizes (floats), as session.c allocates them. */
+/* The device rings are deeper than the host's: a chunk writes all its
+ * positions before its attention reads the window, so a ring must hold a
+ * whole chunk past the oldest entry any of its tokens reads. The host rings
+ * (session.c, sized for the CPU's chunks and the rewind budget) are what
+ * snapshots read and write; copy_state moves the entries they hold. */
+static int64_t dev_cap_raw(const ds4_session *s) {
+    return s->model->cfg.sliding_window + std::max<int64_t>(s->rewind_budget, CUDA_PREFILL_CHUNK);
+}
+
+static int64_t dev_cap_kg(const ds4_session *s, const ds4_layer_state *ls) {
+    return 2 * ls->ratio + std::max<int64_t>(s->rewind_budget, CUDA_PREFILL_CHUNK);
+}
+
+/* KV state array sizes (floats): rings at the device depth. */
 struct state_sizes {
     int64_t raw, kg, idx_kg, rows, idx_rows;
 };
@@ -478,12 +507,12 @@ struct state_sizes {
 static state_sizes sizes_of(const ds4_session *s, int l) {
     const ds4_config *cf = &s->model->cfg;
     const ds4_layer_state *ls = &s->layers[l];
-    state_sizes z = {s->cap_raw * cf->head_dim, 0, 0, 0, 0};
+    state_sizes z = {dev_cap_raw(s) * cf->head_dim, 0, 0, 0, 0};
     if (!ls->ratio) return z;
-    z.kg = ls->cap_kg * 2 * ls->coff * cf->head_dim;
+    z.kg = dev_cap_kg(s, ls) * 2 * ls->coff * cf->head_dim;
     z.rows = ls->cap_rows * cf->head_dim;
     if (ls->indexer) {
-        z.idx_kg = ls->cap_kg * 2 * 2 * cf->indexer_dim;
+        z.idx_kg = dev_cap_kg(s, ls) * 2 * 2 * cf->indexer_dim;
         z.idx_rows = ls->cap_rows * cf->indexer_dim;
     }
     return z;
@@ -523,17 +552,46 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
     return 0;
 }
 
+/* The entries of positions lo..T-1 between a host ring of cap_h slots and
+ * a device ring of cap_d (width floats a slot), in runs contiguous in both. */
+static cudaError_t copy_ring(float *h, int64_t cap_h, float *d, int64_t cap_d, int64_t width,
+                             int64_t lo, int64_t T, int to_host) {
+    for (int64_t p = lo; p < T;) {
+        int64_t run = std::min({T - p, cap_h - p % cap_h, cap_d - p % cap_d});
+        float *hp = h + p % cap_h * width, *dp = d + p % cap_d * width;
+        size_t bytes = (size_t)(run * width) * sizeof(float);
+        cudaError_t e = to_host ? cudaMemcpy(hp, dp, bytes, cudaMemcpyDeviceToHost)
+                                : cudaMemcpy(dp, hp, bytes, cudaMemcpyHostToDevice);
+        if (e != cudaSuccess) return e;
+        p += run;
+    }
+    return cudaSuccess;
+}
+
 static int copy_state(ds4_session *s, int to_host, char *err, size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
     dsess *g = (dsess *)s->backend_state;
-    for (int l = 0; l < s->model->cfg.n_layer; l++) {
+    int64_t T = s->n_tokens;
+    for (int l = 0; l < cf->n_layer; l++) {
         state_sizes z = sizes_of(s, l);
         ds4_layer_state *ls = &s->layers[l];
+        const dlayer &dl = g->L[l];
+        CK(copy_ring(ls->raw, s->cap_raw, dl.raw, dev_cap_raw(s), cf->head_dim,
+                     std::max<int64_t>(0, T - s->cap_raw), T, to_host),
+           "state copy");
+        if (!ls->ratio) continue;
+        int64_t kg_lo = std::max<int64_t>(0, T - ls->cap_kg);
+        CK(copy_ring(ls->kg, ls->cap_kg, dl.kg, dev_cap_kg(s, ls), 2 * ls->coff * cf->head_dim, kg_lo,
+                     T, to_host),
+           "state copy");
+        if (ls->indexer)
+            CK(copy_ring(ls->idx_kg, ls->cap_kg, dl.idx_kg, dev_cap_kg(s, ls), 4 * cf->indexer_dim,
+                         kg_lo, T, to_host),
+               "state copy");
         struct {
             float *h, *d;
             int64_t n;
-        } a[] = {{ls->raw, g->L[l].raw, z.raw}, {ls->kg, g->L[l].kg, z.kg},
-                 {ls->idx_kg, g->L[l].idx_kg, z.idx_kg}, {ls->rows, g->L[l].rows, z.rows},
-                 {ls->idx_rows, g->L[l].idx_rows, z.idx_rows}};
+        } a[] = {{ls->rows, dl.rows, z.rows}, {ls->idx_rows, dl.idx_rows, z.idx_rows}};
         for (auto &b : a) {
             if (!b.n) continue;
             if (to_host)
@@ -580,14 +638,28 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
-/* Decode (one token per row pass) or chunks (8 per pass): the same sums.
- * Decode of routed experts stages its rows in shared memory (up to the
- * 48 KB a launch gets without opting in; two chunks a lane, as Flash's). */
+static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
+    switch (a.w.type) {
+#define CASE(T)                                                                  \
+    case T: k_linear_mma<T><<<grid, MM_THREADS, 0, st>>>(a); break;
+    CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
+    CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+#undef CASE
+    }
+}
+
+/* Decode: one token per row pass; routed experts stage their rows in shared
+ * memory (up to the 48 KB a launch gets without opting in; two chunks a
+ * lane, as Flash's). Chunks: tensor-core tiles (mma_linear.cuh), or 8 tokens
+ * a pass where a matrix's n_in does not fit them. */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
     if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024)
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
+        launch_mma(st, dim3(blocks_for(a.w.n_out, MM_BM),
+                            mma_token_tiles(n, a.n_tok, slots, a.active != NULL), slots), a);
     else launch_linear<8>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw), slots), a, kw);
 }
 
@@ -597,9 +669,11 @@ static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, f
 }
 
 /* Rows of every expert in use, over the pairs grouped for it. */
-static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int slots,
-                          const int *xrow, const float *x, int64_t xs, float *y, int64_t ys) {
-    lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, 0, g->active, g->offs, xrow};
+static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int pairs,
+                          int slots, const int *xrow, const float *x, int64_t xs, float *y,
+                          int64_t ys) {
+    /* n_tok: the (token, expert) pairs, for the launch shape alone */
+    lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, pairs, g->active, g->offs, xrow};
     run_linear(st, a, n, slots);
 }
 
@@ -717,15 +791,15 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     /* window and compressor rings, then the windows this chunk completes */
     state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
                      (const uint16_t *)L.comp_ape.data, (const uint16_t *)L.idx_comp_ape.data,
-                     dl.raw, dl.kg, dl.idx_kg, g->dpos, s->cap_raw, ls->cap_kg, d, cw, iw2, m};
+                     dl.raw, dl.kg, dl.idx_kg, g->dpos, dev_cap_raw(s), dev_cap_kg(s, ls), d, cw, iw2, m};
     k_state<<<n, 256, 0, st>>>(sa);
     if (m) {
         unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
-        comp_args ca = {dl.kg, ls->cap_kg, cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
+        comp_args ca = {dl.kg, dev_cap_kg(s, ls), cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
                         cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE};
         k_compress<<<windows, 128, 0, st>>>(ca);
         if (ls->indexer) {
-            comp_args ia = {dl.idx_kg, ls->cap_kg, iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
+            comp_args ia = {dl.idx_kg, dev_cap_kg(s, ls), iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
                             f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
                             qat ? QAT_FP4 : QAT_NONE};
             k_compress<<<windows, 128, 0, st>>>(ia);
@@ -733,19 +807,23 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     }
     if (ls->indexer) {
         idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
-                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k};
+                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k, 0};
         size_t shm = ((size_t)HI * (dI + 1) + 8 * HI) * sizeof(float);
         /* splits of >= 16 rows a warp, to ~256 blocks in all: a decode token
          * fills the GPU, a prefill chunk loads its queries once a token */
         int64_t split = std::min((ia.cap_rows + 127) / 128, std::max<int64_t>(1, 256 / n));
-        k_idx_score<<<dim3((unsigned)n, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
-        k_idx_select<<<n, IDX_SEL_THREADS, 0, st>>>(ia);
+        /* token slices whose scores fit the score buffer (long contexts) */
+        int slice = idx_slice_tokens(ia.cap_rows, n);
+        for (ia.t0 = 0; ia.t0 < n; ia.t0 += slice) {
+            unsigned nt = (unsigned)std::min(slice, n - ia.t0);
+            k_idx_score<<<dim3(nt, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
+            k_idx_select<<<nt, IDX_SEL_THREADS, 0, st>>>(ia);
+        }
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
-                    ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, s->cap_raw,
-                    H, d, cf->sliding_window, m, cf->rope_dim, rope};
-    k_attention<<<dim3(H, n, ATTN_SPLIT), ATTN_THREADS, 2 * d * sizeof(float), st>>>(aa);
-    k_attn_combine<<<dim3(H, n), ATTN_THREADS, 0, st>>>(aa);
+                    ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, dev_cap_raw(s),
+                    H, d, cf->sliding_window, m, cf->rope_dim, 0, rope};
+    launch_attention(st, aa, n);
 
     /* grouped output projection (§3.10) */
     int G = cf->o_groups, per_group = H * d / G, r_o = cf->o_lora_rank;
@@ -777,11 +855,11 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
         g->sel, g->sel_w);
     k_group<<<1, 1024, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
     int slots = std::min(E, n * k);
-    expert_linear(st, L.ffn_gate_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_g, F);
-    expert_linear(st, L.ffn_up_exps, g, n, slots, g->pair_tok, g->xn, D, g->ex_u, F);
+    expert_linear(st, L.ffn_gate_exps, g, n, n * k, slots, g->pair_tok, g->xn, D, g->ex_g, F);
+    expert_linear(st, L.ffn_up_exps, g, n, n * k, slots, g->pair_tok, g->xn, D, g->ex_u, F);
     k_swiglu<<<blocks_for((int64_t)n * k * F, 256), 256, 0, st>>>(g->ex_g, g->ex_u,
                                                                   (int64_t)n * k * F, L.swiglu_clamp);
-    expert_linear(st, L.ffn_down_exps, g, n, slots, NULL, g->ex_g, F, g->ex_y, D);
+    expert_linear(st, L.ffn_down_exps, g, n, n * k, slots, NULL, g->ex_g, F, g->ex_y, D);
 
     /* shared expert, weight 1 (the routed outputs are in ex_y by now) */
     linear(st, dmat_of(L.ffn_gate_shexp), g->xn, D, n, g->ex_g, Fs);
@@ -871,8 +949,9 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
 static int copy_bandwidth(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
 
 static const ds4_backend CUDA_BACKEND = {
-    DS4_BACKEND_ABI, "cuda",        model_init,    model_free,     session_init,
-    session_free,    forward,       state_to_host, state_from_host, copy_bandwidth,
+    DS4_BACKEND_ABI, "cuda",        CUDA_PREFILL_CHUNK,          model_init,     model_free,
+    session_init,    session_free,  forward,       state_to_host,  state_from_host,
+    copy_bandwidth,
 };
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {

@@ -622,22 +622,23 @@ __global__ void k_compress(comp_args a) {
  * give. k_idx_score writes every row's score, k_idx_select picks the rows. */
 struct idx_args {
     const float *iq, *iw, *krows;
-    float *scores;   /* [n][cap_rows] */
+    float *scores;   /* [slice tokens][cap_rows] */
     int *sel;        /* [n][top_k] */
     int *n_sel;      /* [n]: -1 = every row */
     const int64_t *pos0;
     int64_t cap_rows;
     int m, HI, dI, top_k;
+    int t0;          /* the slice's first token in the chunk (blockIdx.x counts from it) */
 };
 
 /* Grid (token, split): a warp scores one row, a lane one head at a time, the
  * splits share a token's rows so that one decode token fills the GPU. */
 __global__ void k_idx_score(idx_args a) {
-    int t = blockIdx.x;
+    int t = a.t0 + blockIdx.x;
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
     int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
     if (n_rows <= a.top_k || (int64_t)blockIdx.y * nw >= n_rows) return;
-    float *sc = a.scores + (int64_t)t * a.cap_rows;
+    float *sc = a.scores + (int64_t)blockIdx.x * a.cap_rows;
     const float *iq = a.iq + (int64_t)t * a.HI * a.dI, *iw = a.iw + (int64_t)t * a.HI;
     float score_scale = 1.0f / sqrtf((float)a.dI);
     /* the token's queries in shared memory, rows padded by one against bank
@@ -706,7 +707,7 @@ __device__ __forceinline__ uint32_t d_block_scan(uint32_t v, uint32_t *ws, uint3
  * writes the chosen rows in index order: row r goes to (better rows before
  * r) + min(rows of key T before r, need). O(rows) and no sort. */
 __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
-    int t = blockIdx.x;
+    int t = a.t0 + blockIdx.x;
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
     if (n_rows <= a.top_k) {
         if (threadIdx.x == 0) a.n_sel[t] = -1;
@@ -716,7 +717,7 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
         if (threadIdx.x == 0) a.n_sel[t] = 0;
         return;
     }
-    const float *sc = a.scores + (int64_t)t * a.cap_rows;
+    const float *sc = a.scores + (int64_t)blockIdx.x * a.cap_rows;
     int *out = a.sel + (int64_t)t * a.top_k;
     __shared__ uint32_t hist[256], ws[WARP], s_prefix, s_rem;
     int lane = threadIdx.x % WARP;
@@ -763,119 +764,6 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
         base_eq += tot >> 16;
     }
     if (threadIdx.x == 0) a.n_sel[t] = a.top_k;
-}
-
-/* Attention with sinks (§3.9), split over the keys (the window rows, then the
- * compressed rows: all, or the indexer's choice): block (head, token, split)
- * runs an online softmax over its share of the keys into a partial (max,
- * denominator, weighted sum); k_attn_combine merges the splits with the sink
- * and applies the inverse RoPE (§3.10). */
-struct attn_args {
-    const float *q;      /* [n][H][d] */
-    float *o;
-    float *part;         /* [n][H][ATTN_SPLIT][d + 2] */
-    const float *raw, *rows, *sinks;
-    const int *sel, *n_sel;   /* NULL: every compressed row */
-    int top_k;
-    const int64_t *pos0;
-    int64_t cap_raw;
-    int H, d, window, m, rope_dim;
-    const float *freqs;
-};
-
-#define ATTN_THREADS 128
-#define ATTN_TILE 32
-#define ATTN_SPLIT 8
-
-__global__ void __launch_bounds__(ATTN_THREADS) k_attention(attn_args a) {
-    int t = blockIdx.y, h = blockIdx.x, sp = blockIdx.z;
-    int64_t pos = *a.pos0 + t;
-    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
-    int64_t n_raw = pos - raw_first + 1;
-    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
-    const int *sel = NULL;
-    if (a.sel && a.n_sel[t] >= 0) {
-        sel = a.sel + (int64_t)t * a.top_k;
-        n_rows = a.n_sel[t];
-    }
-    int64_t n_keys = n_raw + n_rows, per = (n_keys + ATTN_SPLIT - 1) / ATTN_SPLIT;
-    int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
-    extern __shared__ float sh[];
-    float *qs = sh, *acc = sh + a.d;   /* [d] query, [d] output */
-    __shared__ float lg[ATTN_TILE];
-    __shared__ const float *kp[ATTN_TILE];
-    const float *qg = a.q + ((int64_t)t * a.H + h) * a.d;
-    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
-        qs[k] = qg[k];
-        acc[k] = 0;
-    }
-    float scale = 1.0f / sqrtf((float)a.d);
-    float M = -INFINITY, den = 0.0f;
-    int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    __syncthreads();
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += ATTN_TILE) {
-        int nt = k_end - k0 < ATTN_TILE ? (int)(k_end - k0) : ATTN_TILE;
-        for (int i = threadIdx.x; i < nt; i += blockDim.x) {
-            int64_t r = k0 + i;
-            kp[i] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * a.d
-                              : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * a.d;
-        }
-        __syncthreads();
-        for (int i = wid; i < nt; i += nw) {
-            const float *K = kp[i];
-            float dot = 0;
-            for (int k = lane; k < a.d; k += WARP) dot += qs[k] * K[k];
-            dot = warp_sum(dot);
-            if (lane == 0) lg[i] = dot * scale;
-        }
-        __syncthreads();
-        float tmax = -INFINITY;
-        for (int i = 0; i < nt; i++) tmax = fmaxf(tmax, lg[i]);
-        float Mn = fmaxf(M, tmax), alpha = expf(M - Mn);
-        __syncthreads();
-        for (int i = threadIdx.x; i < nt; i += blockDim.x) lg[i] = expf(lg[i] - Mn);
-        __syncthreads();
-        float psum = 0;
-        for (int i = 0; i < nt; i++) psum += lg[i];
-        den = den * alpha + psum;
-        for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
-            float v = acc[k] * alpha;
-            for (int i = 0; i < nt; i++) v += lg[i] * kp[i][k];
-            acc[k] = v;
-        }
-        M = Mn;
-        __syncthreads();
-    }
-    float *pp = a.part + (((int64_t)t * a.H + h) * ATTN_SPLIT + sp) * (a.d + 2);
-    for (int k = threadIdx.x; k < a.d; k += blockDim.x) pp[2 + k] = acc[k];
-    if (threadIdx.x == 0) {
-        pp[0] = M;
-        pp[1] = den;
-    }
-}
-
-__global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
-    int t = blockIdx.y, h = blockIdx.x;
-    int64_t pos = *a.pos0 + t;
-    const float *pp = a.part + ((int64_t)t * a.H + h) * ATTN_SPLIT * (a.d + 2);
-    float M = a.sinks[h];
-    for (int sp = 0; sp < ATTN_SPLIT; sp++) M = fmaxf(M, pp[sp * (a.d + 2)]);
-    float den = expf(a.sinks[h] - M), wsp[ATTN_SPLIT];
-#pragma unroll
-    for (int sp = 0; sp < ATTN_SPLIT; sp++) {
-        const float *q = pp + sp * (a.d + 2);
-        wsp[sp] = q[1] > 0 ? expf(q[0] - M) : 0.0f;   /* an empty split has no keys */
-        den += q[1] * wsp[sp];
-    }
-    float *og = a.o + ((int64_t)t * a.H + h) * a.d;
-    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
-        float v = 0;
-#pragma unroll
-        for (int sp = 0; sp < ATTN_SPLIT; sp++) v += pp[sp * (a.d + 2) + 2 + k] * wsp[sp];
-        og[k] = v / den;
-    }
-    __syncthreads();
-    d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
 }
 
 /* ---- MoE ---- */

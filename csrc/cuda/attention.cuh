@@ -1,0 +1,216 @@
+/* Attention with sinks (§3.9) over the window rows, then the compressed rows
+ * (all, or the indexer's choice), and the inverse RoPE of the output (§3.10).
+ *
+ * V4 has one KV head shared by every query head, and the key row is also the
+ * value row. So a block takes a group of heads (a warp each) of one token and
+ * brings each tile of key rows into shared memory once for all of them; the
+ * keys may also be split over several blocks (decode: one token must fill the
+ * GPU). Each block runs an online softmax over its keys into a partial (max,
+ * denominator, weighted sum); k_attn_combine merges a token's splits with the
+ * sink. */
+#pragma once
+
+#include "kernels.cuh"
+
+struct attn_args {
+    const float *q;      /* [n][H][d] */
+    float *o;
+    float *part;         /* [n][H][splits][d + 2] */
+    const float *raw, *rows, *sinks;
+    const int *sel, *n_sel;   /* NULL: every compressed row */
+    int top_k;
+    const int64_t *pos0;
+    int64_t cap_raw;
+    int H, d, window, m, rope_dim, splits;
+    const float *freqs;
+};
+
+#define ATTN_KT 16          /* key rows per shared tile */
+#define ATTN_MAX_SPLIT 16   /* splits of a decode token's keys */
+
+/* Decode splits its token's keys so that it fills the GPU; a chunk of any
+ * other length takes one split a token, so that a token's output does not
+ * depend on the chunk it came in (a rewind re-evaluates in shorter chunks). */
+static inline int attn_splits(int n) { return n == 1 ? ATTN_MAX_SPLIT : 1; }
+
+/* The heads a block takes: 8 where the head count allows. */
+static inline int attn_heads_per_block(int H) {
+    int hg = 8;
+    while (H % hg) hg /= 2;
+    return hg;
+}
+
+/* DPL = d / 32: the elements of the query and output a lane holds, VW at a
+ * time (one shared-memory load brings VW floats of a key row): element
+ * 32 * VW * c + VW * lane + v for c < DPL / VW, v < VW. */
+template <int VW>
+struct vecf;
+template <>
+struct vecf<1> {
+    typedef float T;
+    static __device__ __forceinline__ float at(const float &x, int) { return x; }
+};
+template <>
+struct vecf<2> {
+    typedef float2 T;
+    static __device__ __forceinline__ float at(const float2 &x, int v) { return v ? x.y : x.x; }
+};
+template <>
+struct vecf<4> {
+    typedef float4 T;
+    static __device__ __forceinline__ float at(const float4 &x, int v) {
+        return v == 0 ? x.x : v == 1 ? x.y : v == 2 ? x.z : x.w;
+    }
+};
+
+template <int DPL>
+__global__ void k_attention(attn_args a) {
+    constexpr int d = DPL * WARP, VW = DPL < 4 ? DPL : 4, NC = DPL / VW;
+    constexpr int NV4 = (d / 4 + WARP - 1) / WARP;   /* a row's float4 loads a lane makes */
+    typedef vecf<VW> V;
+    int hg = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int t = blockIdx.y, sp = blockIdx.z, h = blockIdx.x * hg + warp;
+    int64_t pos = *a.pos0 + t;
+    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    int64_t n_raw = pos - raw_first + 1;
+    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
+    const int *sel = NULL;
+    if (a.sel && a.n_sel[t] >= 0) {
+        sel = a.sel + (int64_t)t * a.top_k;
+        n_rows = a.n_sel[t];
+    }
+    int64_t n_keys = n_raw + n_rows, per = (n_keys + a.splits - 1) / a.splits;
+    int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
+    extern __shared__ __align__(16) float ks[];   /* [ATTN_KT][d] */
+    __shared__ const float *kp[ATTN_KT];
+
+    float q[DPL], acc[DPL];
+    const float *qg = a.q + ((int64_t)t * a.H + h) * d;
+#pragma unroll
+    for (int c = 0; c < NC; c++)
+#pragma unroll
+        for (int v = 0; v < VW; v++) {
+            q[c * VW + v] = qg[WARP * VW * c + VW * lane + v];
+            acc[c * VW + v] = 0.0f;
+        }
+    float scale = 1.0f / sqrtf((float)d);
+    float M = -INFINITY, den = 0.0f;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += ATTN_KT) {
+        int nt = k_end - k0 < ATTN_KT ? (int)(k_end - k0) : ATTN_KT;
+        if (threadIdx.x < nt) {
+            int64_t r = k0 + threadIdx.x;
+            kp[threadIdx.x] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * d
+                                        : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * d;
+        }
+        __syncthreads();
+        /* a warp a row, its lanes' 16-byte loads all issued before the first
+         * store (a strided loop would wait out one load latency per pass) */
+#pragma unroll 4
+        for (int j = warp; j < nt; j += hg) {
+            const float4 *src = (const float4 *)kp[j];
+            float4 *dst = (float4 *)(ks + j * d);
+            float4 v[NV4];
+#pragma unroll
+            for (int c = 0; c < NV4; c++)
+                if (lane + WARP * c < d / 4) v[c] = src[lane + WARP * c];
+#pragma unroll
+            for (int c = 0; c < NV4; c++)
+                if (lane + WARP * c < d / 4) dst[lane + WARP * c] = v[c];
+        }
+        __syncthreads();
+        float s[ATTN_KT], tmax = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < ATTN_KT; j++) {
+            float dot = 0.0f;
+            if (j < nt) {
+                const typename V::T *kr = (const typename V::T *)(ks + j * d) + lane;
+#pragma unroll
+                for (int c = 0; c < NC; c++) {
+                    typename V::T kv = kr[WARP * c];
+#pragma unroll
+                    for (int v = 0; v < VW; v++) dot = fmaf(q[c * VW + v], V::at(kv, v), dot);
+                }
+            }
+            s[j] = warp_sum(dot) * scale;
+            if (j < nt) tmax = fmaxf(tmax, s[j]);
+        }
+        float Mn = fmaxf(M, tmax), alpha = expf(M - Mn), psum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < ATTN_KT; j++) {
+            s[j] = j < nt ? expf(s[j] - Mn) : 0.0f;
+            psum += s[j];
+        }
+        den = den * alpha + psum;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[i] *= alpha;
+#pragma unroll
+        for (int j = 0; j < ATTN_KT; j++) {
+            if (j < nt) {
+                const typename V::T *kr = (const typename V::T *)(ks + j * d) + lane;
+#pragma unroll
+                for (int c = 0; c < NC; c++) {
+                    typename V::T kv = kr[WARP * c];
+#pragma unroll
+                    for (int v = 0; v < VW; v++)
+                        acc[c * VW + v] = fmaf(s[j], V::at(kv, v), acc[c * VW + v]);
+                }
+            }
+        }
+        M = Mn;
+        __syncthreads();
+    }
+    float *pp = a.part + (((int64_t)t * a.H + h) * a.splits + sp) * (d + 2);
+#pragma unroll
+    for (int c = 0; c < NC; c++)
+#pragma unroll
+        for (int v = 0; v < VW; v++) pp[2 + WARP * VW * c + VW * lane + v] = acc[c * VW + v];
+    if (lane == 0) {
+        pp[0] = M;
+        pp[1] = den;
+    }
+}
+
+#define ATTN_THREADS 128
+
+__global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
+    int t = blockIdx.y, h = blockIdx.x, S = a.splits;
+    int64_t pos = *a.pos0 + t;
+    const float *pp = a.part + ((int64_t)t * a.H + h) * S * (a.d + 2);
+    float M = a.sinks[h];
+    for (int sp = 0; sp < S; sp++) M = fmaxf(M, pp[sp * (a.d + 2)]);
+    float den = expf(a.sinks[h] - M), wsp[ATTN_MAX_SPLIT];
+    for (int sp = 0; sp < S; sp++) {
+        const float *q = pp + sp * (a.d + 2);
+        wsp[sp] = q[1] > 0 ? expf(q[0] - M) : 0.0f;   /* an empty split has no keys */
+        den += q[1] * wsp[sp];
+    }
+    float *og = a.o + ((int64_t)t * a.H + h) * a.d;
+    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
+        float v = 0;
+        for (int sp = 0; sp < S; sp++) v += pp[sp * (a.d + 2) + 2 + k] * wsp[sp];
+        og[k] = v / den;
+    }
+    __syncthreads();
+    d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
+}
+
+/* Both kernels for n tokens; d / 32 must be 1, 2, 4, 8 or 16 (check_shapes). */
+static void launch_attention(cudaStream_t st, attn_args a, int n) {
+    int hg = attn_heads_per_block(a.H);
+    a.splits = attn_splits(n);
+    dim3 grid((unsigned)(a.H / hg), (unsigned)n, (unsigned)a.splits);
+    size_t shm = (size_t)ATTN_KT * a.d * sizeof(float);
+    switch (a.d / WARP) {
+    case 1: k_attention<1><<<grid, hg * WARP, shm, st>>>(a); break;
+    case 2: k_attention<2><<<grid, hg * WARP, shm, st>>>(a); break;
+    case 4: k_attention<4><<<grid, hg * WARP, shm, st>>>(a); break;
+    case 8: k_attention<8><<<grid, hg * WARP, shm, st>>>(a); break;
+    case 16: k_attention<16><<<grid, hg * WARP, shm, st>>>(a); break;
+    }
+    k_attn_combine<<<dim3(a.H, n), ATTN_THREADS, 0, st>>>(a);
+}
+
+/* Partial buffer floats for a chunk of up to n tokens. */
+static inline int64_t attn_part_floats(int64_t n, int H, int d) {
+    return std::max<int64_t>(n, ATTN_MAX_SPLIT) * H * (d + 2);
+}
