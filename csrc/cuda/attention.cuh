@@ -95,6 +95,8 @@ __global__ void k_attention(attn_args a) {
         }
     float scale = 1.0f / sqrtf((float)d);
     float M = -INFINITY, den = 0.0f;
+    /* the lane's c-th vector of key row j in the tile (key and value alike) */
+    auto key_vec = [&](int j, int c) { return ((const typename V::T *)(ks + j * d))[lane + WARP * c]; };
     for (int64_t k0 = k_begin; k0 < k_end; k0 += ATTN_KT) {
         int nt = k_end - k0 < ATTN_KT ? (int)(k_end - k0) : ATTN_KT;
         if (threadIdx.x < nt) {
@@ -123,10 +125,9 @@ __global__ void k_attention(attn_args a) {
         for (int j = 0; j < ATTN_KT; j++) {
             float dot = 0.0f;
             if (j < nt) {
-                const typename V::T *kr = (const typename V::T *)(ks + j * d) + lane;
 #pragma unroll
                 for (int c = 0; c < NC; c++) {
-                    typename V::T kv = kr[WARP * c];
+                    typename V::T kv = key_vec(j, c);
 #pragma unroll
                     for (int v = 0; v < VW; v++) dot = fmaf(q[c * VW + v], V::at(kv, v), dot);
                 }
@@ -146,10 +147,9 @@ __global__ void k_attention(attn_args a) {
 #pragma unroll
         for (int j = 0; j < ATTN_KT; j++) {
             if (j < nt) {
-                const typename V::T *kr = (const typename V::T *)(ks + j * d) + lane;
 #pragma unroll
                 for (int c = 0; c < NC; c++) {
-                    typename V::T kv = kr[WARP * c];
+                    typename V::T kv = key_vec(j, c);
 #pragma unroll
                     for (int v = 0; v < VW; v++)
                         acc[c * VW + v] = fmaf(s[j], V::at(kv, v), acc[c * VW + v]);

@@ -29,6 +29,16 @@ static int cuda_fail(cudaError_t e, const char *what, char *err, size_t errlen) 
         if (e_ != cudaSuccess) return cuda_fail(e_, what, err, errlen); \
     } while (0)
 
+/* The same where cleanup follows: sets the message and jumps to `out`. */
+#define CKG(call, what)                                     \
+    do {                                                    \
+        cudaError_t e_ = (call);                            \
+        if (e_ != cudaSuccess) {                            \
+            cuda_fail(e_, what, err, errlen);               \
+            goto out;                                       \
+        }                                                   \
+    } while (0)
+
 static double gib(double b) { return b / (1024.0 * 1024.0 * 1024.0); }
 
 /* ---- the device copy of the weights ---- */
@@ -241,17 +251,10 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     uint8_t *stage[2] = {NULL, NULL};
     cudaEvent_t done[2] = {NULL, NULL};
     cudaStream_t st = NULL;
-#define CKI(call, what)                                        \
-    do {                                                       \
-        cudaError_t e_ = (call);                               \
-        if (e_ != cudaSuccess) {                               \
-            cuda_fail(e_, what, err, errlen);                  \
-            goto out;                                          \
-        }                                                      \
-    } while (0)
-    CKI(cudaGetDeviceProperties(&prop, 0), "device query");
+
+    CKG(cudaGetDeviceProperties(&prop, 0), "device query");
     snprintf(d->device_name, sizeof d->device_name, "%s", prop.name);
-    CKI(cudaMemGetInfo(&free_b, &all_b), "device query");
+    CKG(cudaMemGetInfo(&free_b, &all_b), "device query");
     /* headroom for the KV state and a chunk's buffers */
     if (total + ((size_t)1 << 30) > free_b) {
         snprintf(err, errlen,
@@ -260,18 +263,18 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
                  gib((double)total), prop.name, gib((double)free_b), gib((double)all_b));
         goto out;
     }
-    CKI(cudaMalloc(&d->mem, total), "allocating the weights");
-    CKI(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
-    CKI(cudaFuncSetAttribute(k_idx_score, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CKG(cudaMalloc(&d->mem, total), "allocating the weights");
+    CKG(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
+    CKG(cudaFuncSetAttribute(k_idx_score, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
                                     8 * m->cfg.indexer_heads) * sizeof(float))),
         "indexer shared memory");
-    CKI(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
-    CKI(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
+    CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
+    CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {
         for (int b = 0; b < 2; b++) {
-            CKI(cudaHostAlloc(&stage[b], STAGE_BYTES, cudaHostAllocDefault), "pinned staging");
-            CKI(cudaEventCreateWithFlags(&done[b], cudaEventDisableTiming), "event");
+            CKG(cudaHostAlloc(&stage[b], STAGE_BYTES, cudaHostAllocDefault), "pinned staging");
+            CKG(cudaEventCreateWithFlags(&done[b], cudaEventDisableTiming), "event");
         }
     }
     {
@@ -291,21 +294,20 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
             } else {
                 for (int64_t c = 0; c < h->nbytes; c += STAGE_BYTES, k ^= 1) {
                     size_t len = (size_t)std::min<int64_t>(STAGE_BYTES, h->nbytes - c);
-                    CKI(cudaEventSynchronize(done[k]), "weight upload");
+                    CKG(cudaEventSynchronize(done[k]), "weight upload");
                     memcpy(stage[k], (const uint8_t *)h->data + c, len);
-                    CKI(cudaMemcpyAsync(dst + c, stage[k], len, cudaMemcpyHostToDevice, st),
+                    CKG(cudaMemcpyAsync(dst + c, stage[k], len, cudaMemcpyHostToDevice, st),
                         "weight upload");
-                    CKI(cudaEventRecord(done[k], st), "weight upload");
+                    CKG(cudaEventRecord(done[k], st), "weight upload");
                 }
             }
             off += align_up((size_t)h->nbytes);
             if (progress) progress(progress_user, (int64_t)off, (int64_t)total);
         }
-        CKI(cudaStreamSynchronize(st), "weight upload");
+        CKG(cudaStreamSynchronize(st), "weight upload");
     }
     rc = 0;
 out:
-#undef CKI
     for (int b = 0; b < 2; b++) {
         if (stage[b]) cudaFreeHost(stage[b]);
         if (done[b]) cudaEventDestroy(done[b]);
@@ -967,31 +969,23 @@ static int copy_bandwidth(int64_t nbytes, int repeats, double *out, char *err, s
     cudaStream_t st = NULL;
     float best = 0;
     int rc = -1;
-#define CKB(call, what)                                   \
-    do {                                                  \
-        cudaError_t e_ = (call);                          \
-        if (e_ != cudaSuccess) {                          \
-            cuda_fail(e_, what, err, errlen);             \
-            goto out;                                     \
-        }                                                 \
-    } while (0)
-    CKB(cudaMalloc(&src, (size_t)nbytes), "allocating the copy-bandwidth buffers");
-    CKB(cudaMalloc(&dst, (size_t)nbytes), "allocating the copy-bandwidth buffers");
-    CKB(cudaMemset(src, 1, (size_t)nbytes), "copy bandwidth");
-    CKB(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "copy bandwidth");
-    for (int i = 0; i < 2; i++) CKB(cudaEventCreate(&ev[i]), "copy bandwidth");
+
+    CKG(cudaMalloc(&src, (size_t)nbytes), "allocating the copy-bandwidth buffers");
+    CKG(cudaMalloc(&dst, (size_t)nbytes), "allocating the copy-bandwidth buffers");
+    CKG(cudaMemset(src, 1, (size_t)nbytes), "copy bandwidth");
+    CKG(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "copy bandwidth");
+    for (int i = 0; i < 2; i++) CKG(cudaEventCreate(&ev[i]), "copy bandwidth");
     for (int r = 0; r <= repeats; r++) {
         float ms;
-        CKB(cudaEventRecord(ev[0], st), "copy bandwidth");
-        CKB(cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, st), "copy bandwidth");
-        CKB(cudaEventRecord(ev[1], st), "copy bandwidth");
-        CKB(cudaEventSynchronize(ev[1]), "copy bandwidth");
-        CKB(cudaEventElapsedTime(&ms, ev[0], ev[1]), "copy bandwidth");
+        CKG(cudaEventRecord(ev[0], st), "copy bandwidth");
+        CKG(cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, st), "copy bandwidth");
+        CKG(cudaEventRecord(ev[1], st), "copy bandwidth");
+        CKG(cudaEventSynchronize(ev[1]), "copy bandwidth");
+        CKG(cudaEventElapsedTime(&ms, ev[0], ev[1]), "copy bandwidth");
         if (r > 0 && (best == 0 || ms < best)) best = ms;
     }
     *out = 2.0 * (double)nbytes / (best * 1e-3);
     rc = 0;
-#undef CKB
 out:
     for (int i = 0; i < 2; i++)
         if (ev[i]) cudaEventDestroy(ev[i]);

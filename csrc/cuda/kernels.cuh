@@ -141,6 +141,21 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
  * (MAXC, the chunks a lane holds, sized per matrix to spare registers). */
 #define LIN_R 4
 
+/* A lane's chunks of x for the one-token kernels: chunk c holds elements
+ * part * 256 + lane * 8 + c * 256 * kw .. +8 (those below n_in). */
+template <int MAXC>
+__device__ __forceinline__ void load_x_chunks(const float *x, int n_in, int part, int lane, int kw,
+                                              float4 xr[MAXC][2]) {
+#pragma unroll
+    for (int c = 0; c < MAXC; c++) {
+        int e0 = part * 256 + lane * 8 + c * 256 * kw;
+        if (e0 < n_in) {
+            xr[c][0] = *(const float4 *)(x + e0);
+            xr[c][1] = *(const float4 *)(x + e0 + 4);
+        }
+    }
+}
+
 template <int TYPE, int LIN_MAXC>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
@@ -158,14 +173,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
     for (int p = p0; p < p1; p++) {
         const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         float4 xr[LIN_MAXC][2];
-#pragma unroll
-        for (int c = 0; c < LIN_MAXC; c++) {
-            int e0 = part * 256 + lane * 8 + c * 256 * kw;
-            if (e0 < a.w.n_in) {
-                xr[c][0] = *(const float4 *)(x + e0);
-                xr[c][1] = *(const float4 *)(x + e0 + 4);
-            }
-        }
+        load_x_chunks<LIN_MAXC>(x, a.w.n_in, part, lane, kw, xr);
         /* chunk by chunk over the LIN_R rows: their loads are independent, so
          * all are in flight together (rows past the end read the last row) */
         const uint8_t *rows[LIN_R];
@@ -254,14 +262,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
     for (int p = p0; p < p1; p++) {
         const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         float4 xr[LIN_MAXC][2];
-#pragma unroll
-        for (int c = 0; c < LIN_MAXC; c++) {
-            int e0 = part * 256 + lane * 8 + c * 256 * kw;
-            if (e0 < a.w.n_in) {
-                xr[c][0] = *(const float4 *)(x + e0);
-                xr[c][1] = *(const float4 *)(x + e0 + 4);
-            }
-        }
+        load_x_chunks<LIN_MAXC>(x, a.w.n_in, part, lane, kw, xr);
         /* the rows after the first x loads are issued, so both are in flight */
         if (p == p0)
             srows = d_stage(wsh, base + (int64_t)rbeg * a.w.row_bytes,
