@@ -22,16 +22,37 @@ struct dmat {
     int64_t row_bytes;
 };
 
+/* Device weight formats: the file's type, | DEV_NARROW where a repacked row
+ * (below) is too short for its code words to be 8-byte aligned (small test
+ * models), so kernels load them 2 bytes at a time. A flag in the type, not a
+ * test in the loop, so that each kernel's loads compile branch-free. */
+#define DEV_NARROW 0x100
+__host__ __device__ constexpr int base_type(int type) { return type & 0xff; }
+
+/* Formats whose rows the CUDA backend repacks at load (dev_repack), and the
+ * n_in multiple that keeps their code words 8-byte aligned. */
+static inline int repack_wide_multiple(int type) {
+    return type == DS4_TYPE_Q8_0 ? 128 : type == DS4_TYPE_Q2_K ? 512 : type == DS4_TYPE_IQ2_XXS ? 1024 : 0;
+}
+
 static inline dmat dmat_of(const ds4_tensor &t) {
-    dmat m = {(const uint8_t *)t.data, t.type, (int)t.ne[0], (int)(t.n_dims > 1 ? t.ne[1] : 1),
-              t.row_bytes};
+    int wide = repack_wide_multiple(t.type);
+    int narrow = wide && t.ne[0] % wide ? DEV_NARROW : 0;
+    dmat m = {(const uint8_t *)t.data, t.type | narrow, (int)t.ne[0],
+              (int)(t.n_dims > 1 ? t.ne[1] : 1), t.row_bytes};
     return m;
 }
 
 /* ---- device dequantization: 8 consecutive elements at e0 of a row ----
- * e0 is a multiple of 8, so the 8 never straddle a block of any type.
- * Quantized blocks are only 2-byte aligned (34, 66, 84-byte blocks): 16-bit
- * loads; float rows (n_in % 8 == 0, check_shapes) take 16-byte loads. */
+ * e0 is a multiple of 8, so the 8 never straddle a block of any type. Float
+ * rows (n_in % 8 == 0, check_shapes) take 16-byte loads. Q8_0, Q2_K and
+ * IQ2_XXS rows are repacked at load (dev_repack), each row's blocks split
+ * into arrays of like fields, so that a warp's code loads are contiguous
+ * 8-byte words instead of 2-byte pieces of 34, 84 and 66-byte blocks:
+ *   Q8_0     nb fp16 scales | nb x 32 codes               (nb = n_in / 32)
+ *   Q2_K     nb (d, dmin) fp16 pairs | nb x 16 scales | nb x 64 code bytes
+ *   IQ2_XXS  nb fp16 scales | nb x 64 code bytes           (nb = n_in / 256)
+ * Q4_K rows stay as in the file (144-byte blocks: 2-byte loads). */
 
 __device__ __forceinline__ float d_h2f(const uint8_t *p) {
     return __half2float(__ushort_as_half(*(const uint16_t *)p));
@@ -42,12 +63,32 @@ __device__ __forceinline__ uint32_t d_u32(const uint8_t *p) {
     return (uint32_t)q[0] | ((uint32_t)q[1] << 16);
 }
 
+/* Eight code bytes at q as two words: one 8-byte load, or 2-byte loads for
+ * a DEV_NARROW row. */
+template <bool NARROW>
+__device__ __forceinline__ void load8(const uint8_t *q, uint32_t &lo, uint32_t &hi) {
+    if (NARROW) {
+        lo = d_u32(q), hi = d_u32(q + 4);
+    } else {
+        uint2 v = *(const uint2 *)q;
+        lo = v.x, hi = v.y;
+    }
+}
+
+/* Byte j of v as the signed integer it codes, exactly: 2^23 + (b ^ 0x80)
+ * built as float bits, less 2^23 + 128 (a byte permute and a float add, not
+ * the quarter-rate integer conversion). */
+__device__ __forceinline__ float s8_at(uint32_t v, int j) {
+    return __uint_as_float(__byte_perm(v ^ 0x80808080u, 0x4Bu, 0x4550 + j)) - 8388736.0f;
+}
+
 /* IQ2_XXS tables, filled from iq2_tables.h at model init (one translation unit) */
 __device__ uint64_t d_iq2_grid[256];
 __device__ uint8_t d_iq2_signs[128];
 
-__device__ __forceinline__ void deq8(int type, const uint8_t *row, int e0, float *w) {
-    switch (type) {
+__device__ __forceinline__ void deq8(int type, const uint8_t *row, int n_in, int e0, float *w) {
+    const bool narrow = type & DEV_NARROW;
+    switch (base_type(type)) {
     case DS4_TYPE_F32: {   /* rows of n_in % 8 == 0 floats: 32-byte aligned */
         float4 a = *(const float4 *)((const float *)row + e0), b = *(const float4 *)((const float *)row + e0 + 4);
         w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
@@ -75,30 +116,30 @@ __device__ __forceinline__ void deq8(int type, const uint8_t *row, int e0, float
         break;
     }
     case DS4_TYPE_Q8_0: {
-        const uint8_t *b = row + (e0 / 32) * 34;
-        float d = d_h2f(b);
-        const uint16_t *q = (const uint16_t *)(b + 2 + e0 % 32);   /* 2-byte aligned */
+        float d = d_h2f(row + 2 * (e0 / 32));
+        uint32_t lo, hi;
+        const uint8_t *q = row + 2 * (n_in / 32) + e0;
+        if (narrow) load8<true>(q, lo, hi);
+        else load8<false>(q, lo, hi);
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            uint16_t v = q[j];
-            w[2 * j] = (float)(int8_t)(v & 0xff) * d;
-            w[2 * j + 1] = (float)(int8_t)(v >> 8) * d;
+            w[j] = s8_at(lo, j) * d;
+            w[4 + j] = s8_at(hi, j) * d;
         }
         break;
     }
     case DS4_TYPE_Q2_K: {
-        const uint8_t *b = row + (e0 / 256) * 84;
+        int nb = n_in / 256, b = e0 / 256;
         int j = e0 % 256, n = j / 128, s = (j % 128) / 32, h = (j % 32) / 16, l0 = j % 16;
-        float d = d_h2f(b + 80), dmin = d_h2f(b + 82);
-        uint8_t sc = b[8 * n + 2 * s + h];
+        float d = d_h2f(row + 4 * b), dmin = d_h2f(row + 4 * b + 2);
+        uint8_t sc = row[4 * nb + 16 * b + 8 * n + 2 * s + h];
         float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
-        const uint16_t *q = (const uint16_t *)(b + 16 + 32 * n + 16 * h + l0);
+        uint32_t v[2];
+        const uint8_t *q = row + 20 * nb + 64 * b + 32 * n + 16 * h + l0;
+        if (narrow) load8<true>(q, v[0], v[1]);
+        else load8<false>(q, v[0], v[1]);
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            uint16_t v = q[k];
-            w[2 * k] = dl * (float)((v >> (2 * s)) & 3) - ml;
-            w[2 * k + 1] = dl * (float)((v >> (8 + 2 * s)) & 3) - ml;
-        }
+        for (int i = 0; i < 8; i++) w[i] = dl * (float)((v[i / 4] >> (8 * (i % 4) + 2 * s)) & 3) - ml;
         break;
     }
     case DS4_TYPE_Q4_K: {
@@ -125,11 +166,12 @@ __device__ __forceinline__ void deq8(int type, const uint8_t *row, int e0, float
         break;
     }
     case DS4_TYPE_IQ2_XXS: {
-        const uint8_t *b = row + (e0 / 256) * 66;
-        int j = e0 % 256, ib = j / 32, k = (j % 32) / 8;
-        const uint8_t *qs = b + 2 + 8 * ib;
-        uint32_t a0 = d_u32(qs), a1 = d_u32(qs + 4);
-        float db = d_h2f(b) * (0.5f + (float)(a1 >> 28)) * 0.25f;
+        int nb = n_in / 256, b = e0 / 256, j = e0 % 256, ib = j / 32, k = (j % 32) / 8;
+        const uint8_t *qs = row + 2 * nb + 64 * b + 8 * ib;
+        uint32_t a0, a1;
+        if (narrow) load8<true>(qs, a0, a1);
+        else load8<false>(qs, a0, a1);
+        float db = d_h2f(row + 2 * b) * (0.5f + (float)(a1 >> 28)) * 0.25f;
         uint64_t grid = d_iq2_grid[(a0 >> (8 * k)) & 0xff];
         uint8_t signs = d_iq2_signs[(a1 >> (7 * k)) & 127];
 #pragma unroll

@@ -160,6 +160,50 @@ __global__ void k_fix_blocks(uint8_t *p, int type, int64_t n_blocks, float d, fl
     }
 }
 
+/* Where half-word i of a repacked row (common.cuh) comes from in the file's
+ * row of nb blocks: blocks of 17 (Q8_0: scale, 16 code pairs), 42 (Q2_K: 8
+ * scale pairs, 32 code pairs, d, dmin) or 33 (IQ2_XXS: scale, 32 code
+ * pairs) half-words. */
+__device__ int repacked_source(int type, int nb, int i) {
+    switch (type) {
+    case DS4_TYPE_Q8_0:
+        return i < nb ? 17 * i : 17 * ((i - nb) / 16) + 1 + (i - nb) % 16;
+    case DS4_TYPE_Q2_K:
+        if (i < 2 * nb) return 42 * (i / 2) + 40 + i % 2;
+        if (i < 10 * nb) return 42 * ((i - 2 * nb) / 8) + (i - 2 * nb) % 8;
+        return 42 * ((i - 10 * nb) / 32) + 8 + (i - 10 * nb) % 32;
+    default:   /* IQ2_XXS */
+        return i < nb ? 33 * i : 33 * ((i - nb) / 32) + 1 + (i - nb) % 32;
+    }
+}
+
+/* Rows of a Q8_0 / Q2_K / IQ2_XXS tensor into the layout the kernels read,
+ * each in its own bytes: a block a row, through shared memory (rows up to the
+ * 48 KB a launch gets; a wider row fails the launch with an error). */
+__global__ void k_repack(uint8_t *p, int type, int64_t n_rows, int row_bytes, int block_bytes) {
+    extern __shared__ uint16_t row_sh[];
+    int nb = row_bytes / block_bytes;
+    for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+        uint16_t *row = (uint16_t *)(p + r * row_bytes);   /* rows are 2-byte aligned */
+        for (int i = threadIdx.x; i < row_bytes / 2; i += blockDim.x) row_sh[i] = row[i];
+        __syncthreads();
+        for (int i = threadIdx.x; i < row_bytes / 2; i += blockDim.x)
+            row[i] = row_sh[repacked_source(type, nb, i)];
+        __syncthreads();
+    }
+}
+
+static int dev_repack(const ds4_tensor &t, cudaStream_t st, char *err, size_t errlen) {
+    if (!repack_wide_multiple(t.type)) return 0;
+    int block_bytes = t.type == DS4_TYPE_Q8_0 ? 34 : t.type == DS4_TYPE_Q2_K ? 84 : 66;
+    int64_t rows = t.nbytes / t.row_bytes;
+    int grid = (int)std::min<int64_t>(rows, 65535);
+    k_repack<<<grid, 256, (size_t)t.row_bytes, st>>>((uint8_t *)t.data, t.type, rows,
+                                                      (int)t.row_bytes, block_bytes);
+    CK(cudaGetLastError(), "repacking weight rows");
+    return 0;
+}
+
 static int fill_synthetic(const tensor_ref *r, uint8_t *dst, int n_expert, uint64_t seed,
                           cudaStream_t st, char *err, size_t errlen) {
     const ds4_tensor *t = r->host;
@@ -301,6 +345,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
                     CKG(cudaEventRecord(done[k], st), "weight upload");
                 }
             }
+            if (dev_repack(*refs[i].dev, st, err, errlen)) goto out;
             off += align_up((size_t)h->nbytes);
             if (progress) progress(progress_user, (int64_t)off, (int64_t)total);
         }
@@ -323,6 +368,9 @@ out:
 /* Tokens per forward call: a chunk's (token, expert) pairs give each of
  * Flash's 256 experts ~48 tokens, enough to fill the tensor-core tiles. */
 #define CUDA_PREFILL_CHUNK 2048
+
+/* K-split parts of a one-token HC mixer (hc_mixer) */
+#define MIX_PARTS 32
 
 struct dlayer {
     float *raw, *kg, *idx_kg, *rows, *idx_rows;
@@ -401,7 +449,7 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         int64_t bytes;
     } a[] = {
         {(void **)&g->X, c * hc * D * 4}, {(void **)&g->Xn, c * hc * D * 4},
-        {(void **)&g->u, c * hc * D * 4}, {(void **)&g->mix, c * (2 + hc) * hc * 4},
+        {(void **)&g->u, c * hc * D * 4}, {(void **)&g->mix, std::max<int64_t>(c, MIX_PARTS) * (2 + hc) * hc * 4},
         {(void **)&g->post, c * hc * 4}, {(void **)&g->comb, c * hc * hc * 4},
         {(void **)&g->x, c * D * 4}, {(void **)&g->xn, c * D * 4},
         {(void **)&g->qr, c * cf->q_lora_rank * 4}, {(void **)&g->q, c * cf->n_head * d * 4},
@@ -625,6 +673,7 @@ static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
         break;
     CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+    CASE(DS4_TYPE_Q8_0 | DEV_NARROW) CASE(DS4_TYPE_Q2_K | DEV_NARROW) CASE(DS4_TYPE_IQ2_XXS | DEV_NARROW)
 #undef CASE
     }
 }
@@ -636,6 +685,7 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     case T: k_linear1s<T, 2><<<grid, LIN_WARPS * WARP, shm, st>>>(a, kw); break;
     CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+    CASE(DS4_TYPE_Q8_0 | DEV_NARROW) CASE(DS4_TYPE_Q2_K | DEV_NARROW) CASE(DS4_TYPE_IQ2_XXS | DEV_NARROW)
 #undef CASE
     }
 }
@@ -646,6 +696,7 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
     case T: k_linear_mma<T><<<grid, MM_THREADS, 0, st>>>(a); break;
     CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
+    CASE(DS4_TYPE_Q8_0 | DEV_NARROW) CASE(DS4_TYPE_Q2_K | DEV_NARROW) CASE(DS4_TYPE_IQ2_XXS | DEV_NARROW)
 #undef CASE
     }
 }
@@ -656,7 +707,8 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
  * a pass where a matrix's n_in does not fit them. */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
-    if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024)
+    if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024 &&
+        !getenv("DS4_CUDA_NO_STAGE"))
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
@@ -666,16 +718,40 @@ static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
 }
 
 static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, float *y, int64_t ys) {
-    lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL};
+    lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL, 0, 0, 0, 0, 0};
     run_linear(st, a, n, 1);
 }
+
+/* One token's batch of nb same-shape products (a.bw, a.bx, a.by) as one launch. */
+static void launch_batch(cudaStream_t st, const lin_args &a, int nb) {
+    int kw = lin_split(a.w.n_in);
+    launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), nb), a, kw);
+}
+
+/* nb products of one shape: weights w.data + b * bw bytes on x + b * bx into
+ * y + b * by; one launch for a token, a product at a time for a chunk. */
+static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const float *x, int64_t bx,
+                           int64_t xs, int n, float *y, int64_t by, int64_t ys) {
+    if (n == 1) {
+        lin_args a = {w, 0, x, xs, y, ys, 1, NULL, NULL, NULL, bw, bx, by, 0, 0};
+        launch_batch(st, a, nb);
+        return;
+    }
+    for (int b = 0; b < nb; b++) {
+        dmat part = w;
+        part.data += b * bw;
+        linear(st, part, x + b * bx, xs, n, y + b * by, ys);
+    }
+}
+
 
 /* Rows of every expert in use, over the pairs grouped for it. */
 static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int pairs,
                           int slots, const int *xrow, const float *x, int64_t xs, float *y,
                           int64_t ys) {
     /* n_tok: the (token, expert) pairs, for the launch shape alone */
-    lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, pairs, g->active, g->offs, xrow};
+    lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, pairs, g->active, g->offs, xrow,
+                  0, 0, 0, 0, 0};
     run_linear(st, a, n, slots);
 }
 
@@ -693,23 +769,50 @@ static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
 
 /* Threads per row by its length alone (it sets the order of the norm's sum). */
 static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
-    k_rows<<<(unsigned)n_rows, a.dim >= 8192 ? 1024 : 256, 0, st>>>(a);
+    k_rows<<<(unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, 0, st>>>(a);
 }
 
 static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }
 
-/* The HC controller of one site (§2.2): x, post, comb from X. */
+/* The HC mixers on the RMS norm of all hc * D streams, (2 + hc) * hc rows
+ * (hc for the head). For a chunk: the norm, then the product. One token's
+ * few rows would not fill the GPU, so its product splits the inputs
+ * MIX_PARTS ways (float rows), each block norming x as it loads it, and
+ * k_hc_mix / k_hc_head add the partial sums, part p at mix + p * n * n_out.
+ * u: scratch for a chunk's normed streams. Returns the parts written. */
+static int hc_mixer(cudaStream_t st, const ds4_tensor &fn, const float *X, int n, float *u,
+                    float *mix, int n_out, int64_t hcD, float eps) {
+    dmat w = dmat_of(fn);
+    int es = fn.type == DS4_TYPE_F32 ? 4 : fn.type == DS4_TYPE_F16 || fn.type == DS4_TYPE_BF16 ? 2 : 0;
+    if (n != 1 || !es || w.n_in % (MIX_PARTS * 8)) {
+        row_args r = rows_of(X, u, hcD, (int)hcD);
+        r.norm = 1;
+        r.eps = eps;
+        run_rows(st, r, n);
+        linear(st, w, u, hcD, n, mix, n_out);
+        return 1;
+    }
+    w.n_in /= MIX_PARTS;
+    lin_args a = {w, 0, X, hcD, mix, n_out, 1, NULL, NULL, NULL, (int64_t)w.n_in * es, w.n_in, n_out,
+                  (int)hcD, eps};
+    launch_batch(st, a, MIX_PARTS);
+    return MIX_PARTS;
+}
+
+/* Threads of the HC controller's block a token: a decode token has the GPU
+ * to itself. */
+static int hc_threads(int n) { return n < 16 ? 1024 : 256; }
+
+/* The HC controller of one site (§2.2) and the sublayer's input norm: post,
+ * comb and xn from X. */
 static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
-                          const ds4_tensor &base, const ds4_tensor &scale) {
+                          const ds4_tensor &base, const ds4_tensor &scale, const ds4_tensor &norm) {
     const ds4_config *cf = &s->model->cfg;
     int hc = cf->n_hc, D = cf->n_embd, n_mix = (2 + hc) * hc;
-    row_args r = rows_of(g->X, g->u, (int64_t)hc * D, hc * D);
-    r.norm = 1;
-    r.eps = cf->rms_eps;
-    run_rows(g->st, r, n);
-    linear(g->st, dmat_of(fn), g->u, (int64_t)hc * D, n, g->mix, n_mix);
-    k_hc_mix<<<n, 256, 0, g->st>>>(g->mix, g->X, f32(base), f32(scale), hc, D, cf->sinkhorn_iters,
-                                   cf->hc_eps, g->post, g->comb, g->x);
+    int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
+    k_hc_mix<<<n, hc_threads(n), 0, g->st>>>(g->mix, parts, (int64_t)n * n_mix, g->X, f32(base),
+                                             f32(scale), hc, D, cf->sinkhorn_iters, cf->hc_eps,
+                                             cf->rms_eps, f32(norm), g->post, g->comb, g->x, g->xn);
 }
 
 static void hc_expand(ds4_session *s, dsess *g, int n) {
@@ -730,15 +833,9 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     int qat = s->numerics == DS4_NUMERICS_QAT;
     const float *rope = m ? g->rope_comp : g->rope_main;
 
-    row_args r = rows_of(g->x, g->xn, D, D);
-    r.norm = 1;
-    r.norm_w = f32(L.attn_norm);
-    r.eps = cf->rms_eps;
-    run_rows(st, r, n);
-
-    /* query path (§3.1) */
+    /* query path (§3.1); xn is the normed input (hc_controller) */
     linear(st, dmat_of(L.attn_q_a), g->xn, D, n, g->qr, QL);
-    r = rows_of(g->qr, g->qr, QL, QL);
+    row_args r = rows_of(g->qr, g->qr, QL, QL);
     r.norm = 1;
     r.norm_w = f32(L.attn_q_a_norm);
     r.eps = cf->rms_eps;
@@ -830,13 +927,9 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     /* grouped output projection (§3.10) */
     int G = cf->o_groups, per_group = H * d / G, r_o = cf->o_lora_rank;
     dmat wo_a = dmat_of(L.attn_output_a);
-    for (int gi = 0; gi < G; gi++) {
-        dmat part = wo_a;
-        part.data += (int64_t)gi * r_o * wo_a.row_bytes;
-        part.n_out = r_o;
-        linear(st, part, g->o + gi * per_group, (int64_t)H * d, n, g->low + gi * r_o,
-               (int64_t)G * r_o);
-    }
+    wo_a.n_out = r_o;
+    linear_batched(st, wo_a, G, (int64_t)r_o * wo_a.row_bytes, g->o, per_group, (int64_t)H * d, n,
+                   g->low, r_o, (int64_t)G * r_o);
     linear(st, dmat_of(L.attn_output_b), g->low, (int64_t)G * r_o, n, g->y, D);
 }
 
@@ -845,11 +938,7 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     cudaStream_t st = g->st;
     int D = cf->n_embd, F = cf->expert_ff, k = cf->n_expert_used, E = cf->n_expert;
     int Fs = F * cf->n_shared_experts;
-    row_args r = rows_of(g->x, g->xn, D, D);
-    r.norm = 1;
-    r.norm_w = f32(L.ffn_norm);
-    r.eps = cf->rms_eps;
-    run_rows(st, r, n);
+    /* xn is the normed input (hc_controller) */
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
     k_route<<<blocks_for(n, 8), 256, 0, st>>>(
         g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
@@ -886,28 +975,20 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     k_embed<<<dim3(blocks_for(D / 8, 128), n), 128, 0, st>>>(E, g->ids, hc, D, g->X);
     for (int l = 0; l < cf->n_layer; l++) {
         const ds4_layer &L = dm->layers[l];
-        hc_controller(s, g, n, L.hc_attn_fn, L.hc_attn_base, L.hc_attn_scale);
+        hc_controller(s, g, n, L.hc_attn_fn, L.hc_attn_base, L.hc_attn_scale, L.attn_norm);
         attention(s, g, L, l, n);
         hc_expand(s, g, n);
-        hc_controller(s, g, n, L.hc_ffn_fn, L.hc_ffn_base, L.hc_ffn_scale);
+        hc_controller(s, g, n, L.hc_ffn_fn, L.hc_ffn_base, L.hc_ffn_scale, L.ffn_norm);
         moe(s, g, L, n);
         hc_expand(s, g, n);
     }
     if (t0 < 0) return;
     int nn = n - t0;
     const float *Xt = g->X + (int64_t)t0 * hc * D;
-    row_args r = rows_of(Xt, g->u, (int64_t)hc * D, hc * D);
-    r.norm = 1;
-    r.eps = cf->rms_eps;
-    run_rows(st, r, nn);
-    linear(st, dmat_of(dm->output_hc_fn), g->u, (int64_t)hc * D, nn, g->mix, hc);
-    k_hc_head<<<nn, 256, 0, st>>>(g->mix, Xt, f32(dm->output_hc_base), f32(dm->output_hc_scale), hc,
-                                  D, cf->hc_eps, g->x);
-    r = rows_of(g->x, g->x, D, D);
-    r.norm = 1;
-    r.norm_w = f32(dm->output_norm);
-    r.eps = cf->rms_eps;
-    run_rows(st, r, nn);
+    int parts = hc_mixer(st, dm->output_hc_fn, Xt, nn, g->u, g->mix, hc, (int64_t)hc * D, cf->rms_eps);
+    k_hc_head<<<nn, hc_threads(nn), 0, st>>>(g->mix, parts, (int64_t)nn * hc, Xt, f32(dm->output_hc_base),
+                                             f32(dm->output_hc_scale), hc, D, cf->hc_eps, cf->rms_eps,
+                                             f32(dm->output_norm), g->x);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
     cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }

@@ -40,12 +40,24 @@ __device__ double block_sum_d(double v) {
     return t;
 }
 
+/* 1 / sqrt(mean(x^2) + eps) over the block, every thread gets it (d_rms's). */
+__device__ float d_rms_scale(const float *x, int n, float eps) {
+    double ss = 0;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    ss = block_sum_d(ss);
+    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+}
+
 __device__ __forceinline__ float d_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 /* ---- linear: one warp per output row, up to TT tokens per pass ----
- * Plain mode: tokens 0..n_tok-1 (x row t, y row t). Expert mode (active
- * != NULL): block row y picks active[y]; that expert's pairs
- * offs[e]..offs[e+1] are its tokens (x row xrow[p] or p, y row p). */
+ * Plain mode: tokens 0..n_tok-1 (x row t, y row t); the one-token kernels
+ * also take a batch of products in one launch, block row b running weights
+ * w.data + b * bw bytes on x + b * bx into y + b * by (the output groups; a
+ * K split whose partial sums the consumer adds). Expert mode (active !=
+ * NULL): block row y picks active[y]; that expert's pairs offs[e]..offs[e+1]
+ * are its tokens (x row xrow[p] or p, y row p). */
 struct lin_args {
     dmat w;
     int64_t expert_bytes;
@@ -55,6 +67,9 @@ struct lin_args {
     int64_t ys;
     int n_tok;
     const int *active, *offs, *xrow;
+    int64_t bw, bx, by;   /* batch strides of plain mode, one-token kernels */
+    int norm_n;           /* k_linear1: x is RMS-normed over its first norm_n (> 0) first */
+    float norm_eps;
 };
 
 #define LIN_WARPS 8
@@ -111,7 +126,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
 #pragma unroll 2
             for (int e0 = part * 256 + lane * 8; e0 < a.w.n_in; e0 += 256 * kw) {
                 float w[8];
-                deq8(TYPE, row, e0, w);
+                deq8(TYPE, row, a.w.n_in, e0, w);
 #pragma unroll
                 for (int i = 0; i < TT; i++) {
                     const float4 *v = (const float4 *)(xp[i] + e0);
@@ -156,12 +171,19 @@ __device__ __forceinline__ void load_x_chunks(const float *x, int n_in, int part
     }
 }
 
+/* x * scale, as d_rms writes a norm without weights. */
+__device__ __forceinline__ float4 scale4(float4 v, float s) {
+    return make_float4(v.x * s, v.y * s, v.z * s, v.w * s);
+}
+
 template <int TYPE, int LIN_MAXC>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
     int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
     __shared__ float red[LIN_WARPS][LIN_R];
     const uint8_t *base = a.w.data;
+    const float *xb = a.x;
+    float *yb = a.y;
     int p0 = 0, p1 = 1;
     if (a.active) {
         int e = a.active[blockIdx.y];
@@ -169,11 +191,20 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
         base += (int64_t)e * a.expert_bytes;
         p0 = a.offs[e];
         p1 = a.offs[e + 1];
+    } else {
+        base += blockIdx.y * a.bw;
+        xb += blockIdx.y * a.bx;
+        yb += blockIdx.y * a.by;
     }
     for (int p = p0; p < p1; p++) {
-        const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+        const float *x = xb + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         float4 xr[LIN_MAXC][2];
         load_x_chunks<LIN_MAXC>(x, a.w.n_in, part, lane, kw, xr);
+        if (a.norm_n) {   /* the whole row's norm (a batch part sees a slice of it) */
+            float s = d_rms_scale(a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs, a.norm_n, a.norm_eps);
+#pragma unroll
+            for (int c = 0; c < LIN_MAXC; c++) xr[c][0] = scale4(xr[c][0], s), xr[c][1] = scale4(xr[c][1], s);
+        }
         /* chunk by chunk over the LIN_R rows: their loads are independent, so
          * all are in flight together (rows past the end read the last row) */
         const uint8_t *rows[LIN_R];
@@ -190,7 +221,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
             if (e0 < a.w.n_in) {
                 float w[LIN_R][8];
 #pragma unroll
-                for (int i = 0; i < LIN_R; i++) deq8(TYPE, rows[i], e0, w[i]);
+                for (int i = 0; i < LIN_R; i++) deq8(TYPE, rows[i], a.w.n_in, e0, w[i]);
 #pragma unroll
                 for (int i = 0; i < LIN_R; i++) acc[i] = dot8(acc[i], w[i], xr[c][0], xr[c][1]);
             }
@@ -204,7 +235,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
         if (part == 0 && lane < LIN_R && r0 + lane < a.w.n_out) {
             float v = 0;
             for (int j = 0; j < kw; j++) v += red[warp + j][lane];
-            a.y[(int64_t)p * a.ys + r0 + lane] = v;
+            yb[(int64_t)p * a.ys + r0 + lane] = v;
         }
         __syncthreads();
     }
@@ -279,7 +310,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
                 int e0 = part * 256 + lane * 8 + c * 256 * kw;
                 if (e0 < a.w.n_in) {
                     float w[8];
-                    deq8(TYPE, row, e0, w);
+                    deq8(TYPE, row, a.w.n_in, e0, w);
                     acc = dot8(acc, w, xr[c][0], xr[c][1]);
                 }
             }
@@ -298,13 +329,17 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
 
 /* ---- row steps on global memory, one block per row ---- */
 
-/* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. */
+/* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. The loops unrolled so
+ * that a thread's loads are in flight together (a one-block norm of a
+ * decode step is otherwise a chain of memory latencies). */
 __device__ void d_rms(float *y, const float *x, const float *w, int n, float eps) {
     double ss = 0;
+#pragma unroll 8
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
     ss = block_sum_d(ss);
     float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
     __syncthreads();
+#pragma unroll 8
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = w ? x[i] * scale * w[i] : x[i] * scale;
     __syncthreads();
 }
@@ -435,62 +470,98 @@ __global__ void k_rows(row_args a) {
 
 /* ---- hyper-connections ---- */
 
-/* Per token: pre, post and the Sinkhorn comb from the mix (§2.2), then the
- * collapsed input x = sum_i pre_i X_i. */
-__global__ void k_hc_mix(const float *mix, const float *X, const float *base, const float *scale,
-                         int hc, int D, int iters, float eps, float *post, float *comb, float *x) {
-    int t = blockIdx.x, n_mix = (2 + hc) * hc, lane = threadIdx.x;
-    __shared__ float pre[16], po[16], C[256], mu[(2 + 16) * 16], rs[16];
-    for (int i = threadIdx.x; i < n_mix; i += blockDim.x) mu[i] = mix[(int64_t)t * n_mix + i];
-    __syncthreads();
-    if (threadIdx.x < WARP) {
-        /* the first warp: lane e holds comb entries e, e + 32, ... (row i, column j) */
-        const float *b = base, *sc = scale;
-        if (lane < hc) {
-            pre[lane] = d_sigmoid(mu[lane] * sc[0] + b[lane]) + eps;
-            po[lane] = 2.0f * d_sigmoid(mu[hc + lane] * sc[1] + b[hc + lane]);
-        }
-        for (int e = lane; e < hc * hc; e += WARP)
-            C[e] = mu[2 * hc + e] * sc[2] + b[2 * hc + e];
-        __syncwarp();
-        /* row softmax + eps, sums in column order as forward.c */
-        if (lane < hc) {
-            float *row = C + lane * hc, m = -INFINITY, sum = 0;
-            for (int j = 0; j < hc; j++) m = fmaxf(m, row[j]);
-            for (int j = 0; j < hc; j++) sum += row[j] = expf(row[j] - m);
-            for (int j = 0; j < hc; j++) row[j] = row[j] / sum + eps;
-        }
-        __syncwarp();
-        for (int it = 0; it < iters; it++) {
-            if (it > 0) {
-                if (lane < hc) {
-                    float sum = 0;
-                    for (int j = 0; j < hc; j++) sum += C[lane * hc + j];
-                    rs[lane] = sum;
-                }
-                __syncwarp();
-                for (int e = lane; e < hc * hc; e += WARP) C[e] /= rs[e / hc] + eps;
-                __syncwarp();
-            }
-            if (lane < hc) {
-                float sum = 0;
-                for (int i = 0; i < hc; i++) sum += C[i * hc + lane];
-                rs[lane] = sum;
-            }
-            __syncwarp();
-            for (int e = lane; e < hc * hc; e += WARP) C[e] /= rs[e % hc] + eps;
-            __syncwarp();
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) comb[(int64_t)t * hc * hc + i] = C[i];
-    for (int i = threadIdx.x; i < hc; i += blockDim.x) post[t * hc + i] = po[i];
-    const float *Xt = X + (int64_t)t * hc * D;
+/* The mix of token t: the sum of its `parts` partial products (a K-split
+ * one-token mixer, hc_mixer), part p at mix + p * part_stride. */
+__device__ __forceinline__ float d_mix_at(const float *mix, int parts, int64_t part_stride, int64_t i) {
+    float v = 0;
+    for (int p = 0; p < parts; p++) v += mix[p * part_stride + i];
+    return v;
+}
+
+/* x = sum_i wts_i X_i over the D columns, then xn = the sublayer's input
+ * norm of x (d_rms's arithmetic); xn may be x. A thread rereads only the
+ * columns it wrote. */
+__device__ void d_collapse_norm(const float *Xt, const float *wts, int hc, int D,
+                                const float *norm_w, float eps, float *x, float *xn) {
+    double ss = 0;
     for (int k = threadIdx.x; k < D; k += blockDim.x) {
         float acc = 0;
-        for (int i = 0; i < hc; i++) acc += pre[i] * Xt[(int64_t)i * D + k];
-        x[(int64_t)t * D + k] = acc;
+        for (int i = 0; i < hc; i++) acc += wts[i] * Xt[(int64_t)i * D + k];
+        x[k] = acc;
+        ss += (double)acc * acc;
     }
+    ss = block_sum_d(ss);
+    float scale = (float)(1.0 / sqrt(ss / (double)D + (double)eps));
+    for (int k = threadIdx.x; k < D; k += blockDim.x)
+        xn[k] = norm_w ? x[k] * scale * norm_w[k] : x[k] * scale;
+}
+
+/* The HC controller after its mixer, a block per token (§2.2): pre, post
+ * and the Sinkhorn comb from the mix, the collapsed input x = sum_i pre_i
+ * X_i and the sublayer's input norm of it, xn. The Sinkhorn keeps comb entry e = lane + 32k in a register of the
+ * first warp; row and column sums read a shared copy in forward.c's order. */
+__global__ void k_hc_mix(const float *mix, int parts, int64_t part_stride, const float *X,
+                         const float *base, const float *scale, int hc, int D, int iters,
+                         float hc_eps, float rms_eps, const float *norm_w, float *post, float *comb,
+                         float *x, float *xn) {
+    int t = blockIdx.x, n_mix = (2 + hc) * hc, ne = hc * hc, lane = threadIdx.x % WARP;
+    __shared__ float pre[16], C[256], mu[(2 + 16) * 16];
+    const float *Xt = X + (int64_t)t * hc * D;
+    for (int i = threadIdx.x; i < n_mix; i += blockDim.x)
+        mu[i] = d_mix_at(mix, parts, part_stride, (int64_t)t * n_mix + i);
+    __syncthreads();
+    if (threadIdx.x < WARP) {
+        const float *b = base, *sc = scale;
+        if (lane < hc) {
+            pre[lane] = d_sigmoid(mu[lane] * sc[0] + b[lane]) + hc_eps;
+            post[t * hc + lane] = 2.0f * d_sigmoid(mu[hc + lane] * sc[1] + b[hc + lane]);
+        }
+        /* entry k of this lane: e = lane + 32k, row i, column j; hc <= 16 */
+        float c[8];
+        int row[8], col[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            int e = lane + WARP * k;
+            row[k] = e < ne ? e / hc * hc : 0;
+            col[k] = e < ne ? e % hc : 0;
+            if (e < ne) C[e] = mu[2 * hc + e] * sc[2] + b[2 * hc + e];
+        }
+        __syncwarp();
+        /* row softmax + eps: each entry's lane redoes its row's max and sum */
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            if (lane + WARP * k >= ne) break;
+            float m = -INFINITY, sum = 0;
+            for (int j = 0; j < hc; j++) m = fmaxf(m, C[row[k] + j]);
+            for (int j = 0; j < hc; j++) sum += expf(C[row[k] + j] - m);
+            c[k] = expf(C[lane + WARP * k] - m) / sum + hc_eps;
+        }
+        /* Sinkhorn: columns, then (rows, columns) x (iters - 1) */
+        for (int it = 0; it < iters; it++) {
+            for (int by_col = it > 0 ? 0 : 1; by_col < 2; by_col++) {
+                __syncwarp();
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (lane + WARP * k < ne) C[lane + WARP * k] = c[k];
+                __syncwarp();
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    if (lane + WARP * k >= ne) break;
+                    float sum = 0;
+                    if (by_col)
+                        for (int i = 0; i < hc; i++) sum += C[i * hc + col[k]];
+                    else
+                        for (int j = 0; j < hc; j++) sum += C[row[k] + j];
+                    c[k] /= sum + hc_eps;
+                }
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            if (lane + WARP * k < ne) comb[(int64_t)t * ne + lane + WARP * k] = c[k];
+    }
+    __syncthreads();
+    d_collapse_norm(Xt, pre, hc, D, norm_w, rms_eps, x + (int64_t)t * D, xn + (int64_t)t * D);
 }
 
 /* X'_j = post_j y + sum_i C_ij X_i, into Xn. */
@@ -505,18 +576,19 @@ __global__ void k_hc_expand(const float *X, const float *post, const float *comb
     Xn[idx] = post[t * hc + j] * y[(int64_t)t * D + k] + acc;
 }
 
-/* HC head (§2.5): h = sum_i (sigmoid(mix_i s + b_i) + eps) X_i. */
-__global__ void k_hc_head(const float *mix, const float *X, const float *base, const float *scale,
-                          int hc, int D, float eps, float *h) {
+/* HC head (§2.5), a block per token: h = sum_i (sigmoid(mix_i s + b_i) +
+ * eps) X_i, then the output norm, in place. */
+__global__ void k_hc_head(const float *mix, int parts, int64_t part_stride, const float *X,
+                          const float *base, const float *scale, int hc, int D, float hc_eps,
+                          float rms_eps, const float *norm_w, float *h) {
     int t = blockIdx.x;
+    __shared__ float w[16];
     const float *Xt = X + (int64_t)t * hc * D;
-    float w[16];
-    for (int i = 0; i < hc; i++) w[i] = d_sigmoid(mix[t * hc + i] * scale[0] + base[i]) + eps;
-    for (int k = threadIdx.x; k < D; k += blockDim.x) {
-        float acc = 0;
-        for (int i = 0; i < hc; i++) acc += w[i] * Xt[(int64_t)i * D + k];
-        h[(int64_t)t * D + k] = acc;
-    }
+    if (threadIdx.x < hc)
+        w[threadIdx.x] = d_sigmoid(d_mix_at(mix, parts, part_stride, (int64_t)t * hc + threadIdx.x) *
+                                   scale[0] + base[threadIdx.x]) + hc_eps;
+    __syncthreads();
+    d_collapse_norm(Xt, w, hc, D, norm_w, rms_eps, h + (int64_t)t * D, h + (int64_t)t * D);
 }
 
 /* Token embeddings, copied to every stream. */
@@ -524,7 +596,7 @@ __global__ void k_embed(dmat E, const int32_t *ids, int hc, int D, float *X) {
     int t = blockIdx.y, e0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (e0 >= D) return;
     float w[8];
-    deq8(E.type, E.data + (int64_t)ids[t] * E.row_bytes, e0, w);
+    deq8(E.type, E.data + (int64_t)ids[t] * E.row_bytes, E.n_in, e0, w);
     for (int i = 0; i < hc; i++)
         for (int j = 0; j < 8; j++) X[((int64_t)t * hc + i) * D + e0 + j] = w[j];
 }

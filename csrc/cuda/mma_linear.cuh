@@ -34,8 +34,9 @@
 /* Formats this kernel takes (F32 weights keep the CUDA-core path: three
  * bf16 parts of a float32 weight would cost nine products). */
 static inline bool mma_fits(const dmat &w) {
-    bool type_ok = w.type == DS4_TYPE_F16 || w.type == DS4_TYPE_BF16 || w.type == DS4_TYPE_Q8_0 ||
-                   w.type == DS4_TYPE_Q2_K || w.type == DS4_TYPE_Q4_K || w.type == DS4_TYPE_IQ2_XXS;
+    int t = base_type(w.type);
+    bool type_ok = t == DS4_TYPE_F16 || t == DS4_TYPE_BF16 || t == DS4_TYPE_Q8_0 ||
+                   t == DS4_TYPE_Q2_K || t == DS4_TYPE_Q4_K || t == DS4_TYPE_IQ2_XXS;
     return type_ok && w.n_in % MM_BK == 0;
 }
 
@@ -62,24 +63,22 @@ struct raw8 {
 };
 
 template <int TYPE>
-__device__ __forceinline__ void raw_load(const uint8_t *row, int e0, raw8 &r) {
-    if constexpr (TYPE == DS4_TYPE_F16 || TYPE == DS4_TYPE_BF16) {
+__device__ __forceinline__ void raw_load(const uint8_t *row, int n_in, int e0, raw8 &r) {
+    constexpr int BT = base_type(TYPE);
+    constexpr bool NARROW = TYPE & DEV_NARROW;
+    if constexpr (BT == DS4_TYPE_F16 || BT == DS4_TYPE_BF16) {
         uint4 u = *(const uint4 *)((const uint16_t *)row + e0);
         r.v[0] = u.x, r.v[1] = u.y, r.v[2] = u.z, r.v[3] = u.w;
-    } else if constexpr (TYPE == DS4_TYPE_Q8_0) {
-        const uint8_t *b = row + (e0 / 32) * 34;
-        r.v[0] = *(const uint16_t *)b;
-        r.v[1] = d_u32(b + 2 + e0 % 32);
-        r.v[2] = d_u32(b + 2 + e0 % 32 + 4);
-    } else if constexpr (TYPE == DS4_TYPE_Q2_K) {
-        const uint8_t *b = row + (e0 / 256) * 84;
+    } else if constexpr (BT == DS4_TYPE_Q8_0) {
+        r.v[0] = *(const uint16_t *)(row + 2 * (e0 / 32));
+        load8<NARROW>(row + 2 * (n_in / 32) + e0, r.v[1], r.v[2]);
+    } else if constexpr (BT == DS4_TYPE_Q2_K) {
+        int nb = n_in / 256, b = e0 / 256;
         int j = e0 % 256, n = j / 128, s = (j % 128) / 32, h = (j % 32) / 16, l0 = j % 16;
-        const uint8_t *q = b + 16 + 32 * n + 16 * h + l0;
-        r.v[0] = d_u32(q);
-        r.v[1] = d_u32(q + 4);
-        r.v[2] = b[8 * n + 2 * s + h];
-        r.v[3] = d_u32(b + 80);
-    } else if constexpr (TYPE == DS4_TYPE_Q4_K) {
+        load8<NARROW>(row + 20 * nb + 64 * b + 32 * n + 16 * h + l0, r.v[0], r.v[1]);
+        r.v[2] = row[4 * nb + 16 * b + 8 * n + 2 * s + h];
+        r.v[3] = *(const uint32_t *)(row + 4 * b);   /* d, dmin */
+    } else if constexpr (BT == DS4_TYPE_Q4_K) {
         const uint8_t *b = row + (e0 / 256) * 144;
         int j = e0 % 256, c = j / 64, l0 = j % 32, sub = 2 * c + (j % 64) / 32;
         const uint8_t *s = b + 4, *q = b + 16 + 32 * c + l0;
@@ -88,12 +87,10 @@ __device__ __forceinline__ void raw_load(const uint8_t *row, int e0, raw8 &r) {
         r.v[2] = d_u32(b);
         r.v[3] = sub < 4 ? (uint32_t)s[sub] | (uint32_t)s[sub + 4] << 8
                          : (uint32_t)s[sub + 4] | (uint32_t)s[sub - 4] << 8 | (uint32_t)s[sub] << 16;
-    } else if constexpr (TYPE == DS4_TYPE_IQ2_XXS) {
-        const uint8_t *b = row + (e0 / 256) * 66;
-        const uint8_t *qs = b + 2 + 8 * ((e0 % 256) / 32);
-        r.v[0] = d_u32(qs);
-        r.v[1] = d_u32(qs + 4);
-        r.v[2] = *(const uint16_t *)b;
+    } else if constexpr (BT == DS4_TYPE_IQ2_XXS) {
+        int nb = n_in / 256, b = e0 / 256;
+        load8<NARROW>(row + 2 * nb + 64 * b + 8 * ((e0 % 256) / 32), r.v[0], r.v[1]);
+        r.v[2] = *(const uint16_t *)(row + 2 * b);
     }
 }
 
@@ -108,9 +105,10 @@ template <int TYPE>
 __device__ __forceinline__ void raw_decode(const raw8 &r, int e0, uint32_t c[4], uint32_t lo[4],
                                            float &scale, float &mn, const uint64_t *grid,
                                            const uint8_t *signs) {
+    constexpr int BT = base_type(TYPE);
     scale = 1.0f;
     mn = 0.0f;
-    if constexpr (TYPE == DS4_TYPE_F16) {
+    if constexpr (BT == DS4_TYPE_F16) {
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             float2 f = __half22float2(*(const __half2 *)&r.v[i]);
@@ -119,17 +117,17 @@ __device__ __forceinline__ void raw_decode(const raw8 &r, int e0, uint32_t c[4],
             c[i] = *(uint32_t *)&h;
             lo[i] = pack_bf16(f.x - back.x, f.y - back.y);
         }
-    } else if constexpr (TYPE == DS4_TYPE_BF16) {
+    } else if constexpr (BT == DS4_TYPE_BF16) {
 #pragma unroll
         for (int i = 0; i < 4; i++) c[i] = r.v[i];
-    } else if constexpr (TYPE == DS4_TYPE_Q8_0) {
+    } else if constexpr (BT == DS4_TYPE_Q8_0) {
         scale = h2f_bits(r.v[0]);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             uint32_t w = r.v[1 + i / 2] >> (16 * (i % 2));
             c[i] = pack_bf16((float)(int8_t)(w & 0xff), (float)(int8_t)((w >> 8) & 0xff));
         }
-    } else if constexpr (TYPE == DS4_TYPE_Q2_K) {
+    } else if constexpr (BT == DS4_TYPE_Q2_K) {
         int s = ((e0 % 256) % 128) / 32;
         uint32_t sc = r.v[2];
         scale = h2f_bits(r.v[3]) * (float)(sc & 0xf);
@@ -139,7 +137,7 @@ __device__ __forceinline__ void raw_decode(const raw8 &r, int e0, uint32_t c[4],
             uint32_t w = r.v[i / 2] >> (16 * (i % 2));
             c[i] = pack_bf16((float)((w >> (2 * s)) & 3), (float)((w >> (8 + 2 * s)) & 3));
         }
-    } else if constexpr (TYPE == DS4_TYPE_Q4_K) {
+    } else if constexpr (BT == DS4_TYPE_Q4_K) {
         int j = e0 % 256, hi = (j % 64) / 32, sub = 2 * (j / 64) + hi;
         uint32_t k = r.v[3], sc, m;
         if (sub < 4) {
@@ -157,7 +155,7 @@ __device__ __forceinline__ void raw_decode(const raw8 &r, int e0, uint32_t c[4],
             uint32_t w = (r.v[i / 2] >> (16 * (i % 2))) >> (hi ? 4 : 0);
             c[i] = pack_bf16((float)(w & 0xf), (float)((w >> 8) & 0xf));
         }
-    } else if constexpr (TYPE == DS4_TYPE_IQ2_XXS) {
+    } else if constexpr (BT == DS4_TYPE_IQ2_XXS) {
         int k = ((e0 % 256) % 32) / 8;
         uint32_t a0 = r.v[0], a1 = r.v[1];
         scale = h2f_bits(r.v[2]) * (0.5f + (float)(a1 >> 28)) * 0.25f;
@@ -189,15 +187,16 @@ __device__ __forceinline__ void split3(float a, float b, uint32_t &h, uint32_t &
  * tile blockIdx.y, gridDim.y tiles apart. */
 template <int TYPE>
 __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
-    constexpr bool FLOATW = TYPE == DS4_TYPE_F16 || TYPE == DS4_TYPE_BF16;
-    constexpr bool WLO = TYPE == DS4_TYPE_F16;                  /* weights in two parts */
-    constexpr bool MINS = TYPE == DS4_TYPE_Q2_K || TYPE == DS4_TYPE_Q4_K;
+    constexpr int BT = base_type(TYPE);
+    constexpr bool FLOATW = BT == DS4_TYPE_F16 || BT == DS4_TYPE_BF16;
+    constexpr bool WLO = BT == DS4_TYPE_F16;                  /* weights in two parts */
+    constexpr bool MINS = BT == DS4_TYPE_Q2_K || BT == DS4_TYPE_Q4_K;
     __shared__ __align__(16) __nv_bfloat16 wc[MM_BM * MM_LD], wl[WLO ? MM_BM * MM_LD : 8];
     __shared__ __align__(16) __nv_bfloat16 xs[3][MM_BN * MM_LD];
     __shared__ float scale_sh[MM_BM][MM_BK / 16], min_sh[MM_BM][MM_BK / 16];
     __shared__ float xsum[MM_BN][MM_BK / 16];
-    __shared__ uint64_t grid_sh[TYPE == DS4_TYPE_IQ2_XXS ? 256 : 1];
-    __shared__ uint8_t signs_sh[TYPE == DS4_TYPE_IQ2_XXS ? 128 : 1];
+    __shared__ uint64_t grid_sh[BT == DS4_TYPE_IQ2_XXS ? 256 : 1];
+    __shared__ uint8_t signs_sh[BT == DS4_TYPE_IQ2_XXS ? 128 : 1];
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;        /* the fragment's row group, thread in group */
     int wm = warp % 4, wn = warp / 4;       /* the warp's 32 rows x 32 tokens */
@@ -211,7 +210,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
         p0 = a.offs[e];
         p1 = a.offs[e + 1];
     }
-    if constexpr (TYPE == DS4_TYPE_IQ2_XXS) {
+    if constexpr (BT == DS4_TYPE_IQ2_XXS) {
         for (int i = tid; i < 256; i += MM_THREADS) grid_sh[i] = d_iq2_grid[i];
         if (tid < 128) signs_sh[tid] = d_iq2_signs[tid];
         /* the first decode below comes after a barrier */
@@ -236,8 +235,8 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
 
         raw8 q0, q1;
         float4 x0, x1;
-        raw_load<TYPE>(wrow0, wk, q0);
-        raw_load<TYPE>(wrow1, wk, q1);
+        raw_load<TYPE>(wrow0, a.w.n_in, wk, q0);
+        raw_load<TYPE>(wrow1, a.w.n_in, wk, q1);
         x0 = *(const float4 *)(xrow + xk);
         x1 = *(const float4 *)(xrow + xk + 4);
         __syncthreads();   /* the tables; the previous tile's last reads */
@@ -272,8 +271,8 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
             }
             __syncthreads();
             if (k0 + MM_BK < a.w.n_in) {   /* the next slice's loads, in flight while we multiply */
-                raw_load<TYPE>(wrow0, k0 + MM_BK + wk, q0);
-                raw_load<TYPE>(wrow1, k0 + MM_BK + wk, q1);
+                raw_load<TYPE>(wrow0, a.w.n_in, k0 + MM_BK + wk, q0);
+                raw_load<TYPE>(wrow1, a.w.n_in, k0 + MM_BK + wk, q1);
                 x0 = *(const float4 *)(xrow + k0 + MM_BK + xk);
                 x1 = *(const float4 *)(xrow + k0 + MM_BK + xk + 4);
             }
