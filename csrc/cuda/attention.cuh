@@ -176,18 +176,32 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     int t = blockIdx.y, h = blockIdx.x, S = a.splits;
     int64_t pos = *a.pos0 + t;
     const float *pp = a.part + ((int64_t)t * a.H + h) * S * (a.d + 2);
+    /* the splits' loads unrolled to be in flight together (a chain of
+     * memory latencies otherwise); the sums keep split order */
+    float mx[ATTN_MAX_SPLIT], l[ATTN_MAX_SPLIT], wsp[ATTN_MAX_SPLIT];
+#pragma unroll
+    for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+        if (sp < S) mx[sp] = pp[sp * (a.d + 2)], l[sp] = pp[sp * (a.d + 2) + 1];
     float M = a.sinks[h];
-    for (int sp = 0; sp < S; sp++) M = fmaxf(M, pp[sp * (a.d + 2)]);
-    float den = expf(a.sinks[h] - M), wsp[ATTN_MAX_SPLIT];
-    for (int sp = 0; sp < S; sp++) {
-        const float *q = pp + sp * (a.d + 2);
-        wsp[sp] = q[1] > 0 ? expf(q[0] - M) : 0.0f;   /* an empty split has no keys */
-        den += q[1] * wsp[sp];
+#pragma unroll
+    for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+        if (sp < S) M = fmaxf(M, mx[sp]);
+    float den = expf(a.sinks[h] - M);
+#pragma unroll
+    for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++) {
+        if (sp >= S) break;
+        wsp[sp] = l[sp] > 0 ? expf(mx[sp] - M) : 0.0f;   /* an empty split has no keys */
+        den += l[sp] * wsp[sp];
     }
     float *og = a.o + ((int64_t)t * a.H + h) * a.d;
     for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
-        float v = 0;
-        for (int sp = 0; sp < S; sp++) v += pp[sp * (a.d + 2) + 2 + k] * wsp[sp];
+        float pv[ATTN_MAX_SPLIT], v = 0;
+#pragma unroll
+        for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+            if (sp < S) pv[sp] = pp[sp * (a.d + 2) + 2 + k];
+#pragma unroll
+        for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+            if (sp < S) v += pv[sp] * wsp[sp];
         og[k] = v / den;
     }
     __syncthreads();

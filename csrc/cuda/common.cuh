@@ -82,6 +82,9 @@ __device__ __forceinline__ float s8_at(uint32_t v, int j) {
     return __uint_as_float(__byte_perm(v ^ 0x80808080u, 0x4Bu, 0x4550 + j)) - 8388736.0f;
 }
 
+/* The same for an unsigned code below 2^23 (2^23 + c as float bits, less 2^23). */
+__device__ __forceinline__ float u_code(uint32_t c) { return __uint_as_float(0x4B000000u | c) - 8388608.0f; }
+
 /* IQ2_XXS tables, filled from iq2_tables.h at model init (one translation unit) */
 __device__ uint64_t d_iq2_grid[256];
 __device__ uint8_t d_iq2_signs[128];
@@ -139,7 +142,7 @@ __device__ __forceinline__ void deq8(int type, const uint8_t *row, int n_in, int
         if (narrow) load8<true>(q, v[0], v[1]);
         else load8<false>(q, v[0], v[1]);
 #pragma unroll
-        for (int i = 0; i < 8; i++) w[i] = dl * (float)((v[i / 4] >> (8 * (i % 4) + 2 * s)) & 3) - ml;
+        for (int i = 0; i < 8; i++) w[i] = dl * u_code((v[i / 4] >> (8 * (i % 4) + 2 * s)) & 3) - ml;
         break;
     }
     case DS4_TYPE_Q4_K: {
@@ -173,11 +176,11 @@ __device__ __forceinline__ void deq8(int type, const uint8_t *row, int n_in, int
         else load8<false>(qs, a0, a1);
         float db = d_h2f(row + 2 * b) * (0.5f + (float)(a1 >> 28)) * 0.25f;
         uint64_t grid = d_iq2_grid[(a0 >> (8 * k)) & 0xff];
-        uint8_t signs = d_iq2_signs[(a1 >> (7 * k)) & 127];
+        uint32_t signs = d_iq2_signs[(a1 >> (7 * k)) & 127];
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            float g = (float)((grid >> (8 * i)) & 0xff);
-            w[i] = db * g * ((signs >> i) & 1 ? -1.0f : 1.0f);
+        for (int i = 0; i < 8; i++) {   /* db * g, negated by its sign bit: db * g * -1 exactly */
+            float g = u_code((uint32_t)(grid >> (8 * i)) & 0xff);
+            w[i] = __uint_as_float(__float_as_uint(db * g) ^ (((signs >> i) & 1u) << 31));
         }
         break;
     }

@@ -940,7 +940,7 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     int Fs = F * cf->n_shared_experts;
     /* xn is the normed input (hc_controller) */
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
-    k_route<<<blocks_for(n, 8), 256, 0, st>>>(
+    k_route<<<blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st>>>(
         g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
         L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL, g->ids, cf->expert_weights_scale, n,
         g->sel, g->sel_w);

@@ -40,11 +40,21 @@ __device__ double block_sum_d(double v) {
     return t;
 }
 
-/* 1 / sqrt(mean(x^2) + eps) over the block, every thread gets it (d_rms's). */
+/* 1 / sqrt(mean(x^2) + eps) over the block, every thread gets it (d_rms's;
+ * the sum in double, so its order does not show). Rows of the HC streams
+ * (16K floats) are read 16 bytes a load, 16 loads in flight a thread. */
 __device__ float d_rms_scale(const float *x, int n, float eps) {
     double ss = 0;
+    if ((uintptr_t)x % 16 == 0 && n % 4 == 0) {
+#pragma unroll 16
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) {
+            float4 v = ((const float4 *)x)[i];
+            ss += (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w;
+        }
+    } else {
 #pragma unroll 8
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+        for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
+    }
     ss = block_sum_d(ss);
     return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
 }
@@ -474,6 +484,7 @@ __global__ void k_rows(row_args a) {
  * one-token mixer, hc_mixer), part p at mix + p * part_stride. */
 __device__ __forceinline__ float d_mix_at(const float *mix, int parts, int64_t part_stride, int64_t i) {
     float v = 0;
+#pragma unroll 8   /* loads in flight together; the sum in part order */
     for (int p = 0; p < parts; p++) v += mix[p * part_stride + i];
     return v;
 }
@@ -484,6 +495,7 @@ __device__ __forceinline__ float d_mix_at(const float *mix, int parts, int64_t p
 __device__ void d_collapse_norm(const float *Xt, const float *wts, int hc, int D,
                                 const float *norm_w, float eps, float *x, float *xn) {
     double ss = 0;
+#pragma unroll 4   /* the columns' loads in flight together */
     for (int k = threadIdx.x; k < D; k += blockDim.x) {
         float acc = 0;
         for (int i = 0; i < hc; i++) acc += wts[i] * Xt[(int64_t)i * D + k];
@@ -843,19 +855,23 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
 
 __device__ __forceinline__ float d_softplus(float z) { return z > 20.0f ? z : log1pf(expf(z)); }
 
-/* Router (§4.2), one warp per token: sqrt(softplus) scores, top-k with the
- * bias (lowest index on ties) or the hash table, normalised weights. */
+/* Router (§4.2), one warp per token, ROUTE_TOKENS a block: sqrt(softplus)
+ * scores, top-k with the bias (lowest index on ties) or the hash table,
+ * normalised weights. */
+#define ROUTE_TOKENS 4
 __global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
                         const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w) {
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    __shared__ float score_sh[8][1024];
-    __shared__ unsigned char taken_sh[8][1024];
+    __shared__ float score_sh[ROUTE_TOKENS][1024], biased_sh[ROUTE_TOKENS][1024];
+    __shared__ unsigned char taken_sh[ROUTE_TOKENS][1024];
     if (t >= n) return;
     const float *logit = router + (int64_t)t * E;
-    float *score = score_sh[threadIdx.x / WARP];
+    float *score = score_sh[threadIdx.x / WARP], *biased = biased_sh[threadIdx.x / WARP];
     unsigned char *taken = taken_sh[threadIdx.x / WARP];
+#pragma unroll 8   /* the loads in flight together */
     for (int e = lane; e < E; e += WARP) {
         score[e] = sqrtf(d_softplus(logit[e]));
+        biased[e] = score[e] + (bias ? bias[e] : 0.0f);
         taken[e] = 0;
     }
     __syncwarp();
@@ -867,7 +883,7 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
             float best_v = -INFINITY;
             int best = -1;
             for (int e = lane; e < E; e += WARP) {
-                float v = score[e] + (bias ? bias[e] : 0.0f);
+                float v = biased[e];
                 if (!taken[e] && (best < 0 || v > best_v)) {
                     best = e;
                     best_v = v;
