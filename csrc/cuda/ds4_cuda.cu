@@ -378,6 +378,10 @@ struct dlayer {
 
 struct dsess {
     cudaStream_t st;
+    /* the HC controllers' Sinkhorn runs here beside the sublayer: forked
+     * after the mixer (hc_fork), joined before the expand (hc_join) */
+    cudaStream_t side;
+    cudaEvent_t hc_fork, hc_join;
     dlayer *L;
     float *rope_main, *rope_comp;
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
@@ -449,7 +453,8 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         int64_t bytes;
     } a[] = {
         {(void **)&g->X, c * hc * D * 4}, {(void **)&g->Xn, c * hc * D * 4},
-        {(void **)&g->u, c * hc * D * 4}, {(void **)&g->mix, std::max<int64_t>(c, MIX_PARTS) * (2 + hc) * hc * 4},
+        {(void **)&g->u, c * hc * D * 4},
+        {(void **)&g->mix, std::max<int64_t>(c, MIX_PARTS) * (2 + hc) * hc * 4},
         {(void **)&g->post, c * hc * 4}, {(void **)&g->comb, c * hc * hc * 4},
         {(void **)&g->x, c * D * 4}, {(void **)&g->xn, c * D * 4},
         {(void **)&g->qr, c * cf->q_lora_rank * 4}, {(void **)&g->q, c * cf->n_head * d * 4},
@@ -518,6 +523,9 @@ static void session_free(ds4_session *s) {
     free(g->L);
     cudaFree(g->rope_main);
     cudaFree(g->rope_comp);
+    if (g->hc_fork) cudaEventDestroy(g->hc_fork);
+    if (g->hc_join) cudaEventDestroy(g->hc_join);
+    if (g->side) cudaStreamDestroy(g->side);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
     s->backend_state = NULL;
@@ -582,6 +590,9 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
         return -1;
     }
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
+    CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), "stream");
+    CK(cudaEventCreateWithFlags(&g->hc_fork, cudaEventDisableTiming), "event");
+    CK(cudaEventCreateWithFlags(&g->hc_join, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
     CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
     for (int l = 0; l < cf->n_layer; l++) {
@@ -744,7 +755,6 @@ static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const fl
     }
 }
 
-
 /* Rows of every expert in use, over the pairs grouped for it. */
 static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int pairs,
                           int slots, const int *xrow, const float *x, int64_t xs, float *y,
@@ -778,7 +788,7 @@ static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }
  * (hc for the head). For a chunk: the norm, then the product. One token's
  * few rows would not fill the GPU, so its product splits the inputs
  * MIX_PARTS ways (float rows), each block norming x as it loads it, and
- * k_hc_mix / k_hc_head add the partial sums, part p at mix + p * n * n_out.
+ * the HC kernels add the partial sums, part p at mix + p * n * n_out.
  * u: scratch for a chunk's normed streams. Returns the parts written. */
 static int hc_mixer(cudaStream_t st, const ds4_tensor &fn, const float *X, int n, float *u,
                     float *mix, int n_out, int64_t hcD, float eps) {
@@ -803,21 +813,28 @@ static int hc_mixer(cudaStream_t st, const ds4_tensor &fn, const float *X, int n
  * to itself. */
 static int hc_threads(int n) { return n < 16 ? 1024 : 256; }
 
-/* The HC controller of one site (§2.2) and the sublayer's input norm: post,
- * comb and xn from X. */
+/* The HC controller of one site (§2.2) and the sublayer's input norm: xn
+ * from X on the main stream, post and comb on the side stream (the mix they
+ * read is not rewritten before hc_expand joins it). */
 static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
                           const ds4_tensor &base, const ds4_tensor &scale, const ds4_tensor &norm) {
     const ds4_config *cf = &s->model->cfg;
     int hc = cf->n_hc, D = cf->n_embd, n_mix = (2 + hc) * hc;
     int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
-    k_hc_mix<<<n, hc_threads(n), 0, g->st>>>(g->mix, parts, (int64_t)n * n_mix, g->X, f32(base),
-                                             f32(scale), hc, D, cf->sinkhorn_iters, cf->hc_eps,
-                                             cf->rms_eps, f32(norm), g->post, g->comb, g->x, g->xn);
+    int64_t ps = (int64_t)n * n_mix;
+    cudaEventRecord(g->hc_fork, g->st);
+    cudaStreamWaitEvent(g->side, g->hc_fork, 0);
+    k_hc_sinkhorn<<<n, WARP, 0, g->side>>>(g->mix, parts, ps, f32(base), f32(scale), hc,
+                                            cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
+    cudaEventRecord(g->hc_join, g->side);
+    k_hc_collapse<<<n, hc_threads(n), 0, g->st>>>(g->mix, parts, ps, g->X, f32(base), f32(scale), hc,
+                                                  D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn);
 }
 
 static void hc_expand(ds4_session *s, dsess *g, int n) {
     const ds4_config *cf = &s->model->cfg;
     int64_t count = (int64_t)n * cf->n_hc * cf->n_embd;
+    cudaStreamWaitEvent(g->st, g->hc_join, 0);   /* post and comb */
     k_hc_expand<<<blocks_for(count, 256), 256, 0, g->st>>>(g->X, g->post, g->comb, g->y, cf->n_hc,
                                                            cf->n_embd, n, g->Xn);
     std::swap(g->X, g->Xn);
@@ -986,9 +1003,9 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     int nn = n - t0;
     const float *Xt = g->X + (int64_t)t0 * hc * D;
     int parts = hc_mixer(st, dm->output_hc_fn, Xt, nn, g->u, g->mix, hc, (int64_t)hc * D, cf->rms_eps);
-    k_hc_head<<<nn, hc_threads(nn), 0, st>>>(g->mix, parts, (int64_t)nn * hc, Xt, f32(dm->output_hc_base),
-                                             f32(dm->output_hc_scale), hc, D, cf->hc_eps, cf->rms_eps,
-                                             f32(dm->output_norm), g->x);
+    k_hc_head<<<nn, hc_threads(nn), 0, st>>>(g->mix, parts, (int64_t)nn * hc, Xt,
+                                             f32(dm->output_hc_base), f32(dm->output_hc_scale), hc, D,
+                                             cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
     cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }

@@ -508,72 +508,80 @@ __device__ void d_collapse_norm(const float *Xt, const float *wts, int hc, int D
         xn[k] = norm_w ? x[k] * scale * norm_w[k] : x[k] * scale;
 }
 
-/* The HC controller after its mixer, a block per token (§2.2): pre, post
- * and the Sinkhorn comb from the mix, the collapsed input x = sum_i pre_i
- * X_i and the sublayer's input norm of it, xn. The Sinkhorn keeps comb entry e = lane + 32k in a register of the
- * first warp; row and column sums read a shared copy in forward.c's order. */
-__global__ void k_hc_mix(const float *mix, int parts, int64_t part_stride, const float *X,
-                         const float *base, const float *scale, int hc, int D, int iters,
-                         float hc_eps, float rms_eps, const float *norm_w, float *post, float *comb,
-                         float *x, float *xn) {
-    int t = blockIdx.x, n_mix = (2 + hc) * hc, ne = hc * hc, lane = threadIdx.x % WARP;
-    __shared__ float pre[16], C[256], mu[(2 + 16) * 16];
-    const float *Xt = X + (int64_t)t * hc * D;
-    for (int i = threadIdx.x; i < n_mix; i += blockDim.x)
-        mu[i] = d_mix_at(mix, parts, part_stride, (int64_t)t * n_mix + i);
-    __syncthreads();
-    if (threadIdx.x < WARP) {
-        const float *b = base, *sc = scale;
-        if (lane < hc) {
-            pre[lane] = d_sigmoid(mu[lane] * sc[0] + b[lane]) + hc_eps;
-            post[t * hc + lane] = 2.0f * d_sigmoid(mu[hc + lane] * sc[1] + b[hc + lane]);
-        }
-        /* entry k of this lane: e = lane + 32k, row i, column j; hc <= 16 */
-        float c[8];
-        int row[8], col[8];
+/* The HC controller's Sinkhorn (§2.2), a warp per token: post and the comb
+ * from the mix. Only the expand after the sublayer reads them, so it runs
+ * beside the sublayer (hc_controller's side stream). Lane entries e = lane +
+ * 32k of the comb live in registers; row and column sums read a shared copy
+ * in forward.c's order. */
+__global__ void __launch_bounds__(WARP) k_hc_sinkhorn(const float *mix, int parts, int64_t part_stride,
+                                                      const float *base, const float *scale, int hc,
+                                                      int iters, float hc_eps, float *post, float *comb) {
+    int t = blockIdx.x, n_mix = (2 + hc) * hc, ne = hc * hc, lane = threadIdx.x;
+    __shared__ float C[256], mu[(2 + 16) * 16];
+    const float *b = base, *sc = scale;
+    for (int i = lane; i < n_mix; i += WARP) mu[i] = d_mix_at(mix, parts, part_stride, (int64_t)t * n_mix + i);
+    __syncwarp();
+    if (lane < hc) post[t * hc + lane] = 2.0f * d_sigmoid(mu[hc + lane] * sc[1] + b[hc + lane]);
+    /* entry k of this lane: e = lane + 32k, the first entry of its row, its
+     * column; hc <= 16 */
+    float c[8];
+    int row[8], col[8];
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            int e = lane + WARP * k;
-            row[k] = e < ne ? e / hc * hc : 0;
-            col[k] = e < ne ? e % hc : 0;
-            if (e < ne) C[e] = mu[2 * hc + e] * sc[2] + b[2 * hc + e];
-        }
-        __syncwarp();
-        /* row softmax + eps: each entry's lane redoes its row's max and sum */
+    for (int k = 0; k < 8; k++) {
+        int e = lane + WARP * k;
+        row[k] = e < ne ? e / hc * hc : 0;
+        col[k] = e < ne ? e % hc : 0;
+        if (e < ne) C[e] = mu[2 * hc + e] * sc[2] + b[2 * hc + e];
+    }
+    __syncwarp();
+    /* row softmax + eps: each entry's lane redoes its row's max and sum */
 #pragma unroll
-        for (int k = 0; k < 8; k++) {
-            if (lane + WARP * k >= ne) break;
-            float m = -INFINITY, sum = 0;
-            for (int j = 0; j < hc; j++) m = fmaxf(m, C[row[k] + j]);
-            for (int j = 0; j < hc; j++) sum += expf(C[row[k] + j] - m);
-            c[k] = expf(C[lane + WARP * k] - m) / sum + hc_eps;
-        }
-        /* Sinkhorn: columns, then (rows, columns) x (iters - 1) */
-        for (int it = 0; it < iters; it++) {
-            for (int by_col = it > 0 ? 0 : 1; by_col < 2; by_col++) {
-                __syncwarp();
+    for (int k = 0; k < 8; k++) {
+        if (lane + WARP * k >= ne) break;
+        float m = -INFINITY, sum = 0;
+        for (int j = 0; j < hc; j++) m = fmaxf(m, C[row[k] + j]);
+        for (int j = 0; j < hc; j++) sum += expf(C[row[k] + j] - m);
+        c[k] = expf(C[lane + WARP * k] - m) / sum + hc_eps;
+    }
+    /* Sinkhorn: columns, then (rows, columns) x (iters - 1) */
+    for (int it = 0; it < iters; it++) {
+        for (int by_col = it > 0 ? 0 : 1; by_col < 2; by_col++) {
+            __syncwarp();
 #pragma unroll
-                for (int k = 0; k < 8; k++)
-                    if (lane + WARP * k < ne) C[lane + WARP * k] = c[k];
-                __syncwarp();
+            for (int k = 0; k < 8; k++)
+                if (lane + WARP * k < ne) C[lane + WARP * k] = c[k];
+            __syncwarp();
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    if (lane + WARP * k >= ne) break;
-                    float sum = 0;
-                    if (by_col)
-                        for (int i = 0; i < hc; i++) sum += C[i * hc + col[k]];
-                    else
-                        for (int j = 0; j < hc; j++) sum += C[row[k] + j];
-                    c[k] /= sum + hc_eps;
-                }
+            for (int k = 0; k < 8; k++) {
+                if (lane + WARP * k >= ne) break;
+                float sum = 0;
+                if (by_col)
+                    for (int i = 0; i < hc; i++) sum += C[i * hc + col[k]];
+                else
+                    for (int j = 0; j < hc; j++) sum += C[row[k] + j];
+                c[k] /= sum + hc_eps;
             }
         }
-#pragma unroll
-        for (int k = 0; k < 8; k++)
-            if (lane + WARP * k < ne) comb[(int64_t)t * ne + lane + WARP * k] = c[k];
     }
+#pragma unroll
+    for (int k = 0; k < 8; k++)
+        if (lane + WARP * k < ne) comb[(int64_t)t * ne + lane + WARP * k] = c[k];
+}
+
+/* The rest of the HC controller, a block per token: pre from the mix, the
+ * collapsed input x = sum_i pre_i X_i and the sublayer's input norm of it,
+ * xn. */
+__global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, const float *X,
+                              const float *base, const float *scale, int hc, int D, float hc_eps,
+                              float rms_eps, const float *norm_w, float *x, float *xn) {
+    int t = blockIdx.x, n_mix = (2 + hc) * hc;
+    __shared__ float pre[16];
+    if (threadIdx.x < hc)
+        pre[threadIdx.x] = d_sigmoid(d_mix_at(mix, parts, part_stride, (int64_t)t * n_mix + threadIdx.x) *
+                                     scale[0] + base[threadIdx.x]) + hc_eps;
     __syncthreads();
-    d_collapse_norm(Xt, pre, hc, D, norm_w, rms_eps, x + (int64_t)t * D, xn + (int64_t)t * D);
+    d_collapse_norm(X + (int64_t)t * hc * D, pre, hc, D, norm_w, rms_eps, x + (int64_t)t * D,
+                    xn + (int64_t)t * D);
 }
 
 /* X'_j = post_j y + sum_i C_ij X_i, into Xn. */
