@@ -76,7 +76,18 @@ def mid_q2(tmp_path_factory):
     return path
 
 
-MODELS = {"tiny_q2": 48, "tiny_q4": 48, "mid_q2": 300}   # prefill length (mid: two CPU chunks)
+@pytest.fixture(scope="module")
+def wide_q2(tmp_path_factory):
+    """tiny, 1024 wide: the CUDA backend's repacked IQ2_XXS / Q2_K rows take
+    its 8-byte code loads only from n_in 1024 / 512 up (Flash's widths; tiny
+    and mid take the 2-byte path for IQ2_XXS)."""
+    path = tmp_path_factory.mktemp("models") / "wide-q2.gguf"
+    write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=512), variant="q2", seed=7)
+    return path
+
+
+# prefill length (mid: two CPU chunks)
+MODELS = {"tiny_q2": 48, "tiny_q4": 48, "mid_q2": 300, "wide_q2": 48}
 
 
 @pytest.fixture(params=sorted(MODELS))
