@@ -35,6 +35,16 @@ def new_turn_tokens(tok, result):
                 + "<think>")
 
 
+def answered_call_items(output, call):
+    """The Responses input of turn two: the question, turn one's output items
+    as the client returns them, and the tool's result for `call`."""
+    items = [{"role": "user", "content": "List files"}]
+    items += [o.model_dump(exclude_none=True) for o in output]
+    items.append({"type": "function_call_output", "call_id": call.call_id,
+                  "output": "a.c\nb.c"})
+    return items
+
+
 def test_openai_tool_loop_streams_calls_and_turn_two_prefills_only_new_tokens(
         harness, tiny_tokenizer):
     client = harness.openai()
@@ -136,10 +146,7 @@ def test_responses_function_call_loop(harness, tiny_tokenizer):
     assert [e.type for e in events if "function_call_arguments" in e.type] == [
         "response.function_call_arguments.delta", "response.function_call_arguments.done"]
 
-    items = [{"role": "user", "content": "List files"}]
-    items += [o.model_dump(exclude_none=True) for o in done.output]
-    items.append({"type": "function_call_output", "call_id": call.call_id,
-                  "output": "a.c\nb.c"})
+    items = answered_call_items(done.output, call)
     harness.engine.script("ok</think>Two files.")
     r = client.responses.create(model="deepseek-v4-flash", input=items, tools=[tool])
     assert r.output_text == "Two files."
@@ -209,10 +216,7 @@ def test_tool_turn_replayed_without_its_reasoning_still_reuses_the_kv_state(
                                     tools=[tool])
     assert [o.type for o in first.output] == ["message", "function_call"]
     call = first.output[1]
-    items = [{"role": "user", "content": "List files"}]
-    items += [o.model_dump(exclude_none=True) for o in first.output]
-    items.append({"type": "function_call_output", "call_id": call.call_id,
-                  "output": "a.c\nb.c"})
+    items = answered_call_items(first.output, call)
     harness.engine.script("ok</think>Two files.")
     r = client.responses.create(model="deepseek-v4-flash", input=items, tools=[tool])
     assert harness.server.worker.last_source == "thinking-visible"
