@@ -19,7 +19,7 @@ bench: build
 # The CUDA backend: a shared library the engine loads at run time
 # (ds4/_ds4_cuda.so). Does nothing without nvcc.
 CUDA_LIB := ds4/_ds4_cuda.so
-CUDA_HDR := $(wildcard csrc/cuda/*.cuh) csrc/backend.h csrc/weights.h csrc/session_state.h
+CUDA_HDR := $(wildcard csrc/cuda/*.cuh) csrc/backend.h csrc/weights.h csrc/session_state.h csrc/qat_round.h
 cuda: $(CUDA_LIB)
 
 $(CUDA_LIB): $(CUDA_SRC) $(CUDA_HDR)

@@ -79,10 +79,10 @@ def mid_q2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def wide_q2(tmp_path_factory):
     """tiny, 1024 wide: the CUDA backend's repacked IQ2_XXS / Q2_K rows take
-    its 8-byte code loads only from n_in 1024 / 512 up (Flash's widths; tiny
+    its 8-byte code loads only from n_in 1024 / 512 up, k_expert1 from 1024 (Flash's widths; tiny
     and mid take the 2-byte path for IQ2_XXS)."""
     path = tmp_path_factory.mktemp("models") / "wide-q2.gguf"
-    write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=512), variant="q2", seed=7)
+    write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=1024), variant="q2", seed=7)
     return path
 
 

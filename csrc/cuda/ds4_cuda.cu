@@ -701,6 +701,12 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
+static void launch_expert1(cudaStream_t st, const lin_args &a, int slots) {
+    dim3 grid(blocks_for(a.w.n_out, expert1_rows_per_block(a.w)), slots);
+    if (a.w.type == DS4_TYPE_IQ2_XXS) k_expert1<DS4_TYPE_IQ2_XXS><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+    else k_expert1<DS4_TYPE_Q2_K><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+}
+
 static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
     switch (a.w.type) {
 #define CASE(T)                                                                  \
@@ -718,7 +724,9 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
  * a pass where a matrix's n_in does not fit them. */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
-    if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024 &&
+    if (n == 1 && a.active && expert1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT1"))
+        launch_expert1(st, a, slots);
+    else if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024 &&
         !getenv("DS4_CUDA_NO_STAGE"))
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);

@@ -337,6 +337,144 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
     }
 }
 
+/* Decode rows of the routed experts in the repacked layouts (common.cuh),
+ * IQ2_XXS and Q2_K rows of n_in a multiple of 1024: a lane owns one 8-byte
+ * code word of a row (32 weights) and keeps the 32 x values they meet in
+ * registers for all the block's rows; kw = n_in / 1024 warps share a row
+ * (word part * 32 + lane), LIN_WARPS / kw rows go at a time, EX_ROWS words a
+ * lane in flight. Weights as deq8 computes them, summed 8 at a time by dot8. */
+#define EX_ROWS 8
+#define EX_ITERS 2   /* row batches a block takes with the x it loaded */
+
+static inline bool expert1_fits(const dmat &w) {
+    return (w.type == DS4_TYPE_IQ2_XXS || w.type == DS4_TYPE_Q2_K) && w.n_in % 1024 == 0 &&
+           w.n_in <= 1024 * LIN_WARPS;
+}
+
+static inline int expert1_rows_per_block(const dmat &w) {
+    return LIN_WARPS / (w.n_in / 1024) * EX_ROWS * EX_ITERS;
+}
+
+/* The 32 x values of code word `word`: IQ2_XXS word G holds weights 32G..
+ * 32G+31; Q2_K word 8b + j holds, for s = 0..3, weights 256b + 128n + 32s +
+ * l0 .. +8 (n = j / 4, l0 = 8 (j % 4)). */
+template <int TYPE>
+__device__ __forceinline__ void word_x(const float *x, int word, float4 xr[8]) {
+    if constexpr (TYPE == DS4_TYPE_IQ2_XXS) {
+#pragma unroll
+        for (int c = 0; c < 8; c++) xr[c] = ((const float4 *)(x + 32 * word))[c];
+    } else {
+        int b = word / 8, j = word % 8;
+        const float *xs = x + 256 * b + 128 * (j / 4) + 8 * (j % 4);
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            xr[2 * s] = *(const float4 *)(xs + 32 * s);
+            xr[2 * s + 1] = *(const float4 *)(xs + 32 * s + 4);
+        }
+    }
+}
+
+/* What a word's weights need from row `row`: the code word, and the scales
+ * (IQ2_XXS: the block's fp16 d; Q2_K: d | dmin, and the 8 scale bytes of the
+ * word's half-block). */
+struct ex_word {
+    uint32_t lo, hi, s0, s1, s2;
+};
+
+template <int TYPE>
+__device__ __forceinline__ void word_load(const uint8_t *row, int n_in, int word, ex_word &q) {
+    int nb = n_in / 256, b = word / 8;
+    if constexpr (TYPE == DS4_TYPE_IQ2_XXS) {
+        load8<false>(row + 2 * nb + 8 * word, q.lo, q.hi);
+        q.s0 = *(const uint16_t *)(row + 2 * b);
+    } else {
+        int n = (word % 8) / 4;
+        load8<false>(row + 20 * nb + 8 * word, q.lo, q.hi);
+        q.s0 = *(const uint32_t *)(row + 4 * b);
+        load8<false>(row + 4 * nb + 16 * b + 8 * n, q.s1, q.s2);
+    }
+}
+
+template <int TYPE>
+__device__ __forceinline__ float word_dot(const ex_word &q, int word, const float4 xr[8],
+                                          const uint64_t *grid, const uint8_t *signs) {
+    float acc = 0, w[8];
+    if constexpr (TYPE == DS4_TYPE_IQ2_XXS) {
+        float db = __half2float(__ushort_as_half((uint16_t)q.s0)) * (0.5f + (float)(q.hi >> 28)) * 0.25f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            uint64_t g = grid[(q.lo >> (8 * k)) & 0xff];
+            uint32_t sg = signs[(q.hi >> (7 * k)) & 127];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float gv = u_code((uint32_t)(g >> (8 * i)) & 0xff);
+                w[i] = __uint_as_float(__float_as_uint(db * gv) ^ (((sg >> i) & 1u) << 31));
+            }
+            acc = dot8(acc, w, xr[2 * k], xr[2 * k + 1]);
+        }
+    } else {
+        int h = (word % 4) / 2;
+        float d = __half2float(__ushort_as_half((uint16_t)q.s0));
+        float dmin = __half2float(__ushort_as_half((uint16_t)(q.s0 >> 16)));
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            int k = 2 * s + h;   /* the scale byte of (s, h) among the 8 */
+            uint32_t sc = ((k < 4 ? q.s1 : q.s2) >> (8 * (k % 4))) & 0xff;
+            float dl = d * (float)(sc & 0xf), ml = dmin * (float)(sc >> 4);
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                w[i] = dl * u_code(((i < 4 ? q.lo : q.hi) >> (8 * (i % 4) + 2 * s)) & 3) - ml;
+            acc = dot8(acc, w, xr[2 * s], xr[2 * s + 1]);
+        }
+    }
+    return acc;
+}
+
+template <int TYPE>
+__global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
+    constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
+    __shared__ uint64_t grid_sh[IQ2 ? 256 : 1];
+    __shared__ uint8_t signs_sh[IQ2 ? 128 : 1];
+    __shared__ float red[LIN_WARPS][EX_ROWS];
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int kw = a.w.n_in / 1024, teams = LIN_WARPS / kw, team = warp / kw, part = warp % kw;
+    int word = part * WARP + lane;
+    int e = a.active[blockIdx.y];
+    if (e < 0) return;   /* the whole block */
+    const uint8_t *base = a.w.data + (int64_t)e * a.expert_bytes;
+    if constexpr (IQ2) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_sh[i] = d_iq2_grid[i];
+        if (threadIdx.x < 128) signs_sh[threadIdx.x] = d_iq2_signs[threadIdx.x];
+        __syncthreads();
+    }
+    int r_begin = blockIdx.x * teams * EX_ROWS * EX_ITERS;
+    for (int p = a.offs[e]; p < a.offs[e + 1]; p++) {
+        float4 xr[8];
+        word_x<TYPE>(a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs, word, xr);
+        for (int it = 0; it < EX_ITERS; it++) {
+            int r0 = r_begin + (it * teams + team) * EX_ROWS;
+            ex_word q[EX_ROWS];
+#pragma unroll
+            for (int i = 0; i < EX_ROWS; i++) {   /* rows past the end read the last row, unused */
+                int r = r0 + i < a.w.n_out ? r0 + i : a.w.n_out - 1;
+                word_load<TYPE>(base + (int64_t)r * a.w.row_bytes, a.w.n_in, word, q[i]);
+            }
+#pragma unroll
+            for (int i = 0; i < EX_ROWS; i++) {
+                float v = warp_sum(word_dot<TYPE>(q[i], word, xr, grid_sh, signs_sh));
+                if (lane == 0) red[warp][i] = v;
+            }
+            __syncthreads();
+            if (part == 0 && lane < EX_ROWS && r0 + lane < a.w.n_out) {
+                float v = 0;
+                for (int j = 0; j < kw; j++) v += red[warp + j][lane];
+                a.y[(int64_t)p * a.ys + r0 + lane] = v;
+            }
+            __syncthreads();
+        }
+    }
+}
+
 /* ---- row steps on global memory, one block per row ---- */
 
 /* y = x / sqrt(mean(x^2) + eps) [* w]; y may be x. The loops unrolled so
