@@ -5,6 +5,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "qat_round.h"
 
 #define WARP 32
 
@@ -84,6 +85,29 @@ struct lin_args {
 
 #define LIN_WARPS 8
 
+/* What one block of a linear kernel runs: its weights, x, y and pairs
+ * [p0, p1). Expert mode: expert active[slot] (false where the slot is
+ * unused: the whole block returns); plain mode: batch part `slot`. */
+struct lin_block {
+    const uint8_t *w;
+    const float *x;
+    float *y;
+    int p0, p1;
+};
+
+__device__ __forceinline__ bool lin_block_of(const lin_args &a, int slot, lin_block &b) {
+    b.w = a.w.data, b.x = a.x, b.y = a.y, b.p0 = 0, b.p1 = a.n_tok;
+    if (a.active) {
+        int e = a.active[slot];
+        if (e < 0) return false;
+        b.w += (int64_t)e * a.expert_bytes;
+        b.p0 = a.offs[e], b.p1 = a.offs[e + 1];
+    } else {
+        b.w += slot * a.bw, b.x += slot * a.bx, b.y += slot * a.by;
+    }
+    return true;
+}
+
 /* acc + w . x over 8 elements, the multiply-adds in a fixed order so that
  * both linear kernels below give the same bits for one token. */
 __device__ __forceinline__ float dot8(float acc, const float *w, float4 u0, float4 u1) {
@@ -113,16 +137,10 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
     int r = blockIdx.x * (LIN_WARPS / kw) + warp / kw, part = warp % kw;
     bool valid = r < a.w.n_out;
     __shared__ float red[LIN_WARPS][TT];
-    const uint8_t *base = a.w.data;
-    int p0 = 0, p1 = a.n_tok;
-    if (a.active) {
-        int e = a.active[blockIdx.y];
-        if (e < 0) return;   /* the whole block */
-        base += (int64_t)e * a.expert_bytes;
-        p0 = a.offs[e];
-        p1 = a.offs[e + 1];
-    }
-    const uint8_t *row = base + (int64_t)(valid ? r : 0) * a.w.row_bytes;
+    lin_block b;
+    if (!lin_block_of(a, blockIdx.y, b)) return;
+    const int p0 = b.p0, p1 = b.p1;
+    const uint8_t *row = b.w + (int64_t)(valid ? r : 0) * a.w.row_bytes;
     for (int t0 = p0; t0 < p1; t0 += TT) {
         float acc[TT];
         const float *xp[TT];
@@ -130,7 +148,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
         for (int i = 0; i < TT; i++) {
             acc[i] = 0;
             int p = t0 + i < p1 ? t0 + i : p1 - 1;
-            xp[i] = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+            xp[i] = b.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         }
         if (valid) {
 #pragma unroll 2
@@ -153,7 +171,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) 
         if (valid && part == 0 && lane < TT && t0 + lane < p1) {
             float v = 0;
             for (int j = 0; j < kw; j++) v += red[warp + j][lane];
-            a.y[(int64_t)(t0 + lane) * a.ys + r] = v;
+            b.y[(int64_t)(t0 + lane) * a.ys + r] = v;
         }
         __syncthreads();
     }
@@ -191,23 +209,10 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
     int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
     __shared__ float red[LIN_WARPS][LIN_R];
-    const uint8_t *base = a.w.data;
-    const float *xb = a.x;
-    float *yb = a.y;
-    int p0 = 0, p1 = 1;
-    if (a.active) {
-        int e = a.active[blockIdx.y];
-        if (e < 0) return;   /* the whole block */
-        base += (int64_t)e * a.expert_bytes;
-        p0 = a.offs[e];
-        p1 = a.offs[e + 1];
-    } else {
-        base += blockIdx.y * a.bw;
-        xb += blockIdx.y * a.bx;
-        yb += blockIdx.y * a.by;
-    }
-    for (int p = p0; p < p1; p++) {
-        const float *x = xb + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+    lin_block b;
+    if (!lin_block_of(a, blockIdx.y, b)) return;
+    for (int p = b.p0; p < b.p1; p++) {
+        const float *x = b.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         float4 xr[LIN_MAXC][2];
         load_x_chunks<LIN_MAXC>(x, a.w.n_in, part, lane, kw, xr);
         if (a.norm_n) {   /* the whole row's norm (a batch part sees a slice of it) */
@@ -223,7 +228,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
         for (int i = 0; i < LIN_R; i++) {
             acc[i] = 0;
             int r = r0 + i < a.w.n_out ? r0 + i : a.w.n_out - 1;
-            rows[i] = base + (int64_t)r * a.w.row_bytes;
+            rows[i] = b.w + (int64_t)r * a.w.row_bytes;
         }
 #pragma unroll
         for (int c = 0; c < LIN_MAXC; c++) {
@@ -245,7 +250,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw)
         if (part == 0 && lane < LIN_R && r0 + lane < a.w.n_out) {
             float v = 0;
             for (int j = 0; j < kw; j++) v += red[warp + j][lane];
-            yb[(int64_t)p * a.ys + r0 + lane] = v;
+            b.y[(int64_t)p * a.ys + r0 + lane] = v;
         }
         __syncthreads();
     }
@@ -290,24 +295,16 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
     int rb = LIN_WARPS / kw * LIN_RS, rbeg = blockIdx.x * rb;
     int rend = rbeg + rb < a.w.n_out ? rbeg + rb : a.w.n_out;
     int g0 = rbeg + warp / kw * LIN_RS;   /* the warp group's first row */
-    const uint8_t *base = a.w.data;
-    int p0 = 0, p1 = 1;
-    if (a.active) {
-        int e = a.active[blockIdx.y];
-        if (e < 0) return;   /* the whole block */
-        base += (int64_t)e * a.expert_bytes;
-        p0 = a.offs[e];
-        p1 = a.offs[e + 1];
-    }
+    lin_block b;
+    if (!lin_block_of(a, blockIdx.y, b)) return;
     const uint8_t *srows = NULL;
-    for (int p = p0; p < p1; p++) {
-        const float *x = a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
+    for (int p = b.p0; p < b.p1; p++) {
+        const float *x = b.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
         float4 xr[LIN_MAXC][2];
         load_x_chunks<LIN_MAXC>(x, a.w.n_in, part, lane, kw, xr);
         /* the rows after the first x loads are issued, so both are in flight */
-        if (p == p0)
-            srows = d_stage(wsh, base + (int64_t)rbeg * a.w.row_bytes,
-                            base + (int64_t)rend * a.w.row_bytes);
+        if (p == b.p0)
+            srows = d_stage(wsh, b.w + (int64_t)rbeg * a.w.row_bytes, b.w + (int64_t)rend * a.w.row_bytes);
         /* row by row from shared memory (short latency): registers stay low */
 #pragma unroll 4
         for (int i = 0; i < LIN_RS; i++) {
@@ -331,7 +328,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
         if (part == 0 && lane < LIN_RS && g0 + lane < rend) {
             float v = 0;
             for (int j = 0; j < kw; j++) v += red[warp + j][lane];
-            a.y[(int64_t)p * a.ys + g0 + lane] = v;
+            b.y[(int64_t)p * a.ys + g0 + lane] = v;
         }
         __syncthreads();
     }
@@ -439,25 +436,24 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int kw = a.w.n_in / 1024, teams = LIN_WARPS / kw, team = warp / kw, part = warp % kw;
     int word = part * WARP + lane;
-    int e = a.active[blockIdx.y];
-    if (e < 0) return;   /* the whole block */
-    const uint8_t *base = a.w.data + (int64_t)e * a.expert_bytes;
+    lin_block b;
+    if (!lin_block_of(a, blockIdx.y, b)) return;
     if constexpr (IQ2) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_sh[i] = d_iq2_grid[i];
         if (threadIdx.x < 128) signs_sh[threadIdx.x] = d_iq2_signs[threadIdx.x];
         __syncthreads();
     }
     int r_begin = blockIdx.x * teams * EX_ROWS * EX_ITERS;
-    for (int p = a.offs[e]; p < a.offs[e + 1]; p++) {
+    for (int p = b.p0; p < b.p1; p++) {
         float4 xr[8];
-        word_x<TYPE>(a.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs, word, xr);
+        word_x<TYPE>(b.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs, word, xr);
         for (int it = 0; it < EX_ITERS; it++) {
             int r0 = r_begin + (it * teams + team) * EX_ROWS;
             ex_word q[EX_ROWS];
 #pragma unroll
             for (int i = 0; i < EX_ROWS; i++) {   /* rows past the end read the last row, unused */
                 int r = r0 + i < a.w.n_out ? r0 + i : a.w.n_out - 1;
-                word_load<TYPE>(base + (int64_t)r * a.w.row_bytes, a.w.n_in, word, q[i]);
+                word_load<TYPE>(b.w + (int64_t)r * a.w.row_bytes, a.w.n_in, word, q[i]);
             }
 #pragma unroll
             for (int i = 0; i < EX_ROWS; i++) {
@@ -468,7 +464,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
             if (part == 0 && lane < EX_ROWS && r0 + lane < a.w.n_out) {
                 float v = 0;
                 for (int j = 0; j < kw; j++) v += red[warp + j][lane];
-                a.y[(int64_t)p * a.ys + r0 + lane] = v;
+                b.y[(int64_t)p * a.ys + r0 + lane] = v;
             }
             __syncthreads();
         }
@@ -481,12 +477,8 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
  * that a thread's loads are in flight together (a one-block norm of a
  * decode step is otherwise a chain of memory latencies). */
 __device__ void d_rms(float *y, const float *x, const float *w, int n, float eps) {
-    double ss = 0;
-#pragma unroll 8
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
-    ss = block_sum_d(ss);
-    float scale = (float)(1.0 / sqrt(ss / (double)n + (double)eps));
-    __syncthreads();
+    /* d_rms_scale's last barrier follows every read of x, so y may be x */
+    float scale = d_rms_scale(x, n, eps);
 #pragma unroll 8
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[i] = w ? x[i] * scale * w[i] : x[i] * scale;
     __syncthreads();
@@ -504,52 +496,15 @@ __device__ void d_rope(float *x, int dim, int rope_dim, const float *freqs, int6
     __syncthreads();
 }
 
-__device__ float d_pow2_ceil(float ratio) {
-    int e;
-    float m = frexpf(ratio, &e);
-    return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
-}
-
-__device__ float d_fp8(float y) {
-    if (isnan(y)) return y;
-    float a = fabsf(y);
-    if (a >= 448.0f) return copysignf(448.0f, y);
-    float step;
-    if (a < 0x1p-6f) {
-        step = 0x1p-9f;
-    } else {
-        int e;
-        frexpf(a, &e);
-        step = ldexpf(1.0f, e - 1 - 3);
-    }
-    float q = nearbyintf(a / step) * step;
-    return copysignf(q > 448.0f ? 448.0f : q, y);
-}
-
-__device__ float d_fp4(float y) {
-    const float values[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    if (isnan(y)) return y;
-    float a = fabsf(y);
-    if (a >= 6.0f) return copysignf(6.0f, y);
-    int best = 0;
-    for (int k = 1; k < 8; k++) {
-        float d = fabsf(a - values[k]), db = fabsf(a - values[best]);
-        if (d < db || (d == db && k % 2 == 0)) best = k;
-    }
-    return copysignf(values[best], y);
-}
-
 /* qat: FP8 blocks of 64 over the first n values, a warp per block. */
 __device__ void d_qat_fp8(float *v, int n) {
     int lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
     for (int b = threadIdx.x / WARP * 64; b < n; b += nw * 64) {
         int len = n - b < 64 ? n - b : 64;
         float x0 = lane < len ? v[b + lane] : 0, x1 = lane + 32 < len ? v[b + lane + 32] : 0;
-        float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
-        amax = fmaxf(1e-4f, amax);
-        float s = d_pow2_ceil(amax * (1.0f / 448.0f));
-        if (lane < len) v[b + lane] = d_fp8(x0 / s) * s;
-        if (lane + 32 < len) v[b + lane + 32] = d_fp8(x1 / s) * s;
+        float s = qat_fp8_scale(warp_max(fmaxf(fabsf(x0), fabsf(x1))));
+        if (lane < len) v[b + lane] = qat_round_fp8(x0 / s) * s;
+        if (lane + 32 < len) v[b + lane + 32] = qat_round_fp8(x1 / s) * s;
     }
     __syncthreads();
 }
@@ -573,9 +528,8 @@ __device__ void d_qat_fp4(float *v, int n) {
     for (int b = threadIdx.x / WARP * 32; b < n; b += nw * 32) {
         int len = n - b < 32 ? n - b : 32;
         float x = lane < len ? v[b + lane] : 0;
-        float amax = fmaxf(6.0f * 0x1p-126f, warp_max(fabsf(x)));
-        float s = d_pow2_ceil(amax * (1.0f / 6.0f));
-        if (lane < len) v[b + lane] = d_fp4(x / s) * s;
+        float s = qat_fp4_scale(warp_max(fabsf(x)));
+        if (lane < len) v[b + lane] = qat_round_fp4(x / s) * s;
     }
     __syncthreads();
 }

@@ -201,15 +201,10 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
     int g = lane / 4, tg = lane % 4;        /* the fragment's row group, thread in group */
     int wm = warp % 4, wn = warp / 4;       /* the warp's 32 rows x 32 tokens */
     int r0 = blockIdx.x * MM_BM;
-    const uint8_t *base = a.w.data;
-    int p0 = 0, p1 = a.n_tok;
-    if (a.active) {
-        int e = a.active[blockIdx.z];
-        if (e < 0) return;
-        base += (int64_t)e * a.expert_bytes;
-        p0 = a.offs[e];
-        p1 = a.offs[e + 1];
-    }
+    lin_block blk;
+    if (!lin_block_of(a, blockIdx.z, blk)) return;
+    const uint8_t *base = blk.w;
+    const int p0 = blk.p0, p1 = blk.p1;
     if constexpr (BT == DS4_TYPE_IQ2_XXS) {
         for (int i = tid; i < 256; i += MM_THREADS) grid_sh[i] = d_iq2_grid[i];
         if (tid < 128) signs_sh[tid] = d_iq2_signs[tid];
@@ -224,7 +219,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
 
     for (int t0 = p0 + blockIdx.y * MM_BN; t0 < p1; t0 += gridDim.y * MM_BN) {
         int pt = t0 + xt < p1 ? t0 + xt : p1 - 1;   /* past the end: a real row, unused */
-        const float *xrow = a.x + (int64_t)(a.xrow ? a.xrow[pt] : pt) * a.xs;
+        const float *xrow = blk.x + (int64_t)(a.xrow ? a.xrow[pt] : pt) * a.xs;
         float acc[2][4][4];
 #pragma unroll
         for (int i = 0; i < 2; i++)
@@ -354,7 +349,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
                 for (int c = 0; c < 4; c++) {
                     int r = r0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
                     int p = t0 + wn * 32 + j * 8 + 2 * tg + (c & 1);
-                    if (r < a.w.n_out && p < p1) a.y[(int64_t)p * a.ys + r] = acc[i][j][c];
+                    if (r < a.w.n_out && p < p1) blk.y[(int64_t)p * a.ys + r] = acc[i][j][c];
                 }
     }
 }
