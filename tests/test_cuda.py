@@ -78,11 +78,13 @@ def mid_q2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide_q2(tmp_path_factory):
-    """tiny, 1024 wide: the CUDA backend's repacked IQ2_XXS / Q2_K rows take
-    its 8-byte code loads only from n_in 1024 / 512 up, k_expert1 from 1024 (Flash's widths; tiny
-    and mid take the 2-byte path for IQ2_XXS)."""
+    """tiny at Flash's row widths (1024 to 4096 inputs): the CUDA backend's
+    one-token kernels for repacked rows (k_expert1 for the routed IQ2_XXS /
+    Q2_K rows, k_q8_1tok for Q8_0, one to four warps a row) take only rows
+    of n_in a multiple of 1024, which tiny and mid do not have."""
     path = tmp_path_factory.mktemp("models") / "wide-q2.gguf"
-    write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=1024), variant="q2", seed=7)
+    write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=2048, q_lora_rank=2048,
+                                       o_lora_rank=2048, head_dim=512), variant="q2", seed=7)
     return path
 
 

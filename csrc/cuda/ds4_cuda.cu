@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "attention.cuh"
+#include "int8_decode.cuh"
 #include "kernels.cuh"
 #include "mma_linear.cuh"
 
@@ -701,8 +702,10 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
-static void launch_expert1(cudaStream_t st, const lin_args &a, int slots) {
-    dim3 grid(blocks_for(a.w.n_out, expert1_rows_per_block(a.w)), slots);
+/* mats: 1, or 2 for a pair of same-shape expert matrices on the same x,
+ * the second at the batch strides a.bw, a.by (blockIdx.z). */
+static void launch_expert1(cudaStream_t st, const lin_args &a, int slots, int mats) {
+    dim3 grid(blocks_for(a.w.n_out, expert1_rows_per_block(a.w)), slots, mats);
     if (a.w.type == DS4_TYPE_IQ2_XXS) k_expert1<DS4_TYPE_IQ2_XXS><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
     else k_expert1<DS4_TYPE_Q2_K><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
 }
@@ -718,6 +721,24 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
     }
 }
 
+/* k_q8_mma1 on a one-token Q8_0 product of `parts` batch parts: a grid of
+ * as many blocks as fit on the GPU at once (measured once per width), at
+ * most one per 16-row tile. */
+static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
+    static int fill[9];
+    int kwi = a.w.n_in / 1024, threads = q8_mma1_warps(a.w.n_in) * WARP;
+    size_t shm = q8_mma1_smem(a.w.n_in);
+    if (!fill[kwi]) {
+        int dev = 0, sms = 0, per_sm = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_q8_mma1, threads, shm);
+        fill[kwi] = sms * (per_sm > 0 ? per_sm : 1);
+    }
+    unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], parts);
+    k_q8_mma1<<<dim3(need < cap ? need : cap, parts), threads, shm, st>>>(a);
+}
+
 /* Decode: one token per row pass; routed experts stage their rows in shared
  * memory (up to the 48 KB a launch gets without opting in; two chunks a
  * lane, as Flash's). Chunks: tensor-core tiles (mma_linear.cuh), or 8 tokens
@@ -725,10 +746,12 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
     if (n == 1 && a.active && expert1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT1"))
-        launch_expert1(st, a, slots);
+        launch_expert1(st, a, slots, 1);
     else if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024 &&
         !getenv("DS4_CUDA_NO_STAGE"))
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
+    else if (n == 1 && q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8"))
+        launch_q8_mma1(st, a, slots);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
         launch_mma(st, dim3(blocks_for(a.w.n_out, MM_BM),
@@ -744,6 +767,10 @@ static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, f
 /* One token's batch of nb same-shape products (a.bw, a.bx, a.by) as one launch. */
 static void launch_batch(cudaStream_t st, const lin_args &a, int nb) {
     int kw = lin_split(a.w.n_in);
+    if (q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8")) {
+        launch_q8_mma1(st, a, nb);
+        return;
+    }
     launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), nb), a, kw);
 }
 
@@ -763,6 +790,19 @@ static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const fl
     }
 }
 
+/* Two products of one shape on the same x (a layer's pair of weights): one
+ * launch for a token (the second weights and output as the batch stride). */
+static void linear_pair(cudaStream_t st, const ds4_tensor &w0, const ds4_tensor &w1, const float *x,
+                        int64_t xs, int n, float *y0, float *y1, int64_t ys) {
+    dmat a = dmat_of(w0), b = dmat_of(w1);
+    if (a.type != b.type || a.n_in != b.n_in || a.n_out != b.n_out || a.row_bytes != b.row_bytes) {
+        linear(st, a, x, xs, n, y0, ys);
+        linear(st, b, x, xs, n, y1, ys);
+        return;
+    }
+    linear_batched(st, a, 2, b.data - a.data, x, 0, xs, n, y0, y1 - y0, ys);
+}
+
 /* Rows of every expert in use, over the pairs grouped for it. */
 static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, int n, int pairs,
                           int slots, const int *xrow, const float *x, int64_t xs, float *y,
@@ -771,6 +811,23 @@ static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, 
     lin_args a = {dmat_of(t), t.ne[1] * t.row_bytes, x, xs, y, ys, pairs, g->active, g->offs, xrow,
                   0, 0, 0, 0, 0};
     run_linear(st, a, n, slots);
+}
+
+/* The routed gate and up rows (same shape, same x): for a token, one
+ * k_expert1 launch over both. */
+static void expert_linear_pair(cudaStream_t st, const ds4_tensor &t0, const ds4_tensor &t1,
+                               const dsess *g, int n, int pairs, int slots, const int *xrow,
+                               const float *x, int64_t xs, float *y0, float *y1, int64_t ys) {
+    dmat a = dmat_of(t0), b = dmat_of(t1);
+    bool same = a.type == b.type && a.n_in == b.n_in && a.n_out == b.n_out && a.row_bytes == b.row_bytes;
+    if (n != 1 || !same || !expert1_fits(a) || getenv("DS4_CUDA_NO_EXPERT1")) {
+        expert_linear(st, t0, g, n, pairs, slots, xrow, x, xs, y0, ys);
+        expert_linear(st, t1, g, n, pairs, slots, xrow, x, xs, y1, ys);
+        return;
+    }
+    lin_args la = {a, t0.ne[1] * t0.row_bytes, x, xs, y0, ys, pairs, g->active, g->offs, xrow,
+                   b.data - a.data, 0, y1 - y0, 0, 0};
+    launch_expert1(st, la, slots, 2);
 }
 
 static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
@@ -891,12 +948,10 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     /* compressor and indexer projections (§3.6, §3.7) */
     int cw = ls->coff * d, iw2 = 2 * dI;
     if (m) {
-        linear(st, dmat_of(L.comp_kv), g->xn, D, n, g->kg, 2 * cw);
-        linear(st, dmat_of(L.comp_gate), g->xn, D, n, g->kg + cw, 2 * cw);
+        linear_pair(st, L.comp_kv, L.comp_gate, g->xn, D, n, g->kg, g->kg + cw, 2 * cw);
     }
     if (ls->indexer) {
-        linear(st, dmat_of(L.idx_comp_kv), g->xn, D, n, g->ikg, 2 * iw2);
-        linear(st, dmat_of(L.idx_comp_gate), g->xn, D, n, g->ikg + iw2, 2 * iw2);
+        linear_pair(st, L.idx_comp_kv, L.idx_comp_gate, g->xn, D, n, g->ikg, g->ikg + iw2, 2 * iw2);
         linear(st, dmat_of(L.idx_q_b), g->qr, QL, n, g->iq, (int64_t)HI * dI);
         linear(st, dmat_of(L.idx_proj), g->xn, D, n, g->iw, HI);
         r = rows_of(g->iq, g->iq, dI, dI);
@@ -971,15 +1026,14 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
         g->sel, g->sel_w);
     k_group<<<1, 1024, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
     int slots = std::min(E, n * k);
-    expert_linear(st, L.ffn_gate_exps, g, n, n * k, slots, g->pair_tok, g->xn, D, g->ex_g, F);
-    expert_linear(st, L.ffn_up_exps, g, n, n * k, slots, g->pair_tok, g->xn, D, g->ex_u, F);
+    expert_linear_pair(st, L.ffn_gate_exps, L.ffn_up_exps, g, n, n * k, slots, g->pair_tok, g->xn, D,
+                       g->ex_g, g->ex_u, F);
     k_swiglu<<<blocks_for((int64_t)n * k * F, 256), 256, 0, st>>>(g->ex_g, g->ex_u,
                                                                   (int64_t)n * k * F, L.swiglu_clamp);
     expert_linear(st, L.ffn_down_exps, g, n, n * k, slots, NULL, g->ex_g, F, g->ex_y, D);
 
     /* shared expert, weight 1 (the routed outputs are in ex_y by now) */
-    linear(st, dmat_of(L.ffn_gate_shexp), g->xn, D, n, g->ex_g, Fs);
-    linear(st, dmat_of(L.ffn_up_shexp), g->xn, D, n, g->ex_u, Fs);
+    linear_pair(st, L.ffn_gate_shexp, L.ffn_up_shexp, g->xn, D, n, g->ex_g, g->ex_u, Fs);
     k_swiglu<<<blocks_for((int64_t)n * Fs, 256), 256, 0, st>>>(g->ex_g, g->ex_u, (int64_t)n * Fs,
                                                                L.swiglu_clamp);
     linear(st, dmat_of(L.ffn_down_shexp), g->ex_g, Fs, n, g->sh_y, D);

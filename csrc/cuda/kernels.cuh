@@ -438,6 +438,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
     int word = part * WARP + lane;
     lin_block b;
     if (!lin_block_of(a, blockIdx.y, b)) return;
+    b.w += blockIdx.z * a.bw, b.y += blockIdx.z * a.by;   /* the second of a pair (launch_expert1) */
     if constexpr (IQ2) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_sh[i] = d_iq2_grid[i];
         if (threadIdx.x < 128) signs_sh[threadIdx.x] = d_iq2_signs[threadIdx.x];
