@@ -724,19 +724,25 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
 /* k_q8_mma1 on a one-token Q8_0 product of `parts` batch parts: a grid of
  * as many blocks as fit on the GPU at once (measured once per width), at
  * most one per 16-row tile. */
-static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
+template <int SL>
+static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a, int parts) {
     static int fill[9];
-    int kwi = a.w.n_in / 1024, threads = q8_mma1_warps(a.w.n_in) * WARP;
+    int kwi = a.w.n_in / 1024, threads = a.w.n_in / 32 / SL * WARP;
     size_t shm = q8_mma1_smem(a.w.n_in);
     if (!fill[kwi]) {
         int dev = 0, sms = 0, per_sm = 0;
         cudaGetDevice(&dev);
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_q8_mma1, threads, shm);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_q8_mma1<SL>, threads, shm);
         fill[kwi] = sms * (per_sm > 0 ? per_sm : 1);
     }
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], parts);
-    k_q8_mma1<<<dim3(need < cap ? need : cap, parts), threads, shm, st>>>(a);
+    k_q8_mma1<SL><<<dim3(need < cap ? need : cap, parts), threads, shm, st>>>(a);
+}
+
+static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
+    if (q8_mma1_slices(a.w.n_in, parts) == 4) launch_q8_mma1_sl<4>(st, a, parts);
+    else launch_q8_mma1_sl<8>(st, a, parts);
 }
 
 /* Decode: one token per row pass; routed experts stage their rows in shared

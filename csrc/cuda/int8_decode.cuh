@@ -21,7 +21,6 @@
 
 #include "kernels.cuh"
 
-#define QM_SLICES 8   /* Q8_0 blocks a warp sums per 16-row tile: its loads, all in flight together */
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                        uint32_t b0, uint32_t b1) {
@@ -68,45 +67,58 @@ static inline bool q8_mma1_fits(const lin_args &a) {
            a.w.n_in <= 8192;
 }
 
-/* Warps of a block: one per QM_SLICES blocks of a row (4 to 32). */
-static inline int q8_mma1_warps(int n_in) { return n_in / 32 / QM_SLICES; }
+/* Q8_0 blocks a warp sums per 16-row tile (SL; its loads all in flight
+ * together): 4 where that leaves at most 32 warps a block and the product
+ * is one or two matrices (measured on Flash's shapes: q_b, q_a, kv, the
+ * shared expert's, 10-20% faster each), else 8 (the 8 output groups
+ * measured 20% slower at 4: too few 32-warp blocks fit). A block has
+ * n_in / 32 / SL warps, 4 to 32. */
+static inline int q8_mma1_slices(int n_in, int parts) { return n_in <= 4096 && parts <= 2 ? 4 : 8; }
 
 /* Shared bytes: the x parts and their scales. */
 static inline size_t q8_mma1_smem(int n_in) { return (size_t)n_in * 4 + (size_t)n_in / 32 * 4; }
 
 /* A warp's share of a 16-row tile: rows g and g + 8 of the lane's fragment,
- * QM_SLICES Q8_0 blocks from kb0: the code words and the fp16 scales. */
+ * SL Q8_0 blocks from kb0: the code words and the fp16 scales. */
+template <int SL>
 struct q8_tile_part {
-    uint2 q0[QM_SLICES], q1[QM_SLICES];
-    uint4 s0, s1;
+    uint2 q0[SL], q1[SL];
+    uint4 s0, s1;   /* SL = 4: .x, .y */
 };
 
+template <int SL>
 __device__ __forceinline__ void q8_tile_load(const lin_args &a, const uint8_t *w, int tile, int kb0,
-                                             q8_tile_part &t) {
+                                             q8_tile_part<SL> &t) {
     int g = threadIdx.x % WARP / 4, tg = threadIdx.x % 4, nb = a.w.n_in / 32, n_out = a.w.n_out;
     /* rows past the end read the last row, unused */
     const uint8_t *row0 = w + (int64_t)min(16 * tile + g, n_out - 1) * a.w.row_bytes;
     const uint8_t *row1 = w + (int64_t)min(16 * tile + g + 8, n_out - 1) * a.w.row_bytes;
 #pragma unroll
-    for (int s = 0; s < QM_SLICES; s++) {
+    for (int s = 0; s < SL; s++) {
         t.q0[s] = *(const uint2 *)(row0 + 2 * nb + 32 * (kb0 + s) + 8 * tg);
         t.q1[s] = *(const uint2 *)(row1 + 2 * nb + 32 * (kb0 + s) + 8 * tg);
     }
-    t.s0 = *(const uint4 *)(row0 + 2 * kb0);
-    t.s1 = *(const uint4 *)(row1 + 2 * kb0);
+    if constexpr (SL == 8) {
+        t.s0 = *(const uint4 *)(row0 + 2 * kb0);
+        t.s1 = *(const uint4 *)(row1 + 2 * kb0);
+    } else {
+        uint2 v0 = *(const uint2 *)(row0 + 2 * kb0), v1 = *(const uint2 *)(row1 + 2 * kb0);
+        t.s0.x = v0.x, t.s0.y = v0.y, t.s1.x = v1.x, t.s1.y = v1.y;
+    }
 }
 
-/* fp16 scale s of the 8 in v */
+/* fp16 scale s of the (up to) 8 in v */
 __device__ __forceinline__ float q8_scale_at(const uint4 &v, int s) {
     uint32_t w = s < 2 ? v.x : s < 4 ? v.y : s < 6 ? v.z : v.w;
     return __half2float(__ushort_as_half((uint16_t)(w >> (16 * (s % 2)))));
 }
 
 /* A block per 16-row tile at a time (blocks stride over the tiles: the grid
- * is sized to the GPU); its warp w sums Q8_0 blocks [8w, 8w + 8) of the
+ * is sized to the GPU); its warp w sums Q8_0 blocks [SL w, SL (w + 1)) of the
  * tile's rows, and the warps' sums are added in warp order. The next tile's
  * loads are issued before this one's sums are reduced, and the first
  * tile's before x is split. Plain or batched (lin_block_of) products. */
+template <int SL>
 __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     extern __shared__ __align__(16) uint8_t x_parts_sh[];
     __shared__ float red[32][16];
@@ -114,12 +126,12 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     lin_block_of(a, blockIdx.y, b);
     const int nb = a.w.n_in / 32, n_out = a.w.n_out, tiles = (n_out + 15) / 16;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
-    int nw = blockDim.x / WARP, kb0 = warp * QM_SLICES;
+    int nw = blockDim.x / WARP, kb0 = warp * SL;
     uint8_t *xq = x_parts_sh;
     float *xf = (float *)(x_parts_sh + (size_t)a.w.n_in * 4);
     int tile = blockIdx.x;
     if (tile >= tiles) return;   /* the whole block */
-    q8_tile_part t;
+    q8_tile_part<SL> t;
     q8_tile_load(a, b.w, tile, kb0, t);
     x_int8_parts(b.x, nb, xq, xf);
 
@@ -129,7 +141,7 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     for (;;) {
         float acc0 = 0, acc1 = 0;
 #pragma unroll
-        for (int s = 0; s < QM_SLICES; s++) {
+        for (int s = 0; s < SL; s++) {
             uint2 bx = lane < 16 ? *(const uint2 *)(xq + 128 * (kb0 + s) + 8 * lane) : make_uint2(0, 0);
             int d[4] = {I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS};
             mma_s8(d, t.q0[s].x, t.q1[s].x, t.q0[s].y, t.q1[s].y, bx.x, bx.y);

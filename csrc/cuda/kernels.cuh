@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw
  * (word part * 32 + lane), LIN_WARPS / kw rows go at a time, EX_ROWS words a
  * lane in flight. Weights as deq8 computes them, summed 8 at a time by dot8. */
 #define EX_ROWS 8
-#define EX_ITERS 2   /* row batches a block takes with the x it loaded */
+#define EX_ITERS 2   /* row batches a block takes with the x it loaded (1: measured slower) */
 
 static inline bool expert1_fits(const dmat &w) {
     return (w.type == DS4_TYPE_IQ2_XXS || w.type == DS4_TYPE_Q2_K) && w.n_in % 1024 == 0 &&
@@ -439,10 +439,9 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
     lin_block b;
     if (!lin_block_of(a, blockIdx.y, b)) return;
     b.w += blockIdx.z * a.bw, b.y += blockIdx.z * a.by;   /* the second of a pair (launch_expert1) */
-    if constexpr (IQ2) {
+    if constexpr (IQ2) {   /* read after the first rows' loads are issued (the barrier below) */
         for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_sh[i] = d_iq2_grid[i];
         if (threadIdx.x < 128) signs_sh[threadIdx.x] = d_iq2_signs[threadIdx.x];
-        __syncthreads();
     }
     int r_begin = blockIdx.x * teams * EX_ROWS * EX_ITERS;
     for (int p = b.p0; p < b.p1; p++) {
@@ -456,6 +455,7 @@ __global__ void __launch_bounds__(LIN_WARPS *WARP) k_expert1(lin_args a) {
                 int r = r0 + i < a.w.n_out ? r0 + i : a.w.n_out - 1;
                 word_load<TYPE>(b.w + (int64_t)r * a.w.row_bytes, a.w.n_in, word, q[i]);
             }
+            if (IQ2 && p == b.p0 && it == 0) __syncthreads();
 #pragma unroll
             for (int i = 0; i < EX_ROWS; i++) {
                 float v = warp_sum(word_dot<TYPE>(q[i], word, xr, grid_sh, signs_sh));
