@@ -704,10 +704,29 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
 
 /* mats: 1, or 2 for a pair of same-shape expert matrices on the same x,
  * the second at the batch strides a.bw, a.by (blockIdx.z). */
-static void launch_expert1(cudaStream_t st, const lin_args &a, int slots, int mats) {
-    dim3 grid(blocks_for(a.w.n_out, expert1_rows_per_block(a.w)), slots, mats);
-    if (a.w.type == DS4_TYPE_IQ2_XXS) k_expert1<DS4_TYPE_IQ2_XXS><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
-    else k_expert1<DS4_TYPE_Q2_K><<<grid, LIN_WARPS * WARP, 0, st>>>(a);
+/* k_expert_mma1 over `mats` same-shape expert matrices on the same x (1, or
+ * 2: the second at the batch strides a.bw, a.by, blockIdx.z): as many
+ * blocks as fit on the GPU at once (measured once per type and width), at
+ * most one per 16-row tile of each (slot, matrix). */
+template <int TYPE>
+static void launch_expert_mma1_t(cudaStream_t st, const lin_args &a, int slots, int mats) {
+    static int fill[EXPERT_MMA1_MAX_WARPS + 1];
+    int kwi = a.w.n_in / 256, threads = kwi * WARP;
+    size_t shm = expert_mma1_smem(a.w.n_in);
+    if (!fill[kwi]) {
+        int dev = 0, sms = 0, per_sm = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_expert_mma1<TYPE>, threads, shm);
+        fill[kwi] = sms * (per_sm > 0 ? per_sm : 1);
+    }
+    unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], slots * mats);
+    k_expert_mma1<TYPE><<<dim3(need < cap ? need : cap, slots, mats), threads, shm, st>>>(a);
+}
+
+static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, int mats) {
+    if (a.w.type == DS4_TYPE_IQ2_XXS) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS>(st, a, slots, mats);
+    else launch_expert_mma1_t<DS4_TYPE_Q2_K>(st, a, slots, mats);
 }
 
 static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
@@ -751,8 +770,8 @@ static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
  * a pass where a matrix's n_in does not fit them. */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
-    if (n == 1 && a.active && expert1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT1"))
-        launch_expert1(st, a, slots, 1);
+    if (n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA"))
+        launch_expert_mma1(st, a, slots, 1);
     else if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024 &&
         !getenv("DS4_CUDA_NO_STAGE"))
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
@@ -820,20 +839,20 @@ static void expert_linear(cudaStream_t st, const ds4_tensor &t, const dsess *g, 
 }
 
 /* The routed gate and up rows (same shape, same x): for a token, one
- * k_expert1 launch over both. */
+ * k_expert_mma1 launch over both. */
 static void expert_linear_pair(cudaStream_t st, const ds4_tensor &t0, const ds4_tensor &t1,
                                const dsess *g, int n, int pairs, int slots, const int *xrow,
                                const float *x, int64_t xs, float *y0, float *y1, int64_t ys) {
     dmat a = dmat_of(t0), b = dmat_of(t1);
     bool same = a.type == b.type && a.n_in == b.n_in && a.n_out == b.n_out && a.row_bytes == b.row_bytes;
-    if (n != 1 || !same || !expert1_fits(a) || getenv("DS4_CUDA_NO_EXPERT1")) {
+    if (n != 1 || !same || !expert_mma1_fits(a) || getenv("DS4_CUDA_NO_EXPERT_MMA")) {
         expert_linear(st, t0, g, n, pairs, slots, xrow, x, xs, y0, ys);
         expert_linear(st, t1, g, n, pairs, slots, xrow, x, xs, y1, ys);
         return;
     }
     lin_args la = {a, t0.ne[1] * t0.row_bytes, x, xs, y0, ys, pairs, g->active, g->offs, xrow,
                    b.data - a.data, 0, y1 - y0, 0, 0};
-    launch_expert1(st, la, slots, 2);
+    launch_expert_mma1(st, la, slots, 2);
 }
 
 static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
