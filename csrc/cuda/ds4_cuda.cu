@@ -702,8 +702,17 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
-/* mats: 1, or 2 for a pair of same-shape expert matrices on the same x,
- * the second at the batch strides a.bw, a.by (blockIdx.z). */
+/* Blocks of `kernel` at `threads` and `shm` bytes that the GPU holds at once
+ * (the int8 decode kernels' grids: blocks stride over the tiles). */
+template <typename K>
+static int gpu_fill(K kernel, int threads, size_t shm) {
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shm);
+    return sms * (per_sm > 0 ? per_sm : 1);
+}
+
 /* k_expert_mma1 over `mats` same-shape expert matrices on the same x (1, or
  * 2: the second at the batch strides a.bw, a.by, blockIdx.z): as many
  * blocks as fit on the GPU at once (measured once per type and width), at
@@ -713,13 +722,7 @@ static void launch_expert_mma1_t(cudaStream_t st, const lin_args &a, int slots, 
     static int fill[EXPERT_MMA1_MAX_WARPS + 1];
     int kwi = a.w.n_in / 256, threads = kwi * WARP;
     size_t shm = expert_mma1_smem(a.w.n_in);
-    if (!fill[kwi]) {
-        int dev = 0, sms = 0, per_sm = 0;
-        cudaGetDevice(&dev);
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_expert_mma1<TYPE>, threads, shm);
-        fill[kwi] = sms * (per_sm > 0 ? per_sm : 1);
-    }
+    if (!fill[kwi]) fill[kwi] = gpu_fill(k_expert_mma1<TYPE>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], slots * mats);
     k_expert_mma1<TYPE><<<dim3(need < cap ? need : cap, slots, mats), threads, shm, st>>>(a);
 }
@@ -748,13 +751,7 @@ static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a, int parts) {
     static int fill[9];
     int kwi = a.w.n_in / 1024, threads = a.w.n_in / 32 / SL * WARP;
     size_t shm = q8_mma1_smem(a.w.n_in);
-    if (!fill[kwi]) {
-        int dev = 0, sms = 0, per_sm = 0;
-        cudaGetDevice(&dev);
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k_q8_mma1<SL>, threads, shm);
-        fill[kwi] = sms * (per_sm > 0 ? per_sm : 1);
-    }
+    if (!fill[kwi]) fill[kwi] = gpu_fill(k_q8_mma1<SL>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], parts);
     k_q8_mma1<SL><<<dim3(need < cap ? need : cap, parts), threads, shm, st>>>(a);
 }
