@@ -761,10 +761,12 @@ static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
     else launch_q8_mma1_sl<8>(st, a, parts);
 }
 
-/* Decode: one token per row pass; routed experts stage their rows in shared
- * memory (up to the 48 KB a launch gets without opting in; two chunks a
- * lane, as Flash's). Chunks: tensor-core tiles (mma_linear.cuh), or 8 tokens
- * a pass where a matrix's n_in does not fit them. */
+/* Decode: Q8_0 and the routed experts' IQ2_XXS / Q2_K rows of n_in a
+ * multiple of 1024 on the int8 tensor cores (int8_decode.cuh); other routed
+ * rows staged in shared memory (up to the 48 KB a launch gets without
+ * opting in); the rest one token per row pass. Chunks: tensor-core tiles
+ * (mma_linear.cuh), or 8 tokens a pass where a matrix's n_in does not fit
+ * them. */
 static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
     int kw = lin_split(a.w.n_in);
     if (n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA"))

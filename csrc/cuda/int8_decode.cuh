@@ -1,4 +1,5 @@
-/* One-token products of Q8_0 rows on the int8 tensor cores.
+/* One-token products of Q8_0, IQ2_XXS and Q2_K rows on the int8 tensor
+ * cores (the routed experts' kinds below k_q8_mma1).
  *
  * A Q8_0 block (32 int8 codes, one fp16 scale d) is already the A operand
  * of mma.sync m16n8k32 s8: the codes go to the tensor cores as loaded, with
@@ -20,7 +21,6 @@
 #pragma once
 
 #include "kernels.cuh"
-
 
 __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                        uint32_t b0, uint32_t b1) {
