@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import pytest
@@ -16,6 +17,14 @@ def subprocess_env():
     root = os.path.dirname(os.path.dirname(os.path.abspath(ds4.__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def default_sigint():
+    """preexec_fn for a child a test interrupts: SIGINT at its default, so the
+    child's Python installs its KeyboardInterrupt handler even where the test
+    run itself started with SIGINT ignored (a background job of a
+    non-interactive shell: there both Ctrl+C tests failed)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

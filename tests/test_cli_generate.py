@@ -9,7 +9,7 @@ import pexpect
 import pytest
 
 import ds4
-from conftest import subprocess_env
+from conftest import default_sigint, subprocess_env
 
 
 def ds4_cli(*args, stdin=None):
@@ -130,7 +130,8 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tiny_q2, tmp_pat
     env["PROMPT_TOOLKIT_NO_CPR"] = "1"
     child = pexpect.spawn(sys.executable, ["-m", "ds4.cli", "chat", "-m", str(tiny_q2), "--temp",
                                            "0", "--nothink", "-n", "100000"],
-                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=120)
+                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=120,
+                          preexec_fn=default_sigint)
     try:
         child.expect("ds4>")
         child.sendline("write forever")

@@ -16,7 +16,7 @@ from collections import namedtuple
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import default_sigint, subprocess_env
 from fake_hub import FakeHub
 from ds4 import download as dl
 from ds4.errors import Error
@@ -113,7 +113,7 @@ def test_an_interrupted_download_resumes_with_only_the_missing_range(hub, payloa
     part = tmp_path / (Q2 + ".part")
     hub.stall_after = 1_500_000
     child = ds4_download(hub.url, tmp_path, "q2-imatrix", "--dir", str(tmp_path),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     try:
         assert hub.stalled.wait(60)
         deadline = time.monotonic() + 30

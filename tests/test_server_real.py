@@ -10,7 +10,7 @@ import pytest
 import requests
 
 import ds4
-from conftest import subprocess_env
+from conftest import default_sigint, subprocess_env
 from ds4.server import ModelEngine, Server, ServerThread
 
 
@@ -78,7 +78,7 @@ def test_serve_command_binds_loopback_by_default_and_stops_on_sigint(tiny_q2, tm
     proc = subprocess.Popen([sys.executable, "-m", "ds4.cli", "serve", "-m", str(tiny_q2),
                              "--port", str(port), "--ctx", "512"], cwd=tmp_path,
                             env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         end = time.monotonic() + 120
         while True:
