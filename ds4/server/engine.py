@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import Error
-from ..generation import PREFILL_CHUNK, common_prefix, prefill_step
+from ..generation import PREFILL_CHUNK, common_prefix, prefill
 
 MODEL_ID = "deepseek-v4-flash"
 
@@ -59,20 +59,8 @@ class ModelEngine:
         if kv_cache is not None:
             self._logits, evaluated = kv_cache.prefill(self.session, ids, progress)
             return evaluated
-        s = self.session
-        keep = common_prefix(s.tokens, ids)
-        if keep == len(ids) == s.n_tokens and s.logits is not None:
-            self._logits = s.logits
-            return 0
-        keep = min(keep, len(ids) - 1)      # the last id is evaluated for its logits
-        s.rewind(keep)
-        todo = ids[keep:]
-        step = prefill_step(s)
-        for start in range(0, len(todo), step):
-            self._logits = s.eval(todo[start:start + step])
-            if progress:
-                progress(min(start + step, len(todo)), len(todo))
-        return len(todo)
+        self._logits, evaluated = prefill(self.session, ids, progress)
+        return evaluated
 
     def sampler(self, params: SamplingParams):
         return self._Sampler(temperature=params.temperature, top_k=params.top_k,
