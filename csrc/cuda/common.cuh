@@ -54,9 +54,12 @@ static inline dmat dmat_of(const ds4_tensor &t) {
  *   IQ2_XXS  nb fp16 scales | nb x 64 code bytes           (nb = n_in / 256)
  * Q4_K rows stay as in the file (144-byte blocks: 2-byte loads). */
 
-__device__ __forceinline__ float d_h2f(const uint8_t *p) {
-    return __half2float(__ushort_as_half(*(const uint16_t *)p));
+/* The fp16 in the low 16 bits of `bits` as a float. */
+__device__ __forceinline__ float h2f_bits(uint32_t bits) {
+    return __half2float(__ushort_as_half((uint16_t)bits));
 }
+
+__device__ __forceinline__ float d_h2f(const uint8_t *p) { return h2f_bits(*(const uint16_t *)p); }
 
 __device__ __forceinline__ uint32_t d_u32(const uint8_t *p) {
     const uint16_t *q = (const uint16_t *)p;

@@ -814,12 +814,17 @@ static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const fl
     }
 }
 
+/* Whether one launch can run both matrices (a pair at a batch stride). */
+static bool same_shape(const dmat &a, const dmat &b) {
+    return a.type == b.type && a.n_in == b.n_in && a.n_out == b.n_out && a.row_bytes == b.row_bytes;
+}
+
 /* Two products of one shape on the same x (a layer's pair of weights): one
  * launch for a token (the second weights and output as the batch stride). */
 static void linear_pair(cudaStream_t st, const ds4_tensor &w0, const ds4_tensor &w1, const float *x,
                         int64_t xs, int n, float *y0, float *y1, int64_t ys) {
     dmat a = dmat_of(w0), b = dmat_of(w1);
-    if (a.type != b.type || a.n_in != b.n_in || a.n_out != b.n_out || a.row_bytes != b.row_bytes) {
+    if (!same_shape(a, b)) {
         linear(st, a, x, xs, n, y0, ys);
         linear(st, b, x, xs, n, y1, ys);
         return;
@@ -843,8 +848,7 @@ static void expert_linear_pair(cudaStream_t st, const ds4_tensor &t0, const ds4_
                                const dsess *g, int n, int pairs, int slots, const int *xrow,
                                const float *x, int64_t xs, float *y0, float *y1, int64_t ys) {
     dmat a = dmat_of(t0), b = dmat_of(t1);
-    bool same = a.type == b.type && a.n_in == b.n_in && a.n_out == b.n_out && a.row_bytes == b.row_bytes;
-    if (n != 1 || !same || !expert_mma1_fits(a) || getenv("DS4_CUDA_NO_EXPERT_MMA")) {
+    if (n != 1 || !same_shape(a, b) || !expert_mma1_fits(a) || getenv("DS4_CUDA_NO_EXPERT_MMA")) {
         expert_linear(st, t0, g, n, pairs, slots, xrow, x, xs, y0, ys);
         expert_linear(st, t1, g, n, pairs, slots, xrow, x, xs, y1, ys);
         return;
@@ -916,7 +920,7 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
     k_hc_sinkhorn<<<n, WARP, 0, g->side>>>(g->mix, parts, ps, f32(base), f32(scale), hc,
                                             cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
     cudaEventRecord(g->hc_join, g->side);
-    k_hc_collapse<<<n, hc_threads(n), 0, g->st>>>(g->mix, parts, ps, g->X, f32(base), f32(scale), hc,
+    k_hc_collapse<<<n, hc_threads(n), 0, g->st>>>(g->mix, parts, ps, n_mix, g->X, f32(base), f32(scale), hc,
                                                   D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn);
 }
 
@@ -1089,9 +1093,10 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     int nn = n - t0;
     const float *Xt = g->X + (int64_t)t0 * hc * D;
     int parts = hc_mixer(st, dm->output_hc_fn, Xt, nn, g->u, g->mix, hc, (int64_t)hc * D, cf->rms_eps);
-    k_hc_head<<<nn, hc_threads(nn), 0, st>>>(g->mix, parts, (int64_t)nn * hc, Xt,
-                                             f32(dm->output_hc_base), f32(dm->output_hc_scale), hc, D,
-                                             cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x);
+    /* the HC head (§2.5): h = sum_i (sigmoid(mix_i s + b_i) + eps) X_i, then the output norm */
+    k_hc_collapse<<<nn, hc_threads(nn), 0, st>>>(g->mix, parts, (int64_t)nn * hc, hc, Xt,
+                                                 f32(dm->output_hc_base), f32(dm->output_hc_scale), hc, D,
+                                                 cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x, g->x);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
     cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }

@@ -153,7 +153,7 @@ __device__ __forceinline__ void q8_tile_load(const lin_args &a, const uint8_t *w
 /* fp16 scale s of the (up to) 8 in v */
 __device__ __forceinline__ float q8_scale_at(const uint4 &v, int s) {
     uint32_t w = s < 2 ? v.x : s < 4 ? v.y : s < 6 ? v.z : v.w;
-    return __half2float(__ushort_as_half((uint16_t)(w >> (16 * (s % 2)))));
+    return h2f_bits(w >> (16 * (s % 2)));
 }
 
 /* A block per 16-row tile at a time (blocks stride over the tiles: the grid
@@ -341,8 +341,8 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
                 }
             } else {
                 const int h = tg / 2;
-                float d0 = __half2float(__ushort_as_half((uint16_t)t.dd0));
-                float d1 = __half2float(__ushort_as_half((uint16_t)t.dd1));
+                float d0 = h2f_bits(t.dd0);
+                float d1 = h2f_bits(t.dd1);
                 float m0 = 0, m1 = 0;   /* sum of (scale >> 4) * sum(x), lanes tg 0, 2 (h 0, 1) */
 #pragma unroll
                 for (int n = 0; n < 2; n++)
@@ -368,8 +368,8 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
                             m1 = fmaf((float)(sc1 >> 4), xsum, m1);
                         }
                     }
-                acc0 = fmaf(-__half2float(__ushort_as_half((uint16_t)(t.dd0 >> 16))), m0, acc0);
-                acc1 = fmaf(-__half2float(__ushort_as_half((uint16_t)(t.dd1 >> 16))), m1, acc1);
+                acc0 = fmaf(-h2f_bits(t.dd0 >> 16), m0, acc0);
+                acc1 = fmaf(-h2f_bits(t.dd1 >> 16), m1, acc1);
             }
             int next = tile + gridDim.x;
             if (next < tiles) expert_tile_load<TYPE>(a.w, b.w, next, kb, t);

@@ -41,8 +41,15 @@ __device__ double block_sum_d(double v) {
     return t;
 }
 
-/* 1 / sqrt(mean(x^2) + eps) over the block, every thread gets it (d_rms's;
- * the sum in double, so its order does not show). Rows of the HC streams
+/* 1 / sqrt(mean(x^2) + eps) from each thread's share ss of the sum of
+ * squares of n values: the block's total in double (so its order does not
+ * show); every thread gets it. */
+__device__ float d_rms_scale_of(double ss, int n, float eps) {
+    ss = block_sum_d(ss);
+    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+}
+
+/* d_rms_scale_of x's n values (d_rms's scale). Rows of the HC streams
  * (16K floats) are read 16 bytes a load, 16 loads in flight a thread. */
 __device__ float d_rms_scale(const float *x, int n, float eps) {
     double ss = 0;
@@ -56,8 +63,7 @@ __device__ float d_rms_scale(const float *x, int n, float eps) {
 #pragma unroll 8
         for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)x[i] * x[i];
     }
-    ss = block_sum_d(ss);
-    return (float)(1.0 / sqrt(ss / (double)n + (double)eps));
+    return d_rms_scale_of(ss, n, eps);
 }
 
 __device__ __forceinline__ float d_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
@@ -457,8 +463,7 @@ __device__ void d_collapse_norm(const float *Xt, const float *wts, int hc, int D
         x[k] = acc;
         ss += (double)acc * acc;
     }
-    ss = block_sum_d(ss);
-    float scale = (float)(1.0 / sqrt(ss / (double)D + (double)eps));
+    float scale = d_rms_scale_of(ss, D, eps);
     for (int k = threadIdx.x; k < D; k += blockDim.x)
         xn[k] = norm_w ? x[k] * scale * norm_w[k] : x[k] * scale;
 }
@@ -523,13 +528,14 @@ __global__ void __launch_bounds__(WARP) k_hc_sinkhorn(const float *mix, int part
         if (lane + WARP * k < ne) comb[(int64_t)t * ne + lane + WARP * k] = c[k];
 }
 
-/* The rest of the HC controller, a block per token: pre from the mix, the
- * collapsed input x = sum_i pre_i X_i and the sublayer's input norm of it,
- * xn. */
-__global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, const float *X,
+/* The rest of the HC controller, a block per token: pre from the mix
+ * (n_mix entries a token, the first hc of them pre's), the collapsed input
+ * x = sum_i pre_i X_i and the sublayer's input norm of it, xn (xn may be x).
+ * Also the output head (n_mix = hc: its mix is pre alone). */
+__global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, int n_mix, const float *X,
                               const float *base, const float *scale, int hc, int D, float hc_eps,
                               float rms_eps, const float *norm_w, float *x, float *xn) {
-    int t = blockIdx.x, n_mix = (2 + hc) * hc;
+    int t = blockIdx.x;
     __shared__ float pre[16];
     if (threadIdx.x < hc)
         pre[threadIdx.x] = d_sigmoid(d_mix_at(mix, parts, part_stride, (int64_t)t * n_mix + threadIdx.x) *
@@ -549,21 +555,6 @@ __global__ void k_hc_expand(const float *X, const float *post, const float *comb
     float acc = 0;
     for (int i = 0; i < hc; i++) acc += C[i * hc + j] * Xt[(int64_t)i * D + k];
     Xn[idx] = post[t * hc + j] * y[(int64_t)t * D + k] + acc;
-}
-
-/* HC head (§2.5), a block per token: h = sum_i (sigmoid(mix_i s + b_i) +
- * eps) X_i, then the output norm, in place. */
-__global__ void k_hc_head(const float *mix, int parts, int64_t part_stride, const float *X,
-                          const float *base, const float *scale, int hc, int D, float hc_eps,
-                          float rms_eps, const float *norm_w, float *h) {
-    int t = blockIdx.x;
-    __shared__ float w[16];
-    const float *Xt = X + (int64_t)t * hc * D;
-    if (threadIdx.x < hc)
-        w[threadIdx.x] = d_sigmoid(d_mix_at(mix, parts, part_stride, (int64_t)t * hc + threadIdx.x) *
-                                   scale[0] + base[threadIdx.x]) + hc_eps;
-    __syncthreads();
-    d_collapse_norm(Xt, w, hc, D, norm_w, rms_eps, h + (int64_t)t * D, h + (int64_t)t * D);
 }
 
 /* Token embeddings, copied to every stream. */

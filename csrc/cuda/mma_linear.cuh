@@ -94,10 +94,6 @@ __device__ __forceinline__ void raw_load(const uint8_t *row, int n_in, int e0, r
     }
 }
 
-__device__ __forceinline__ float h2f_bits(uint32_t bits) {
-    return __half2float(__ushort_as_half((uint16_t)bits));
-}
-
 /* The group's codes (exact small integers) as bf16 pairs in c[4], and w =
  * scale * code - mn for all 8. F16 / BF16 rows: c = the high bf16 halves,
  * lo = the rest (F16 only), scale 1. */
