@@ -208,10 +208,10 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
 }
 
-/* Both kernels for n tokens; d / 32 must be 1, 2, 4, 8 or 16 (check_shapes). */
-static void launch_attention(cudaStream_t st, attn_args a, int n) {
+/* k_attention for n tokens (a.splits set); d / 32 must be 1, 2, 4, 8 or 16
+ * (check_shapes). */
+static void launch_attention_simt(cudaStream_t st, const attn_args &a, int n) {
     int hg = attn_heads_per_block(a.H);
-    a.splits = attn_splits(n);
     dim3 grid((unsigned)(a.H / hg), (unsigned)n, (unsigned)a.splits);
     size_t shm = (size_t)ATTN_KT * a.d * sizeof(float);
     switch (a.d / WARP) {
@@ -221,7 +221,6 @@ static void launch_attention(cudaStream_t st, attn_args a, int n) {
     case 8: k_attention<8><<<grid, hg * WARP, shm, st>>>(a); break;
     case 16: k_attention<16><<<grid, hg * WARP, shm, st>>>(a); break;
     }
-    k_attn_combine<<<dim3(a.H, n), ATTN_THREADS, 0, st>>>(a);
 }
 
 /* Partial buffer floats for a chunk of up to n tokens. */

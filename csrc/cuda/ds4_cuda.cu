@@ -8,7 +8,7 @@
 
 #include <algorithm>
 
-#include "attention.cuh"
+#include "attention_tc.cuh"
 #include "int8_decode.cuh"
 #include "kernels.cuh"
 #include "mma_linear.cuh"
@@ -314,6 +314,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
                              (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
                                     8 * m->cfg.indexer_heads) * sizeof(float))),
         "indexer shared memory");
+    CKG(attention_tc_init(), "attention shared memory");
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {

@@ -1,0 +1,255 @@
+/* Chunk attention on the tensor cores: attention.cuh's k_attention, with the
+ * scores and the weighted sum as matrix products.
+ *
+ * All query heads of a token read the same key rows (one KV head, keys are
+ * values), so for one token S = Q K^T is a product of 16 heads x 16 keys x d
+ * and O += P V one of 16 heads x d x 16 keys: a block takes 16 heads of one
+ * token, a key tile at a time, on mma.sync m16n8k8 tf32. Float32 operands in
+ * two tf32 parts (hi = tf32(x), lo = tf32(x - hi): 22 bits), three products
+ * (lo hi, hi lo, hi hi) give float32's precision; each product chain starts
+ * from zero over at most 32 elements and is added to its float32 sum by the
+ * CUDA cores (the tensor cores' own adds truncate). Same partial output
+ * (max, denominator, unnormalized sum) as k_attention, for k_attn_combine. */
+#pragma once
+
+#include "attention.cuh"
+
+#define TCA_ROWS 16      /* heads a block (one m16 tile; rows past H are zeros, unused) */
+#define TCA_KT 16        /* keys a tile */
+#define TCA_THREADS 128  /* 4 warps: scores as 2 key halves x 2 d halves, the sum as 4 d quarters */
+
+/* Shared floats a block takes for head size d: Q's two parts and a key tile,
+ * rows padded by 4 floats so a fragment's 8 rows x 4 columns hit 32 banks. */
+static inline size_t tca_shared_bytes(int d) { return (size_t)3 * TCA_ROWS * (d + 4) * sizeof(float); }
+
+/* Head sizes it takes (d / 4 per warp in the sum: d / 32 n8 tiles). */
+static inline bool tca_fits(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
+
+__device__ __forceinline__ uint32_t tf32_bits(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void tf32_split(float x, uint32_t &hi, uint32_t &lo) {
+    hi = tf32_bits(x);
+    lo = tf32_bits(x - __uint_as_float(hi));
+}
+
+__device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* d += A B on float32 operands in two tf32 parts each, small products first. */
+__device__ __forceinline__ void mma_3xtf32(float d[4], const uint32_t ahi[4], const uint32_t alo[4],
+                                           float b0, float b1) {
+    uint32_t bh0, bl0, bh1, bl1;
+    tf32_split(b0, bh0, bl0);
+    tf32_split(b1, bh1, bl1);
+    mma_tf32(d, alo, bh0, bh1);
+    mma_tf32(d, ahi, bl0, bl1);
+    mma_tf32(d, ahi, bh0, bh1);
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src));
+}
+
+/* Grid: (head groups of 16, tokens, key splits). */
+template <int D>
+__global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
+    constexpr int LD = D + 4, NTW = D / 32 /* n8 tiles a warp in the sum */, KH = D / 2;
+    extern __shared__ __align__(16) float sh[];
+    float *q_hi = sh, *q_lo = sh + TCA_ROWS * LD, *kt = sh + 2 * TCA_ROWS * LD;   /* [16][LD] each */
+    __shared__ float s_part[2][TCA_ROWS][TCA_KT + 1];   /* scores of each d half */
+    __shared__ float p_sh[TCA_ROWS][TCA_KT + 4];        /* this tile's weights */
+    __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[TCA_ROWS];
+    __shared__ const float *kp[TCA_KT];
+
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
+    int t = blockIdx.y, sp = blockIdx.z, h0 = blockIdx.x * TCA_ROWS;
+    int64_t pos = *a.pos0 + t;
+    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    int64_t n_raw = pos - raw_first + 1;
+    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
+    const int *sel = NULL;
+    if (a.sel && a.n_sel[t] >= 0) {
+        sel = a.sel + (int64_t)t * a.top_k;
+        n_rows = a.n_sel[t];
+    }
+    int64_t n_keys = n_raw + n_rows, per = (n_keys + a.splits - 1) / a.splits;
+    int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
+
+    for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA_THREADS) {
+        int r = i / D, c = i % D;
+        float x = h0 + r < a.H ? a.q[((int64_t)t * a.H + h0 + r) * D + c] : 0.0f;
+        uint32_t hi, lo;
+        tf32_split(x, hi, lo);
+        q_hi[r * LD + c] = __uint_as_float(hi);
+        q_lo[r * LD + c] = __uint_as_float(lo);
+    }
+    if (threadIdx.x < TCA_ROWS) m_row[threadIdx.x] = -INFINITY, den_row[threadIdx.x] = 0.0f;
+    const float scale = 1.0f / sqrtf((float)D);
+
+    /* the sum: warp w has d quarter w, NTW n8 tiles; rows g and g + 8 */
+    float acc[NTW][4];
+#pragma unroll
+    for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += TCA_KT) {
+        int nt = k_end - k0 < TCA_KT ? (int)(k_end - k0) : TCA_KT;
+        if (threadIdx.x < TCA_KT) {   /* a short tile repeats its last key (weight 0 below) */
+            int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
+            kp[threadIdx.x] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * D
+                                        : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * D;
+        }
+        __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
+        for (int i = threadIdx.x; i < TCA_KT * D / 4; i += TCA_THREADS) {
+            int r = i / (D / 4), c = i % (D / 4);
+            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+
+        /* scores: warp w takes keys 8 (w % 2).. over d half w / 2 */
+        {
+            int kn = 8 * (warp % 2), dk = KH * (warp / 2);
+            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+            for (int c0 = 0; c0 < KH; c0 += 32) {
+                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int k8 = 0; k8 < 32; k8 += 8) {
+                    int c = dk + c0 + k8 + tg;
+                    uint32_t ahi[4] = {__float_as_uint(q_hi[g * LD + c]), __float_as_uint(q_hi[(g + 8) * LD + c]),
+                                       __float_as_uint(q_hi[g * LD + c + 4]),
+                                       __float_as_uint(q_hi[(g + 8) * LD + c + 4])};
+                    uint32_t alo[4] = {__float_as_uint(q_lo[g * LD + c]), __float_as_uint(q_lo[(g + 8) * LD + c]),
+                                       __float_as_uint(q_lo[g * LD + c + 4]),
+                                       __float_as_uint(q_lo[(g + 8) * LD + c + 4])};
+                    mma_3xtf32(d4, ahi, alo, kt[(kn + g) * LD + c], kt[(kn + g) * LD + c + 4]);
+                }
+#pragma unroll
+                for (int i = 0; i < 4; i++) s[i] += d4[i];
+            }
+            /* D: rows g, g + 8; keys kn + 2 tg, + 1 */
+            s_part[warp / 2][g][kn + 2 * tg] = s[0];
+            s_part[warp / 2][g][kn + 2 * tg + 1] = s[1];
+            s_part[warp / 2][g + 8][kn + 2 * tg] = s[2];
+            s_part[warp / 2][g + 8][kn + 2 * tg + 1] = s[3];
+        }
+        __syncthreads();
+
+        /* online softmax: warp w has heads 4w.., 8 lanes a head, 2 keys a lane */
+        {
+            int r = 4 * warp + lane / 8, j = 2 * (lane % 8);
+            float s0 = j < nt ? (s_part[0][r][j] + s_part[1][r][j]) * scale : -INFINITY;
+            float s1 = j + 1 < nt ? (s_part[0][r][j + 1] + s_part[1][r][j + 1]) * scale : -INFINITY;
+            float tmax = fmaxf(s0, s1);
+#pragma unroll
+            for (int o = 1; o < 8; o *= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+            float M = m_row[r], Mn = fmaxf(M, tmax);
+            float p0 = j < nt ? expf(s0 - Mn) : 0.0f, p1 = j + 1 < nt ? expf(s1 - Mn) : 0.0f;
+            float psum = p0 + p1;
+#pragma unroll
+            for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+            p_sh[r][j] = p0;
+            p_sh[r][j + 1] = p1;
+            __syncwarp();
+            if (lane % 8 == 0) {
+                float alpha = expf(M - Mn);
+                alpha_row[r] = alpha;
+                den_row[r] = den_row[r] * alpha + psum;
+                m_row[r] = Mn;
+            }
+        }
+        __syncthreads();
+
+        /* O = O alpha + P V: A = P (16 x 16 keys), B = the key rows, warp w has d quarter w */
+        {
+            uint32_t phi[2][4], plo[2][4];
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++) {
+                float pv[4] = {p_sh[g][8 * ks + tg], p_sh[g + 8][8 * ks + tg], p_sh[g][8 * ks + tg + 4],
+                               p_sh[g + 8][8 * ks + tg + 4]};
+#pragma unroll
+                for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
+            }
+            float al0 = alpha_row[g], al1 = alpha_row[g + 8];
+#pragma unroll
+            for (int j = 0; j < NTW; j++) {
+                int n = (D / 4) * warp + 8 * j + g;   /* B column: d element */
+                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int ks = 0; ks < 2; ks++)
+                    mma_3xtf32(d4, phi[ks], plo[ks], kt[(8 * ks + tg) * LD + n], kt[(8 * ks + tg + 4) * LD + n]);
+                acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
+                acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
+                acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
+                acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
+            }
+        }
+    }
+    __syncthreads();
+    /* D: rows g, g + 8; d elements (D / 4) w + 8 j + 2 tg, + 1 */
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        int h = h0 + g + 8 * hh;
+        if (h >= a.H) continue;
+        float *pp = a.part + (((int64_t)t * a.H + h) * a.splits + sp) * (D + 2);
+#pragma unroll
+        for (int j = 0; j < NTW; j++) {
+            int c = (D / 4) * warp + 8 * j + 2 * tg;
+            pp[2 + c] = acc[j][2 * hh];
+            pp[2 + c + 1] = acc[j][2 * hh + 1];
+        }
+    }
+    if (threadIdx.x < TCA_ROWS && h0 + (int)threadIdx.x < a.H) {
+        float *pp = a.part + (((int64_t)t * a.H + h0 + threadIdx.x) * a.splits + sp) * (D + 2);
+        pp[0] = m_row[threadIdx.x];
+        pp[1] = den_row[threadIdx.x];
+    }
+}
+
+/* The shared-memory opt-in above 48 KB, once per head size. */
+static cudaError_t attention_tc_init(void) {
+    cudaError_t e = cudaSuccess;
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_attention_tc<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)tca_shared_bytes(64));
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_attention_tc<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)tca_shared_bytes(128));
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_attention_tc<256>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)tca_shared_bytes(256));
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_attention_tc<512>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)tca_shared_bytes(512));
+    return e;
+}
+
+static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
+    dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n, (unsigned)a.splits);
+    size_t shm = tca_shared_bytes(a.d);
+    switch (a.d) {
+    case 64: k_attention_tc<64><<<grid, TCA_THREADS, shm, st>>>(a); break;
+    case 128: k_attention_tc<128><<<grid, TCA_THREADS, shm, st>>>(a); break;
+    case 256: k_attention_tc<256><<<grid, TCA_THREADS, shm, st>>>(a); break;
+    case 512: k_attention_tc<512><<<grid, TCA_THREADS, shm, st>>>(a); break;
+    }
+}
+
+/* Attention for n tokens: the partials (a chunk on the tensor cores where the
+ * head size allows; DS4_CUDA_NO_TCATTN=1 keeps k_attention, for A/B), then
+ * their combination with the sink. */
+static void launch_attention(cudaStream_t st, attn_args a, int n) {
+    a.splits = attn_splits(n);
+    if (n > 1 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) launch_attention_tc(st, a, n);
+    else launch_attention_simt(st, a, n);
+    k_attn_combine<<<dim3(a.H, n), ATTN_THREADS, 0, st>>>(a);
+}
