@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include "attention_tc.cuh"
+#include "indexer_tc.cuh"
 #include "int8_decode.cuh"
 #include "kernels.cuh"
 #include "mma_linear.cuh"
@@ -315,6 +316,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
                                     8 * m->cfg.indexer_heads) * sizeof(float))),
         "indexer shared memory");
     CKG(attention_tc_init(), "attention shared memory");
+    CKG(indexer_tc_init(), "indexer shared memory");
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {
@@ -1024,7 +1026,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         int slice = idx_slice_tokens(ia.cap_rows, n);
         for (ia.t0 = 0; ia.t0 < n; ia.t0 += slice) {
             unsigned nt = (unsigned)std::min(slice, n - ia.t0);
-            k_idx_score<<<dim3(nt, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
+            if (n > 1 && itc_fits(HI, dI) && !getenv("DS4_CUDA_NO_TCIDX")) launch_idx_score_tc(st, ia, nt);
+            else k_idx_score<<<dim3(nt, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
             k_idx_select<<<nt, IDX_SEL_THREADS, 0, st>>>(ia);
         }
     }

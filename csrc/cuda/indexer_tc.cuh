@@ -1,0 +1,128 @@
+/* The lightning indexer's scores for a chunk on the tensor cores: k_idx_score
+ * (kernels.cuh) as a matrix product. For one token, the dots of its HI heads
+ * with every compressed row are S = Q K^T (heads x rows x dI); the score of a
+ * row is sum_h relu(S[h][row]) / sqrt(dI) * w[h]. A block takes one token,
+ * its queries (padded to 64 heads with zeros, whose terms are 0) resident in
+ * shared memory in two tf32 parts, and walks the rows 64 at a time: warp w
+ * multiplies head tile w % 4 with rows 32 (w / 4) .. + 31 (attention_tc.cuh's
+ * three tf32 products, product chains from zero over 32 elements). The heads'
+ * terms are summed as a tree (the CPU sums them in head order: the scores
+ * agree to float32 rounding, as the CPU's own SIMD and scalar dots do). */
+#pragma once
+
+#include "attention_tc.cuh"
+
+#define ITC_HEADS 64     /* heads a block takes (4 m16 tiles) */
+#define ITC_RT 64        /* rows a tile */
+#define ITC_THREADS 256
+
+static inline bool itc_fits(int HI, int dI) { return HI <= ITC_HEADS && (dI == 32 || dI == 64 || dI == 128); }
+
+/* Shared floats: the queries' two parts and a row tile, rows padded by 4
+ * (a fragment's 8 rows x 4 columns in 32 banks). */
+static inline size_t itc_shared_bytes(int dI) { return (size_t)(2 * ITC_HEADS + ITC_RT) * (dI + 4) * sizeof(float); }
+
+/* Grid: the slice's tokens (idx_args.t0 + blockIdx.x). */
+template <int DI>
+__global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
+    constexpr int LD = DI + 4;
+    extern __shared__ __align__(16) float sh[];
+    float *q_hi = sh, *q_lo = sh + ITC_HEADS * LD, *kt = sh + 2 * ITC_HEADS * LD;
+    __shared__ float w_sh[ITC_HEADS];
+    __shared__ float part[4][ITC_RT];   /* each head tile's sum, a row */
+    int t = a.t0 + blockIdx.x;
+    int64_t n_rows = (*a.pos0 + t + 1) / a.m;
+    if (n_rows <= a.top_k) return;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
+    int mt = warp % 4, rg = warp / 4;   /* head tile, row group of 32 */
+    float *sc = a.scores + (int64_t)blockIdx.x * a.cap_rows;
+    const float score_scale = 1.0f / sqrtf((float)DI);
+    const float *iq = a.iq + (int64_t)t * a.HI * DI;
+    for (int i = threadIdx.x; i < ITC_HEADS * DI; i += ITC_THREADS) {
+        int h = i / DI, c = i % DI;
+        uint32_t hi, lo;
+        tf32_split(h < a.HI ? iq[h * DI + c] : 0.0f, hi, lo);
+        q_hi[h * LD + c] = __uint_as_float(hi);
+        q_lo[h * LD + c] = __uint_as_float(lo);
+    }
+    if (threadIdx.x < ITC_HEADS) w_sh[threadIdx.x] = threadIdx.x < a.HI ? a.iw[(int64_t)t * a.HI + threadIdx.x] : 0.0f;
+
+    for (int64_t r0 = 0; r0 < n_rows; r0 += ITC_RT) {
+        int nr = n_rows - r0 < ITC_RT ? (int)(n_rows - r0) : ITC_RT;
+        __syncthreads();   /* the queries; the previous tile's reads of kt and part */
+        for (int i = threadIdx.x; i < ITC_RT * DI / 4; i += ITC_THREADS) {
+            int r = i / (DI / 4), c = i % (DI / 4);
+            int rr = r < nr ? r : nr - 1;   /* a short tile repeats its last row (not stored) */
+            cp_async16(kt + r * LD + 4 * c, a.krows + (r0 + rr) * DI + 4 * c);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+
+        float s[4][4];   /* [n8 tile][c]: heads 16 mt + g (c 0, 1), + 8 (c 2, 3); rows 2 tg, + 1 */
+#pragma unroll
+        for (int j = 0; j < 4; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int c0 = 0; c0 < DI; c0 += 32) {
+            float d4[4][4] = {};
+#pragma unroll
+            for (int k8 = 0; k8 < 32; k8 += 8) {
+                int c = c0 + k8 + tg, h = 16 * mt + g;
+                uint32_t ahi[4] = {__float_as_uint(q_hi[h * LD + c]), __float_as_uint(q_hi[(h + 8) * LD + c]),
+                                   __float_as_uint(q_hi[h * LD + c + 4]), __float_as_uint(q_hi[(h + 8) * LD + c + 4])};
+                uint32_t alo[4] = {__float_as_uint(q_lo[h * LD + c]), __float_as_uint(q_lo[(h + 8) * LD + c]),
+                                   __float_as_uint(q_lo[h * LD + c + 4]), __float_as_uint(q_lo[(h + 8) * LD + c + 4])};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int row = 32 * rg + 8 * j + g;
+                    mma_3xtf32(d4[j], ahi, alo, kt[row * LD + c], kt[row * LD + c + 4]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) s[j][i] += d4[j][i];
+        }
+        /* the terms, summed over the tile's 16 heads: rows g, g + 8 here,
+         * then the 8 lanes of a column (lane bits 2-4) */
+        float w0 = w_sh[16 * mt + g], w1 = w_sh[16 * mt + g + 8];
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int cc = 0; cc < 2; cc++) {
+                float v0 = s[j][cc], v1 = s[j][cc + 2];
+                float v = (v0 > 0 ? v0 : 0) * score_scale * w0 + (v1 > 0 ? v1 : 0) * score_scale * w1;
+                v += __shfl_xor_sync(0xffffffffu, v, 4);
+                v += __shfl_xor_sync(0xffffffffu, v, 8);
+                v += __shfl_xor_sync(0xffffffffu, v, 16);
+                if (g == 0) part[mt][32 * rg + 8 * j + 2 * tg + cc] = v;
+            }
+        __syncthreads();
+        if (threadIdx.x < nr) {
+            int r = threadIdx.x;
+            sc[r0 + r] = (part[0][r] + part[1][r]) + (part[2][r] + part[3][r]);
+        }
+    }
+}
+
+/* The shared-memory opt-in above 48 KB, once per row size. */
+static cudaError_t indexer_tc_init(void) {
+    cudaError_t e = cudaFuncSetAttribute(k_idx_score_tc<32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)itc_shared_bytes(32));
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_idx_score_tc<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)itc_shared_bytes(64));
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(k_idx_score_tc<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)itc_shared_bytes(128));
+    return e;
+}
+
+/* The scores of a slice of nt tokens of a chunk. */
+static void launch_idx_score_tc(cudaStream_t st, const idx_args &a, unsigned nt) {
+    size_t shm = itc_shared_bytes(a.dI);
+    switch (a.dI) {
+    case 32: k_idx_score_tc<32><<<nt, ITC_THREADS, shm, st>>>(a); break;
+    case 64: k_idx_score_tc<64><<<nt, ITC_THREADS, shm, st>>>(a); break;
+    case 128: k_idx_score_tc<128><<<nt, ITC_THREADS, shm, st>>>(a); break;
+    }
+}
