@@ -65,6 +65,7 @@ struct vecf<4> {
 
 template <int DPL>
 __global__ void k_attention(attn_args a) {
+    pdl_begin();
     constexpr int d = DPL * WARP, VW = DPL < 4 ? DPL : 4, NC = DPL / VW;
     constexpr int NV4 = (d / 4 + WARP - 1) / WARP;   /* a row's float4 loads a lane makes */
     typedef vecf<VW> V;
@@ -173,6 +174,7 @@ __global__ void k_attention(attn_args a) {
 #define ATTN_THREADS 128
 
 __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
+    pdl_begin();
     int t = blockIdx.y, h = blockIdx.x, S = a.splits;
     int64_t pos = *a.pos0 + t;
     const float *pp = a.part + ((int64_t)t * a.H + h) * S * (a.d + 2);
@@ -215,11 +217,11 @@ static void launch_attention_simt(cudaStream_t st, const attn_args &a, int n) {
     dim3 grid((unsigned)(a.H / hg), (unsigned)n, (unsigned)a.splits);
     size_t shm = (size_t)ATTN_KT * a.d * sizeof(float);
     switch (a.d / WARP) {
-    case 1: k_attention<1><<<grid, hg * WARP, shm, st>>>(a); break;
-    case 2: k_attention<2><<<grid, hg * WARP, shm, st>>>(a); break;
-    case 4: k_attention<4><<<grid, hg * WARP, shm, st>>>(a); break;
-    case 8: k_attention<8><<<grid, hg * WARP, shm, st>>>(a); break;
-    case 16: k_attention<16><<<grid, hg * WARP, shm, st>>>(a); break;
+    case 1: launch_k(k_attention<1>, grid, hg * WARP, shm, st, a); break;
+    case 2: launch_k(k_attention<2>, grid, hg * WARP, shm, st, a); break;
+    case 4: launch_k(k_attention<4>, grid, hg * WARP, shm, st, a); break;
+    case 8: launch_k(k_attention<8>, grid, hg * WARP, shm, st, a); break;
+    case 16: launch_k(k_attention<16>, grid, hg * WARP, shm, st, a); break;
     }
 }
 

@@ -62,6 +62,7 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
 /* Grid: (head groups of 16, tokens, key splits). */
 template <int D>
 __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
+    pdl_begin();
     constexpr int LD = D + 4, NTW = D / 32 /* n8 tiles a warp in the sum */, KH = D / 2;
     extern __shared__ __align__(16) float sh[];
     float *q_hi = sh, *q_lo = sh + TCA_ROWS * LD, *kt = sh + 2 * TCA_ROWS * LD;   /* [16][LD] each */
@@ -237,10 +238,10 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n, (unsigned)a.splits);
     size_t shm = tca_shared_bytes(a.d);
     switch (a.d) {
-    case 64: k_attention_tc<64><<<grid, TCA_THREADS, shm, st>>>(a); break;
-    case 128: k_attention_tc<128><<<grid, TCA_THREADS, shm, st>>>(a); break;
-    case 256: k_attention_tc<256><<<grid, TCA_THREADS, shm, st>>>(a); break;
-    case 512: k_attention_tc<512><<<grid, TCA_THREADS, shm, st>>>(a); break;
+    case 64: launch_k(k_attention_tc<64>, grid, TCA_THREADS, shm, st, a); break;
+    case 128: launch_k(k_attention_tc<128>, grid, TCA_THREADS, shm, st, a); break;
+    case 256: launch_k(k_attention_tc<256>, grid, TCA_THREADS, shm, st, a); break;
+    case 512: launch_k(k_attention_tc<512>, grid, TCA_THREADS, shm, st, a); break;
     }
 }
 
@@ -251,5 +252,5 @@ static void launch_attention(cudaStream_t st, attn_args a, int n) {
     a.splits = attn_splits(n);
     if (n > 1 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) launch_attention_tc(st, a, n);
     else launch_attention_simt(st, a, n);
-    k_attn_combine<<<dim3(a.H, n), ATTN_THREADS, 0, st>>>(a);
+    launch_k(k_attn_combine, dim3(a.H, n), ATTN_THREADS, 0, st, a);
 }

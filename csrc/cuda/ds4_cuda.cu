@@ -110,6 +110,7 @@ __device__ __forceinline__ float unit(uint64_t seed, uint64_t i) {   /* uniform 
 
 /* Random bytes over a whole tensor (4-byte words, then the tail). */
 __global__ void k_fill_bytes(uint8_t *p, int64_t nbytes, uint64_t seed) {
+    pdl_begin();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     int64_t words = nbytes / 4;
     for (; i < words; i += (int64_t)gridDim.x * blockDim.x)
@@ -121,6 +122,7 @@ __global__ void k_fill_bytes(uint8_t *p, int64_t nbytes, uint64_t seed) {
 /* Float tensors: norms 1, expert ids in range, the rest uniform with std s. */
 __global__ void k_fill_float(uint8_t *p, int type, int64_t n, int role, float s, int n_expert,
                              uint64_t seed) {
+    pdl_begin();
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         float v = role == ROLE_NORM ? 1.0f : unit(seed, (uint64_t)i) * s * 1.7320508f;
@@ -134,6 +136,7 @@ __global__ void k_fill_float(uint8_t *p, int type, int64_t n, int role, float s,
 /* Quantized blocks: random codes (already there), then finite scales sized
  * for std s; Q8_0 codes kept in [-127, 127]. */
 __global__ void k_fix_blocks(uint8_t *p, int type, int64_t n_blocks, float d, float dmin) {
+    pdl_begin();
     for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < n_blocks;
          b += (int64_t)gridDim.x * blockDim.x) {
         uint8_t *blk;
@@ -183,6 +186,7 @@ __device__ int repacked_source(int type, int nb, int i) {
  * each in its own bytes: a block a row, through shared memory (rows up to the
  * 48 KB a launch gets; a wider row fails the launch with an error). */
 __global__ void k_repack(uint8_t *p, int type, int64_t n_rows, int row_bytes, int block_bytes) {
+    pdl_begin();
     extern __shared__ uint16_t row_sh[];
     int nb = row_bytes / block_bytes;
     for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
@@ -200,7 +204,7 @@ static int dev_repack(const ds4_tensor &t, cudaStream_t st, char *err, size_t er
     int block_bytes = t.type == DS4_TYPE_Q8_0 ? 34 : t.type == DS4_TYPE_Q2_K ? 84 : 66;
     int64_t rows = t.nbytes / t.row_bytes;
     int grid = (int)std::min<int64_t>(rows, 65535);
-    k_repack<<<grid, 256, (size_t)t.row_bytes, st>>>((uint8_t *)t.data, t.type, rows,
+    launch_k(k_repack, grid, 256, (size_t)t.row_bytes, st, (uint8_t *)t.data, t.type, rows,
                                                       (int)t.row_bytes, block_bytes);
     CK(cudaGetLastError(), "repacking weight rows");
     return 0;
@@ -217,16 +221,16 @@ static int fill_synthetic(const tensor_ref *r, uint8_t *dst, int n_expert, uint6
     case DS4_TYPE_F16:
     case DS4_TYPE_BF16:
     case DS4_TYPE_I32:
-        k_fill_float<<<grid, 256, 0, st>>>(dst, t->type, n, r->role, t->n_dims == 1 ? 0.1f : s,
+        launch_k(k_fill_float, grid, 256, 0, st, dst, t->type, n, r->role, t->n_dims == 1 ? 0.1f : s,
                                            n_expert, seed);
         break;
     default: {
         int64_t be = t->type == DS4_TYPE_Q8_0 ? 32 : 256;
-        k_fill_bytes<<<4096, 256, 0, st>>>(dst, t->nbytes, seed);
+        launch_k(k_fill_bytes, 4096, 256, 0, st, dst, t->nbytes, seed);
         /* unit-scale code spreads of each format, measured on random codes */
         float spread = t->type == DS4_TYPE_Q8_0 ? 73.3f : t->type == DS4_TYPE_Q2_K ? 23.0f
                      : t->type == DS4_TYPE_Q4_K ? 400.0f : 60.0f;
-        k_fix_blocks<<<4096, 256, 0, st>>>(dst, t->type, n / be, s / spread, s / spread);
+        launch_k(k_fix_blocks, 4096, 256, 0, st, dst, t->type, n / be, s / spread, s / spread);
     }
     }
     CK(cudaGetLastError(), "synthetic weights");
@@ -299,6 +303,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     cudaStream_t st = NULL;
 
     CKG(cudaGetDeviceProperties(&prop, 0), "device query");
+    g_pdl_device = prop.major >= 9 && !getenv("DS4_CUDA_NO_PDL");
     snprintf(d->device_name, sizeof d->device_name, "%s", prop.name);
     CKG(cudaMemGetInfo(&free_b, &all_b), "device query");
     /* headroom for the KV state and a chunk's buffers */
@@ -681,10 +686,10 @@ static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     switch (a.w.type) {
 #define CASE(T)                                                                 \
     case T:                                                                     \
-        if (TT == 1 && chunks <= 2) k_linear1<T, 2><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);  \
-        else if (TT == 1 && chunks <= 4) k_linear1<T, 4><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw); \
-        else if (TT == 1) k_linear1<T, 8><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);   \
-        else k_linear<TT, T><<<grid, LIN_WARPS * WARP, 0, st>>>(a, kw);       \
+        if (TT == 1 && chunks <= 2) launch_k(k_linear1<T, 2>, grid, LIN_WARPS * WARP, 0, st, a, kw);  \
+        else if (TT == 1 && chunks <= 4) launch_k(k_linear1<T, 4>, grid, LIN_WARPS * WARP, 0, st, a, kw); \
+        else if (TT == 1) launch_k(k_linear1<T, 8>, grid, LIN_WARPS * WARP, 0, st, a, kw);   \
+        else launch_k(k_linear<TT, T>, grid, LIN_WARPS * WARP, 0, st, a, kw);       \
         break;
     CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
@@ -697,7 +702,7 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     size_t shm = (size_t)lin_staged_bytes(a.w, kw);
     switch (a.w.type) {
 #define CASE(T)                                                                  \
-    case T: k_linear1s<T, 2><<<grid, LIN_WARPS * WARP, shm, st>>>(a, kw); break;
+    case T: launch_k(k_linear1s<T, 2>, grid, LIN_WARPS * WARP, shm, st, a, kw); break;
     CASE(DS4_TYPE_F32) CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
     CASE(DS4_TYPE_Q8_0 | DEV_NARROW) CASE(DS4_TYPE_Q2_K | DEV_NARROW) CASE(DS4_TYPE_IQ2_XXS | DEV_NARROW)
@@ -727,7 +732,7 @@ static void launch_expert_mma1_t(cudaStream_t st, const lin_args &a, int slots, 
     size_t shm = expert_mma1_smem(a.w.n_in);
     if (!fill[kwi]) fill[kwi] = gpu_fill(k_expert_mma1<TYPE>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], slots * mats);
-    k_expert_mma1<TYPE><<<dim3(need < cap ? need : cap, slots, mats), threads, shm, st>>>(a);
+    launch_k(k_expert_mma1<TYPE>, dim3(need < cap ? need : cap, slots, mats), threads, shm, st, a);
 }
 
 static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, int mats) {
@@ -738,7 +743,7 @@ static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, in
 static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
     switch (a.w.type) {
 #define CASE(T)                                                                  \
-    case T: k_linear_mma<T><<<grid, MM_THREADS, 0, st>>>(a); break;
+    case T: launch_k(k_linear_mma<T>, grid, MM_THREADS, 0, st, a); break;
     CASE(DS4_TYPE_F16) CASE(DS4_TYPE_BF16) CASE(DS4_TYPE_Q8_0)
     CASE(DS4_TYPE_Q2_K) CASE(DS4_TYPE_Q4_K) CASE(DS4_TYPE_IQ2_XXS)
     CASE(DS4_TYPE_Q8_0 | DEV_NARROW) CASE(DS4_TYPE_Q2_K | DEV_NARROW) CASE(DS4_TYPE_IQ2_XXS | DEV_NARROW)
@@ -756,7 +761,7 @@ static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a, int parts) {
     size_t shm = q8_mma1_smem(a.w.n_in);
     if (!fill[kwi]) fill[kwi] = gpu_fill(k_q8_mma1<SL>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], parts);
-    k_q8_mma1<SL><<<dim3(need < cap ? need : cap, parts), threads, shm, st>>>(a);
+    launch_k(k_q8_mma1<SL>, dim3(need < cap ? need : cap, parts), threads, shm, st, a);
 }
 
 static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
@@ -875,7 +880,7 @@ static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
 
 /* Threads per row by its length alone (it sets the order of the norm's sum). */
 static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
-    k_rows<<<(unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, 0, st>>>(a);
+    launch_k(k_rows, (unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, 0, st, a);
 }
 
 static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }
@@ -920,10 +925,10 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
     int64_t ps = (int64_t)n * n_mix;
     cudaEventRecord(g->hc_fork, g->st);
     cudaStreamWaitEvent(g->side, g->hc_fork, 0);
-    k_hc_sinkhorn<<<n, WARP, 0, g->side>>>(g->mix, parts, ps, f32(base), f32(scale), hc,
+    launch_k(k_hc_sinkhorn, n, WARP, 0, g->side, g->mix, parts, ps, f32(base), f32(scale), hc,
                                             cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
     cudaEventRecord(g->hc_join, g->side);
-    k_hc_collapse<<<n, hc_threads(n), 0, g->st>>>(g->mix, parts, ps, n_mix, g->X, f32(base), f32(scale), hc,
+    launch_k(k_hc_collapse, n, hc_threads(n), 0, g->st, g->mix, parts, ps, n_mix, g->X, f32(base), f32(scale), hc,
                                                   D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn);
 }
 
@@ -931,7 +936,7 @@ static void hc_expand(ds4_session *s, dsess *g, int n) {
     const ds4_config *cf = &s->model->cfg;
     int64_t count = (int64_t)n * cf->n_hc * cf->n_embd;
     cudaStreamWaitEvent(g->st, g->hc_join, 0);   /* post and comb */
-    k_hc_expand<<<blocks_for(count, 256), 256, 0, g->st>>>(g->X, g->post, g->comb, g->y, cf->n_hc,
+    launch_k(k_hc_expand, blocks_for(count, 256), 256, 0, g->st, g->X, g->post, g->comb, g->y, cf->n_hc,
                                                            cf->n_embd, n, g->Xn);
     std::swap(g->X, g->Xn);
 }
@@ -1002,17 +1007,17 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
                      (const uint16_t *)L.comp_ape.data, (const uint16_t *)L.idx_comp_ape.data,
                      dl.raw, dl.kg, dl.idx_kg, g->dpos, dev_cap_raw(s), dev_cap_kg(s, ls), d, cw, iw2, m};
-    k_state<<<n, 256, 0, st>>>(sa);
+    launch_k(k_state, n, 256, 0, st, sa);
     if (m) {
         unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
         comp_args ca = {dl.kg, dev_cap_kg(s, ls), cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
                         cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE};
-        k_compress<<<windows, 128, 0, st>>>(ca);
+        launch_k(k_compress, windows, 128, 0, st, ca);
         if (ls->indexer) {
             comp_args ia = {dl.idx_kg, dev_cap_kg(s, ls), iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
                             f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
                             qat ? QAT_FP4 : QAT_NONE};
-            k_compress<<<windows, 128, 0, st>>>(ia);
+            launch_k(k_compress, windows, 128, 0, st, ia);
         }
     }
     if (ls->indexer) {
@@ -1027,8 +1032,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         for (ia.t0 = 0; ia.t0 < n; ia.t0 += slice) {
             unsigned nt = (unsigned)std::min(slice, n - ia.t0);
             if (n > 1 && itc_fits(HI, dI) && !getenv("DS4_CUDA_NO_TCIDX")) launch_idx_score_tc(st, ia, nt);
-            else k_idx_score<<<dim3(nt, (unsigned)std::max<int64_t>(1, split)), 256, shm, st>>>(ia);
-            k_idx_select<<<nt, IDX_SEL_THREADS, 0, st>>>(ia);
+            else launch_k(k_idx_score, dim3(nt, (unsigned)std::max<int64_t>(1, split)), 256, shm, st, ia);
+            launch_k(k_idx_select, nt, IDX_SEL_THREADS, 0, st, ia);
         }
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
@@ -1052,24 +1057,24 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     int Fs = F * cf->n_shared_experts;
     /* xn is the normed input (hc_controller) */
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
-    k_route<<<blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st>>>(
+    launch_k(k_route, blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st, 
         g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
         L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL, g->ids, cf->expert_weights_scale, n,
         g->sel, g->sel_w);
-    k_group<<<1, 1024, 0, st>>>(g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
+    launch_k(k_group, 1, 1024, 0, st, g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
     int slots = std::min(E, n * k);
     expert_linear_pair(st, L.ffn_gate_exps, L.ffn_up_exps, g, n, n * k, slots, g->pair_tok, g->xn, D,
                        g->ex_g, g->ex_u, F);
-    k_swiglu<<<blocks_for((int64_t)n * k * F, 256), 256, 0, st>>>(g->ex_g, g->ex_u,
+    launch_k(k_swiglu, blocks_for((int64_t)n * k * F, 256), 256, 0, st, g->ex_g, g->ex_u,
                                                                   (int64_t)n * k * F, L.swiglu_clamp);
     expert_linear(st, L.ffn_down_exps, g, n, n * k, slots, NULL, g->ex_g, F, g->ex_y, D);
 
     /* shared expert, weight 1 (the routed outputs are in ex_y by now) */
     linear_pair(st, L.ffn_gate_shexp, L.ffn_up_shexp, g->xn, D, n, g->ex_g, g->ex_u, Fs);
-    k_swiglu<<<blocks_for((int64_t)n * Fs, 256), 256, 0, st>>>(g->ex_g, g->ex_u, (int64_t)n * Fs,
+    launch_k(k_swiglu, blocks_for((int64_t)n * Fs, 256), 256, 0, st, g->ex_g, g->ex_u, (int64_t)n * Fs,
                                                                L.swiglu_clamp);
     linear(st, dmat_of(L.ffn_down_shexp), g->ex_g, Fs, n, g->sh_y, D);
-    k_combine<<<blocks_for((int64_t)n * D, 256), 256, 0, st>>>(g->ex_y, g->slot_pair, g->sel_w,
+    launch_k(k_combine, blocks_for((int64_t)n * D, 256), 256, 0, st, g->ex_y, g->slot_pair, g->sel_w,
                                                                g->sh_y, k, D, n, g->y);
 }
 
@@ -1083,7 +1088,7 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
     cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
     dmat E = dmat_of(dm->token_embd);
-    k_embed<<<dim3(blocks_for(D / 8, 128), n), 128, 0, st>>>(E, g->ids, hc, D, g->X);
+    launch_k(k_embed, dim3(blocks_for(D / 8, 128), n), 128, 0, st, E, g->ids, hc, D, g->X);
     for (int l = 0; l < cf->n_layer; l++) {
         const ds4_layer &L = dm->layers[l];
         hc_controller(s, g, n, L.hc_attn_fn, L.hc_attn_base, L.hc_attn_scale, L.attn_norm);
@@ -1098,7 +1103,7 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     const float *Xt = g->X + (int64_t)t0 * hc * D;
     int parts = hc_mixer(st, dm->output_hc_fn, Xt, nn, g->u, g->mix, hc, (int64_t)hc * D, cf->rms_eps);
     /* the HC head (§2.5): h = sum_i (sigmoid(mix_i s + b_i) + eps) X_i, then the output norm */
-    k_hc_collapse<<<nn, hc_threads(nn), 0, st>>>(g->mix, parts, (int64_t)nn * hc, hc, Xt,
+    launch_k(k_hc_collapse, nn, hc_threads(nn), 0, st, g->mix, parts, (int64_t)nn * hc, hc, Xt,
                                                  f32(dm->output_hc_base), f32(dm->output_hc_scale), hc, D,
                                                  cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x, g->x);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
@@ -1115,6 +1120,7 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     if (logits && ensure_logits(cf, g, n - t0, err, errlen)) return -1;
     *g->hpos = s->n_tokens;
     memcpy(g->hids, s->ids + s->n_tokens, (size_t)n * 4);
+    g_pdl = g_pdl_device && n == 1;
     /* the hc_expand swaps leave X where it started: 2 per layer */
     if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
         /* decode: the whole step as one graph, captured on first use; it

@@ -25,6 +25,7 @@ static inline size_t itc_shared_bytes(int dI) { return (size_t)(2 * ITC_HEADS + 
 /* Grid: the slice's tokens (idx_args.t0 + blockIdx.x). */
 template <int DI>
 __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
+    pdl_begin();
     constexpr int LD = DI + 4;
     extern __shared__ __align__(16) float sh[];
     float *q_hi = sh, *q_lo = sh + ITC_HEADS * LD, *kt = sh + 2 * ITC_HEADS * LD;
@@ -121,8 +122,8 @@ static cudaError_t indexer_tc_init(void) {
 static void launch_idx_score_tc(cudaStream_t st, const idx_args &a, unsigned nt) {
     size_t shm = itc_shared_bytes(a.dI);
     switch (a.dI) {
-    case 32: k_idx_score_tc<32><<<nt, ITC_THREADS, shm, st>>>(a); break;
-    case 64: k_idx_score_tc<64><<<nt, ITC_THREADS, shm, st>>>(a); break;
-    case 128: k_idx_score_tc<128><<<nt, ITC_THREADS, shm, st>>>(a); break;
+    case 32: launch_k(k_idx_score_tc<32>, nt, ITC_THREADS, shm, st, a); break;
+    case 64: launch_k(k_idx_score_tc<64>, nt, ITC_THREADS, shm, st, a); break;
+    case 128: launch_k(k_idx_score_tc<128>, nt, ITC_THREADS, shm, st, a); break;
     }
 }

@@ -163,6 +163,7 @@ __device__ __forceinline__ float q8_scale_at(const uint4 &v, int s) {
  * tile's before x is split. Plain or batched (lin_block_of) products. */
 template <int SL>
 __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
+    pdl_begin();
     extern __shared__ __align__(16) uint8_t x_parts_sh[];
     __shared__ float red[32][16];
     lin_block b;
@@ -299,6 +300,7 @@ __device__ __forceinline__ uint32_t q2k_scale(const uint4 &v, int k) {
  * token) each split their x row, then the block strides over the tiles. */
 template <int TYPE>
 __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(lin_args a) {
+    pdl_begin();
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
     extern __shared__ __align__(16) uint8_t x_parts_sh[];
     __shared__ float red[32][16];

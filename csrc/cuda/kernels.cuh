@@ -139,6 +139,7 @@ static inline int lin_split(int n_in) {
  * weight type a compile-time constant so the dequantizer inlines branch-free. */
 template <int TT, int TYPE>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear(lin_args a, int kw) {
+    pdl_begin();
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int r = blockIdx.x * (LIN_WARPS / kw) + warp / kw, part = warp % kw;
     bool valid = r < a.w.n_out;
@@ -212,6 +213,7 @@ __device__ __forceinline__ float4 scale4(float4 v, float s) {
 
 template <int TYPE, int LIN_MAXC>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
+    pdl_begin();
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
     int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
     __shared__ float red[LIN_WARPS][LIN_R];
@@ -295,6 +297,7 @@ static inline int64_t lin_staged_bytes(const dmat &w, int kw) {
 
 template <int TYPE, int LIN_MAXC>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1s(lin_args a, int kw) {
+    pdl_begin();
     extern __shared__ __align__(16) uint8_t wsh[];
     __shared__ float red[LIN_WARPS][LIN_RS];
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
@@ -423,6 +426,7 @@ struct row_args {
 };
 
 __global__ void k_rows(row_args a) {
+    pdl_begin();
     int r = blockIdx.x;
     const float *x = a.x + (int64_t)r * a.xs;
     float *y = a.y + (int64_t)r * a.ys;
@@ -476,6 +480,7 @@ __device__ void d_collapse_norm(const float *Xt, const float *wts, int hc, int D
 __global__ void __launch_bounds__(WARP) k_hc_sinkhorn(const float *mix, int parts, int64_t part_stride,
                                                       const float *base, const float *scale, int hc,
                                                       int iters, float hc_eps, float *post, float *comb) {
+    pdl_begin();
     int t = blockIdx.x, n_mix = (2 + hc) * hc, ne = hc * hc, lane = threadIdx.x;
     __shared__ float C[256], mu[(2 + 16) * 16];
     const float *b = base, *sc = scale;
@@ -535,6 +540,7 @@ __global__ void __launch_bounds__(WARP) k_hc_sinkhorn(const float *mix, int part
 __global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, int n_mix, const float *X,
                               const float *base, const float *scale, int hc, int D, float hc_eps,
                               float rms_eps, const float *norm_w, float *x, float *xn) {
+    pdl_begin();
     int t = blockIdx.x;
     __shared__ float pre[16];
     if (threadIdx.x < hc)
@@ -548,6 +554,7 @@ __global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, 
 /* X'_j = post_j y + sum_i C_ij X_i, into Xn. */
 __global__ void k_hc_expand(const float *X, const float *post, const float *comb, const float *y,
                             int hc, int D, int n, float *Xn) {
+    pdl_begin();
     int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)n * hc * D) return;
     int k = idx % D, j = (idx / D) % hc, t = idx / ((int64_t)D * hc);
@@ -559,6 +566,7 @@ __global__ void k_hc_expand(const float *X, const float *post, const float *comb
 
 /* Token embeddings, copied to every stream. */
 __global__ void k_embed(dmat E, const int32_t *ids, int hc, int D, float *X) {
+    pdl_begin();
     int t = blockIdx.y, e0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (e0 >= D) return;
     float w[8];
@@ -581,6 +589,7 @@ struct state_args {
 };
 
 __global__ void k_state(state_args a) {
+    pdl_begin();
     int t = blockIdx.x;
     int64_t pos = *a.pos0 + t;
     for (int k = threadIdx.x; k < a.d; k += blockDim.x)
@@ -621,6 +630,7 @@ struct comp_args {
 };
 
 __global__ void k_compress(comp_args a) {
+    pdl_begin();
     int64_t w = *a.pos0 / a.m + blockIdx.x;
     if (w >= (*a.pos0 + a.n) / a.m) return;
     int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
@@ -673,6 +683,7 @@ struct idx_args {
 /* Grid (token, split): a warp scores one row, a lane one head at a time, the
  * splits share a token's rows so that one decode token fills the GPU. */
 __global__ void k_idx_score(idx_args a) {
+    pdl_begin();
     int t = a.t0 + blockIdx.x;
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
     int lane = threadIdx.x % WARP, wid = threadIdx.x / WARP, nw = blockDim.x / WARP;
@@ -746,6 +757,7 @@ __device__ __forceinline__ uint32_t d_block_scan(uint32_t v, uint32_t *ws, uint3
  * writes the chosen rows in index order: row r goes to (better rows before
  * r) + min(rows of key T before r, need). O(rows) and no sort. */
 __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
+    pdl_begin();
     int t = a.t0 + blockIdx.x;
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
     if (n_rows <= a.top_k) {
@@ -815,6 +827,7 @@ __device__ __forceinline__ float d_softplus(float z) { return z > 20.0f ? z : lo
 #define ROUTE_TOKENS 4
 __global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
                         const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w) {
+    pdl_begin();
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     __shared__ float score_sh[ROUTE_TOKENS][1024], biased_sh[ROUTE_TOKENS][1024];
     __shared__ unsigned char taken_sh[ROUTE_TOKENS][1024];
@@ -873,6 +886,7 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
  * 1024 threads, E <= 1024. */
 __global__ void k_group(const int32_t *sel, int nk, int k, int E, int *offs, int *active,
                         int *pair_tok, int *slot_pair) {
+    pdl_begin();
     __shared__ int cnt[1024], sc[1024], act[1024];
     int e = threadIdx.x;
     if (e < E) cnt[e] = 0;
@@ -910,6 +924,7 @@ __global__ void k_group(const int32_t *sel, int nk, int k, int E, int *offs, int
 
 /* SwiGLU with the clamp (§4.4), in place on g. */
 __global__ void k_swiglu(float *g, const float *u, int64_t count, float clamp) {
+    pdl_begin();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= count) return;
     float gi = fminf(g[i], clamp), ui = fminf(fmaxf(u[i], -clamp), clamp);
@@ -919,6 +934,7 @@ __global__ void k_swiglu(float *g, const float *u, int64_t count, float clamp) {
 /* y[t] = sum_i w[t,i] ex_y[slot_pair[t,i]] + shared[t]. */
 __global__ void k_combine(const float *ex_y, const int *slot_pair, const float *sel_w,
                           const float *shared, int k, int D, int n, float *y) {
+    pdl_begin();
     int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)n * D) return;
     int t = idx / D, j = idx % D;

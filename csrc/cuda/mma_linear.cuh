@@ -183,6 +183,7 @@ __device__ __forceinline__ void split3(float a, float b, uint32_t &h, uint32_t &
  * tile blockIdx.y, gridDim.y tiles apart. */
 template <int TYPE>
 __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
+    pdl_begin();
     constexpr int BT = base_type(TYPE);
     constexpr bool FLOATW = BT == DS4_TYPE_F16 || BT == DS4_TYPE_BF16;
     constexpr bool WLO = BT == DS4_TYPE_F16;                  /* weights in two parts */
