@@ -8,8 +8,9 @@
  * two tf32 parts (hi = tf32(x), lo = tf32(x - hi): 22 bits), three products
  * (lo hi, hi lo, hi hi) give float32's precision; each product chain starts
  * from zero over at most 32 elements and is added to its float32 sum by the
- * CUDA cores (the tensor cores' own adds truncate). Same partial output
- * (max, denominator, unnormalized sum) as k_attention, for k_attn_combine. */
+ * CUDA cores (the tensor cores' own adds truncate). A chunk's token has its
+ * keys in one block, so the block also adds the sink and applies the inverse
+ * RoPE (k_attn_combine's steps for one split) and writes the output. */
 #pragma once
 
 #include "attention.cuh"
@@ -59,7 +60,7 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
                  "l"(src));
 }
 
-/* Grid: (head groups of 16, tokens, key splits). */
+/* Grid: (head groups of 16, tokens). */
 template <int D>
 __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     pdl_begin();
@@ -72,7 +73,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     __shared__ const float *kp[TCA_KT];
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
-    int t = blockIdx.y, sp = blockIdx.z, h0 = blockIdx.x * TCA_ROWS;
+    int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
     int64_t pos = *a.pos0 + t;
     int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
     int64_t n_raw = pos - raw_first + 1;
@@ -82,8 +83,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         sel = a.sel + (int64_t)t * a.top_k;
         n_rows = a.n_sel[t];
     }
-    int64_t n_keys = n_raw + n_rows, per = (n_keys + a.splits - 1) / a.splits;
-    int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
+    int64_t n_keys = n_raw + n_rows;
 
     for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA_THREADS) {
         int r = i / D, c = i % D;
@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
 #pragma unroll
     for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += TCA_KT) {
-        int nt = k_end - k0 < TCA_KT ? (int)(k_end - k0) : TCA_KT;
+    for (int64_t k0 = 0; k0 < n_keys; k0 += TCA_KT) {
+        int nt = n_keys - k0 < TCA_KT ? (int)(n_keys - k0) : TCA_KT;
         if (threadIdx.x < TCA_KT) {   /* a short tile repeats its last key (weight 0 below) */
             int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
             kp[threadIdx.x] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * D
@@ -196,31 +196,38 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         }
     }
     __syncthreads();
-    /* D: rows g, g + 8; d elements (D / 4) w + 8 j + 2 tg, + 1 */
+    /* the sink, the normalization and the inverse RoPE, as k_attn_combine
+     * does them for one split. D: rows g, g + 8; d elements (D / 4) w + 8 j
+     * + 2 tg, + 1: a RoPE pair */
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
-        int h = h0 + g + 8 * hh;
+        int r = g + 8 * hh, h = h0 + r;
         if (h >= a.H) continue;
-        float *pp = a.part + (((int64_t)t * a.H + h) * a.splits + sp) * (D + 2);
+        float M = fmaxf(a.sinks[h], m_row[r]), l = den_row[r];
+        float den = expf(a.sinks[h] - M);
+        float w = l > 0 ? expf(m_row[r] - M) : 0.0f;
+        den += l * w;
+        float *og = a.o + ((int64_t)t * a.H + h) * D;
 #pragma unroll
         for (int j = 0; j < NTW; j++) {
             int c = (D / 4) * warp + 8 * j + 2 * tg;
-            pp[2 + c] = acc[j][2 * hh];
-            pp[2 + c + 1] = acc[j][2 * hh + 1];
+            float x0 = acc[j][2 * hh] * w / den, x1 = acc[j][2 * hh + 1] * w / den;
+            int k = c - (D - a.rope_dim);
+            if (k >= 0) {
+                float phi = (float)pos * a.freqs[k / 2];
+                float cs = cosf(phi), sn = -sinf(phi);
+                float r0 = x0 * cs - x1 * sn, r1 = x0 * sn + x1 * cs;
+                x0 = r0, x1 = r1;
+            }
+            og[c] = x0;
+            og[c + 1] = x1;
         }
-    }
-    if (threadIdx.x < TCA_ROWS && h0 + (int)threadIdx.x < a.H) {
-        float *pp = a.part + (((int64_t)t * a.H + h0 + threadIdx.x) * a.splits + sp) * (D + 2);
-        pp[0] = m_row[threadIdx.x];
-        pp[1] = den_row[threadIdx.x];
     }
 }
 
 /* The shared-memory opt-in above 48 KB, once per head size. */
 static cudaError_t attention_tc_init(void) {
-    cudaError_t e = cudaSuccess;
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_attention_tc<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaError_t e = cudaFuncSetAttribute(k_attention_tc<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)tca_shared_bytes(64));
     if (e == cudaSuccess)
         e = cudaFuncSetAttribute(k_attention_tc<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -235,7 +242,7 @@ static cudaError_t attention_tc_init(void) {
 }
 
 static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
-    dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n, (unsigned)a.splits);
+    dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n);
     size_t shm = tca_shared_bytes(a.d);
     switch (a.d) {
     case 64: launch_k(k_attention_tc<64>, grid, TCA_THREADS, shm, st, a); break;
@@ -245,12 +252,15 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     }
 }
 
-/* Attention for n tokens: the partials (a chunk on the tensor cores where the
- * head size allows; DS4_CUDA_NO_TCATTN=1 keeps k_attention, for A/B), then
- * their combination with the sink. */
+/* Attention for n tokens: a chunk on the tensor cores where the head size
+ * allows (DS4_CUDA_NO_TCATTN=1 keeps k_attention, for A/B); otherwise the
+ * partials of k_attention, then their combination with the sink. */
 static void launch_attention(cudaStream_t st, attn_args a, int n) {
     a.splits = attn_splits(n);
-    if (n > 1 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) launch_attention_tc(st, a, n);
-    else launch_attention_simt(st, a, n);
+    if (n > 1 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) {
+        launch_attention_tc(st, a, n);
+        return;
+    }
+    launch_attention_simt(st, a, n);
     launch_k(k_attn_combine, dim3(a.H, n), ATTN_THREADS, 0, st, a);
 }
