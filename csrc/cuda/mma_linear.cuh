@@ -47,7 +47,13 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t lds32(const __nv_bfloat16 *p) { return *(const uint32_t *)p; }
+/* Four 8 x 8 bf16 matrices from shared memory, lane l giving the address of
+ * row l % 8 of matrix l / 8; each lane gets its fragment pair of each. */
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+}
 
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
     __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
@@ -270,66 +276,67 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
             }
 #pragma unroll
             for (int ks = 0; ks < MM_BK; ks += 16) {
+                /* fragments by ldmatrix: A's four 8 x 8 matrices are rows
+                 * 0-7 / 8-15 x k 0-7 / 8-15 of the 16-row tile (a0..a3);
+                 * B's, for two 8-token tiles, tokens x k 0-7 / 8-15 (b0, b1
+                 * of each) */
                 uint32_t af[2][4], al[2][4];
                 float s_[2][2], m_[2][2];   /* [i][row g / g + 8] */
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
-                    int r = wm * 32 + i * 16 + g, k = ks + 2 * tg;
-                    af[i][0] = lds32(&wc[r * MM_LD + k]);
-                    af[i][1] = lds32(&wc[(r + 8) * MM_LD + k]);
-                    af[i][2] = lds32(&wc[r * MM_LD + k + 8]);
-                    af[i][3] = lds32(&wc[(r + 8) * MM_LD + k + 8]);
-                    if constexpr (WLO) {
-                        al[i][0] = lds32(&wl[r * MM_LD + k]);
-                        al[i][1] = lds32(&wl[(r + 8) * MM_LD + k]);
-                        al[i][2] = lds32(&wl[r * MM_LD + k + 8]);
-                        al[i][3] = lds32(&wl[(r + 8) * MM_LD + k + 8]);
-                    }
+                    int r = wm * 32 + i * 16 + g;
+                    const int ra = wm * 32 + i * 16 + lane % 16, ka = ks + 8 * (lane / 16);
+                    ldsm_x4(af[i], &wc[ra * MM_LD + ka]);
+                    if constexpr (WLO) ldsm_x4(al[i], &wl[ra * MM_LD + ka]);
                     s_[i][0] = scale_sh[r][ks / 16];
                     s_[i][1] = scale_sh[r + 8][ks / 16];
                     m_[i][0] = min_sh[r][ks / 16];
                     m_[i][1] = min_sh[r + 8][ks / 16];
                 }
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    int t = wn * 32 + j * 8 + g, k = ks + 2 * tg;
-                    uint32_t b[3][2];
+                for (int jp = 0; jp < 2; jp++) {
+                    uint32_t bq[3][4];   /* [part]: b0, b1 of token tile 2 jp, then of 2 jp + 1 */
+                    const int tb = wn * 32 + (2 * jp + lane / 16) * 8 + lane % 8, kb = ks + 8 * ((lane / 8) % 2);
 #pragma unroll
-                    for (int part = 0; part < 3; part++) {
-                        b[part][0] = lds32(&xs[part][t * MM_LD + k]);
-                        b[part][1] = lds32(&xs[part][t * MM_LD + k + 8]);
-                    }
-                    float xs0 = 0, xs1 = 0;   /* sums of x over this 16 for tokens 2tg, 2tg + 1 */
-                    if constexpr (MINS) {
-                        xs0 = xsum[wn * 32 + j * 8 + 2 * tg][ks / 16];
-                        xs1 = xsum[wn * 32 + j * 8 + 2 * tg + 1][ks / 16];
-                    }
+                    for (int part = 0; part < 3; part++) ldsm_x4(bq[part], &xs[part][tb * MM_LD + kb]);
 #pragma unroll
-                    for (int i = 0; i < 2; i++) {
-                        /* a 16's products from zero, then into the sum in
-                         * fp32: the tensor cores' own adds truncate, which
-                         * over a whole row would bias the sum */
-                        float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        if constexpr (WLO) {
-                            mma_bf16(t4, al[i], b[1]);
-                            mma_bf16(t4, al[i], b[0]);
+                    for (int jj = 0; jj < 2; jj++) {
+                        const int j = 2 * jp + jj;
+                        uint32_t b[3][2];
+#pragma unroll
+                        for (int part = 0; part < 3; part++) b[part][0] = bq[part][2 * jj], b[part][1] = bq[part][2 * jj + 1];
+                        float xs0 = 0, xs1 = 0;   /* sums of x over this 16 for tokens 2tg, 2tg + 1 */
+                        if constexpr (MINS) {
+                            xs0 = xsum[wn * 32 + j * 8 + 2 * tg][ks / 16];
+                            xs1 = xsum[wn * 32 + j * 8 + 2 * tg + 1][ks / 16];
                         }
-                        mma_bf16(t4, af[i], b[2]);
-                        mma_bf16(t4, af[i], b[1]);
-                        mma_bf16(t4, af[i], b[0]);
-                        if constexpr (FLOATW) {
 #pragma unroll
-                            for (int c = 0; c < 4; c++) acc[i][j][c] += t4[c];
-                        } else {
-                            acc[i][j][0] = fmaf(s_[i][0], t4[0], acc[i][j][0]);
-                            acc[i][j][1] = fmaf(s_[i][0], t4[1], acc[i][j][1]);
-                            acc[i][j][2] = fmaf(s_[i][1], t4[2], acc[i][j][2]);
-                            acc[i][j][3] = fmaf(s_[i][1], t4[3], acc[i][j][3]);
-                            if constexpr (MINS) {
-                                acc[i][j][0] = fmaf(-m_[i][0], xs0, acc[i][j][0]);
-                                acc[i][j][1] = fmaf(-m_[i][0], xs1, acc[i][j][1]);
-                                acc[i][j][2] = fmaf(-m_[i][1], xs0, acc[i][j][2]);
-                                acc[i][j][3] = fmaf(-m_[i][1], xs1, acc[i][j][3]);
+                        for (int i = 0; i < 2; i++) {
+                            /* a 16's products from zero, then into the sum in
+                             * fp32: the tensor cores' own adds truncate, which
+                             * over a whole row would bias the sum */
+                            float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                            if constexpr (WLO) {
+                                mma_bf16(t4, al[i], b[1]);
+                                mma_bf16(t4, al[i], b[0]);
+                            }
+                            mma_bf16(t4, af[i], b[2]);
+                            mma_bf16(t4, af[i], b[1]);
+                            mma_bf16(t4, af[i], b[0]);
+                            if constexpr (FLOATW) {
+#pragma unroll
+                                for (int c = 0; c < 4; c++) acc[i][j][c] += t4[c];
+                            } else {
+                                acc[i][j][0] = fmaf(s_[i][0], t4[0], acc[i][j][0]);
+                                acc[i][j][1] = fmaf(s_[i][0], t4[1], acc[i][j][1]);
+                                acc[i][j][2] = fmaf(s_[i][1], t4[2], acc[i][j][2]);
+                                acc[i][j][3] = fmaf(s_[i][1], t4[3], acc[i][j][3]);
+                                if constexpr (MINS) {
+                                    acc[i][j][0] = fmaf(-m_[i][0], xs0, acc[i][j][0]);
+                                    acc[i][j][1] = fmaf(-m_[i][0], xs1, acc[i][j][1]);
+                                    acc[i][j][2] = fmaf(-m_[i][1], xs0, acc[i][j][2]);
+                                    acc[i][j][3] = fmaf(-m_[i][1], xs1, acc[i][j][3]);
+                                }
                             }
                         }
                     }
