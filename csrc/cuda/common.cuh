@@ -49,6 +49,17 @@ static void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t shm
     cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
+/* Blocks of `kernel` at `threads` and `shm` bytes that the GPU holds at once
+ * (the grids of one-token kernels whose blocks stride over their work). */
+template <typename K>
+static int gpu_fill(K kernel, int threads, size_t shm) {
+    int dev = 0, sms = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shm);
+    return sms * (per_sm > 0 ? per_sm : 1);
+}
+
 /* A matrix on the device: rows of n_in elements of `type`. */
 struct dmat {
     const uint8_t *data;

@@ -710,17 +710,6 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
     }
 }
 
-/* Blocks of `kernel` at `threads` and `shm` bytes that the GPU holds at once
- * (the int8 decode kernels' grids: blocks stride over the tiles). */
-template <typename K>
-static int gpu_fill(K kernel, int threads, size_t shm) {
-    int dev = 0, sms = 0, per_sm = 0;
-    cudaGetDevice(&dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shm);
-    return sms * (per_sm > 0 ? per_sm : 1);
-}
-
 /* k_expert_mma1 over `mats` same-shape expert matrices on the same x (1, or
  * 2: the second at the batch strides a.bw, a.by, blockIdx.z): as many
  * blocks as fit on the GPU at once (measured once per type and width), at
@@ -1031,7 +1020,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         int slice = idx_slice_tokens(ia.cap_rows, n);
         for (ia.t0 = 0; ia.t0 < n; ia.t0 += slice) {
             unsigned nt = (unsigned)std::min(slice, n - ia.t0);
-            if (n > 1 && itc_fits(HI, dI) && !getenv("DS4_CUDA_NO_TCIDX")) launch_idx_score_tc(st, ia, nt);
+            if (itc_fits(HI, dI) && !getenv(n > 1 ? "DS4_CUDA_NO_TCIDX" : "DS4_CUDA_NO_TCIDX1"))
+                launch_idx_score_tc(st, ia, nt);
             else launch_k(k_idx_score, dim3(nt, (unsigned)std::max<int64_t>(1, split)), 256, shm, st, ia);
             launch_k(k_idx_select, nt, IDX_SEL_THREADS, 0, st, ia);
         }

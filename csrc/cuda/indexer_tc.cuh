@@ -3,7 +3,8 @@
  * with every compressed row are S = Q K^T (heads x rows x dI); the score of a
  * row is sum_h relu(S[h][row]) / sqrt(dI) * w[h]. A block takes one token,
  * its queries (padded to 64 heads with zeros, whose terms are 0) resident in
- * shared memory in two tf32 parts, and walks the rows 64 at a time: warp w
+ * shared memory in two tf32 parts, and walks its share of the rows (all of
+ * them in a chunk; a decode token's are split over blocks) 64 at a time: warp w
  * multiplies head tile w % 4 with rows 32 (w / 4) .. + 31 (attention_tc.cuh's
  * three tf32 products, product chains from zero over 32 elements). The heads'
  * terms are summed as a tree (the CPU sums them in head order: the scores
@@ -22,7 +23,7 @@ static inline bool itc_fits(int HI, int dI) { return HI <= ITC_HEADS && (dI == 3
  * (a fragment's 8 rows x 4 columns in 32 banks). */
 static inline size_t itc_shared_bytes(int dI) { return (size_t)(2 * ITC_HEADS + ITC_RT) * (dI + 4) * sizeof(float); }
 
-/* Grid: the slice's tokens (idx_args.t0 + blockIdx.x). */
+/* Grid: (the slice's tokens (idx_args.t0 + blockIdx.x), row splits). */
 template <int DI>
 __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
     pdl_begin();
@@ -33,7 +34,9 @@ __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
     __shared__ float part[4][ITC_RT];   /* each head tile's sum, a row */
     int t = a.t0 + blockIdx.x;
     int64_t n_rows = (*a.pos0 + t + 1) / a.m;
-    if (n_rows <= a.top_k) return;
+    int64_t tiles = (n_rows + ITC_RT - 1) / ITC_RT, per = (tiles + gridDim.y - 1) / gridDim.y;
+    int64_t r_begin = blockIdx.y * per * ITC_RT, r_end = min(n_rows, r_begin + per * ITC_RT);
+    if (n_rows <= a.top_k || r_begin >= r_end) return;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int mt = warp % 4, rg = warp / 4;   /* head tile, row group of 32 */
     float *sc = a.scores + (int64_t)blockIdx.x * a.cap_rows;
@@ -48,8 +51,8 @@ __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
     }
     if (threadIdx.x < ITC_HEADS) w_sh[threadIdx.x] = threadIdx.x < a.HI ? a.iw[(int64_t)t * a.HI + threadIdx.x] : 0.0f;
 
-    for (int64_t r0 = 0; r0 < n_rows; r0 += ITC_RT) {
-        int nr = n_rows - r0 < ITC_RT ? (int)(n_rows - r0) : ITC_RT;
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += ITC_RT) {
+        int nr = r_end - r0 < ITC_RT ? (int)(r_end - r0) : ITC_RT;
         __syncthreads();   /* the queries; the previous tile's reads of kt and part */
         for (int i = threadIdx.x; i < ITC_RT * DI / 4; i += ITC_THREADS) {
             int r = i / (DI / 4), c = i % (DI / 4);
@@ -118,12 +121,25 @@ static cudaError_t indexer_tc_init(void) {
     return e;
 }
 
-/* The scores of a slice of nt tokens of a chunk. */
+template <int DI>
+static void launch_idx_score_tc_t(cudaStream_t st, const idx_args &a, unsigned nt) {
+    size_t shm = itc_shared_bytes(DI);
+    unsigned splits = 1;
+    if (nt == 1) {
+        static int fill = 0;
+        if (!fill) fill = gpu_fill(k_idx_score_tc<DI>, ITC_THREADS, shm);
+        splits = (unsigned)std::min<int64_t>((a.cap_rows + ITC_RT - 1) / ITC_RT, fill);
+    }
+    launch_k(k_idx_score_tc<DI>, dim3(nt, splits), ITC_THREADS, shm, st, a);
+}
+
+/* The scores of a slice of nt tokens: a chunk's token in one block; one
+ * token's rows split over as many blocks as the GPU holds at once, sized
+ * from the row capacity (a captured decode step replays at every position). */
 static void launch_idx_score_tc(cudaStream_t st, const idx_args &a, unsigned nt) {
-    size_t shm = itc_shared_bytes(a.dI);
     switch (a.dI) {
-    case 32: launch_k(k_idx_score_tc<32>, nt, ITC_THREADS, shm, st, a); break;
-    case 64: launch_k(k_idx_score_tc<64>, nt, ITC_THREADS, shm, st, a); break;
-    case 128: launch_k(k_idx_score_tc<128>, nt, ITC_THREADS, shm, st, a); break;
+    case 32: launch_idx_score_tc_t<32>(st, a, nt); break;
+    case 64: launch_idx_score_tc_t<64>(st, a, nt); break;
+    case 128: launch_idx_score_tc_t<128>(st, a, nt); break;
     }
 }
