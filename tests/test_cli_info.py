@@ -33,3 +33,13 @@ def test_info_on_a_truncated_file_is_one_line_and_exit_1(tiny_q2, tmp_path):
 def test_info_on_a_missing_file_is_one_line_and_exit_1(tmp_path):
     r = ds4("info", str(tmp_path / "absent.gguf"))
     assert r.returncode == 1 and "no such model file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_python_dash_m_ds4_is_the_ds4_command():
+    with tempfile.TemporaryDirectory() as cwd:
+        r = subprocess.run([sys.executable, "-m", "ds4", "--help"], capture_output=True, text=True,
+                           timeout=120, cwd=cwd, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: ds4 ")
+    for command in ("run", "chat", "serve", "download", "bench", "info"):
+        assert f"  {command} " in r.stdout
