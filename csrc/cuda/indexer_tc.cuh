@@ -1,4 +1,4 @@
-/* The lightning indexer's scores for a chunk on the tensor cores: k_idx_score
+/* The lightning indexer's scores on the tensor cores: k_idx_score
  * (kernels.cuh) as a matrix product. For one token, the dots of its HI heads
  * with every compressed row are S = Q K^T (heads x rows x dI); the score of a
  * row is sum_h relu(S[h][row]) / sqrt(dI) * w[h]. A block takes one token,
