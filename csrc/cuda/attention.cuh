@@ -25,6 +25,34 @@ struct attn_args {
     const float *freqs;
 };
 
+/* The keys of token t at position pos (§3.9): its window's raw rows, then
+ * the compressed rows (all, or the indexer's choice), n_keys in all. */
+struct attn_keys {
+    int64_t raw_first, n_raw, n_keys;
+    const int *sel;   /* NULL: every compressed row */
+};
+
+__device__ __forceinline__ attn_keys attn_keys_of(const attn_args &a, int t, int64_t pos) {
+    attn_keys k;
+    k.raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
+    k.n_raw = pos - k.raw_first + 1;
+    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
+    k.sel = NULL;
+    if (a.sel && a.n_sel[t] >= 0) {
+        k.sel = a.sel + (int64_t)t * a.top_k;
+        n_rows = a.n_sel[t];
+    }
+    k.n_keys = k.n_raw + n_rows;
+    return k;
+}
+
+/* Key r (< n_keys) of those: a raw ring row or a compressed row (d = a.d,
+ * the kernel's compile-time head size). */
+__device__ __forceinline__ const float *attn_key_row(const attn_args &a, const attn_keys &k, int64_t r, int d) {
+    return r < k.n_raw ? a.raw + ((k.raw_first + r) % a.cap_raw) * d
+                       : a.rows + (int64_t)(k.sel ? k.sel[r - k.n_raw] : r - k.n_raw) * d;
+}
+
 #define ATTN_KT 16          /* key rows per shared tile */
 #define ATTN_MAX_SPLIT 16   /* splits of a decode token's keys */
 
@@ -72,15 +100,8 @@ __global__ void k_attention(attn_args a) {
     int hg = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int t = blockIdx.y, sp = blockIdx.z, h = blockIdx.x * hg + warp;
     int64_t pos = *a.pos0 + t;
-    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
-    int64_t n_raw = pos - raw_first + 1;
-    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
-    const int *sel = NULL;
-    if (a.sel && a.n_sel[t] >= 0) {
-        sel = a.sel + (int64_t)t * a.top_k;
-        n_rows = a.n_sel[t];
-    }
-    int64_t n_keys = n_raw + n_rows, per = (n_keys + a.splits - 1) / a.splits;
+    const attn_keys keys = attn_keys_of(a, t, pos);
+    int64_t n_keys = keys.n_keys, per = (n_keys + a.splits - 1) / a.splits;
     int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
     extern __shared__ __align__(16) float ks[];   /* [ATTN_KT][d] */
     __shared__ const float *kp[ATTN_KT];
@@ -102,8 +123,7 @@ __global__ void k_attention(attn_args a) {
         int nt = k_end - k0 < ATTN_KT ? (int)(k_end - k0) : ATTN_KT;
         if (threadIdx.x < nt) {
             int64_t r = k0 + threadIdx.x;
-            kp[threadIdx.x] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * d
-                                        : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * d;
+            kp[threadIdx.x] = attn_key_row(a, keys, r, d);
         }
         __syncthreads();
         /* a warp a row, its lanes' 16-byte loads all issued before the first

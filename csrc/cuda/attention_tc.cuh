@@ -75,15 +75,8 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
     int64_t pos = *a.pos0 + t;
-    int64_t raw_first = pos - a.window + 1 > 0 ? pos - a.window + 1 : 0;
-    int64_t n_raw = pos - raw_first + 1;
-    int64_t n_rows = a.m ? (pos + 1) / a.m : 0;
-    const int *sel = NULL;
-    if (a.sel && a.n_sel[t] >= 0) {
-        sel = a.sel + (int64_t)t * a.top_k;
-        n_rows = a.n_sel[t];
-    }
-    int64_t n_keys = n_raw + n_rows;
+    const attn_keys keys = attn_keys_of(a, t, pos);
+    const int64_t n_keys = keys.n_keys;
 
     for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA_THREADS) {
         int r = i / D, c = i % D;
@@ -105,8 +98,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         int nt = n_keys - k0 < TCA_KT ? (int)(n_keys - k0) : TCA_KT;
         if (threadIdx.x < TCA_KT) {   /* a short tile repeats its last key (weight 0 below) */
             int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
-            kp[threadIdx.x] = r < n_raw ? a.raw + ((raw_first + r) % a.cap_raw) * D
-                                        : a.rows + (int64_t)(sel ? sel[r - n_raw] : r - n_raw) * D;
+            kp[threadIdx.x] = attn_key_row(a, keys, r, D);
         }
         __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
         for (int i = threadIdx.x; i < TCA_KT * D / 4; i += TCA_THREADS) {
@@ -227,18 +219,10 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
 
 /* The shared-memory opt-in above 48 KB, once per head size. */
 static cudaError_t attention_tc_init(void) {
-    cudaError_t e = cudaFuncSetAttribute(k_attention_tc<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)tca_shared_bytes(64));
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_attention_tc<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)tca_shared_bytes(128));
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_attention_tc<256>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)tca_shared_bytes(256));
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_attention_tc<512>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)tca_shared_bytes(512));
-    return e;
+    cudaError_t e = allow_shared(cudaSuccess, k_attention_tc<64>, tca_shared_bytes(64));
+    e = allow_shared(e, k_attention_tc<128>, tca_shared_bytes(128));
+    e = allow_shared(e, k_attention_tc<256>, tca_shared_bytes(256));
+    return allow_shared(e, k_attention_tc<512>, tca_shared_bytes(512));
 }
 
 static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {

@@ -60,6 +60,13 @@ static int gpu_fill(K kernel, int threads, size_t shm) {
     return sms * (per_sm > 0 ? per_sm : 1);
 }
 
+/* kernel may take `bytes` of dynamic shared memory (the opt-in above 48 KB);
+ * nothing after an earlier error e. */
+template <typename K>
+static cudaError_t allow_shared(cudaError_t e, K kernel, size_t bytes) {
+    return e != cudaSuccess ? e : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+}
+
 /* A matrix on the device: rows of n_in elements of `type`. */
 struct dmat {
     const uint8_t *data;

@@ -316,9 +316,9 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     }
     CKG(cudaMalloc(&d->mem, total), "allocating the weights");
     CKG(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
-    CKG(cudaFuncSetAttribute(k_idx_score, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)(((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) +
-                                    8 * m->cfg.indexer_heads) * sizeof(float))),
+    CKG(allow_shared(cudaSuccess, k_idx_score,
+                     ((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) + 8 * m->cfg.indexer_heads) *
+                         sizeof(float)),
         "indexer shared memory");
     CKG(attention_tc_init(), "attention shared memory");
     CKG(indexer_tc_init(), "indexer shared memory");

@@ -110,15 +110,9 @@ __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
 
 /* The shared-memory opt-in above 48 KB, once per row size. */
 static cudaError_t indexer_tc_init(void) {
-    cudaError_t e = cudaFuncSetAttribute(k_idx_score_tc<32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)itc_shared_bytes(32));
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_idx_score_tc<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)itc_shared_bytes(64));
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(k_idx_score_tc<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)itc_shared_bytes(128));
-    return e;
+    cudaError_t e = allow_shared(cudaSuccess, k_idx_score_tc<32>, itc_shared_bytes(32));
+    e = allow_shared(e, k_idx_score_tc<64>, itc_shared_bytes(64));
+    return allow_shared(e, k_idx_score_tc<128>, itc_shared_bytes(128));
 }
 
 template <int DI>
