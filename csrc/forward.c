@@ -41,12 +41,13 @@ struct chunk {
     float *ex_g;       /* [n][F] */
     float *ex_u;       /* [n][F] */
     float *ex_y;       /* [n][D] */
+    float *xq;         /* qat-q8: a product's x as int8 codes times scales (else NULL) */
 };
 
 static void free_chunk(struct chunk *c) {
     float **bufs[] = {&c->X, &c->u, &c->mix, &c->post, &c->comb, &c->x, &c->xn, &c->qr, &c->q,
                       &c->kv, &c->kg, &c->ikg, &c->iq, &c->iw, &c->o, &c->low, &c->y, &c->router,
-                      &c->sel_w, &c->ex_x, &c->ex_g, &c->ex_u, &c->ex_y};
+                      &c->sel_w, &c->ex_x, &c->ex_g, &c->ex_u, &c->ex_y, &c->xq};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         free(*bufs[i]);
         *bufs[i] = NULL;
@@ -55,7 +56,7 @@ static void free_chunk(struct chunk *c) {
     c->sel = NULL;
 }
 
-static int alloc_chunk(struct chunk *c, const ds4_config *cf, int64_t n) {
+static int alloc_chunk(struct chunk *c, const ds4_config *cf, int64_t n, int numerics) {
     memset(c, 0, sizeof *c);
     c->n = n;
     int64_t D = cf->n_embd, hc = cf->n_hc, d = cf->head_dim, F = cf->expert_ff * cf->n_shared_experts;
@@ -75,6 +76,13 @@ static int alloc_chunk(struct chunk *c, const ds4_config *cf, int64_t n) {
     for (size_t i = 0; i < sizeof a / sizeof a[0]; i++)
         if (!(*a[i].p = malloc((size_t)a[i].count * sizeof(float)))) goto oom;
     if (!(c->sel = malloc((size_t)(n * cf->n_expert_used) * sizeof(int32_t)))) goto oom;
+    if (numerics == DS4_NUMERICS_QAT_Q8) {   /* the widest x a quantized product takes */
+        int64_t G = cf->o_groups, widest = nk * (D > F ? D : F), dense[] = {
+            n * cf->q_lora_rank, n * G * cf->o_lora_rank, n * cf->n_head * d / G};
+        for (size_t i = 0; i < sizeof dense / sizeof dense[0]; i++)
+            if (dense[i] > widest) widest = dense[i];
+        if (!(c->xq = malloc((size_t)widest * sizeof(float)))) goto oom;
+    }
     return 0;
 oom:
     free_chunk(c);
@@ -82,6 +90,21 @@ oom:
 }
 
 static const float *f32(const ds4_tensor *t) { return (const float *)t->data; }
+
+/* Y[t] = W X[t] for n tokens; in qat-q8 mode a quantized W takes X as
+ * int8 codes times block scales (ds4_act8_round), as ggml multiplies. */
+static void project(ds4_session *s, struct chunk *c, ds4_matrix w, const float *x, int64_t xs,
+                    int64_t n, float *y, int64_t ys) {
+    if (s->numerics == DS4_NUMERICS_QAT_Q8 && ds4_act8_rounds(w.type)) {
+        for (int64_t t = 0; t < n; t++) {
+            memcpy(c->xq + t * w.n_in, x + t * xs, (size_t)w.n_in * sizeof(float));
+            ds4_act8_round(w.type, c->xq + t * w.n_in, w.n_in);
+        }
+        x = c->xq;
+        xs = w.n_in;
+    }
+    ds4_linear(s->pool, w, x, xs, n, y, ys);
+}
 
 /* ---- hyper-connections (§2) ---- */
 
@@ -93,7 +116,7 @@ static void hc_controller(ds4_session *s, struct chunk *c, const ds4_tensor *fn,
     int64_t hc = cf->n_hc, D = cf->n_embd, n_mix = (2 + hc) * hc;
     for (int64_t t = 0; t < c->n; t++)
         ds4_rms_norm(c->u + t * hc * D, c->X + t * hc * D, NULL, hc * D, cf->rms_eps);
-    ds4_linear(s->pool, ds4_matrix_of(fn), c->u, hc * D, c->n, c->mix, n_mix);
+    project(s, c, ds4_matrix_of(fn), c->u, hc * D, c->n, c->mix, n_mix);
     const float *b = f32(base), *sc = f32(scale);
     float eps = cf->hc_eps;
     for (int64_t t = 0; t < c->n; t++) {
@@ -198,7 +221,7 @@ static void finish_row(const ds4_session *s, float *row, int64_t dim, const ds4_
     const ds4_config *cf = &s->model->cfg;
     ds4_rms_norm(row, row, f32(norm), dim, cf->rms_eps);
     ds4_rope(row, dim, cf->rope_dim, s->rope_comp, pos, 1);
-    if (s->numerics == DS4_NUMERICS_QAT) {
+    if (s->numerics != DS4_NUMERICS_EXACT) {
         if (is_indexer)
             ds4_qat_hadamard_fp4(row, dim);
         else
@@ -307,11 +330,11 @@ static int attention(ds4_session *s, int l, struct chunk *c) {
         ds4_rms_norm(c->xn + t * D, c->x + t * D, f32(&L->attn_norm), D, cf->rms_eps);
 
     /* query path (§3.1) */
-    ds4_linear(s->pool, ds4_matrix_of(&L->attn_q_a), c->xn, D, n, c->qr, cf->q_lora_rank);
+    project(s, c, ds4_matrix_of(&L->attn_q_a), c->xn, D, n, c->qr, cf->q_lora_rank);
     for (int64_t t = 0; t < n; t++)
         ds4_rms_norm(c->qr + t * cf->q_lora_rank, c->qr + t * cf->q_lora_rank,
                      f32(&L->attn_q_a_norm), cf->q_lora_rank, cf->rms_eps);
-    ds4_linear(s->pool, ds4_matrix_of(&L->attn_q_b), c->qr, cf->q_lora_rank, n, c->q, H * d);
+    project(s, c, ds4_matrix_of(&L->attn_q_b), c->qr, cf->q_lora_rank, n, c->q, H * d);
     for (int64_t t = 0; t < n; t++)
         for (int64_t h = 0; h < H; h++) {
             float *qh = c->q + (t * H + h) * d;
@@ -320,31 +343,31 @@ static int attention(ds4_session *s, int l, struct chunk *c) {
         }
 
     /* KV path (§3.2) */
-    ds4_linear(s->pool, ds4_matrix_of(&L->attn_kv), c->xn, D, n, c->kv, d);
+    project(s, c, ds4_matrix_of(&L->attn_kv), c->xn, D, n, c->kv, d);
     for (int64_t t = 0; t < n; t++) {
         float *kv = c->kv + t * d;
         ds4_rms_norm(kv, kv, f32(&L->attn_kv_a_norm), d, cf->rms_eps);
         ds4_rope(kv, d, cf->rope_dim, rope, c->pos0 + t, 1);
-        if (s->numerics == DS4_NUMERICS_QAT) ds4_qat_fp8_blocks(kv, d - cf->rope_dim);
+        if (s->numerics != DS4_NUMERICS_EXACT) ds4_qat_fp8_blocks(kv, d - cf->rope_dim);
     }
 
     /* compressor and indexer projections (§3.6, §3.7) */
     int64_t cw = ls->coff * d, iw2 = 2 * dI;
     if (m) {
-        ds4_linear(s->pool, ds4_matrix_of(&L->comp_kv), c->xn, D, n, c->kg, 2 * cw);
-        ds4_linear(s->pool, ds4_matrix_of(&L->comp_gate), c->xn, D, n, c->kg + cw, 2 * cw);
+        project(s, c, ds4_matrix_of(&L->comp_kv), c->xn, D, n, c->kg, 2 * cw);
+        project(s, c, ds4_matrix_of(&L->comp_gate), c->xn, D, n, c->kg + cw, 2 * cw);
     }
     if (ls->indexer) {
-        ds4_linear(s->pool, ds4_matrix_of(&L->idx_comp_kv), c->xn, D, n, c->ikg, 2 * iw2);
-        ds4_linear(s->pool, ds4_matrix_of(&L->idx_comp_gate), c->xn, D, n, c->ikg + iw2, 2 * iw2);
-        ds4_linear(s->pool, ds4_matrix_of(&L->idx_q_b), c->qr, cf->q_lora_rank, n, c->iq, HI * dI);
-        ds4_linear(s->pool, ds4_matrix_of(&L->idx_proj), c->xn, D, n, c->iw, HI);
+        project(s, c, ds4_matrix_of(&L->idx_comp_kv), c->xn, D, n, c->ikg, 2 * iw2);
+        project(s, c, ds4_matrix_of(&L->idx_comp_gate), c->xn, D, n, c->ikg + iw2, 2 * iw2);
+        project(s, c, ds4_matrix_of(&L->idx_q_b), c->qr, cf->q_lora_rank, n, c->iq, HI * dI);
+        project(s, c, ds4_matrix_of(&L->idx_proj), c->xn, D, n, c->iw, HI);
         float w_scale = 1.0f / sqrtf((float)HI);
         for (int64_t t = 0; t < n; t++) {
             for (int64_t h = 0; h < HI; h++) {
                 float *qh = c->iq + (t * HI + h) * dI;
                 ds4_rope(qh, dI, cf->rope_dim, s->rope_comp, c->pos0 + t, 1);
-                if (s->numerics == DS4_NUMERICS_QAT) ds4_qat_hadamard_fp4(qh, dI);
+                if (s->numerics != DS4_NUMERICS_EXACT) ds4_qat_hadamard_fp4(qh, dI);
                 c->iw[t * HI + h] *= w_scale;
             }
         }
@@ -407,9 +430,9 @@ static int attention(ds4_session *s, int l, struct chunk *c) {
     int64_t G = cf->o_groups, per_group = H * d / G, r_o = cf->o_lora_rank;
     ds4_matrix wo_a = ds4_matrix_of(&L->attn_output_a);
     for (int64_t g = 0; g < G; g++)
-        ds4_linear(s->pool, ds4_matrix_rows(wo_a, g * r_o, r_o), c->o + g * per_group, H * d, n,
+        project(s, c, ds4_matrix_rows(wo_a, g * r_o, r_o), c->o + g * per_group, H * d, n,
                    c->low + g * r_o, G * r_o);
-    ds4_linear(s->pool, ds4_matrix_of(&L->attn_output_b), c->low, G * r_o, n, c->y, D);
+    project(s, c, ds4_matrix_of(&L->attn_output_b), c->low, G * r_o, n, c->y, D);
     return 0;
 }
 
@@ -468,7 +491,7 @@ static void moe(ds4_session *s, int l, struct chunk *c, const int32_t *ids) {
     int64_t n = c->n, D = cf->n_embd, F = cf->expert_ff, k = cf->n_expert_used;
     for (int64_t t = 0; t < n; t++)
         ds4_rms_norm(c->xn + t * D, c->x + t * D, f32(&L->ffn_norm), D, cf->rms_eps);
-    ds4_linear(s->pool, ds4_matrix_of(&L->ffn_gate_inp), c->xn, D, n, c->router, cf->n_expert);
+    project(s, c, ds4_matrix_of(&L->ffn_gate_inp), c->xn, D, n, c->router, cf->n_expert);
     route(s, L, c, ids);
 
     /* routed experts, in expert order, each over the tokens that chose it */
@@ -486,10 +509,10 @@ static void moe(ds4_session *s, int l, struct chunk *c, const int32_t *ids) {
                     ne++;
                 }
         if (!ne) continue;
-        ds4_linear(s->pool, ds4_expert_matrix(&L->ffn_gate_exps, e), c->ex_x, D, ne, c->ex_g, F);
-        ds4_linear(s->pool, ds4_expert_matrix(&L->ffn_up_exps, e), c->ex_x, D, ne, c->ex_u, F);
+        project(s, c, ds4_expert_matrix(&L->ffn_gate_exps, e), c->ex_x, D, ne, c->ex_g, F);
+        project(s, c, ds4_expert_matrix(&L->ffn_up_exps, e), c->ex_x, D, ne, c->ex_u, F);
         for (int64_t r = 0; r < ne; r++) swiglu(c->ex_g + r * F, c->ex_u + r * F, F, L->swiglu_clamp);
-        ds4_linear(s->pool, ds4_expert_matrix(&L->ffn_down_exps, e), c->ex_g, F, ne, c->ex_y, D);
+        project(s, c, ds4_expert_matrix(&L->ffn_down_exps, e), c->ex_g, F, ne, c->ex_y, D);
         for (int64_t r = 0; r < ne; r++)
             for (int64_t j = 0; j < D; j++) c->y[tok[r] * D + j] += c->ex_y[r * D + j] * wt[r];
     }
@@ -498,10 +521,10 @@ static void moe(ds4_session *s, int l, struct chunk *c, const int32_t *ids) {
 
     /* shared expert, weight 1 */
     int64_t Fs = F * cf->n_shared_experts;
-    ds4_linear(s->pool, ds4_matrix_of(&L->ffn_gate_shexp), c->xn, D, n, c->ex_g, Fs);
-    ds4_linear(s->pool, ds4_matrix_of(&L->ffn_up_shexp), c->xn, D, n, c->ex_u, Fs);
+    project(s, c, ds4_matrix_of(&L->ffn_gate_shexp), c->xn, D, n, c->ex_g, Fs);
+    project(s, c, ds4_matrix_of(&L->ffn_up_shexp), c->xn, D, n, c->ex_u, Fs);
     for (int64_t t = 0; t < n; t++) swiglu(c->ex_g + t * Fs, c->ex_u + t * Fs, Fs, L->swiglu_clamp);
-    ds4_linear(s->pool, ds4_matrix_of(&L->ffn_down_shexp), c->ex_g, Fs, n, c->ex_y, D);
+    project(s, c, ds4_matrix_of(&L->ffn_down_shexp), c->ex_g, Fs, n, c->ex_y, D);
     for (int64_t i = 0; i < n * D; i++) c->y[i] += c->ex_y[i];
 }
 
@@ -525,7 +548,7 @@ static void logits_out(ds4_session *s, struct chunk *c, int64_t t0, float *logit
     int64_t D = cf->n_embd, hc = cf->n_hc, n = c->n - t0;
     for (int64_t t = t0; t < c->n; t++)
         ds4_rms_norm(c->u + t * hc * D, c->X + t * hc * D, NULL, hc * D, cf->rms_eps);
-    ds4_linear(s->pool, ds4_matrix_of(&M->output_hc_fn), c->u + t0 * hc * D, hc * D, n,
+    project(s, c, ds4_matrix_of(&M->output_hc_fn), c->u + t0 * hc * D, hc * D, n,
                c->mix, hc);
     const float *base = f32(&M->output_hc_base), scale = f32(&M->output_hc_scale)[0];
     for (int64_t t = 0; t < n; t++) {
@@ -539,13 +562,13 @@ static void logits_out(ds4_session *s, struct chunk *c, int64_t t0, float *logit
         }
         ds4_rms_norm(h, h, f32(&M->output_norm), D, cf->rms_eps);
     }
-    ds4_linear(s->pool, ds4_matrix_of(&M->output), c->x, D, n, logits, cf->n_vocab);
+    project(s, c, ds4_matrix_of(&M->output), c->x, D, n, logits, cf->n_vocab);
 }
 
 int ds4_forward(ds4_session *s, int64_t n, float *logits, int all_logits, char *err, size_t errlen) {
     const ds4_config *cf = &s->model->cfg;
     struct chunk c;
-    if (alloc_chunk(&c, cf, n)) {
+    if (alloc_chunk(&c, cf, n, s->numerics)) {
         snprintf(err, errlen, "out of memory for a chunk of %lld tokens", (long long)n);
         return -1;
     }

@@ -4,6 +4,8 @@
 
 #include <math.h>
 
+#include "quants.h"
+
 float ds4_round_fp8_e4m3(float y) { return qat_round_fp8(y); }
 
 float ds4_round_fp4_e2m1(float y) { return qat_round_fp4(y); }
@@ -39,4 +41,33 @@ void ds4_qat_hadamard_fp4(float *v, int64_t n) {
         float s = qat_fp4_scale(amax);
         for (int64_t i = 0; i < len; i++) v[b + i] = qat_round_fp4(v[b + i] / s) * s;
     }
+}
+
+int ds4_act8_rounds(int weight_type) {
+    return weight_type == DS4_TYPE_Q8_0 || weight_type == DS4_TYPE_Q2_K || weight_type == DS4_TYPE_Q4_K ||
+           weight_type == DS4_TYPE_IQ2_XXS;
+}
+
+int ds4_act8_round(int weight_type, float *v, int64_t n) {
+    if (!ds4_act8_rounds(weight_type)) return 0;
+    if (weight_type == DS4_TYPE_Q8_0) {
+        for (int64_t b = 0; b + 32 <= n; b += 32) {
+            float amax = 0, inv;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[b + i]));
+            float d = act8_q8_0_scale(amax, &inv);
+            for (int i = 0; i < 32; i++) v[b + i] = act8_q8_0_code(v[b + i], inv) * d;
+        }
+        return 1;
+    }
+    for (int64_t b = 0; b + 256 <= n; b += 256) {
+        float max = 0, amax = 0, iscale;
+        for (int i = 0; i < 256; i++)
+            if (fabsf(v[b + i]) > amax) {
+                amax = fabsf(v[b + i]);
+                max = v[b + i];
+            }
+        float d = act8_q8_k_scale(max, &iscale);
+        for (int i = 0; i < 256; i++) v[b + i] = act8_q8_k_code(v[b + i], iscale) * d;
+    }
+    return 1;
 }

@@ -1,6 +1,7 @@
 /* The FP8 E4M3FN / FP4 E2M1 roundings of the qat mode and their block
- * scales, one definition for the CPU engine (qat.c) and the CUDA kernels
- * (kernels.cuh), so that both round every value alike. */
+ * scales, and the qat-q8 mode's int8 activation codes: one definition for
+ * the CPU engine (qat.c) and the CUDA kernels (kernels.cuh), so that both
+ * round every value alike. */
 #ifndef DS4_QAT_ROUND_H
 #define DS4_QAT_ROUND_H
 
@@ -56,5 +57,47 @@ QAT_ROUND_FN float qat_fp8_scale(float amax) { return qat_pow2_ceil(fmaxf(amax, 
 QAT_ROUND_FN float qat_fp4_scale(float amax) {
     return qat_pow2_ceil(fmaxf(amax, 6.0f * 0x1p-126f) * (1.0f / 6.0f));
 }
+
+/* ---- the qat-q8 mode's activation rounding (forward-pass.md §8 row 4) ----
+ * What antirez/ds4 (ggml) does to x before a quantized product, as a value
+ * change: x is replaced by its int8 block codes times their scale. */
+
+/* v >= 0 rounded to the nearest fp16 value (ties to even), as a float. */
+QAT_ROUND_FN float act8_round_fp16(float v) {
+    if (v >= 65520.0f) return INFINITY;   /* past 65504 + half a step: fp16 overflows */
+    float step;
+    if (v < 0x1p-14f) {
+        step = 0x1p-24f;                  /* subnormals */
+    } else {
+        int e;
+        frexpf(v, &e);
+        step = ldexpf(1.0f, e - 11);      /* 10 mantissa bits */
+    }
+    return nearbyintf(v / step) * step;
+}
+
+/* Q8_0 (a block of 32, for Q8_0 weights; ggml quantize_row_q8_0_ref):
+ * d = amax / 127, q = roundf(x * (1 / d)) (half away from zero), and the
+ * block keeps d as fp16. Returns that scale; *inv gets 1 / d (0 for an
+ * all-zero block). */
+QAT_ROUND_FN float act8_q8_0_scale(float amax, float *inv) {
+    float d = amax / 127.0f;
+    *inv = d != 0.0f ? 1.0f / d : 0.0f;
+    return act8_round_fp16(d);
+}
+QAT_ROUND_FN float act8_q8_0_code(float x, float inv) { return roundf(x * inv); }
+
+/* Q8_K (a block of 256, for 2- and 4-bit weights; ggml quantize_row_q8_K_ref):
+ * max = the value of largest magnitude (the first on ties), iscale = -127 /
+ * max, q = min(127, nearest even of iscale x), d = 1 / iscale. Returns d;
+ * *iscale gets iscale (0 and d = 0 for a block that is all zero or so small
+ * that iscale overflows). */
+QAT_ROUND_FN float act8_q8_k_scale(float max, float *iscale) {
+    float is = max != 0.0f ? -127.0f / max : 0.0f;
+    if (!isfinite(is)) is = 0.0f;
+    *iscale = is;
+    return is != 0.0f ? 1.0f / is : 0.0f;
+}
+QAT_ROUND_FN float act8_q8_k_code(float x, float iscale) { return fminf(rintf(iscale * x), 127.0f); }
 
 #endif

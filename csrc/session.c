@@ -54,11 +54,11 @@ int ds4_session_new(const ds4_model *m, int64_t ctx, int numerics, int n_threads
         snprintf(err, errlen, "context size %lld is out of range", (long long)ctx);
         return -1;
     }
-    if (numerics != DS4_NUMERICS_EXACT && numerics != DS4_NUMERICS_QAT) {
+    if (numerics != DS4_NUMERICS_EXACT && numerics != DS4_NUMERICS_QAT && numerics != DS4_NUMERICS_QAT_Q8) {
         snprintf(err, errlen, "unknown numeric mode %d", numerics);
         return -1;
     }
-    if (numerics == DS4_NUMERICS_QAT && (cf->indexer_dim & (cf->indexer_dim - 1))) {
+    if (numerics != DS4_NUMERICS_EXACT && (cf->indexer_dim & (cf->indexer_dim - 1))) {
         snprintf(err, errlen, "qat numerics need a power-of-two indexer head dim (got %d)",
                  cf->indexer_dim);
         return -1;

@@ -10,7 +10,8 @@
 
 enum ds4_numerics {
     DS4_NUMERICS_EXACT = 0,   /* pure float32, as transformers computes */
-    DS4_NUMERICS_QAT = 1      /* plus the FP8 / FP4 round trips of training */
+    DS4_NUMERICS_QAT = 1,     /* plus the FP8 / FP4 round trips of training */
+    DS4_NUMERICS_QAT_Q8 = 2   /* plus int8 activations into quantized products, as ggml */
 };
 
 typedef struct ds4_session ds4_session;

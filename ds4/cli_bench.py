@@ -58,6 +58,10 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
               help="Benchmark a generated full-size Flash file with random weights.")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"]))
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="CPU threads.")
+@click.option("--numerics", default="qat", show_default=True,
+              type=click.Choice(["qat", "exact", "qat-q8"]),
+              help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 "
+                   "activations into quantized products, as antirez/ds4 (faster on CUDA).")
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text to walk (default: the shipped English text).")
 @click.option("--ctx-start", default=None, type=click.IntRange(min=1),
@@ -76,7 +80,7 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
               help="Draw prefill and decode tok/s against context (PNG, needs matplotlib).")
 @click.option("--batch-report", is_flag=True,
               help="Compare decode traffic with the device's measured copy bandwidth.")
-def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, ctx_max,
+def bench_cmd(model_path, synthetic, backend, threads, numerics, prompt_file, ctx_start, ctx_max,
               step_incr, gen_tokens, ctx, csv_path, plot_path, batch_report):
     """Prefill and greedy-decode throughput as the context grows."""
     if synthetic and model_path:
@@ -95,7 +99,7 @@ def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, c
         with open(prompt_file, encoding="utf-8", errors="replace") as f:
             text = f.read()
     with tempfile.TemporaryDirectory(prefix="ds4-bench-") as tmp:
-        model = open_bench_model(model_path, synthetic, backend, ctx, threads, tmp)
+        model = open_bench_model(model_path, synthetic, backend, ctx, threads, numerics, tmp)
         with model:
             if batch_report:
                 bench.bandwidth_probe(model)     # a missing probe fails before the walk
@@ -106,7 +110,7 @@ def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, c
                 click.echo("ds4: bench: measuring copy bandwidth", err=True)
                 report = bench.batch_report(rows, bench.decode_bytes(model),
                                             bench.copy_bandwidth(model))
-            title = f"{os.path.basename(model.path)} ({model.backend})"
+            title = f"{os.path.basename(model.path)} ({model.backend}, {model.numerics})"
     if report:
         out = sys.stderr if csv_path == "-" else sys.stdout
         for line in report:
@@ -116,12 +120,13 @@ def bench_cmd(model_path, synthetic, backend, threads, prompt_file, ctx_start, c
         click.echo(f"ds4: bench: plot written to {plot_path}", err=True)
 
 
-def open_bench_model(model_path, synthetic, backend, ctx, threads, tmp):
+def open_bench_model(model_path, synthetic, backend, ctx, threads, numerics, tmp):
     from .model import load
     if not synthetic:
-        return load(model_path, backend=backend, ctx=ctx, threads=threads)
+        return load(model_path, backend=backend, ctx=ctx, threads=threads, numerics=numerics)
     path = bench.write_synthetic(tmp, synthetic)
-    model = load(path, backend=backend, ctx=ctx, threads=threads, synthetic=True)
+    model = load(path, backend=backend, ctx=ctx, threads=threads, numerics=numerics,
+                 synthetic=True)
     if model.backend == "cpu":
         click.echo("ds4: warning: --synthetic on cpu runs on the file's zeros: the numbers "
                    "measure the compute path only, and a Flash-size token takes seconds "

@@ -21,6 +21,10 @@ def model_options(f):
                      help="GGUF file (default: $DS4_MODEL, ./ds4flash.gguf, the download dir)."),
         click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"])),
         click.option("--ctx", default=32768, show_default=True, help="Context size in tokens."),
+        click.option("--numerics", default="qat", show_default=True,
+                     type=click.Choice(["qat", "exact", "qat-q8"]),
+                     help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 "
+                          "activations into quantized products, as antirez/ds4 (faster on CUDA)."),
         click.option("-t", "--threads", default=None, type=int, help="CPU threads."),
         click.option("--warm-weights", is_flag=True,
                      help="Read the whole model file first (progress shown), so the first "
@@ -42,10 +46,10 @@ def model_options(f):
     return f
 
 
-def open_model(model_path, backend, ctx, threads, warm_weights=False):
+def open_model(model_path, backend, ctx, threads, warm_weights=False, numerics="qat"):
     from .model import load
     t0 = time.time()
-    model = load(model_path, backend=backend, ctx=ctx, threads=threads)
+    model = load(model_path, backend=backend, ctx=ctx, threads=threads, numerics=numerics)
     if warm_weights and model.backend == "cpu":
         model.warm()
     model.tokenizer  # built now, so the load time below includes it
@@ -138,7 +142,7 @@ def run(prompt, prompt_file, **opts):
             raise click.UsageError("no prompt: pass one, use --prompt-file, or pipe it on stdin")
         prompt = sys.stdin.read()
     model = open_model(opts["model_path"], opts["backend"], opts["ctx"], opts["threads"],
-                       opts["warm_weights"])
+                       opts["warm_weights"], opts["numerics"])
     tok = model.tokenizer
     if prompt.startswith(tmpl.BOS):   # already rendered: server-path tokenization
         ids = tok.encode(prompt, special=True)
@@ -235,7 +239,7 @@ def chat(**opts):
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
     model = open_model(opts["model_path"], opts["backend"], opts["ctx"], opts["threads"],
-                       opts["warm_weights"])
+                       opts["warm_weights"], opts["numerics"])
     conv = Conversation(model, opts)
     history = FileHistory(os.path.expanduser("~/.ds4_history"))
     prompt = PromptSession(history=history)

@@ -18,6 +18,10 @@ def open_kv_cache(directory, space_mb, model):
               help="GGUF file (default: $DS4_MODEL, ./ds4flash.gguf, the download dir).")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"]))
 @click.option("-t", "--threads", default=None, type=int, help="CPU threads.")
+@click.option("--numerics", default="qat", show_default=True,
+              type=click.Choice(["qat", "exact", "qat-q8"]),
+              help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 "
+                   "activations into quantized products, as antirez/ds4 (faster on CUDA).")
 @click.option("--warm-weights", is_flag=True,
               help="Read the whole model file before serving (progress shown).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -40,14 +44,14 @@ def open_kv_cache(directory, space_mb, model):
 @click.option("--trace", "trace_path", default=None, type=click.Path(dir_okay=False),
               help="Append a human-readable log of every request (raw JSON, cache decision, "
                    "rendered prompt, generated text, tool calls) to this file.")
-def serve(model_path, backend, threads, warm_weights, host, port, ctx, kv_disk_dir,
+def serve(model_path, backend, threads, numerics, warm_weights, host, port, ctx, kv_disk_dir,
           kv_disk_space_mb, cors, api_key, max_queue, max_body_mb, verbose, trace_path):
     """Serve the model over HTTP (OpenAI chat/completions/responses, Anthropic messages)."""
     from .server import Server, load_engine, serve as run_server
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ds4: %(message)s")
     engine = load_engine(model_path, ctx=ctx, backend=backend, threads=threads,
-                         warm_weights=warm_weights)
+                         warm_weights=warm_weights, numerics=numerics)
     kv_cache = None
     if kv_disk_dir:
         kv_cache = open_kv_cache(kv_disk_dir, kv_disk_space_mb, engine.model)

@@ -11,7 +11,7 @@ checkpoint's token ids (u32 little-endian). Layout (little-endian):
 | 4 | u8 | routed-expert quant bits (2 or 4; 4 iff layer-0 gate experts are Q4_K) |
 | 5 | u8 | reason: 1 cold, 2 continued, 3 evict, 4 shutdown |
 | 6 | u8 | ext flags = 0 |
-| 7 | u8 | numerics: 0 exact, 1 qat (spec: reserved) |
+| 7 | u8 | numerics: 0 exact, 1 qat, 2 qat-q8 (spec: reserved) |
 | 8 | u32 | token count T (> 0) |
 | 12 | u32 | hit count (rewritten in place) |
 | 16 | u32 | context size of the session that wrote it |
@@ -51,7 +51,7 @@ VERSION = 1
 HEADER = struct.Struct("<3sBBBBBIIIIQQQIQ")   # the 60 bytes before the key, as tabled above
 HITS_AT, CRC_AT, LAST_USED_AT = 12, 20, 32
 REASONS = {"cold": 1, "continued": 2, "evict": 3, "shutdown": 4}
-NUMERICS = {"exact": 0, "qat": 1}
+NUMERICS = {"exact": 0, "qat": 1, "qat-q8": 2}
 FILE_RE = re.compile(r"^[0-9a-f]{40}\.kv$")
 TMP_RE = re.compile(r"^[0-9a-f]{40}\.kv\.tmp\.(\d+)$")
 WRITE_CHUNK = 64 << 20

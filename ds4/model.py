@@ -12,7 +12,7 @@ from .native import ffi, lib
 
 DEFAULT_MODEL_FILE = "ds4flash.gguf"
 BACKENDS = ("auto", "cpu", "cuda", "metal")
-NUMERICS = ("qat", "exact")
+NUMERICS = ("qat", "exact", "qat-q8")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class Model:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if numerics not in NUMERICS:
-            raise ValueError(f"numerics must be 'qat' or 'exact', got {numerics!r}")
+            raise ValueError(f"numerics must be one of {', '.join(NUMERICS)}, got {numerics!r}")
         if backend == "metal":
             raise Error(f"backend {backend!r} is not available in this build")
         if int(ctx) <= 0:

@@ -6,7 +6,8 @@ import numpy as np
 from .errors import Error
 from .native import ffi, lib
 
-NUMERICS = {"exact": lib.DS4_NUMERICS_EXACT, "qat": lib.DS4_NUMERICS_QAT}
+NUMERICS = {"exact": lib.DS4_NUMERICS_EXACT, "qat": lib.DS4_NUMERICS_QAT,
+            "qat-q8": lib.DS4_NUMERICS_QAT_Q8}
 
 
 def _err(buf):

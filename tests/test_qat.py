@@ -79,3 +79,55 @@ def test_hadamard_fp4_round_trip_equals_reference():
         v = (rng.standard_normal(128) * scale).astype(np.float32)
         np.testing.assert_allclose(native(lib.ds4_qat_hadamard_fp4, v), fp4_reference(v),
                                    rtol=0, atol=1e-6 * scale)
+
+
+# --------------------------------------------------------------------------
+# qat-q8: activations as ggml quantizes them for quantized products
+# --------------------------------------------------------------------------
+
+def act8(weight_type, v):
+    v = np.ascontiguousarray(v, dtype=np.float32).copy()
+    rounded = lib.ds4_act8_round(weight_type, ffi.from_buffer("float[]", v), len(v))
+    return rounded, v
+
+
+def activations(seed, n):
+    """Blocks of several magnitudes, an all-zero block, exact ties of the code grid."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(n).astype(np.float32) * np.repeat(
+        np.float32([1e-3, 1.0, 40.0, 1e4]), n // 4)
+    v[256:512] = 0
+    v[600] = np.float32(12.7)            # amax 12.7: d = 0.1, 0.05 sits on a half code
+    v[601:608] = np.float32(0.05)
+    return v
+
+
+def test_act8_for_q8_0_weights_is_gguf_py_q8_0_round_trip():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    x = activations(5, 2048)
+    want = dequantize(quantize(x, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    rounded, got = act8(lib.DS4_TYPE_Q8_0, x)
+    assert rounded == 1
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("weight_type", ["DS4_TYPE_Q2_K", "DS4_TYPE_Q4_K", "DS4_TYPE_IQ2_XXS"])
+def test_act8_for_block_weights_is_ggml_q8_k_round_trip(weight_type):
+    from test_quants import numpy_q8_k   # the numpy transcription of ggml's rule
+    x = activations(6, 2048)
+    blocks = numpy_q8_k(x).reshape(-1, 292)
+    d = blocks[:, :4].copy().view("<f4")
+    qs = blocks[:, 4:260].copy().view(np.int8).astype(np.float32)
+    want = (qs * d).reshape(-1)
+    rounded, got = act8(getattr(lib, weight_type), x)
+    assert rounded == 1
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("weight_type", ["DS4_TYPE_F32", "DS4_TYPE_F16", "DS4_TYPE_BF16"])
+def test_act8_leaves_x_of_float_weights_alone(weight_type):
+    x = activations(7, 2048)
+    rounded, got = act8(getattr(lib, weight_type), x)
+    assert rounded == 0
+    np.testing.assert_array_equal(got, x)

@@ -59,6 +59,16 @@ def test_qat_numerics_stay_close_to_exact_but_differ(tiny_q2):
     assert 0 < rel < 0.5
 
 
+def test_qat_q8_numerics_stay_close_to_qat_but_differ(tiny_q2):
+    with ds4.load(tiny_q2, numerics="qat-q8") as m:
+        q8 = m.session(ctx=64).eval(IDS, all_logits=True)
+    with ds4.load(tiny_q2, numerics="qat") as m:
+        qat = m.session(ctx=64).eval(IDS, all_logits=True)
+    assert np.isfinite(q8).all()
+    rel = np.abs(q8 - qat).max() / np.abs(qat).max()
+    assert 0 < rel < 0.5
+
+
 def test_snapshot_of_another_model_is_refused(model, tiny_q4, tmp_path):
     s = model.session(ctx=64)
     s.eval(IDS[:5])
@@ -175,7 +185,8 @@ def long_ids(n, seed=0):
 CASES = {"tiny-q2-exact": ("tiny_q2", "exact", 21, 11),
          "tiny-q4-qat": ("tiny_q4", "qat", 23, 11),
          "ratios-exact": ("ratio_model_path", "exact", 301, 90),
-         "ratios-qat": ("ratio_model_path", "qat", 301, 90)}
+         "ratios-qat": ("ratio_model_path", "qat", 301, 90),
+         "ratios-qat-q8": ("ratio_model_path", "qat-q8", 301, 90)}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

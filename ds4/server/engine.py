@@ -170,11 +170,12 @@ class ScriptedEngine:
         self.session.rewind(0)
 
 
-def load_engine(model_path, *, ctx, backend="auto", threads=None, warm_weights=False):
+def load_engine(model_path, *, ctx, backend="auto", threads=None, warm_weights=False,
+                numerics="qat"):
     """A ModelEngine on a model file (ds4.Error with one line if it cannot load)."""
     from ..model import load
     try:
-        model = load(model_path, backend=backend, ctx=ctx, threads=threads)
+        model = load(model_path, backend=backend, ctx=ctx, threads=threads, numerics=numerics)
         if warm_weights and model.backend == "cpu":
             model.warm()
         model.tokenizer
