@@ -3,7 +3,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <stdlib.h>
+
 #include "backend.h"
+#include "ops.h"
+#include "qat.h"
 #include "session_state.h"
 #include "weights.h"
 
@@ -80,4 +84,57 @@ void ds4_model_release_backend(ds4_model *m) {
     dlclose(m->backend_lib);
     m->backend = NULL;
     m->backend_lib = NULL;
+}
+
+/* ---- one product, for tests ---- */
+
+static int cpu_product(const ds4_model *m, const ds4_tensor *w, int expert, int numerics, const float *x,
+                       int64_t n, float *y, char *err, size_t errlen) {
+    (void)m;
+    ds4_matrix mat = w->n_dims == 3 ? ds4_expert_matrix(w, expert) : ds4_matrix_of(w);
+    float *xr = malloc((size_t)(n * mat.n_in) * sizeof(float));
+    if (!xr) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    memcpy(xr, x, (size_t)(n * mat.n_in) * sizeof(float));
+    if (numerics == DS4_NUMERICS_QAT_Q8)
+        for (int64_t t = 0; t < n; t++) ds4_act8_round(mat.type, xr + t * mat.n_in, mat.n_in);
+    ds4_linear(NULL, mat, xr, mat.n_in, n, y, mat.n_out);
+    free(xr);
+    return 0;
+}
+
+static const ds4_tensor *matrix_named(const ds4_model *m, int layer, const char *name) {
+    if (layer < 0) return strcmp(name, "output") == 0 ? &m->output : NULL;
+    if (layer >= m->cfg.n_layer) return NULL;
+    const ds4_layer *L = &m->layers[layer];
+    struct { const char *name; const ds4_tensor *t; } table[] = {
+        {"attn_q_a", &L->attn_q_a}, {"attn_q_b", &L->attn_q_b}, {"attn_kv", &L->attn_kv},
+        {"attn_output_a", &L->attn_output_a}, {"attn_output_b", &L->attn_output_b},
+        {"ffn_gate_exps", &L->ffn_gate_exps}, {"ffn_up_exps", &L->ffn_up_exps},
+        {"ffn_down_exps", &L->ffn_down_exps}, {"ffn_gate_shexp", &L->ffn_gate_shexp},
+        {"ffn_up_shexp", &L->ffn_up_shexp}, {"ffn_down_shexp", &L->ffn_down_shexp},
+    };
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (strcmp(name, table[i].name) == 0) return table[i].t->data ? table[i].t : NULL;
+    return NULL;
+}
+
+int ds4_model_product(const ds4_model *m, int layer, const char *name, int expert, int numerics,
+                      const float *x, int64_t n, float *y, char *err, size_t errlen) {
+    const ds4_tensor *w = matrix_named(m, layer, name);
+    if (!w) {
+        snprintf(err, errlen, "no matrix %s in layer %d", name, layer);
+        return -1;
+    }
+    int64_t experts = w->n_dims == 3 ? w->ne[2] : 1;
+    if (expert < 0 || expert >= experts || n < 1 || numerics < DS4_NUMERICS_EXACT ||
+        numerics > DS4_NUMERICS_QAT_Q8) {
+        snprintf(err, errlen, "bad product arguments (expert %d of %lld, %lld tokens, numerics %d)", expert,
+                 (long long)experts, (long long)n, numerics);
+        return -1;
+    }
+    const ds4_backend *b = ds4_model_backend(m);
+    return (b->product ? b->product : cpu_product)(m, w, expert, numerics, x, n, y, err, errlen);
 }

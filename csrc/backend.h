@@ -12,10 +12,11 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "weights.h"
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 5
+#define DS4_BACKEND_ABI 6
 
 struct ds4_model;
 struct ds4_session;
@@ -46,6 +47,10 @@ typedef struct ds4_backend {
      * `nbytes` within the device's memory: the decode bound's denominator.
      * NULL: not measurable. */
     int (*copy_bandwidth)(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
+    /* ds4_model_product on the device: matrix `w` (one of the model's
+     * tensors), expert `expert` of a 3-D one. NULL: the CPU's. */
+    int (*product)(const struct ds4_model *m, const ds4_tensor *w, int expert, int numerics,
+                   const float *x, int64_t n, float *y, char *err, size_t errlen);
 } ds4_backend;
 
 /* The symbol a backend library exports. */

@@ -159,45 +159,37 @@ QAT_PREFIX = 16
 QAT_FLIP = 1e-2   # one FP8 step of one KV value, seen through the layers above it
 
 
-def _qat_first_positions(model, prompt, after, numerics):
-    s = model.session(numerics=numerics)
+def _qat_first_positions(model, prompt, after):
+    s = model.session(numerics="qat")
     rows = [np.atleast_2d(s.eval(prompt, all_logits=True))]
     rows += [np.atleast_2d(s.eval([tok])) for tok in after]
     return np.concatenate(rows)
 
 
-def _cpu_kernel_sets_differ_by(cpu_m, prompt, after, numerics):
+def _cpu_kernel_sets_differ_by(cpu_m, prompt, after):
     """Max rel between the CPU engine's scalar and SIMD kernels on these inputs."""
     from ds4.quants import set_simd_level, simd_level_max
-    fast = _qat_first_positions(cpu_m, prompt, after, numerics)
+    fast = _qat_first_positions(cpu_m, prompt, after)
     set_simd_level(0)
     try:
-        scalar = _qat_first_positions(cpu_m, prompt, after, numerics)
+        scalar = _qat_first_positions(cpu_m, prompt, after)
     finally:
         set_simd_level(simd_level_max())
     return float((np.abs(fast - scalar).max(axis=1) / np.abs(fast).max(axis=1)).max())
 
 
-# qat-q8 (int8 activations into the quantized products) rounds at many more
-# places than qat, each a boundary two summation orders can fall either side
-# of: the same bars, the same fallback
-QAT_MODES = ("qat", "qat-q8")
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("numerics", QAT_MODES)
-def test_cuda_qat_matches_cpu_over_the_first_positions(model_pair, numerics):
+def test_cuda_qat_matches_cpu_over_the_first_positions(model_pair):
     name, cpu_m, gpu_m = model_pair
     vocab = cpu_m.config.n_vocab
     rng = np.random.default_rng(13)
     prompt, after = _ids(rng, QAT_PREFIX - 2, vocab), _ids(rng, 2, vocab)
-    t = Tally(f"{name}/{numerics}/first {QAT_PREFIX}")
-    t.add(_qat_first_positions(cpu_m, prompt, after, numerics),
-          _qat_first_positions(gpu_m, prompt, after, numerics))
+    t = Tally(f"{name}/qat/first {QAT_PREFIX}")
+    t.add(_qat_first_positions(cpu_m, prompt, after), _qat_first_positions(gpu_m, prompt, after))
     bar = REL_TOL
     if max(t.rel) > REL_TOL:
-        cpu_self = _cpu_kernel_sets_differ_by(cpu_m, prompt, after, numerics)
-        print(f"\nCPU scalar-vs-SIMD {name}/{numerics}/first {QAT_PREFIX}: max rel {cpu_self:.2e}")
+        cpu_self = _cpu_kernel_sets_differ_by(cpu_m, prompt, after)
+        print(f"\nCPU scalar-vs-SIMD {name}/qat/first {QAT_PREFIX}: max rel {cpu_self:.2e}")
         bar = max(REL_TOL, 2 * cpu_self)
     t.check(rel_tol=bar)
 
@@ -210,33 +202,57 @@ def _same(name, ref, got):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("numerics", QAT_MODES)
-def test_cuda_qat_prefill_decode_rewind_restore_agree(model_pair, tmp_path, numerics):
+def test_cuda_qat_prefill_decode_rewind_restore_agree(model_pair, tmp_path):
     name, cpu_m, gpu_m = model_pair
     vocab = gpu_m.config.n_vocab
     rng = np.random.default_rng(14)
     prompt = _ids(rng, MODELS[name], vocab)
-    a = gpu_m.session(numerics=numerics)
+    a = gpu_m.session(numerics="qat")
     chunked = a.eval(prompt, all_logits=True)
     # the GPU's two paths each against the CPU (whose one-token evals give its
     # chunk bits). The chunk is held to the bar; sixteen one-token steps on mid
     # cross an FP8 rounding boundary the CPU's order does not (measured 2.5e-3):
     # one flipped step, so that path is held to the argmax bar and to QAT_FLIP
-    ref = cpu_m.session(numerics=numerics).eval(prompt[:QAT_PREFIX], all_logits=True)
-    t = Tally(f"{name}/{numerics}/tensor-core chunk first {QAT_PREFIX}")
+    ref = cpu_m.session(numerics="qat").eval(prompt[:QAT_PREFIX], all_logits=True)
+    t = Tally(f"{name}/qat/tensor-core chunk first {QAT_PREFIX}")
     t.add(ref, chunked[:QAT_PREFIX])
     t.check()
-    b = gpu_m.session(numerics=numerics)
-    t = Tally(f"{name}/{numerics}/one-token decode first {QAT_PREFIX}")
+    b = gpu_m.session(numerics="qat")
+    t = Tally(f"{name}/qat/one-token decode first {QAT_PREFIX}")
     t.add(ref, np.stack([b.eval([tok]) for tok in prompt[:QAT_PREFIX]]))
     t.check(rel_tol=QAT_FLIP)
     a.rewind(len(prompt) - 12)
-    _same(f"{name}/{numerics}/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
+    _same(f"{name}/qat/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
     a.save(tmp_path / "a.snap")
-    c = gpu_m.session(numerics=numerics)
+    c = gpu_m.session(numerics="qat")
     c.load(tmp_path / "a.snap")
     after = _ids(rng, 3, vocab)
-    _same(f"{name}/{numerics}/restore", a.eval(after, all_logits=True), c.eval(after, all_logits=True))
+    _same(f"{name}/qat/restore", a.eval(after, all_logits=True), c.eval(after, all_logits=True))
+
+
+# qat-q8 (int8 activations into the quantized products) is not compared with
+# the CPU by logits: its roundings make these random models chaotic (the CPU's
+# own scalar and SIMD kernels end 40-50% apart on them), so a kernel error
+# would not show; tests/test_products.py holds its products to float32
+# accumulation instead, and this test the sessions' self-consistency.
+@pytest.mark.gpu
+def test_cuda_qat_q8_sessions_agree_with_themselves(model_pair, tmp_path):
+    name, _, gpu_m = model_pair
+    vocab = gpu_m.config.n_vocab
+    rng = np.random.default_rng(15)
+    prompt = _ids(rng, MODELS[name], vocab)
+    a = gpu_m.session(numerics="qat-q8")
+    chunked = a.eval(prompt, all_logits=True)
+    assert np.isfinite(chunked).all()
+    again = gpu_m.session(numerics="qat-q8").eval(prompt, all_logits=True)
+    _same(f"{name}/qat-q8/repeat", chunked, again)
+    a.rewind(len(prompt) - 12)
+    _same(f"{name}/qat-q8/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
+    a.save(tmp_path / "a.snap")
+    c = gpu_m.session(numerics="qat-q8")
+    c.load(tmp_path / "a.snap")
+    after = _ids(rng, 3, vocab)
+    _same(f"{name}/qat-q8/restore", a.eval(after, all_logits=True), c.eval(after, all_logits=True))
 
 
 @pytest.mark.gpu

@@ -7,7 +7,9 @@
 #include <string.h>
 
 #include <algorithm>
+#include <vector>
 
+#include "act8.cuh"
 #include "attention_tc.cuh"
 #include "indexer_tc.cuh"
 #include "int8_decode.cuh"
@@ -396,6 +398,9 @@ struct dsess {
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
         *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *attn_part, *logits;
+    /* qat-q8: a product's x as k_act8 writes it (NULL in the other modes) */
+    float *a8_xr, *a8_d, *a8_s;
+    int8_t *a8_q;
     int32_t *sel, *ids;
     int *offs, *active, *pair_tok, *slot_pair, *isel, *n_isel;
     /* what a step reads from the host and writes back, pinned so that a
@@ -430,7 +435,8 @@ static void free_chunk(dsess *g) {
     void *bufs[] = {g->X, g->Xn, g->u, g->mix, g->post, g->comb, g->x, g->xn, g->qr, g->q,
                     g->kv, g->kg, g->ikg, g->iq, g->iw, g->o, g->low, g->y, g->router, g->sel_w,
                     g->ex_g, g->ex_u, g->ex_y, g->sh_y, g->iscores, g->attn_part, g->sel, g->ids, g->offs,
-                    g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel};
+                    g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel, g->a8_xr, g->a8_q, g->a8_d,
+                    g->a8_s};
     for (void *b : bufs) cudaFree(b);
     cudaFreeHost(g->hids);
     g->hids = NULL;
@@ -440,6 +446,8 @@ static void free_chunk(dsess *g) {
     g->X = g->Xn = g->u = g->mix = g->post = g->comb = g->x = g->xn = g->qr = g->q = g->kv = NULL;
     g->kg = g->ikg = g->iq = g->iw = g->o = g->low = g->y = g->router = g->sel_w = NULL;
     g->ex_g = g->ex_u = g->ex_y = g->sh_y = g->iscores = g->attn_part = NULL;
+    g->a8_xr = g->a8_d = g->a8_s = NULL;
+    g->a8_q = NULL;
     g->sel = g->ids = NULL;
     g->offs = g->active = g->pair_tok = g->slot_pair = g->isel = g->n_isel = NULL;
     g->logits = keep_logits;
@@ -457,6 +465,11 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
     int64_t D = cf->n_embd, hc = cf->n_hc, d = cf->head_dim, k = cf->n_expert_used;
     int64_t F = cf->expert_ff, Fs = F * cf->n_shared_experts, dI = cf->indexer_dim;
     int64_t E = cf->n_expert;
+    /* qat-q8: the widest x of a quantized product (k_act8's forms), else nothing */
+    int64_t a8 = 0;
+    if (s->numerics == DS4_NUMERICS_QAT_Q8)
+        a8 = std::max({c * D, c * k * std::max(D, F), c * cf->q_lora_rank, c * cf->o_groups * cf->o_lora_rank,
+                       (int64_t)cf->n_head * d, c * Fs});
     struct {
         void **p;
         int64_t bytes;
@@ -480,6 +493,8 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
         {(void **)&g->slot_pair, c * k * 4},
         {(void **)&g->isel, c * std::max(1, cf->indexer_top_k) * 4}, {(void **)&g->n_isel, c * 4},
+        {(void **)&g->a8_xr, a8 * 4}, {(void **)&g->a8_q, a8}, {(void **)&g->a8_d, a8 / 32 * 4},
+        {(void **)&g->a8_s, a8 / 16 * 4},
     };
     for (auto &b : a) {
         cudaError_t e = cudaMalloc(b.p, (size_t)std::max<int64_t>(b.bytes, 4));
@@ -758,13 +773,53 @@ static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
     else launch_q8_mma1_sl<8>(st, a, parts);
 }
 
+/* qat-q8: the session whose forward is being enqueued (forward), NULL in
+ * the other modes; its a8_* buffers take each quantized product's x. */
+static dsess *g_act8 = NULL;
+
+/* qat-q8, a quantized product: its x (rows of a.n_in, `parts` batch parts
+ * at a.bx when a.bx != 0) through k_act8, and `a` pointed at the result: the
+ * int8 forms for k_linear_q8x (codes), or the rounded floats in place of x.
+ * False (nothing done) in the other modes and for float weights. */
+static bool act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes) {
+    dsess *g = g_act8;
+    if (!g || !act8_rounds(a.w.type)) return false;
+    if (!a.bx) parts = 1;
+    act8_out o = {codes ? NULL : g->a8_xr, codes ? g->a8_q : NULL, g->a8_d, g->a8_s};
+    launch_k(k_act8, dim3(rows, parts, blocks_for(a.w.n_in, 2048)), 256, 0, st, a.x, a.xs, a.bx, a.w.n_in,
+             base_type(a.w.type) != DS4_TYPE_Q8_0, o);
+    if (codes) {
+        a.q8 = g->a8_q, a.q8d = g->a8_d, a.q8s = g->a8_s;
+    } else {
+        a.x = g->a8_xr, a.xs = a.w.n_in;
+        if (a.bx) a.bx = (int64_t)rows * a.w.n_in;
+    }
+    return true;
+}
+
+static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
+    if (a.w.type == DS4_TYPE_Q8_0) launch_k(k_linear_q8x<DS4_TYPE_Q8_0>, grid, Q8X_THREADS, 0, st, a);
+    else if (a.w.type == DS4_TYPE_IQ2_XXS) launch_k(k_linear_q8x<DS4_TYPE_IQ2_XXS>, grid, Q8X_THREADS, 0, st, a);
+    else launch_k(k_linear_q8x<DS4_TYPE_Q2_K>, grid, Q8X_THREADS, 0, st, a);
+}
+
 /* Decode: Q8_0 and the routed experts' IQ2_XXS / Q2_K rows of n_in a
  * multiple of 1024 on the int8 tensor cores (int8_decode.cuh); other routed
  * rows staged in shared memory (up to the 48 KB a launch gets without
  * opting in); the rest one token per row pass. Chunks: tensor-core tiles
  * (mma_linear.cuh), or 8 tokens a pass where a matrix's n_in does not fit
  * them. */
-static void run_linear(cudaStream_t st, const lin_args &a, int n, int slots) {
+static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
+    lin_args a = a0;
+    int x_rows = a.xrow ? n : a.n_tok;
+    if (n > 1 && g_act8 && q8x_fits(a.w) && !getenv("DS4_CUDA_NO_Q8X")) {
+        /* qat-q8 chunks: one int8 product a tile */
+        act8_x(st, a, x_rows, 1, true);
+        launch_q8x(st, dim3(blocks_for(a.w.n_out, Q8X_BM), mma_token_tiles(n, a.n_tok, slots, a.active != NULL),
+                            slots), a);
+        return;
+    }
+    act8_x(st, a, x_rows, slots, false);
     int kw = lin_split(a.w.n_in);
     if (n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA"))
         launch_expert_mma1(st, a, slots, 1);
@@ -786,7 +841,9 @@ static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, f
 }
 
 /* One token's batch of nb same-shape products (a.bw, a.bx, a.by) as one launch. */
-static void launch_batch(cudaStream_t st, const lin_args &a, int nb) {
+static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
+    lin_args a = a0;
+    act8_x(st, a, 1, nb, false);
     int kw = lin_split(a.w.n_in);
     if (q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8")) {
         launch_q8_mma1(st, a, nb);
@@ -852,6 +909,7 @@ static void expert_linear_pair(cudaStream_t st, const ds4_tensor &t0, const ds4_
     }
     lin_args la = {a, t0.ne[1] * t0.row_bytes, x, xs, y0, ys, pairs, g->active, g->offs, xrow,
                    b.data - a.data, 0, y1 - y0, 0, 0};
+    act8_x(st, la, xrow ? n : pairs, 1, false);
     launch_expert_mma1(st, la, slots, 2);
 }
 
@@ -937,7 +995,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     cudaStream_t st = g->st;
     int D = cf->n_embd, d = cf->head_dim, H = cf->n_head, m = ls->ratio;
     int dI = cf->indexer_dim, HI = cf->indexer_heads, QL = cf->q_lora_rank;
-    int qat = s->numerics == DS4_NUMERICS_QAT;
+    int qat = s->numerics != DS4_NUMERICS_EXACT;   /* qat and qat-q8 */
     const float *rope = m ? g->rope_comp : g->rope_main;
 
     /* query path (§3.1); xn is the normed input (hc_controller) */
@@ -1111,6 +1169,7 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     *g->hpos = s->n_tokens;
     memcpy(g->hids, s->ids + s->n_tokens, (size_t)n * 4);
     g_pdl = g_pdl_device && n == 1;
+    g_act8 = s->numerics == DS4_NUMERICS_QAT_Q8 ? g : NULL;
     /* the hc_expand swaps leave X where it started: 2 per layer */
     if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
         /* decode: the whole step as one graph, captured on first use; it
@@ -1137,12 +1196,75 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     return 0;
 }
 
+/* ds4_model_product: one of the model's matrices on n rows of x, through
+ * the kernels a forward pass picks for n tokens; an expert through the
+ * expert path (it alone in use, the n rows its pairs). */
+static int product(const ds4_model *m, const ds4_tensor *w, int expert, int numerics, const float *x,
+                   int64_t n64, float *y, char *err, size_t errlen) {
+    tensor_ref *refs = NULL;
+    int n_refs = tensor_refs(m, (dmodel *)m->backend_model, &refs);
+    const ds4_tensor *dev = NULL;
+    for (int i = 0; i < n_refs; i++)
+        if (refs[i].host == w) dev = refs[i].dev;
+    free(refs);
+    if (!dev) {
+        snprintf(err, errlen, "the tensor is not on the device");
+        return -1;
+    }
+    int n = (int)n64, E = w->n_dims == 3 ? (int)w->ne[2] : 1;
+    int64_t n_in = w->ne[0], n_out = w->ne[1];
+    dsess g;
+    memset(&g, 0, sizeof g);
+    float *dx = NULL, *dy = NULL;
+    int *active = NULL, *offs = NULL, *xrow = NULL;
+    cudaStream_t st = NULL;
+    int rc = -1;
+    std::vector<int> h_active(E, -1), h_offs(E + 1), h_xrow(n);
+    h_active[0] = expert;
+    for (int e = 0; e <= E; e++) h_offs[e] = e <= expert ? 0 : n;
+    for (int p = 0; p < n; p++) h_xrow[p] = p;
+    CKG(cudaStreamCreate(&st), "a stream");
+    CKG(cudaMalloc(&dx, (size_t)(n * n_in) * 4), "x");
+    CKG(cudaMalloc(&dy, (size_t)(n * n_out) * 4), "y");
+    CKG(cudaMalloc(&g.a8_xr, (size_t)(n * n_in) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8_q, (size_t)(n * n_in)), "x forms");
+    CKG(cudaMalloc(&g.a8_d, (size_t)(n * n_in / 32 + 1) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8_s, (size_t)(n * n_in / 16 + 1) * 4), "x forms");
+    CKG(cudaMalloc(&active, (size_t)E * 4), "experts");
+    CKG(cudaMalloc(&offs, (size_t)(E + 1) * 4), "experts");
+    CKG(cudaMalloc(&xrow, (size_t)n * 4), "experts");
+    CKG(cudaMemcpy(dx, x, (size_t)(n * n_in) * 4, cudaMemcpyHostToDevice), "x");
+    CKG(cudaMemcpy(active, h_active.data(), (size_t)E * 4, cudaMemcpyHostToDevice), "experts");
+    CKG(cudaMemcpy(offs, h_offs.data(), (size_t)(E + 1) * 4, cudaMemcpyHostToDevice), "experts");
+    CKG(cudaMemcpy(xrow, h_xrow.data(), (size_t)n * 4, cudaMemcpyHostToDevice), "experts");
+    g_pdl = false;
+    g_act8 = numerics == DS4_NUMERICS_QAT_Q8 ? &g : NULL;
+    if (w->n_dims == 3) {
+        lin_args a = {dmat_of(*dev), dev->ne[1] * dev->row_bytes, dx, n_in, dy, n_out, n, active, offs, xrow,
+                      0, 0, 0, 0, 0};
+        run_linear(st, a, n, 1);
+    } else {
+        linear(st, dmat_of(*dev), dx, n_in, n, dy, n_out);
+    }
+    g_act8 = NULL;
+    CKG(cudaGetLastError(), "the product");
+    CKG(cudaMemcpyAsync(y, dy, (size_t)(n * n_out) * 4, cudaMemcpyDeviceToHost, st), "y");
+    CKG(cudaStreamSynchronize(st), "the product");
+    rc = 0;
+out:
+    for (void *p : {(void *)dx, (void *)dy, (void *)g.a8_xr, (void *)g.a8_q, (void *)g.a8_d, (void *)g.a8_s,
+                    (void *)active, (void *)offs, (void *)xrow})
+        cudaFree(p);
+    if (st) cudaStreamDestroy(st);
+    return rc;
+}
+
 static int copy_bandwidth(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
 
 static const ds4_backend CUDA_BACKEND = {
     DS4_BACKEND_ABI, "cuda",        CUDA_PREFILL_CHUNK,          model_init,     model_free,
     session_init,    session_free,  forward,       state_to_host,  state_from_host,
-    copy_bandwidth,
+    copy_bandwidth,  product,
 };
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {

@@ -2,7 +2,7 @@
 a decode step (default) or a prefill chunk (--chunk N, after a warm-up chunk).
 
     DS4_CUDA_NO_GRAPH=1 ncu --profile-from-start off ... python csrc/cuda/profile_step.py \\
-        MODEL [--synthetic] [--prompt N] [--chunk N]
+        MODEL [--synthetic] [--prompt N] [--chunk N] [--numerics qat-q8]
     python csrc/cuda/profile_step.py --summarize ncu.csv   # time per kernel, largest first"""
 import argparse
 import collections
@@ -51,13 +51,15 @@ def main():
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=0, help="profile a prefill chunk of N tokens")
     ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--numerics", default="qat", choices=["qat", "exact", "qat-q8"])
     ap.add_argument("--summarize", metavar="CSV")
     ap.add_argument("--by-grid", action="store_true", help="summarize per kernel and launch shape")
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args()
     if a.summarize:
         return summarize(a.summarize, a.by_grid, a.top)
-    m = ds4.load(a.model, backend="cuda", ctx=a.prompt + a.chunk + 16, synthetic=a.synthetic)
+    m = ds4.load(a.model, backend="cuda", ctx=a.prompt + a.chunk + 16, synthetic=a.synthetic,
+                 numerics=a.numerics)
     s = m.session()
     ids = np.random.default_rng(0).integers(0, m.config.n_vocab, size=a.prompt + a.chunk + 3)
     s.eval(ids[:a.prompt])

@@ -1,0 +1,107 @@
+"""One weight matrix's product on each backend (ds4_model_product) against
+float64 numpy on gguf-py's dequantized weights, with x rounded by the
+independent references of the numeric mode (gguf-py's Q8_0 round trip and
+the numpy transcription of ggml's Q8_K for qat-q8).
+
+Why products and not logits for qat-q8: every quantized product rounds its x
+to int8 codes, and on these random-weight models one code moved by a last-bit
+difference grows through the layers (the CPU engine's own scalar and SIMD
+kernels give logits 40-50% apart in qat-q8), so whole-model comparisons
+cannot tell a kernel error from that. A single product, on the same x bits,
+rounds identically on both sides and must agree to float32 accumulation."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+import ds4
+from ds4.native import ffi, lib
+from ds4.testing import ModelConfig, read_dequantized, write_model
+from test_quants import numpy_q8_k
+
+NUMERICS = {"exact": lib.DS4_NUMERICS_EXACT, "qat-q8": lib.DS4_NUMERICS_QAT_Q8}
+REL_TOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def wide_q2(tmp_path_factory):
+    """Flash's row widths (the GPU's int8 chunk and decode kernels need n_in a
+    multiple of 1024 for IQ2_XXS / Q2_K rows)."""
+    path = tmp_path_factory.mktemp("models") / "wide-q2.gguf"
+    write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=2048, q_lora_rank=2048, n_head=8,
+                                       o_groups=4, o_lora_rank=2048, head_dim=512),
+                variant="q2", seed=7)
+    return path
+
+
+# (layer, weights.h name, GGUF tensor, expert): Q8_0 dense, IQ2_XXS and Q2_K experts
+MATRICES = [(0, "attn_q_a", "blk.0.attn_q_a.weight", 0),
+            (1, "attn_output_b", "blk.1.attn_output_b.weight", 0),
+            (1, "ffn_gate_exps", "blk.1.ffn_gate_exps.weight", 3),
+            (2, "ffn_down_exps", "blk.2.ffn_down_exps.weight", 5)]
+
+
+def act8_reference(x, gguf_type):
+    """x as qat-q8 hands it to a product with weights of gguf_type."""
+    if gguf_type == GGMLQuantizationType.Q8_0:
+        return dequantize(quantize(x.reshape(-1), GGMLQuantizationType.Q8_0),
+                          GGMLQuantizationType.Q8_0).reshape(x.shape)
+    blocks = numpy_q8_k(x.reshape(-1)).reshape(-1, 292)
+    d = blocks[:, :4].copy().view("<f4")
+    return (blocks[:, 4:260].copy().view(np.int8).astype(np.float32) * d).reshape(x.shape)
+
+
+def weight_type(path, name):
+    from gguf import GGUFReader
+    return next(t.tensor_type for t in GGUFReader(str(path)).tensors if t.name == name)
+
+
+def check_products(model, path, n, numerics):
+    weights = read_dequantized(path, [m[2] for m in MATRICES])
+    rng = np.random.default_rng(n)
+    for layer, name, tensor, expert in MATRICES:
+        w = weights[tensor]
+        w = w[expert] if w.ndim == 3 else w
+        n_out, n_in = w.shape
+        # activations of mixed block magnitudes, as a residual stream has
+        x = (rng.standard_normal((n, n_in)) * rng.choice([1e-2, 1.0, 30.0], (n, n_in // 32)).repeat(32, 1))
+        x = x.astype(np.float32)
+        y = np.empty((n, n_out), dtype=np.float32)
+        err = ffi.new("char[256]")
+        rc = lib.ds4_model_product(model._m, layer, name.encode(), expert, NUMERICS[numerics],
+                                   ffi.from_buffer("float[]", x), n, ffi.from_buffer("float[]", y),
+                                   err, len(err))
+        assert rc == 0, ffi.string(err).decode()
+        xin = x if numerics == "exact" else act8_reference(x, weight_type(path, tensor))
+        ref = xin.astype(np.float64) @ w.astype(np.float64).T
+        rel = float((np.abs(y - ref).max(axis=1) / np.abs(ref).max(axis=1)).max())
+        print(f"\n{model.backend} product {tensor} [{n} x {n_in} -> {n_out}] {numerics}: max rel {rel:.2e}")
+        assert rel <= REL_TOL, f"{model.backend} {tensor} {numerics} n={n}: max rel {rel:.2e}"
+
+
+@pytest.mark.parametrize("numerics", sorted(NUMERICS))
+def test_cpu_products_match_float64_of_dequantized_weights(wide_q2, numerics):
+    with ds4.load(wide_q2, backend="cpu", ctx=64) as m:
+        for n in (1, 3):
+            check_products(m, wide_q2, n, numerics)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("numerics", sorted(NUMERICS))
+def test_cuda_products_match_float64_of_dequantized_weights(wide_q2, numerics):
+    """n = 1: the decode kernels; n = 70 and 200: the chunk kernels, a token
+    tile left partly empty, and (200) more tokens than one tile."""
+    from test_cuda import _cuda_model
+    m = _cuda_model(wide_q2, 64)
+    for n in (1, 70, 200):
+        check_products(m, wide_q2, n, numerics)
+
+
+def test_product_of_an_unknown_matrix_is_a_clear_error(tiny_q2):
+    with ds4.load(tiny_q2, backend="cpu", ctx=64) as m:
+        err = ffi.new("char[256]")
+        x = np.zeros(m.config.n_embd, dtype=np.float32)
+        y = np.zeros(64, dtype=np.float32)
+        assert lib.ds4_model_product(m._m, 0, b"no_such", 0, 0, ffi.from_buffer("float[]", x), 1,
+                                     ffi.from_buffer("float[]", y), err, len(err)) == -1
+        assert "no matrix no_such" in ffi.string(err).decode()
