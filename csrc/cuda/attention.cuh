@@ -23,6 +23,10 @@ struct attn_args {
     int64_t cap_raw;
     int H, d, window, m, rope_dim, splits;
     const float *freqs;
+    /* key dims [0, key_tf32) hold values exact in tf32 (the qat modes'
+     * FP8 round trip: 4 significant bits), so k_attention_tc needs no low
+     * part of them; 0 in exact mode */
+    int key_tf32;
 };
 
 /* The keys of token t at position pos (§3.9): its window's raw rows, then

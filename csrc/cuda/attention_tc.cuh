@@ -6,7 +6,8 @@
  * and O += P V one of 16 heads x d x 16 keys: a block takes 16 heads of one
  * token, a key tile at a time, on mma.sync m16n8k8 tf32. Float32 operands in
  * two tf32 parts (hi = tf32(x), lo = tf32(x - hi): 22 bits), three products
- * (lo hi, hi lo, hi hi) give float32's precision; each product chain starts
+ * (lo hi, hi lo, hi hi) give float32's precision (two where the key dims are
+ * exact in tf32: attn_args.key_tf32); each product chain starts
  * from zero over at most 32 elements and is added to its float32 sum by the
  * CUDA cores (the tensor cores' own adds truncate). A chunk's token has its
  * keys in one block, so the block also adds the sink and applies the inverse
@@ -53,6 +54,14 @@ __device__ __forceinline__ void mma_3xtf32(float d[4], const uint32_t ahi[4], co
     mma_tf32(d, alo, bh0, bh1);
     mma_tf32(d, ahi, bl0, bl1);
     mma_tf32(d, ahi, bh0, bh1);
+}
+
+/* The same where B is exact in tf32 (its low part zero): two products. The
+ * skipped one would add exact zeros, so the sums are the same bits. */
+__device__ __forceinline__ void mma_2xtf32(float d[4], const uint32_t ahi[4], const uint32_t alo[4],
+                                           float b0, float b1) {
+    mma_tf32(d, alo, __float_as_uint(b0), __float_as_uint(b1));
+    mma_tf32(d, ahi, __float_as_uint(b0), __float_as_uint(b1));
 }
 
 __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
@@ -124,7 +133,10 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
                     uint32_t alo[4] = {__float_as_uint(q_lo[g * LD + c]), __float_as_uint(q_lo[(g + 8) * LD + c]),
                                        __float_as_uint(q_lo[g * LD + c + 4]),
                                        __float_as_uint(q_lo[(g + 8) * LD + c + 4])};
-                    mma_3xtf32(d4, ahi, alo, kt[(kn + g) * LD + c], kt[(kn + g) * LD + c + 4]);
+                    if (dk + c0 + 32 <= a.key_tf32)
+                        mma_2xtf32(d4, ahi, alo, kt[(kn + g) * LD + c], kt[(kn + g) * LD + c + 4]);
+                    else
+                        mma_3xtf32(d4, ahi, alo, kt[(kn + g) * LD + c], kt[(kn + g) * LD + c + 4]);
                 }
 #pragma unroll
                 for (int i = 0; i < 4; i++) s[i] += d4[i];
@@ -177,9 +189,13 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
             for (int j = 0; j < NTW; j++) {
                 int n = (D / 4) * warp + 8 * j + g;   /* B column: d element */
                 float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                bool exact = (D / 4) * warp + 8 * j + 8 <= a.key_tf32;   /* the tile's 8 d elements */
 #pragma unroll
                 for (int ks = 0; ks < 2; ks++)
-                    mma_3xtf32(d4, phi[ks], plo[ks], kt[(8 * ks + tg) * LD + n], kt[(8 * ks + tg + 4) * LD + n]);
+                    if (exact)
+                        mma_2xtf32(d4, phi[ks], plo[ks], kt[(8 * ks + tg) * LD + n], kt[(8 * ks + tg + 4) * LD + n]);
+                    else
+                        mma_3xtf32(d4, phi[ks], plo[ks], kt[(8 * ks + tg) * LD + n], kt[(8 * ks + tg + 4) * LD + n]);
                 acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
                 acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
                 acc[j][2] = fmaf(acc[j][2], al1, d4[2]);

@@ -1086,7 +1086,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, dev_cap_raw(s),
-                    H, d, cf->sliding_window, m, cf->rope_dim, 0, rope};
+                    H, d, cf->sliding_window, m, cf->rope_dim, 0, rope,
+                    qat && !getenv("DS4_CUDA_NO_KEYTF32") ? d - cf->rope_dim : 0};
     launch_attention(st, aa, n);
 
     /* grouped output projection (§3.10) */
