@@ -465,11 +465,14 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
     int64_t D = cf->n_embd, hc = cf->n_hc, d = cf->head_dim, k = cf->n_expert_used;
     int64_t F = cf->expert_ff, Fs = F * cf->n_shared_experts, dI = cf->indexer_dim;
     int64_t E = cf->n_expert;
-    /* qat-q8: the widest x of a quantized product (k_act8's forms), else nothing */
+    /* qat-q8: the most x a quantized product takes (k_act8's forms), else
+     * nothing: rows of D (plain, and the routed gate / up's token rows), the
+     * routed down's pairs of F, q_b's QL, an output group's H d / G (a token's
+     * G groups at once: H d), the output projection's G r_o, the shared down's Fs */
     int64_t a8 = 0;
     if (s->numerics == DS4_NUMERICS_QAT_Q8)
-        a8 = std::max({c * D, c * k * std::max(D, F), c * cf->q_lora_rank, c * cf->o_groups * cf->o_lora_rank,
-                       (int64_t)cf->n_head * d, c * Fs});
+        a8 = std::max({c * D, c * k * F, c * cf->q_lora_rank, c * cf->n_head * d / cf->o_groups,
+                       (int64_t)cf->n_head * d, c * cf->o_groups * cf->o_lora_rank, c * Fs});
     struct {
         void **p;
         int64_t bytes;
