@@ -164,3 +164,18 @@ def test_warm_weights_run_answers_the_same(tiny_q2):
     warm = ds4_cli(*base[:1], "--warm-weights", *base[1:])
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout == ds4_cli(*base).stdout
+
+
+def test_numerics_option_reaches_the_model(tiny_q2):
+    answers = set()
+    for numerics in ("exact", "qat", "qat-q8"):
+        cli = ds4_cli("run", "-m", str(tiny_q2), "--numerics", numerics, "--temp", "0", "-n", "8",
+                      "--nothink", "--system", "", "hi")
+        assert cli.returncode == 0, cli.stderr
+        with ds4.load(tiny_q2, numerics=numerics) as m:
+            want = m.generate("hi", max_tokens=8, temperature=0, think="none").text
+        assert cli.stdout.strip() == want.strip()
+        answers.add(want)
+    assert len(answers) == 3   # on this model the three modes answer differently
+    bad = ds4_cli("run", "-m", str(tiny_q2), "--numerics", "fp4", "hi")
+    assert bad.returncode == 2 and "fp4" in bad.stderr
