@@ -7,7 +7,6 @@
 
 #include "backend.h"
 #include "ops.h"
-#include "qat.h"
 #include "session_state.h"
 #include "weights.h"
 
@@ -92,16 +91,17 @@ static int cpu_product(const ds4_model *m, const ds4_tensor *w, int expert, int 
                        int64_t n, float *y, char *err, size_t errlen) {
     (void)m;
     ds4_matrix mat = w->n_dims == 3 ? ds4_expert_matrix(w, expert) : ds4_matrix_of(w);
-    float *xr = malloc((size_t)(n * mat.n_in) * sizeof(float));
-    if (!xr) {
+    if (numerics != DS4_NUMERICS_QAT_Q8) {
+        ds4_linear(NULL, mat, x, mat.n_in, n, y, mat.n_out);
+        return 0;
+    }
+    float *scratch = malloc((size_t)(n * mat.n_in) * sizeof(float));
+    if (!scratch) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    memcpy(xr, x, (size_t)(n * mat.n_in) * sizeof(float));
-    if (numerics == DS4_NUMERICS_QAT_Q8)
-        for (int64_t t = 0; t < n; t++) ds4_act8_round(mat.type, xr + t * mat.n_in, mat.n_in);
-    ds4_linear(NULL, mat, xr, mat.n_in, n, y, mat.n_out);
-    free(xr);
+    ds4_linear_act8(NULL, mat, x, mat.n_in, n, y, mat.n_out, scratch);
+    free(scratch);
     return 0;
 }
 

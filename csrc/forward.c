@@ -41,7 +41,7 @@ struct chunk {
     float *ex_g;       /* [n][F] */
     float *ex_u;       /* [n][F] */
     float *ex_y;       /* [n][D] */
-    float *xq;         /* qat-q8: a product's x as int8 codes times scales (else NULL) */
+    float *xq;         /* qat-q8: scratch for a product's x in its rounded forms (else NULL) */
 };
 
 static void free_chunk(struct chunk *c) {
@@ -95,15 +95,10 @@ static const float *f32(const ds4_tensor *t) { return (const float *)t->data; }
  * int8 codes times block scales (ds4_act8_round), as ggml multiplies. */
 static void project(ds4_session *s, struct chunk *c, ds4_matrix w, const float *x, int64_t xs,
                     int64_t n, float *y, int64_t ys) {
-    if (s->numerics == DS4_NUMERICS_QAT_Q8 && ds4_act8_rounds(w.type)) {
-        for (int64_t t = 0; t < n; t++) {
-            memcpy(c->xq + t * w.n_in, x + t * xs, (size_t)w.n_in * sizeof(float));
-            ds4_act8_round(w.type, c->xq + t * w.n_in, w.n_in);
-        }
-        x = c->xq;
-        xs = w.n_in;
-    }
-    ds4_linear(s->pool, w, x, xs, n, y, ys);
+    if (s->numerics == DS4_NUMERICS_QAT_Q8)
+        ds4_linear_act8(s->pool, w, x, xs, n, y, ys, c->xq);
+    else
+        ds4_linear(s->pool, w, x, xs, n, y, ys);
 }
 
 /* ---- hyper-connections (§2) ---- */

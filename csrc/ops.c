@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "ops.h"
+#include "qat.h"
 #include "quants.h"
 
 ds4_matrix ds4_matrix_of(const ds4_tensor *t) {
@@ -85,6 +86,7 @@ struct linear_job {
     int64_t x_stride, n_tok;
     float *y;
     int64_t y_stride, rows_per_block;
+    const uint8_t *xq;   /* Q8_K rows (x_stride bytes apart) for the integer kernels, or NULL */
 };
 
 static void linear_task(void *ctx, int64_t begin, int64_t end, int thread) {
@@ -97,20 +99,48 @@ static void linear_task(void *ctx, int64_t begin, int64_t end, int thread) {
             float *yt = j->y + t * j->y_stride;
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *row = j->w.data + r * j->w.row_bytes;
-                yt[r] = ds4_vec_dot_f32(j->w.type, row, j->x + t * j->x_stride, j->w.n_in);
+                yt[r] = j->xq ? ds4_vec_dot_q8_k(j->w.type, row, j->xq + t * j->x_stride, j->w.n_in)
+                              : ds4_vec_dot_f32(j->w.type, row, j->x + t * j->x_stride, j->w.n_in);
             }
         }
     }
 }
 
-void ds4_linear(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_stride, int64_t n_tok,
-                float *y, int64_t y_stride) {
-    struct linear_job j = {w, x, x_stride, n_tok, y, y_stride, 1};
+static void run_linear_job(ds4_pool *pool, struct linear_job j) {
+    const ds4_matrix w = j.w;
+    const int64_t n_tok = j.n_tok;
     j.rows_per_block = w.row_bytes >= LINEAR_BLOCK_BYTES ? 1 : LINEAR_BLOCK_BYTES / w.row_bytes;
     int64_t blocks = (w.n_out + j.rows_per_block - 1) / j.rows_per_block;
     /* enough work per slice to amortise a wake-up: about 64k multiply-adds */
     int64_t per_block = j.rows_per_block * w.n_in * (n_tok ? n_tok : 1);
     ds4_parallel_for(pool, blocks, per_block >= 65536 ? 1 : 65536 / per_block, linear_task, &j);
+}
+
+void ds4_linear(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_stride, int64_t n_tok,
+                float *y, int64_t y_stride) {
+    struct linear_job j = {w, x, x_stride, n_tok, y, y_stride, 1, NULL};
+    run_linear_job(pool, j);
+}
+
+void ds4_linear_act8(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_stride, int64_t n_tok,
+                     float *y, int64_t y_stride, void *scratch) {
+    struct linear_job j = {w, x, x_stride, n_tok, y, y_stride, 1, NULL};
+    if (w.type == DS4_TYPE_Q2_K || w.type == DS4_TYPE_Q4_K || w.type == DS4_TYPE_IQ2_XXS) {
+        /* ds4_act8_round's Q8_K codes are exactly ds4_quantize_q8_k's (both ggml's rule) */
+        int64_t qb = ds4_q8_k_nbytes(w.n_in);
+        for (int64_t t = 0; t < n_tok; t++) ds4_quantize_q8_k(x + t * x_stride, (uint8_t *)scratch + t * qb, w.n_in);
+        j.xq = scratch;
+        j.x_stride = qb;
+    } else if (ds4_act8_rounds(w.type)) {
+        float *xr = scratch;
+        for (int64_t t = 0; t < n_tok; t++) {
+            memcpy(xr + t * w.n_in, x + t * x_stride, (size_t)w.n_in * sizeof(float));
+            ds4_act8_round(w.type, xr + t * w.n_in, w.n_in);
+        }
+        j.x = xr;
+        j.x_stride = w.n_in;
+    }
+    run_linear_job(pool, j);
 }
 
 /* ---- norms ---- */
