@@ -398,7 +398,7 @@ struct dsess {
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
         *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *attn_part, *logits;
-    /* qat-q8: a product's x as k_act8 writes it (NULL in the other modes) */
+    /* qat-q8: a product's x as k_act8 writes it (4-byte stubs in the other modes) */
     float *a8_xr, *a8_d, *a8_s;
     int8_t *a8_q;
     int32_t *sel, *ids;
