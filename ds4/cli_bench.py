@@ -7,6 +7,7 @@ import time
 import click
 
 from . import bench
+from .cli_run import NUMERICS_OPTION
 from .errors import Error
 
 
@@ -58,10 +59,7 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
               help="Benchmark a generated full-size Flash file with random weights.")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"]))
 @click.option("-t", "--threads", default=None, type=click.IntRange(min=1), help="CPU threads.")
-@click.option("--numerics", default="qat", show_default=True,
-              type=click.Choice(["qat", "exact", "qat-q8"]),
-              help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 "
-                   "activations into quantized products, as antirez/ds4 (faster on CUDA).")
+@NUMERICS_OPTION
 @click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Text to walk (default: the shipped English text).")
 @click.option("--ctx-start", default=None, type=click.IntRange(min=1),

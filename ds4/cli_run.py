@@ -14,6 +14,13 @@ GREY = "\x1b[90m"
 RESET = "\x1b[0m"
 
 
+# one definition for run, chat, serve and bench
+NUMERICS_OPTION = click.option(
+    "--numerics", default="qat", show_default=True, type=click.Choice(["qat", "exact", "qat-q8"]),
+    help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 activations "
+         "into quantized products, as antirez/ds4 (faster on CUDA).")
+
+
 def model_options(f):
     """The options `run` and `chat` share (api.md, prompt-and-server.md §7)."""
     opts = [
@@ -21,10 +28,7 @@ def model_options(f):
                      help="GGUF file (default: $DS4_MODEL, ./ds4flash.gguf, the download dir)."),
         click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"])),
         click.option("--ctx", default=32768, show_default=True, help="Context size in tokens."),
-        click.option("--numerics", default="qat", show_default=True,
-                     type=click.Choice(["qat", "exact", "qat-q8"]),
-                     help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 "
-                          "activations into quantized products, as antirez/ds4 (faster on CUDA)."),
+        NUMERICS_OPTION,
         click.option("-t", "--threads", default=None, type=int, help="CPU threads."),
         click.option("--warm-weights", is_flag=True,
                      help="Read the whole model file first (progress shown), so the first "

@@ -3,6 +3,7 @@ import logging
 
 import click
 
+from .cli_run import NUMERICS_OPTION
 from .errors import Error
 
 
@@ -18,10 +19,7 @@ def open_kv_cache(directory, space_mb, model):
               help="GGUF file (default: $DS4_MODEL, ./ds4flash.gguf, the download dir).")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "cpu", "cuda", "metal"]))
 @click.option("-t", "--threads", default=None, type=int, help="CPU threads.")
-@click.option("--numerics", default="qat", show_default=True,
-              type=click.Choice(["qat", "exact", "qat-q8"]),
-              help="qat: as DeepSeek's reference; exact: pure float32; qat-q8: qat with int8 "
-                   "activations into quantized products, as antirez/ds4 (faster on CUDA).")
+@NUMERICS_OPTION
 @click.option("--warm-weights", is_flag=True,
               help="Read the whole model file before serving (progress shown).")
 @click.option("--host", default="127.0.0.1", show_default=True,
