@@ -86,7 +86,7 @@ struct linear_job {
     int64_t x_stride, n_tok;
     float *y;
     int64_t y_stride, rows_per_block;
-    const uint8_t *xq;   /* Q8_K rows (x_stride bytes apart) for the integer kernels, or NULL */
+    const uint8_t *xq;   /* x as Q8_0 (for Q8_0 rows) or Q8_K blocks, rows x_stride bytes apart; or NULL */
 };
 
 static void linear_task(void *ctx, int64_t begin, int64_t end, int thread) {
@@ -99,8 +99,12 @@ static void linear_task(void *ctx, int64_t begin, int64_t end, int thread) {
             float *yt = j->y + t * j->y_stride;
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *row = j->w.data + r * j->w.row_bytes;
-                yt[r] = j->xq ? ds4_vec_dot_q8_k(j->w.type, row, j->xq + t * j->x_stride, j->w.n_in)
-                              : ds4_vec_dot_f32(j->w.type, row, j->x + t * j->x_stride, j->w.n_in);
+                if (!j->xq)
+                    yt[r] = ds4_vec_dot_f32(j->w.type, row, j->x + t * j->x_stride, j->w.n_in);
+                else if (j->w.type == DS4_TYPE_Q8_0)
+                    yt[r] = ds4_vec_dot_q8_0_q8_0(row, j->xq + t * j->x_stride, j->w.n_in);
+                else
+                    yt[r] = ds4_vec_dot_q8_k(j->w.type, row, j->xq + t * j->x_stride, j->w.n_in);
             }
         }
     }
@@ -125,20 +129,17 @@ void ds4_linear(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_stride, 
 void ds4_linear_act8(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_stride, int64_t n_tok,
                      float *y, int64_t y_stride, void *scratch) {
     struct linear_job j = {w, x, x_stride, n_tok, y, y_stride, 1, NULL};
-    if (w.type == DS4_TYPE_Q2_K || w.type == DS4_TYPE_Q4_K || w.type == DS4_TYPE_IQ2_XXS) {
-        /* ds4_act8_round's Q8_K codes are exactly ds4_quantize_q8_k's (both ggml's rule) */
-        int64_t qb = ds4_q8_k_nbytes(w.n_in);
-        for (int64_t t = 0; t < n_tok; t++) ds4_quantize_q8_k(x + t * x_stride, (uint8_t *)scratch + t * qb, w.n_in);
+    if (ds4_act8_rounds(w.type)) {
+        /* the blocks hold exactly ds4_act8_round's codes and scales (ggml's rules) */
+        int q80 = w.type == DS4_TYPE_Q8_0;
+        int64_t qb = ds4_type_nbytes(q80 ? DS4_TYPE_Q8_0 : DS4_TYPE_Q8_K, w.n_in);
+        for (int64_t t = 0; t < n_tok; t++) {
+            uint8_t *dst = (uint8_t *)scratch + t * qb;
+            if (q80) ds4_quantize_q8_0(x + t * x_stride, dst, w.n_in);
+            else ds4_quantize_q8_k(x + t * x_stride, dst, w.n_in);
+        }
         j.xq = scratch;
         j.x_stride = qb;
-    } else if (ds4_act8_rounds(w.type)) {
-        float *xr = scratch;
-        for (int64_t t = 0; t < n_tok; t++) {
-            memcpy(xr + t * w.n_in, x + t * x_stride, (size_t)w.n_in * sizeof(float));
-            ds4_act8_round(w.type, xr + t * w.n_in, w.n_in);
-        }
-        j.x = xr;
-        j.x_stride = w.n_in;
     }
     run_linear_job(pool, j);
 }

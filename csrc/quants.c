@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "iq2_tables.h"
+#include "qat_round.h"
 #include "quants.h"
 #include "quants_internal.h"
 
@@ -266,6 +267,18 @@ int ds4_quantize_q8_k(const float *x, void *dst, int64_t n) {
     return 0;
 }
 
+int ds4_quantize_q8_0(const float *x, void *dst, int64_t n) {
+    if (n < 0 || n % QK8_0) return -1;
+    block_q8_0 *y = dst;
+    for (int64_t i = 0; i < n / QK8_0; i++, x += QK8_0) {
+        float amax = 0, inv;
+        for (int j = 0; j < QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
+        y[i].d = fp32_to_fp16(act8_q8_0_scale(amax, &inv));   /* already an fp16 value */
+        for (int j = 0; j < QK8_0; j++) y[i].qs[j] = (int8_t)act8_q8_0_code(x[j], inv);
+    }
+    return 0;
+}
+
 /* ======================================================================
  * Dot products, float32 activations
  * ====================================================================== */
@@ -406,6 +419,18 @@ static float dot_q8_0_q8_K_ref(const void *w, const void *xq, int64_t n) {
             s += fp16_to_fp32(xb->d) * (float)isum;
         }
         sumf += y[i].d * s;
+    }
+    return sumf;
+}
+
+/* Q8_0 x Q8_0: sum over blocks of d_w d_x sum(q_w q_x). */
+static float dot_q8_0_q8_0_ref(const void *w, const void *xq, int64_t n) {
+    const block_q8_0 *x = w, *y = xq;
+    float sumf = 0;
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        int isum = 0;
+        for (int l = 0; l < QK8_0; l++) isum += x[i].qs[l] * y[i].qs[l];
+        sumf += fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d) * (float)isum;
     }
     return sumf;
 }
@@ -583,6 +608,19 @@ float ds4_vec_dot_f32(int type, const void *w, const float *x, int64_t n) {
 float ds4_vec_dot_q8_k(int type, const void *w, const void *xq, int64_t n) {
     if (!valid_q8k_args(type, n)) return NAN;
     return n ? pick_dot_q8k(type)(w, xq, n) : 0.0f;
+}
+
+float ds4_vec_dot_q8_0_q8_0(const void *w, const void *xq, int64_t n) {
+    if (n < 0 || n % QK8_0) return NAN;
+#ifdef DS4_HAVE_AVX2
+    if (ds4_simd_level() >= 1) return ds4_avx2_dot_q8_0_q8_0(w, xq, n);
+#endif
+    return dot_q8_0_q8_0_ref(w, xq, n);
+}
+
+float ds4_vec_dot_q8_0_q8_0_ref(const void *w, const void *xq, int64_t n) {
+    if (n < 0 || n % QK8_0) return NAN;
+    return dot_q8_0_q8_0_ref(w, xq, n);
 }
 
 float ds4_vec_dot_q8_k_ref(int type, const void *w, const void *xq, int64_t n) {

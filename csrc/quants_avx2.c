@@ -291,6 +291,23 @@ static TARGET float dot_q8_0_q8_K(const void *w, const void *xq, int64_t n) {
     return hsum_ps(acc);
 }
 
+/* Q8_0 weights against Q8_0 activations (qat-q8): a block's integer dot
+ * times both fp16 scales. Activation codes are in [-127, 127] (roundf of at
+ * most 127 in magnitude), so b*sign(a) cannot overflow. */
+TARGET float ds4_avx2_dot_q8_0_q8_0(const void *w, const void *xq, int64_t n) {
+    const block_q8_0 *b = w, *y = xq;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        const __m256i qw = _mm256_loadu_si256((const __m256i *)b[i].qs);
+        const __m256i qa = _mm256_loadu_si256((const __m256i *)y[i].qs);
+        const __m256i p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(qw), _mm256_sign_epi8(qa, qw));
+        const __m256i p32 = _mm256_madd_epi16(p16, ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(b[i].d) * f16(y[i].d)), _mm256_cvtepi32_ps(p32), acc);
+    }
+    return hsum_ps(acc);
+}
+
 /* Byte-shuffle masks that broadcast one int16 of a 128-bit lane of eight
  * int16 to the whole lane. Q2_K: low lane gets element 2s, high lane 2s+1
  * (the two 16-element sub-blocks of a 32-element chunk). */

@@ -160,6 +160,7 @@ typedef float (*ds4_dot_q8k_fn)(const void *w, const void *xq, int64_t n);
 /* quants_avx2.c: NULL when the type has no AVX2 kernel. */
 ds4_dot_f32_fn ds4_avx2_dot_f32_kernel(int type);
 ds4_dot_q8k_fn ds4_avx2_dot_q8k_kernel(int type);
+float ds4_avx2_dot_q8_0_q8_0(const void *w, const void *xq, int64_t n);
 #endif
 
 #endif

@@ -559,3 +559,49 @@ def test_bad_arguments_to_kernels_raise_or_return_nan():
     assert lib.ds4_matvec_q8_k(lib.DS4_TYPE_F32, null, 4, 256, null, null) == -1
     assert lib.ds4_matvec_f32_rows(lib.DS4_TYPE_F32, null, 8, null, null, 3, 2) == -1
     assert lib.ds4_matvec_q8_k_rows(lib.DS4_TYPE_Q2_K, null, 256, null, null, -1, 2) == -1
+
+
+# --------------------------------------------------------------------------
+# Q8_0 activations (qat-q8 mode, Q8_0 weights)
+# --------------------------------------------------------------------------
+
+def quantize_q8_0(x):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.size // 32 * 34, dtype=np.uint8)
+    assert lib.ds4_quantize_q8_0(ffi.from_buffer("float[]", x), ffi.from_buffer(out), x.size) == 0
+    return out
+
+
+def test_q8_0_activation_blocks_equal_gguf_py_quantize():
+    from gguf.quants import quantize
+    rng = np.random.default_rng(11)
+    for scale in (1e-4, 1.0, 300.0):
+        x = (rng.standard_normal(4096) * scale).astype(np.float32)
+        x[:32] = 0                                   # an all-zero block
+        want = np.asarray(quantize(x, GGMLQuantizationType.Q8_0), dtype=np.uint8).reshape(-1)
+        np.testing.assert_array_equal(quantize_q8_0(x), want)
+    assert lib.ds4_quantize_q8_0(ffi.NULL, ffi.NULL, 33) == -1
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_dot_q8_0_activations_match_reference_and_float64_dot(level, simd):
+    """Q8_0 weights (random bytes: -128 codes, subnormal and negative scales)
+    against Q8_0 activations: fast vs scalar kernel, both vs a float64 dot of
+    gguf-py's dequantization of each side."""
+    simd(level)
+    for n in (32, 96, 1024, 8192):
+        for seed in range(6):
+            rng = np.random.default_rng(seed * 7919 + n)
+            w = random_weights(rng, "Q8_0", n, special=(seed % 2 == 1))
+            x = (rng.standard_normal(n) * (10.0 ** rng.uniform(-3, 3))).astype(np.float32)
+            xq = quantize_q8_0(x)
+            exact = float(np.dot(reference_dequantize(w, "Q8_0").astype(np.float64),
+                                 reference_dequantize(xq, "Q8_0").astype(np.float64)))
+            scale = float(np.abs(reference_dequantize(w, "Q8_0").astype(np.float64)
+                                 * reference_dequantize(xq, "Q8_0")).sum())
+            wp, xp = ffi.from_buffer(np.ascontiguousarray(w)), ffi.from_buffer(xq)
+            fast = lib.ds4_vec_dot_q8_0_q8_0(wp, xp, n)
+            ref = lib.ds4_vec_dot_q8_0_q8_0_ref(wp, xp, n)
+            assert rel_err(fast, ref, scale) <= TOL, (n, seed, fast, ref)
+            assert rel_err(ref, exact, scale) <= TOL, (n, seed, ref, exact)
+    assert np.isnan(lib.ds4_vec_dot_q8_0_q8_0(ffi.NULL, ffi.NULL, 33))
