@@ -92,7 +92,7 @@ oom:
 static const float *f32(const ds4_tensor *t) { return (const float *)t->data; }
 
 /* Y[t] = W X[t] for n tokens; in qat-q8 mode a quantized W takes X as
- * int8 codes times block scales (ds4_act8_round), as ggml multiplies. */
+ * int8 codes times block scales (ds4_linear_act8), as ggml multiplies. */
 static void project(ds4_session *s, struct chunk *c, ds4_matrix w, const float *x, int64_t xs,
                     int64_t n, float *y, int64_t ys) {
     if (s->numerics == DS4_NUMERICS_QAT_Q8)

@@ -130,7 +130,7 @@ void ds4_linear_act8(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_str
                      float *y, int64_t y_stride, void *scratch) {
     struct linear_job j = {w, x, x_stride, n_tok, y, y_stride, 1, NULL};
     if (ds4_act8_rounds(w.type)) {
-        /* the blocks hold exactly ds4_act8_round's codes and scales (ggml's rules) */
+        /* ggml's activation blocks, by qat_round.h's rules (CUDA's k_act8 shares them) */
         int q80 = w.type == DS4_TYPE_Q8_0;
         int64_t qb = ds4_type_nbytes(q80 ? DS4_TYPE_Q8_0 : DS4_TYPE_Q8_K, w.n_in);
         for (int64_t t = 0; t < n_tok; t++) {

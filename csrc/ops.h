@@ -29,7 +29,7 @@ ds4_matrix ds4_matrix_rows(ds4_matrix m, int64_t row0, int64_t n_rows);
 void ds4_linear(ds4_pool *pool, ds4_matrix w, const float *x, int64_t x_stride, int64_t n_tok,
                 float *y, int64_t y_stride);
 
-/* ds4_linear with x as the qat-q8 mode hands it to w (ds4_act8_round): its
+/* ds4_linear with x as the qat-q8 mode hands it to w (ds4_act8_rounds): its
  * Q8_0 blocks (Q8_0 rows) or Q8_K blocks (Q2_K / Q4_K / IQ2_XXS rows) into
  * the integer dot kernels (the same values, summed as integers); float rows
  * take x itself. scratch: n_tok * n_in floats' bytes. */

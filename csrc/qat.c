@@ -47,27 +47,3 @@ int ds4_act8_rounds(int weight_type) {
     return weight_type == DS4_TYPE_Q8_0 || weight_type == DS4_TYPE_Q2_K || weight_type == DS4_TYPE_Q4_K ||
            weight_type == DS4_TYPE_IQ2_XXS;
 }
-
-int ds4_act8_round(int weight_type, float *v, int64_t n) {
-    if (!ds4_act8_rounds(weight_type)) return 0;
-    if (weight_type == DS4_TYPE_Q8_0) {
-        for (int64_t b = 0; b + 32 <= n; b += 32) {
-            float amax = 0, inv;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(v[b + i]));
-            float d = act8_q8_0_scale(amax, &inv);
-            for (int i = 0; i < 32; i++) v[b + i] = act8_q8_0_code(v[b + i], inv) * d;
-        }
-        return 1;
-    }
-    for (int64_t b = 0; b + 256 <= n; b += 256) {
-        float max = 0, amax = 0, iscale;
-        for (int i = 0; i < 256; i++)
-            if (fabsf(v[b + i]) > amax) {
-                amax = fabsf(v[b + i]);
-                max = v[b + i];
-            }
-        float d = act8_q8_k_scale(max, &iscale);
-        for (int i = 0; i < 256; i++) v[b + i] = act8_q8_k_code(v[b + i], iscale) * d;
-    }
-    return 1;
-}

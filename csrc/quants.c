@@ -224,14 +224,6 @@ int ds4_dequantize(int type, const void *src, float *dst, int64_t n) {
  * Q8_K activation quantization (ggml quantize_row_q8_K_ref)
  * ====================================================================== */
 
-/* Round to nearest, ties to even, for |v| < 2^22 (ggml's nearest_int). */
-static inline int nearest_int(float v) {
-    const float val = v + 12582912.f;
-    int32_t i;
-    memcpy(&i, &val, sizeof i);
-    return (i & 0x007fffff) - 0x00400000;
-}
-
 int64_t ds4_q8_k_nbytes(int64_t n) { return ds4_type_nbytes(DS4_TYPE_Q8_K, n); }
 
 int ds4_quantize_q8_k(const float *x, void *dst, int64_t n) {
@@ -246,23 +238,20 @@ int ds4_quantize_q8_k(const float *x, void *dst, int64_t n) {
                 max = x[j];
             }
         }
-        const float iscale = amax == 0 ? 0 : -127.f / max;
-        if (amax == 0 || !isfinite(iscale)) {
-            /* zero block, or |max| < 127/FLT_MAX (iscale overflows): all 0 */
-            memset(&y[i], 0, sizeof y[i]);
-            continue;
-        }
+        /* qat_round.h's rule (CUDA's k_act8 uses the same): a zero block, or
+         * |max| < 127/FLT_MAX (iscale overflows), is all 0 */
+        float iscale;
+        const float d = act8_q8_k_scale(max, &iscale);
         for (int j = 0; j < QK_K; j++) {
-            int v = nearest_int(iscale * x[j]);
-            v = v > 127 ? 127 : v < -128 ? -128 : v; /* ggml clamps the top only; -128 guards NaN input */
-            y[i].qs[j] = (int8_t)v;
+            const float v = act8_q8_k_code(x[j], iscale);
+            y[i].qs[j] = (int8_t)(v >= -128.0f ? (int)v : -128);   /* an infinite input: no UB */
         }
         for (int j = 0; j < QK_K / 16; j++) {
             int sum = 0;
             for (int l = 0; l < 16; l++) sum += y[i].qs[16 * j + l];
             y[i].bsums[j] = (int16_t)sum;
         }
-        y[i].d = 1 / iscale;
+        y[i].d = d;
     }
     return 0;
 }

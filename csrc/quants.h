@@ -70,8 +70,8 @@ int64_t ds4_q8_k_nbytes(int64_t n);
 int ds4_quantize_q8_k(const float *x, void *dst, int64_t n);
 
 /* ---- Q8_0 activations (qat-q8 mode, for Q8_0 weights) --------------------
- * Per block of 32 (ggml quantize_row_q8_0_ref, the rounding of
- * ds4_act8_round): d = amax / 127, q = roundf(x * (1 / d)), d stored as
+ * Per block of 32 (ggml quantize_row_q8_0_ref, qat_round.h's rule, which
+ * CUDA's k_act8 shares): d = amax / 127, q = roundf(x * (1 / d)), d stored as
  * fp16; an all-zero block is all zeros. Returns 0, or -1 when n % 32 != 0.
  * ds4_vec_dot_q8_0_q8_0: Q8_0 weights against such blocks, the codes'
  * integer dot a block times both scales (ggml style); _ref the scalar
