@@ -6,7 +6,7 @@ the numpy transcription of ggml's Q8_K for qat-q8).
 Why products and not logits for qat-q8: every quantized product rounds its x
 to int8 codes, and on these random-weight models one code moved by a last-bit
 difference grows through the layers (the CPU engine's own scalar and SIMD
-kernels give logits 40-50% apart in qat-q8), so whole-model comparisons
+kernels give logits 38-52% apart in qat-q8), so whole-model comparisons
 cannot tell a kernel error from that. A single product, on the same x bits,
 rounds identically on both sides and must agree to float32 accumulation."""
 import numpy as np
