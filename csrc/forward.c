@@ -426,7 +426,7 @@ static int attention(ds4_session *s, int l, struct chunk *c) {
     ds4_matrix wo_a = ds4_matrix_of(&L->attn_output_a);
     for (int64_t g = 0; g < G; g++)
         project(s, c, ds4_matrix_rows(wo_a, g * r_o, r_o), c->o + g * per_group, H * d, n,
-                   c->low + g * r_o, G * r_o);
+                c->low + g * r_o, G * r_o);
     project(s, c, ds4_matrix_of(&L->attn_output_b), c->low, G * r_o, n, c->y, D);
     return 0;
 }
@@ -544,7 +544,7 @@ static void logits_out(ds4_session *s, struct chunk *c, int64_t t0, float *logit
     for (int64_t t = t0; t < c->n; t++)
         ds4_rms_norm(c->u + t * hc * D, c->X + t * hc * D, NULL, hc * D, cf->rms_eps);
     project(s, c, ds4_matrix_of(&M->output_hc_fn), c->u + t0 * hc * D, hc * D, n,
-               c->mix, hc);
+            c->mix, hc);
     const float *base = f32(&M->output_hc_base), scale = f32(&M->output_hc_scale)[0];
     for (int64_t t = 0; t < n; t++) {
         const float *X = c->X + (t0 + t) * hc * D;
