@@ -1,9 +1,8 @@
 /* Backends: the built-in CPU one, and loading another from a shared library. */
 #include <dlfcn.h>
 #include <stdio.h>
-#include <string.h>
-
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend.h"
 #include "ops.h"

@@ -201,6 +201,19 @@ def _same(name, ref, got):
     assert worst <= 1e-5, f"{name}: max rel {worst:.2e}"
 
 
+def _rewind_and_restore_agree(name, model, s, prompt, chunked, rng, tmp_path):
+    """s has just evaluated prompt (logits `chunked`): its last 12 tokens
+    re-evaluated after a rewind, and a snapshot of it restored into a new
+    session, must give the same logits (the same kernels on the same state)."""
+    s.rewind(len(prompt) - 12)
+    _same(f"{name}/rewind", chunked[-12:], s.eval(prompt[-12:], all_logits=True))
+    s.save(tmp_path / "a.snap")
+    c = model.session(numerics=s.numerics)
+    c.load(tmp_path / "a.snap")
+    after = _ids(rng, 3, model.config.n_vocab)
+    _same(f"{name}/restore", s.eval(after, all_logits=True), c.eval(after, all_logits=True))
+
+
 @pytest.mark.gpu
 def test_cuda_qat_prefill_decode_rewind_restore_agree(model_pair, tmp_path):
     name, cpu_m, gpu_m = model_pair
@@ -221,13 +234,7 @@ def test_cuda_qat_prefill_decode_rewind_restore_agree(model_pair, tmp_path):
     t = Tally(f"{name}/qat/one-token decode first {QAT_PREFIX}")
     t.add(ref, np.stack([b.eval([tok]) for tok in prompt[:QAT_PREFIX]]))
     t.check(rel_tol=QAT_FLIP)
-    a.rewind(len(prompt) - 12)
-    _same(f"{name}/qat/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
-    a.save(tmp_path / "a.snap")
-    c = gpu_m.session(numerics="qat")
-    c.load(tmp_path / "a.snap")
-    after = _ids(rng, 3, vocab)
-    _same(f"{name}/qat/restore", a.eval(after, all_logits=True), c.eval(after, all_logits=True))
+    _rewind_and_restore_agree(f"{name}/qat", gpu_m, a, prompt, chunked, rng, tmp_path)
 
 
 # qat-q8 (int8 activations into the quantized products) is not compared with
@@ -246,13 +253,7 @@ def test_cuda_qat_q8_sessions_agree_with_themselves(model_pair, tmp_path):
     assert np.isfinite(chunked).all()
     again = gpu_m.session(numerics="qat-q8").eval(prompt, all_logits=True)
     _same(f"{name}/qat-q8/repeat", chunked, again)
-    a.rewind(len(prompt) - 12)
-    _same(f"{name}/qat-q8/rewind", chunked[-12:], a.eval(prompt[-12:], all_logits=True))
-    a.save(tmp_path / "a.snap")
-    c = gpu_m.session(numerics="qat-q8")
-    c.load(tmp_path / "a.snap")
-    after = _ids(rng, 3, vocab)
-    _same(f"{name}/qat-q8/restore", a.eval(after, all_logits=True), c.eval(after, all_logits=True))
+    _rewind_and_restore_agree(f"{name}/qat-q8", gpu_m, a, prompt, chunked, rng, tmp_path)
 
 
 @pytest.mark.gpu
