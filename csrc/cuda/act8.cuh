@@ -277,13 +277,13 @@ __global__ void __launch_bounds__(Q8X_THREADS, 2) k_linear_q8x(lin_args a) {
                     if constexpr (Q2K) {
                         mma_s8(iacc[i][j], af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, b.x, b.y);
                     } else if constexpr (IQ2) {
-                        int d[4] = {0, 0, 0, 0};
-                        mma_s8(d, af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, b.x, b.y);
+                        int d[4];
+                        mma_s8_from(d, 0, af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, b.x, b.y);
 #pragma unroll
                         for (int c = 0; c < 4; c++) iacc[i][j][c] += d[c] * mr[i][c / 2];
                     } else {
-                        int d[4] = {I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS};
-                        mma_s8(d, af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, b.x, b.y);
+                        int d[4];
+                        mma_s8_from(d, I2F_BIAS_BITS, af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, b.x, b.y);
 #pragma unroll
                         for (int c = 0; c < 4; c++)
                             acc[i][j][c] = fmaf(__int_as_float(d[c]) - I2F_BIAS, sr[i][c / 2] * (c % 2 ? f1 : f0),
@@ -323,15 +323,6 @@ __global__ void __launch_bounds__(Q8X_THREADS, 2) k_linear_q8x(lin_args a) {
             }
             __syncthreads();
         }
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    int r = r0 + wm * 32 + i * 16 + g + 8 * (c / 2);
-                    int p = t0 + wn * 32 + j * 8 + 2 * tg + (c % 2);
-                    if (r < a.w.n_out && p < blk.p1) blk.y[(int64_t)p * a.ys + r] = acc[i][j][c];
-                }
+        block_tile_store(acc, blk, a, r0, t0, wm, wn, g, tg);
     }
 }

@@ -64,6 +64,15 @@ __device__ __forceinline__ void mma_2xtf32(float d[4], const uint32_t ahi[4], co
     mma_tf32(d, ahi, __float_as_uint(b0), __float_as_uint(b1));
 }
 
+/* Four 8 x 4 blocks of 32-bit words from shared memory (ldmatrix on b16
+ * pairs), lane l giving the address of row l % 8 of block l / 8: each lane
+ * gets word tg of row g of each block, the m16n8k8 tf32 fragment places. */
+__device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+}
+
 __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
                  "l"(src));
@@ -121,22 +130,30 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         {
             int kn = 8 * (warp % 2), dk = KH * (warp / 2);
             float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            /* ldmatrix addresses: A's four 8 x 4 blocks (heads 0-7 / 8-15 x
+             * columns +0 / +4), B's four (keys x columns +0, +4, +8, +12) */
+            const float *qa = q_hi + ((lane / 8) % 2 * 8 + lane % 8) * LD + 4 * (lane / 16);
+            const float *kb = kt + (kn + lane % 8) * LD + 4 * (lane / 8);
+            const int q_lo_off = TCA_ROWS * LD;
 #pragma unroll 2
             for (int c0 = 0; c0 < KH; c0 += 32) {
                 float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-                for (int k8 = 0; k8 < 32; k8 += 8) {
-                    int c = dk + c0 + k8 + tg;
-                    uint32_t ahi[4] = {__float_as_uint(q_hi[g * LD + c]), __float_as_uint(q_hi[(g + 8) * LD + c]),
-                                       __float_as_uint(q_hi[g * LD + c + 4]),
-                                       __float_as_uint(q_hi[(g + 8) * LD + c + 4])};
-                    uint32_t alo[4] = {__float_as_uint(q_lo[g * LD + c]), __float_as_uint(q_lo[(g + 8) * LD + c]),
-                                       __float_as_uint(q_lo[g * LD + c + 4]),
-                                       __float_as_uint(q_lo[(g + 8) * LD + c + 4])};
-                    if (dk + c0 + 32 <= a.key_tf32)
-                        mma_2xtf32(d4, ahi, alo, kt[(kn + g) * LD + c], kt[(kn + g) * LD + c + 4]);
-                    else
-                        mma_3xtf32(d4, ahi, alo, kt[(kn + g) * LD + c], kt[(kn + g) * LD + c + 4]);
+                for (int k16 = 0; k16 < 32; k16 += 16) {
+                    uint32_t kf[4];   /* b0, b1 of columns +0.., then of +8.. */
+                    ldsm_x4_f32(kf, kb + dk + c0 + k16);
+#pragma unroll
+                    for (int h8 = 0; h8 < 2; h8++) {
+                        const int c = dk + c0 + k16 + 8 * h8;
+                        uint32_t ahi[4], alo[4];
+                        ldsm_x4_f32(ahi, qa + c);
+                        ldsm_x4_f32(alo, qa + q_lo_off + c);
+                        float b0 = __uint_as_float(kf[2 * h8]), b1 = __uint_as_float(kf[2 * h8 + 1]);
+                        if (dk + c0 + 32 <= a.key_tf32)
+                            mma_2xtf32(d4, ahi, alo, b0, b1);
+                        else
+                            mma_3xtf32(d4, ahi, alo, b0, b1);
+                    }
                 }
 #pragma unroll
                 for (int i = 0; i < 4; i++) s[i] += d4[i];

@@ -10,9 +10,11 @@
 #include <vector>
 
 #include "act8.cuh"
+#include "act8_staged.cuh"
 #include "attention_tc.cuh"
 #include "indexer_tc.cuh"
 #include "int8_decode.cuh"
+#include "mma_few_rows.cuh"
 #include "kernels.cuh"
 #include "mma_linear.cuh"
 
@@ -324,6 +326,8 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
         "indexer shared memory");
     CKG(attention_tc_init(), "attention shared memory");
     CKG(indexer_tc_init(), "indexer shared memory");
+    CKG(q8s_init(), "int8 product shared memory");
+    CKG(few_rows_init(), "few-row product shared memory");
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {
@@ -809,17 +813,20 @@ static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
 /* Decode: Q8_0 and the routed experts' IQ2_XXS / Q2_K rows of n_in a
  * multiple of 1024 on the int8 tensor cores (int8_decode.cuh); other routed
  * rows staged in shared memory (up to the 48 KB a launch gets without
- * opting in); the rest one token per row pass. Chunks: tensor-core tiles
- * (mma_linear.cuh), or 8 tokens a pass where a matrix's n_in does not fit
- * them. */
+ * opting in); the rest one token per row pass. Chunks: in qat-q8, int8
+ * tiles (act8.cuh, act8_staged.cuh); F16 matrices of at most 32 rows (the
+ * HC mixers) split over tokens only (mma_few_rows.cuh); other tensor-core
+ * tiles (mma_linear.cuh), or 8 tokens a pass where a matrix's n_in does not
+ * fit them. */
 static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
     lin_args a = a0;
     int x_rows = a.xrow ? n : a.n_tok;
     if (n > 1 && g_act8 && q8x_fits(a.w) && !getenv("DS4_CUDA_NO_Q8X")) {
         /* qat-q8 chunks: one int8 product a tile */
         act8_x(st, a, x_rows, 1, true);
-        launch_q8x(st, dim3(blocks_for(a.w.n_out, Q8X_BM), mma_token_tiles(n, a.n_tok, slots, a.active != NULL),
-                            slots), a);
+        dim3 grid(blocks_for(a.w.n_out, Q8X_BM), mma_token_tiles(n, a.n_tok, slots, a.active != NULL), slots);
+        if (q8s_fits(a.w) && !getenv("DS4_CUDA_NO_Q8S")) launch_q8s(st, grid, a);
+        else launch_q8x(st, grid, a);
         return;
     }
     act8_x(st, a, x_rows, slots, false);
@@ -832,6 +839,8 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
     else if (n == 1 && q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8"))
         launch_q8_mma1(st, a, slots);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    else if (slots == 1 && few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS"))
+        launch_few_rows(st, a);
     else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
         launch_mma(st, dim3(blocks_for(a.w.n_out, MM_BM),
                             mma_token_tiles(n, a.n_tok, slots, a.active != NULL), slots), a);

@@ -30,6 +30,17 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+/* d = A B + c (c in each of the four accumulators): a product from a
+ * constant needs no moves into d before it (the same c registers serve
+ * every call). */
+__device__ __forceinline__ void mma_s8_from(int (&d)[4], int c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%10,%10,%10,%10};"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(c));
+}
+
 /* The accumulators start at the bits of 1.5 * 2^23: an int32 sum s below
  * 2^22 in magnitude then reads, as a float, 1.5 * 2^23 + s exactly, and one
  * float subtraction (not the quarter-rate conversion) gives s. */
@@ -183,8 +194,8 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
 #pragma unroll
         for (int s = 0; s < SL; s++) {
             uint2 bx = x_frag(xq, kb0 + s);
-            int d[4] = {I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS};
-            mma_s8(d, t.q0[s].x, t.q1[s].x, t.q0[s].y, t.q1[s].y, bx.x, bx.y);
+            int d[4];
+            mma_s8_from(d, I2F_BIAS_BITS, t.q0[s].x, t.q1[s].x, t.q0[s].y, t.q1[s].y, bx.x, bx.y);
             float t0, t1, f = xf[kb0 + s];
             slice_sums(d, tg, t0, t1);
             acc0 = fmaf(t0, q8_scale_at(t.s0, s) * f, acc0);
@@ -334,8 +345,8 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
                     float s0 = iq2_slice(t.c0[s], t.d0, tg, grid_sh, signs_sh, a0, a2);
                     float s1 = iq2_slice(t.c1[s], t.d1, tg, grid_sh, signs_sh, a1, a3);
                     uint2 bx = x_frag(xq, 8 * kb + s);
-                    int d[4] = {I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS};
-                    mma_s8(d, a0, a1, a2, a3, bx.x, bx.y);
+                    int d[4];
+                    mma_s8_from(d, I2F_BIAS_BITS, a0, a1, a2, a3, bx.x, bx.y);
                     float t0, t1, f = xf[8 * kb + s];
                     slice_sums(d, tg, t0, t1);
                     acc0 = fmaf(t0, s0 * f, acc0);
@@ -358,8 +369,8 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
                         uint32_t a3 = ((t.q1[n].y >> (2 * s)) & 0x03030303u) * (sc1 & 0xf);
                         int k = 8 * kb + 4 * n + s;   /* the x block */
                         uint2 bx = x_frag(xq, k);
-                        int d[4] = {I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS, I2F_BIAS_BITS};
-                        mma_s8(d, a0, a1, a2, a3, bx.x, bx.y);
+                        int d[4];
+                        mma_s8_from(d, I2F_BIAS_BITS, a0, a1, a2, a3, bx.x, bx.y);
                         float t0, t1, f = xf[k];
                         slice_sums(d, tg, t0, t1);
                         acc0 = fmaf(t0, d0 * f, acc0);

@@ -183,6 +183,24 @@ __device__ __forceinline__ void split3(float a, float b, uint32_t &h, uint32_t &
     l = pack_bf16(a - f.x, b - f.y);
 }
 
+/* A warp's 32 rows x 32 tokens of a 128 x 64 block tile into y (rows past
+ * n_out and tokens past the block's pairs dropped). C fragment: c0, c1 at
+ * (row g, tokens 2tg, 2tg + 1), c2, c3 at row g + 8. */
+__device__ __forceinline__ void block_tile_store(const float (&acc)[2][4][4], const lin_block &blk,
+                                                 const lin_args &a, int r0, int t0, int wm, int wn, int g,
+                                                 int tg) {
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int r = r0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
+                int p = t0 + wn * 32 + j * 8 + 2 * tg + (c & 1);
+                if (r < a.w.n_out && p < blk.p1) blk.y[(int64_t)p * a.ys + r] = acc[i][j][c];
+            }
+}
+
 /* Grid: (row tiles, token tiles, experts in use). Plain mode: tokens
  * 0..n_tok-1. Expert mode (a.active): blockIdx.z picks the expert, whose
  * grouped pairs are its tokens; the block walks them MM_BN at a time from
@@ -344,17 +362,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
             }
             __syncthreads();
         }
-        /* C fragment: c0, c1 at (row g, tokens 2tg, 2tg+1), c2, c3 at row g + 8 */
-#pragma unroll
-        for (int i = 0; i < 2; i++)
-#pragma unroll
-            for (int j = 0; j < 4; j++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    int r = r0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
-                    int p = t0 + wn * 32 + j * 8 + 2 * tg + (c & 1);
-                    if (r < a.w.n_out && p < p1) blk.y[(int64_t)p * a.ys + r] = acc[i][j][c];
-                }
+        block_tile_store(acc, blk, a, r0, t0, wm, wn, g, tg);
     }
 }
 
