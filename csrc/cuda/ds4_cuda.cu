@@ -788,9 +788,9 @@ static dsess *g_act8 = NULL;
  * at a.bx when a.bx != 0) through k_act8, and `a` pointed at the result: the
  * int8 forms for k_linear_q8x (codes), or the rounded floats in place of x.
  * False (nothing done) in the other modes and for float weights. */
-static bool act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes) {
+static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes) {
     dsess *g = g_act8;
-    if (!g || !act8_rounds(a.w.type)) return false;
+    if (!g || !act8_rounds(a.w.type)) return;
     if (!a.bx) parts = 1;
     act8_out o = {codes ? NULL : g->a8_xr, codes ? g->a8_q : NULL, g->a8_d, g->a8_s};
     launch_k(k_act8, dim3(rows, parts, blocks_for(a.w.n_in, 2048)), 256, 0, st, a.x, a.xs, a.bx, a.w.n_in,
@@ -801,7 +801,6 @@ static bool act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes
         a.x = g->a8_xr, a.xs = a.w.n_in;
         if (a.bx) a.bx = (int64_t)rows * a.w.n_in;
     }
-    return true;
 }
 
 static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
