@@ -786,8 +786,8 @@ static dsess *g_act8 = NULL;
 
 /* qat-q8, a quantized product: its x (rows of a.n_in, `parts` batch parts
  * at a.bx when a.bx != 0) through k_act8, and `a` pointed at the result: the
- * int8 forms for k_linear_q8x (codes), or the rounded floats in place of x.
- * False (nothing done) in the other modes and for float weights. */
+ * int8 forms for k_linear_q8x / k_linear_q8s (codes), or the rounded floats
+ * in place of x. Nothing in the other modes and for float weights. */
 static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes) {
     dsess *g = g_act8;
     if (!g || !act8_rounds(a.w.type)) return;
