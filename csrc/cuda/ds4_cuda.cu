@@ -252,7 +252,7 @@ static int check_shapes(const ds4_model *m, char *err, size_t errlen) {
         return -1;
     }
     int dpl = c->head_dim / 32;   /* attention: a head's vector over a warp's lanes */
-    if (c->n_hc > 16 || c->n_embd % 8 || c->head_dim % 32 || dpl & (dpl - 1) || dpl > 16 ||
+    if (c->n_hc > HC_MAX || c->n_embd % 8 || c->head_dim % 32 || dpl & (dpl - 1) || dpl > 16 ||
         c->n_expert > 1024) {
         snprintf(err, errlen, "the CUDA backend does not support this model shape (hc %d, embd %d, "
                  "head_dim %d: a power of two from 32 to 512)", c->n_hc, c->n_embd, c->head_dim);
@@ -992,7 +992,7 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
 
 static void hc_expand(ds4_session *s, dsess *g, int n) {
     const ds4_config *cf = &s->model->cfg;
-    int64_t count = (int64_t)n * cf->n_hc * cf->n_embd;
+    int64_t count = (int64_t)n * cf->n_embd;   /* a thread an element of a token's streams */
     cudaStreamWaitEvent(g->st, g->hc_join, 0);   /* post and comb */
     launch_k(k_hc_expand, blocks_for(count, 256), 256, 0, g->st, g->X, g->post, g->comb, g->y, cf->n_hc,
                                                            cf->n_embd, n, g->Xn);
