@@ -391,20 +391,25 @@ struct dlayer {
     float *raw, *kg, *idx_kg, *rows, *idx_rows;
 };
 
+/* qat-q8: a product's x as k_act8 writes it (4-byte stubs in the other modes) */
+struct act8_bufs {
+    float *xr, *d, *s;
+    int8_t *q;
+};
+
 struct dsess {
     cudaStream_t st;
-    /* the HC controllers' Sinkhorn runs here beside the sublayer: forked
-     * after the mixer (hc_fork), joined before the expand (hc_join) */
+    /* beside the main stream: the HC controllers' Sinkhorn, forked after the
+     * mixer (hc_fork), joined before the expand (hc_join); the shared expert,
+     * forked at the MoE's start (sh_fork), joined before the combine (sh_join) */
     cudaStream_t side;
-    cudaEvent_t hc_fork, hc_join;
+    cudaEvent_t hc_fork, hc_join, sh_fork, sh_join;
     dlayer *L;
     float *rope_main, *rope_comp;
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
-        *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_y, *iscores, *attn_part, *logits;
-    /* qat-q8: a product's x as k_act8 writes it (4-byte stubs in the other modes) */
-    float *a8_xr, *a8_d, *a8_s;
-    int8_t *a8_q;
+        *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_g, *sh_u, *sh_y, *iscores, *attn_part, *logits;
+    act8_bufs a8, a8_side;   /* the main stream's products', the side stream's */
     int32_t *sel, *ids;
     int *offs, *active, *pair_tok, *slot_pair, *isel, *n_isel;
     /* what a step reads from the host and writes back, pinned so that a
@@ -438,9 +443,9 @@ static int idx_slice_tokens(int64_t cap_rows, int64_t n) {
 static void free_chunk(dsess *g) {
     void *bufs[] = {g->X, g->Xn, g->u, g->mix, g->post, g->comb, g->x, g->xn, g->qr, g->q,
                     g->kv, g->kg, g->ikg, g->iq, g->iw, g->o, g->low, g->y, g->router, g->sel_w,
-                    g->ex_g, g->ex_u, g->ex_y, g->sh_y, g->iscores, g->attn_part, g->sel, g->ids, g->offs,
-                    g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel, g->a8_xr, g->a8_q, g->a8_d,
-                    g->a8_s};
+                    g->ex_g, g->ex_u, g->ex_y, g->sh_g, g->sh_u, g->sh_y, g->iscores, g->attn_part, g->sel,
+                    g->ids, g->offs, g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel, g->a8.xr,
+                    g->a8.q, g->a8.d, g->a8.s, g->a8_side.xr, g->a8_side.q, g->a8_side.d, g->a8_side.s};
     for (void *b : bufs) cudaFree(b);
     cudaFreeHost(g->hids);
     g->hids = NULL;
@@ -449,9 +454,8 @@ static void free_chunk(dsess *g) {
     int64_t keep = g->cap_logits;
     g->X = g->Xn = g->u = g->mix = g->post = g->comb = g->x = g->xn = g->qr = g->q = g->kv = NULL;
     g->kg = g->ikg = g->iq = g->iw = g->o = g->low = g->y = g->router = g->sel_w = NULL;
-    g->ex_g = g->ex_u = g->ex_y = g->sh_y = g->iscores = g->attn_part = NULL;
-    g->a8_xr = g->a8_d = g->a8_s = NULL;
-    g->a8_q = NULL;
+    g->ex_g = g->ex_u = g->ex_y = g->sh_g = g->sh_u = g->sh_y = g->iscores = g->attn_part = NULL;
+    g->a8 = g->a8_side = act8_bufs{};
     g->sel = g->ids = NULL;
     g->offs = g->active = g->pair_tok = g->slot_pair = g->isel = g->n_isel = NULL;
     g->logits = keep_logits;
@@ -473,10 +477,12 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
      * nothing: rows of D (plain, and the routed gate / up's token rows), the
      * routed down's pairs of F, q_b's QL, an output group's H d / G (a token's
      * G groups at once: H d), the output projection's G r_o, the shared down's Fs */
-    int64_t a8 = 0;
-    if (s->numerics == DS4_NUMERICS_QAT_Q8)
+    int64_t a8 = 0, a8_side = 0;
+    if (s->numerics == DS4_NUMERICS_QAT_Q8) {
         a8 = std::max({c * D, c * k * F, c * cf->q_lora_rank, c * cf->n_head * d / cf->o_groups,
                        (int64_t)cf->n_head * d, c * cf->o_groups * cf->o_lora_rank, c * Fs});
+        a8_side = std::max(c * D, c * Fs);   /* the shared expert's */
+    }
     struct {
         void **p;
         int64_t bytes;
@@ -494,14 +500,16 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->router, c * E * 4}, {(void **)&g->sel_w, c * k * 4},
         {(void **)&g->ex_g, std::max(c * k * F, c * Fs) * 4},
         {(void **)&g->ex_u, std::max(c * k * F, c * Fs) * 4}, {(void **)&g->ex_y, c * k * D * 4},
-        {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, idx_slice_tokens(max_cap_rows(s), c) * max_cap_rows(s) * 4},
+        {(void **)&g->sh_g, c * Fs * 4}, {(void **)&g->sh_u, c * Fs * 4}, {(void **)&g->sh_y, c * D * 4}, {(void **)&g->iscores, idx_slice_tokens(max_cap_rows(s), c) * max_cap_rows(s) * 4},
         {(void **)&g->attn_part, attn_part_floats(c, cf->n_head, (int)d) * 4},
         {(void **)&g->sel, c * k * 4}, {(void **)&g->ids, c * 4}, {(void **)&g->offs, (E + 1) * 4},
         {(void **)&g->active, E * 4}, {(void **)&g->pair_tok, c * k * 4},
         {(void **)&g->slot_pair, c * k * 4},
         {(void **)&g->isel, c * std::max(1, cf->indexer_top_k) * 4}, {(void **)&g->n_isel, c * 4},
-        {(void **)&g->a8_xr, a8 * 4}, {(void **)&g->a8_q, a8}, {(void **)&g->a8_d, a8 / 32 * 4},
-        {(void **)&g->a8_s, a8 / 16 * 4},
+        {(void **)&g->a8.xr, a8 * 4}, {(void **)&g->a8.q, a8}, {(void **)&g->a8.d, a8 / 32 * 4},
+        {(void **)&g->a8.s, a8 / 16 * 4}, {(void **)&g->a8_side.xr, a8_side * 4},
+        {(void **)&g->a8_side.q, a8_side}, {(void **)&g->a8_side.d, a8_side / 32 * 4},
+        {(void **)&g->a8_side.s, a8_side / 16 * 4},
     };
     for (auto &b : a) {
         cudaError_t e = cudaMalloc(b.p, (size_t)std::max<int64_t>(b.bytes, 4));
@@ -554,8 +562,8 @@ static void session_free(ds4_session *s) {
     free(g->L);
     cudaFree(g->rope_main);
     cudaFree(g->rope_comp);
-    if (g->hc_fork) cudaEventDestroy(g->hc_fork);
-    if (g->hc_join) cudaEventDestroy(g->hc_join);
+    for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join})
+        if (e) cudaEventDestroy(e);
     if (g->side) cudaStreamDestroy(g->side);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
@@ -624,6 +632,8 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
     CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), "stream");
     CK(cudaEventCreateWithFlags(&g->hc_fork, cudaEventDisableTiming), "event");
     CK(cudaEventCreateWithFlags(&g->hc_join, cudaEventDisableTiming), "event");
+    CK(cudaEventCreateWithFlags(&g->sh_fork, cudaEventDisableTiming), "event");
+    CK(cudaEventCreateWithFlags(&g->sh_join, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
     CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
     for (int l = 0; l < cf->n_layer; l++) {
@@ -792,13 +802,15 @@ static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes
     dsess *g = g_act8;
     if (!g || !act8_rounds(a.w.type)) return;
     if (!a.bx) parts = 1;
-    act8_out o = {codes ? NULL : g->a8_xr, codes ? g->a8_q : NULL, g->a8_d, g->a8_s};
+    /* products on the side stream run beside the main stream's: their own x forms */
+    const act8_bufs &b = g->side && st == g->side ? g->a8_side : g->a8;
+    act8_out o = {codes ? NULL : b.xr, codes ? b.q : NULL, b.d, b.s};
     launch_k(k_act8, dim3(rows, parts, blocks_for(a.w.n_in, 2048)), 256, 0, st, a.x, a.xs, a.bx, a.w.n_in,
              base_type(a.w.type) != DS4_TYPE_Q8_0, o);
     if (codes) {
-        a.q8 = g->a8_q, a.q8d = g->a8_d, a.q8s = g->a8_s;
+        a.q8 = b.q, a.q8d = b.d, a.q8s = b.s;
     } else {
-        a.x = g->a8_xr, a.xs = a.w.n_in;
+        a.x = b.xr, a.xs = a.w.n_in;
         if (a.bx) a.bx = (int64_t)rows * a.w.n_in;
     }
 }
@@ -1110,12 +1122,33 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     linear(st, dmat_of(L.attn_output_b), g->low, (int64_t)G * r_o, n, g->y, D);
 }
 
+/* The shared expert's SwiGLU FFN on xn into y (gate and up into sg, su). */
+static void shared_expert(cudaStream_t st, const ds4_layer &L, const float *xn, int D, int n, int Fs, float *sg,
+                          float *su, float *y) {
+    linear_pair(st, L.ffn_gate_shexp, L.ffn_up_shexp, xn, D, n, sg, su, Fs);
+    launch_k(k_swiglu, blocks_for((int64_t)n * Fs, 256), 256, 0, st, sg, su, (int64_t)n * Fs, L.swiglu_clamp);
+    linear(st, dmat_of(L.ffn_down_shexp), sg, Fs, n, y, D);
+}
+
 static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     const ds4_config *cf = &s->model->cfg;
     cudaStream_t st = g->st;
     int D = cf->n_embd, F = cf->expert_ff, k = cf->n_expert_used, E = cf->n_expert;
     int Fs = F * cf->n_shared_experts;
-    /* xn is the normed input (hc_controller) */
+    /* the shared expert (weight 1) beside the routed ones on the side stream
+     * (DS4_CUDA_NO_SHFORK=1: after them on the main one). Same call, H200:
+     * qat-q8 decode +6-8%, qat chunks +2.5%, qat decode within noise; not
+     * for qat-q8 chunks, whose int8 tiles then compete (-2.5%). xn is the
+     * normed input (hc_controller). */
+    bool fork = (n == 1 || !g_act8) && !getenv("DS4_CUDA_NO_SHFORK");
+    cudaStream_t ss = fork ? g->side : st;
+    float *sg = fork ? g->sh_g : g->ex_g, *su = fork ? g->sh_u : g->ex_u;
+    if (fork) {
+        cudaEventRecord(g->sh_fork, st);
+        cudaStreamWaitEvent(g->side, g->sh_fork, 0);
+        shared_expert(ss, L, g->xn, D, n, Fs, sg, su, g->sh_y);
+        cudaEventRecord(g->sh_join, g->side);
+    }
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
     launch_k(k_route, blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st, 
         g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
@@ -1129,11 +1162,8 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
                                                                   (int64_t)n * k * F, L.swiglu_clamp);
     expert_linear(st, L.ffn_down_exps, g, n, n * k, slots, NULL, g->ex_g, F, g->ex_y, D);
 
-    /* shared expert, weight 1 (the routed outputs are in ex_y by now) */
-    linear_pair(st, L.ffn_gate_shexp, L.ffn_up_shexp, g->xn, D, n, g->ex_g, g->ex_u, Fs);
-    launch_k(k_swiglu, blocks_for((int64_t)n * Fs, 256), 256, 0, st, g->ex_g, g->ex_u, (int64_t)n * Fs,
-                                                               L.swiglu_clamp);
-    linear(st, dmat_of(L.ffn_down_shexp), g->ex_g, Fs, n, g->sh_y, D);
+    if (fork) cudaStreamWaitEvent(st, g->sh_join, 0);
+    else shared_expert(ss, L, g->xn, D, n, Fs, sg, su, g->sh_y);   /* into ex_g / ex_u: the routed are in ex_y */
     launch_k(k_combine, blocks_for((int64_t)n * D, 256), 256, 0, st, g->ex_y, g->slot_pair, g->sel_w,
                                                                g->sh_y, k, D, n, g->y);
 }
@@ -1238,10 +1268,10 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int nume
     CKG(cudaStreamCreate(&st), "a stream");
     CKG(cudaMalloc(&dx, (size_t)(n * n_in) * 4), "x");
     CKG(cudaMalloc(&dy, (size_t)(n * n_out) * 4), "y");
-    CKG(cudaMalloc(&g.a8_xr, (size_t)(n * n_in) * 4), "x forms");
-    CKG(cudaMalloc(&g.a8_q, (size_t)(n * n_in)), "x forms");
-    CKG(cudaMalloc(&g.a8_d, (size_t)(n * n_in / 32 + 1) * 4), "x forms");
-    CKG(cudaMalloc(&g.a8_s, (size_t)(n * n_in / 16 + 1) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8.xr, (size_t)(n * n_in) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8.q, (size_t)(n * n_in)), "x forms");
+    CKG(cudaMalloc(&g.a8.d, (size_t)(n * n_in / 32 + 1) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8.s, (size_t)(n * n_in / 16 + 1) * 4), "x forms");
     CKG(cudaMalloc(&active, (size_t)E * 4), "experts");
     CKG(cudaMalloc(&offs, (size_t)(E + 1) * 4), "experts");
     CKG(cudaMalloc(&xrow, (size_t)n * 4), "experts");
@@ -1264,7 +1294,7 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int nume
     CKG(cudaStreamSynchronize(st), "the product");
     rc = 0;
 out:
-    for (void *p : {(void *)dx, (void *)dy, (void *)g.a8_xr, (void *)g.a8_q, (void *)g.a8_d, (void *)g.a8_s,
+    for (void *p : {(void *)dx, (void *)dy, (void *)g.a8.xr, (void *)g.a8.q, (void *)g.a8.d, (void *)g.a8.s,
                     (void *)active, (void *)offs, (void *)xrow})
         cudaFree(p);
     if (st) cudaStreamDestroy(st);
