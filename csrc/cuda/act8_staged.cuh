@@ -32,11 +32,6 @@ __device__ __forceinline__ uint2 q8s_frag(const uint8_t *tile, int r, int s, int
     return *(const uint2 *)(tile + q8s_at(r, 2 * s + (tg >> 1)) + 8 * (tg & 1));
 }
 
-__device__ __forceinline__ void cp_async16s(void *dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
-                 "l"(src));
-}
-
 /* Dynamic shared memory: per buffer, the rows' codes and 8 fp16 scales, x's
  * codes and 8 float scales. */
 static constexpr size_t Q8S_SMEM = 2 * ((size_t)Q8S_BM * (256 + 16) + (size_t)Q8S_BN * (256 + 32));
@@ -64,15 +59,15 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
             for (int i = tid; i < Q8S_BM * 16; i += Q8S_THREADS) {
                 int r = i / 16, c = i % 16;
                 const uint8_t *row = blk.w + (int64_t)min(r0 + r, a.w.n_out - 1) * a.w.row_bytes;
-                cp_async16s(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c), row + 2 * (n_in / 32) + 256 * b + 16 * c);
-                if (c == 0) cp_async16s(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
+                cp_async16(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c), row + 2 * (n_in / 32) + 256 * b + 16 * c);
+                if (c == 0) cp_async16(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
             }
             for (int i = tid; i < Q8S_BN * 16; i += Q8S_THREADS) {
                 int t = i / 16, c = i % 16;
                 int pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
                 int64_t xr = a.xrow ? a.xrow[pt] : pt;
-                cp_async16s(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + xr * n_in + 256 * b + 16 * c);
-                if (c < 2) cp_async16s(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c, a.q8d + xr * (n_in / 32) + 8 * b + 4 * c);
+                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + xr * n_in + 256 * b + 16 * c);
+                if (c < 2) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c, a.q8d + xr * (n_in / 32) + 8 * b + 4 * c);
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         };

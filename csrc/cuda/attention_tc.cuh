@@ -73,11 +73,6 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
                  : "r"((uint32_t)__cvta_generic_to_shared(p)));
 }
 
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
-                 "l"(src));
-}
-
 /* Grid: (head groups of 16, tokens). */
 template <int D>
 __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {

@@ -31,6 +31,13 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
+/* 16 bytes global -> shared, asynchronous (cp.async, L2 only): complete
+ * after cp.async.wait_group / wait_all. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src));
+}
+
 static bool g_pdl_device = false;   /* sm_90+, not switched off (model_init) */
 static bool g_pdl = false;          /* this forward's launches (forward) */
 

@@ -34,11 +34,6 @@ static inline bool few_rows_fits(const lin_args &a) {
            a.w.row_bytes % 16 == 0 && a.xs % 4 == 0;
 }
 
-__device__ __forceinline__ void cp_async16_fr(void *dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
-                 "l"(src));
-}
-
 /* Grid: (1, tiles of 16 of the n_tok tokens). */
 __global__ void __launch_bounds__(FR_THREADS) k_linear_few_rows(lin_args a) {
     pdl_begin();
@@ -62,11 +57,11 @@ __global__ void __launch_bounds__(FR_THREADS) k_linear_few_rows(lin_args a) {
             for (int h = 0; h < 2; h++) {
                 int i = tid + h * FR_THREADS, r = i / 8, c = i % 8;
                 const uint8_t *row = a.w.data + (int64_t)min(r, a.w.n_out - 1) * a.w.row_bytes;
-                cp_async16_fr(st + r * FR_BK * 2 + 16 * c, row + (int64_t)k * FR_BK * 2 + 16 * c);
+                cp_async16(st + r * FR_BK * 2 + 16 * c, row + (int64_t)k * FR_BK * 2 + 16 * c);
                 int t = i / 16, cx = i % 16;
                 int pt = t0 + t < p1 ? t0 + t : p1 - 1;   /* past the end: a real row, unused */
                 const float *xr = a.x + (int64_t)pt * a.xs;
-                cp_async16_fr(st + FR_W_BYTES + t * FR_BK * 4 + 16 * cx, xr + (int64_t)k * FR_BK + 4 * cx);
+                cp_async16(st + FR_W_BYTES + t * FR_BK * 4 + 16 * cx, xr + (int64_t)k * FR_BK + 4 * cx);
             }
         }
         asm volatile("cp.async.commit_group;" ::: "memory");   /* empty past the end: the count stays even */
