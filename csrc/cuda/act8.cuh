@@ -174,6 +174,18 @@ __device__ __forceinline__ void q8x_decode(const q8x_raw &r, int k, int q, uint2
     }
 }
 
+/* One 32-element slice of Q8_0 rows on a tile: acc += (A's codes . B's
+ * codes) x row scale sr x token scale f, where both scales change every 32
+ * (the exact integer sum read off the I2F_BIAS accumulator). */
+__device__ __forceinline__ void q8_slice_product(float (&acc)[4], const uint2 (&af)[2], uint2 b,
+                                                 const float (&sr)[2], float f0, float f1) {
+    int d[4];
+    mma_s8_from(d, I2F_BIAS_BITS, af[0].x, af[1].x, af[0].y, af[1].y, b.x, b.y);
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+        acc[c] = fmaf(__int_as_float(d[c]) - I2F_BIAS, sr[c / 2] * (c % 2 ? f1 : f0), acc[c]);
+}
+
 /* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_mma.
  * x rows: a.xrow[p] for pair p, else p; a.q8, a.q8d, a.q8s their forms. */
 template <int TYPE>
@@ -282,12 +294,7 @@ __global__ void __launch_bounds__(Q8X_THREADS, 2) k_linear_q8x(lin_args a) {
 #pragma unroll
                         for (int c = 0; c < 4; c++) iacc[i][j][c] += d[c] * mr[i][c / 2];
                     } else {
-                        int d[4];
-                        mma_s8_from(d, I2F_BIAS_BITS, af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, b.x, b.y);
-#pragma unroll
-                        for (int c = 0; c < 4; c++)
-                            acc[i][j][c] = fmaf(__int_as_float(d[c]) - I2F_BIAS, sr[i][c / 2] * (c % 2 ? f1 : f0),
-                                                acc[i][j][c]);
+                        q8_slice_product(acc[i][j], af[i], b, sr[i], f0, f1);
                     }
                 }
             }

@@ -113,14 +113,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
                     uint2 bf = q8s_frag(bt, tb + g, s, tg);
                     float f0 = xdu[(tb + 2 * tg) * 8 + s], f1 = xdu[(tb + 2 * tg + 1) * 8 + s];
 #pragma unroll
-                    for (int i = 0; i < 2; i++) {
-                        int d[4];
-                        mma_s8_from(d, I2F_BIAS_BITS, af[i][0].x, af[i][1].x, af[i][0].y, af[i][1].y, bf.x, bf.y);
-#pragma unroll
-                        for (int c = 0; c < 4; c++)
-                            acc[i][j][c] = fmaf(__int_as_float(d[c]) - I2F_BIAS, sr[i][c / 2] * (c % 2 ? f1 : f0),
-                                                acc[i][j][c]);
-                    }
+                    for (int i = 0; i < 2; i++) q8_slice_product(acc[i][j], af[i], bf, sr[i], f0, f1);
                 }
             }
         }
