@@ -245,16 +245,213 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     }
 }
 
+/* k_attention_tc8, the same attention on 8 warps a block (head sizes >= 128).
+ * k_attention_tc runs 8 warps an SM (4 a block, 2 blocks: 99 KB of shared
+ * memory and 220 registers a block) at 1.1 instructions a cycle, its stalls
+ * fixed-latency dependencies that more warps would hide. This variant keeps
+ * Q once as float (split into tf32 parts at the fragment: the same cvt on the
+ * same value as k_attention_tc's prologue), which frees room for a 32-key
+ * tile in the same 99 KB, and runs 8 warps a block: the scores as 4 key
+ * groups x 2 d halves, the sum as 8 d eighths (half the accumulators a
+ * thread). The 32-key tile is two 16-key softmax steps, in order, so every
+ * product, sum and rescaling is k_attention_tc's: the same logits bits
+ * (csrc/cuda/same_bits.py), prefill +3-4% in qat-q8 on an H200.
+ * DS4_CUDA_NO_ATTN8=1 keeps k_attention_tc (for A/B). */
+#define TCA8_KT 32
+#define TCA8_THREADS 256
+
+static inline size_t tca8_shared_bytes(int d) { return (size_t)(TCA_ROWS + TCA8_KT) * (d + 4) * sizeof(float); }
+
+template <int D>
+__global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) {
+    pdl_begin();
+    constexpr int LD = D + 4, NTW = D / 64 /* n8 tiles a warp in the sum */, KH = D / 2;
+    extern __shared__ __align__(16) float sh8[];
+    float *qf = sh8, *kt = sh8 + TCA_ROWS * LD;   /* [16][LD], [32][LD] */
+    __shared__ float s_part[2][TCA_ROWS][TCA8_KT + 1];   /* scores of each d half */
+    __shared__ float p_sh[2][TCA_ROWS][TCA_KT + 4];      /* each 16-key step's weights */
+    __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS];
+    __shared__ const float *kp[TCA8_KT];
+
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
+    int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
+    int64_t pos = *a.pos0 + t;
+    const attn_keys keys = attn_keys_of(a, t, pos);
+    const int64_t n_keys = keys.n_keys;
+
+    for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA8_THREADS) {
+        int r = i / D, c = i % D;
+        qf[r * LD + c] = h0 + r < a.H ? a.q[((int64_t)t * a.H + h0 + r) * D + c] : 0.0f;
+    }
+    if (threadIdx.x < TCA_ROWS) m_row[threadIdx.x] = -INFINITY, den_row[threadIdx.x] = 0.0f;
+    const float scale = 1.0f / sqrtf((float)D);
+
+    /* the sum: warp w has d eighth w, NTW n8 tiles; rows g and g + 8 */
+    float acc[NTW][4];
+#pragma unroll
+    for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+    for (int64_t k0 = 0; k0 < n_keys; k0 += TCA8_KT) {
+        int nt = n_keys - k0 < TCA8_KT ? (int)(n_keys - k0) : TCA8_KT;
+        int steps = nt > TCA_KT ? 2 : 1;   /* 16-key softmax steps (k_attention_tc's tiles) */
+        if (threadIdx.x < TCA8_KT) {   /* a short tile repeats its last key (weight 0 below) */
+            int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
+            kp[threadIdx.x] = attn_key_row(a, keys, r, D);
+        }
+        __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
+        for (int i = threadIdx.x; i < TCA8_KT * D / 4; i += TCA8_THREADS) {
+            int r = i / (D / 4), c = i % (D / 4);
+            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+
+        /* scores: warp w takes keys 8 (w % 4).. over d half w / 4 (k_attention_tc's chain) */
+        {
+            int kn = 8 * (warp % 4), dk = KH * (warp / 4);
+            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const float *qa = qf + ((lane / 8) % 2 * 8 + lane % 8) * LD + 4 * (lane / 16);
+            const float *kb = kt + (kn + lane % 8) * LD + 4 * (lane / 8);
+#pragma unroll 2
+            for (int c0 = 0; c0 < KH; c0 += 32) {
+                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int k16 = 0; k16 < 32; k16 += 16) {
+                    uint32_t kf[4];
+                    ldsm_x4_f32(kf, kb + dk + c0 + k16);
+#pragma unroll
+                    for (int h8 = 0; h8 < 2; h8++) {
+                        const int c = dk + c0 + k16 + 8 * h8;
+                        uint32_t qv[4], ahi[4], alo[4];
+                        ldsm_x4_f32(qv, qa + c);
+#pragma unroll
+                        for (int i = 0; i < 4; i++) tf32_split(__uint_as_float(qv[i]), ahi[i], alo[i]);
+                        float b0 = __uint_as_float(kf[2 * h8]), b1 = __uint_as_float(kf[2 * h8 + 1]);
+                        if (dk + c0 + 32 <= a.key_tf32)
+                            mma_2xtf32(d4, ahi, alo, b0, b1);
+                        else
+                            mma_3xtf32(d4, ahi, alo, b0, b1);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 4; i++) s[i] += d4[i];
+            }
+            s_part[warp / 4][g][kn + 2 * tg] = s[0];
+            s_part[warp / 4][g][kn + 2 * tg + 1] = s[1];
+            s_part[warp / 4][g + 8][kn + 2 * tg] = s[2];
+            s_part[warp / 4][g + 8][kn + 2 * tg + 1] = s[3];
+        }
+        __syncthreads();
+
+        /* online softmax, one 16-key step after the other: warps 0-3 as
+         * k_attention_tc's four (heads 4w.., 8 lanes a head, 2 keys a lane) */
+        if (warp < 4) {
+            int r = 4 * warp + lane / 8;
+            for (int st = 0; st < steps; st++) {
+                int j = 2 * (lane % 8), kk = TCA_KT * st + j, n16 = nt - TCA_KT * st;
+                float s0 = j < n16 ? (s_part[0][r][kk] + s_part[1][r][kk]) * scale : -INFINITY;
+                float s1 = j + 1 < n16 ? (s_part[0][r][kk + 1] + s_part[1][r][kk + 1]) * scale : -INFINITY;
+                float tmax = fmaxf(s0, s1);
+#pragma unroll
+                for (int o = 1; o < 8; o *= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+                float M = m_row[r], Mn = fmaxf(M, tmax);
+                float p0 = j < n16 ? expf(s0 - Mn) : 0.0f, p1 = j + 1 < n16 ? expf(s1 - Mn) : 0.0f;
+                float psum = p0 + p1;
+#pragma unroll
+                for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+                p_sh[st][r][j] = p0;
+                p_sh[st][r][j + 1] = p1;
+                __syncwarp();
+                if (lane % 8 == 0) {
+                    float alpha = expf(M - Mn);
+                    alpha_row[st][r] = alpha;
+                    den_row[r] = den_row[r] * alpha + psum;
+                    m_row[r] = Mn;
+                }
+                __syncwarp();   /* the next step reads m_row */
+            }
+        }
+        __syncthreads();
+
+        /* O = O alpha + P V, a 16-key step at a time: warp w has d eighth w */
+        for (int st = 0; st < steps; st++) {
+            uint32_t phi[2][4], plo[2][4];
+#pragma unroll
+            for (int ks = 0; ks < 2; ks++) {
+                float pv[4] = {p_sh[st][g][8 * ks + tg], p_sh[st][g + 8][8 * ks + tg],
+                               p_sh[st][g][8 * ks + tg + 4], p_sh[st][g + 8][8 * ks + tg + 4]};
+#pragma unroll
+                for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
+            }
+            float al0 = alpha_row[st][g], al1 = alpha_row[st][g + 8];
+            const float *kv = kt + TCA_KT * st * LD;
+#pragma unroll
+            for (int j = 0; j < NTW; j++) {
+                int n = (D / 8) * warp + 8 * j + g;
+                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                bool exact = (D / 8) * warp + 8 * j + 8 <= a.key_tf32;
+#pragma unroll
+                for (int ks = 0; ks < 2; ks++)
+                    if (exact)
+                        mma_2xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
+                    else
+                        mma_3xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
+                acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
+                acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
+                acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
+                acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
+            }
+        }
+    }
+    __syncthreads();
+    /* k_attention_tc's epilogue on this warp's d eighth */
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        int r = g + 8 * hh, h = h0 + r;
+        if (h >= a.H) continue;
+        float M = fmaxf(a.sinks[h], m_row[r]), l = den_row[r];
+        float den = expf(a.sinks[h] - M);
+        float w = l > 0 ? expf(m_row[r] - M) : 0.0f;
+        den += l * w;
+        float *og = a.o + ((int64_t)t * a.H + h) * D;
+#pragma unroll
+        for (int j = 0; j < NTW; j++) {
+            int c = (D / 8) * warp + 8 * j + 2 * tg;
+            float x0 = acc[j][2 * hh] * w / den, x1 = acc[j][2 * hh + 1] * w / den;
+            int k = c - (D - a.rope_dim);
+            if (k >= 0) {
+                float phi = (float)pos * a.freqs[k / 2];
+                float cs = cosf(phi), sn = -sinf(phi);
+                float r0 = x0 * cs - x1 * sn, r1 = x0 * sn + x1 * cs;
+                x0 = r0, x1 = r1;
+            }
+            og[c] = x0;
+            og[c + 1] = x1;
+        }
+    }
+}
+
 /* The shared-memory opt-in above 48 KB, once per head size. */
 static cudaError_t attention_tc_init(void) {
     cudaError_t e = allow_shared(cudaSuccess, k_attention_tc<64>, tca_shared_bytes(64));
     e = allow_shared(e, k_attention_tc<128>, tca_shared_bytes(128));
     e = allow_shared(e, k_attention_tc<256>, tca_shared_bytes(256));
-    return allow_shared(e, k_attention_tc<512>, tca_shared_bytes(512));
+    e = allow_shared(e, k_attention_tc<512>, tca_shared_bytes(512));
+    e = allow_shared(e, k_attention_tc8<128>, tca8_shared_bytes(128));
+    e = allow_shared(e, k_attention_tc8<256>, tca8_shared_bytes(256));
+    return allow_shared(e, k_attention_tc8<512>, tca8_shared_bytes(512));
 }
 
 static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n);
+    if (a.d >= 128 && !getenv("DS4_CUDA_NO_ATTN8")) {
+        size_t shm8 = tca8_shared_bytes(a.d);
+        switch (a.d) {
+        case 128: launch_k(k_attention_tc8<128>, grid, TCA8_THREADS, shm8, st, a); return;
+        case 256: launch_k(k_attention_tc8<256>, grid, TCA8_THREADS, shm8, st, a); return;
+        case 512: launch_k(k_attention_tc8<512>, grid, TCA8_THREADS, shm8, st, a); return;
+        }
+    }
     size_t shm = tca_shared_bytes(a.d);
     switch (a.d) {
     case 64: launch_k(k_attention_tc<64>, grid, TCA_THREADS, shm, st, a); break;
