@@ -16,7 +16,7 @@
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 6
+#define DS4_BACKEND_ABI 7
 
 struct ds4_model;
 struct ds4_session;
@@ -51,6 +51,10 @@ typedef struct ds4_backend {
      * tensors), expert `expert` of a 3-D one. NULL: the CPU's. */
     int (*product)(const struct ds4_model *m, const ds4_tensor *w, int expert, int numerics,
                    const float *x, int64_t n, float *y, char *err, size_t errlen);
+    /* Bytes the session's KV state takes as this backend stores it (the
+     * CUDA one keeps qat sessions' compressed rows compact). NULL: float32,
+     * as ds4_session_kv_bytes counts. */
+    int64_t (*kv_bytes)(const struct ds4_session *s);
 } ds4_backend;
 
 /* The symbol a backend library exports. */

@@ -190,6 +190,8 @@ int ds4_session_rewind(ds4_session *s, int64_t n, char *err, size_t errlen) {
 }
 
 int64_t ds4_session_kv_bytes(const ds4_session *s) {
+    const ds4_backend *b = ds4_model_backend(s->model);
+    if (b->kv_bytes) return b->kv_bytes(s);
     const ds4_config *cf = &s->model->cfg;
     int64_t T = s->n_tokens, values = 0;
     for (int l = 0; l < cf->n_layer; l++) {

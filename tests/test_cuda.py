@@ -256,6 +256,63 @@ def test_cuda_qat_q8_sessions_agree_with_themselves(model_pair, tmp_path):
     _rewind_and_restore_agree(f"{name}/qat-q8", gpu_m, a, prompt, chunked, rng, tmp_path)
 
 
+def _float_kv_bytes(cfg, T):
+    """ds4_session_kv_bytes's count: every row float32 (forward-pass.md §6.2)."""
+    values = cfg.n_layer * min(T, cfg.sliding_window) * cfg.head_dim
+    for m in cfg.compress_ratios:
+        if m:
+            values += T // m * (cfg.head_dim + (cfg.indexer_dim if m == 4 else 0))
+    return 4 * values
+
+
+def _compact_kv_bytes(cfg, T):
+    """The same with compressed rows as forward-pass.md §6.4 stores them: an
+    attention row's non-RoPE dims as E4M3 bytes and a scale byte a 64 (padded
+    to 16 bytes), its RoPE dims as float32; an indexer row as E2M1 nibbles and
+    a scale byte a 32 (padded to 4)."""
+    nope = cfg.head_dim - cfg.rope_dim
+    row = -(-(nope + -(-nope // 64)) // 16) * 16 + 4 * cfg.rope_dim
+    idx_row = -(-(cfg.indexer_dim // 2 + -(-cfg.indexer_dim // 32)) // 4) * 4
+    total = cfg.n_layer * min(T, cfg.sliding_window) * cfg.head_dim * 4
+    for m in cfg.compress_ratios:
+        if m:
+            total += T // m * (row + (idx_row if m == 4 else 0))
+    return total
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("numerics", ["qat", "qat-q8"])
+def test_cuda_compact_kv_rows_are_lossless(model_pair, numerics, tmp_path, monkeypatch):
+    """qat sessions keep their compressed rows as FP8 / FP4 codes and scales
+    (csrc/cuda/kv_compact.cuh): the same logits bits and the same snapshot
+    bytes as float rows (DS4_CUDA_NO_COMPACT_KV=1, read when a session
+    starts), a float snapshot encoded into a compact session continues alike,
+    and the rows take the bytes of forward-pass.md §6.4's layout."""
+    name, _, gpu_m = model_pair
+    cfg, vocab = gpu_m.config, gpu_m.config.n_vocab
+    rng = np.random.default_rng(17)
+    prompt, after, more = _ids(rng, MODELS[name], vocab), _ids(rng, 4, vocab), _ids(rng, 3, vocab)
+    compact = gpu_m.session(numerics=numerics)
+    monkeypatch.setenv("DS4_CUDA_NO_COMPACT_KV", "1")
+    plain = gpu_m.session(numerics=numerics)
+    monkeypatch.delenv("DS4_CUDA_NO_COMPACT_KV")
+    logs = [[s.eval(prompt, all_logits=True)] + [s.eval([tok]) for tok in after] for s in (compact, plain)]
+    for i, (x, y) in enumerate(zip(*logs)):
+        assert np.array_equal(x, y), f"{name}/{numerics}: eval {i} differs (max {np.abs(x - y).max():.3e})"
+
+    T = compact.n_tokens
+    assert plain.kv_bytes == _float_kv_bytes(cfg, T)
+    assert compact.kv_bytes == _compact_kv_bytes(cfg, T) < plain.kv_bytes
+    print(f"\n{name}/{numerics} at {T} tokens: KV {compact.kv_bytes} bytes compact, {plain.kv_bytes} float")
+
+    compact.save(tmp_path / "compact.snap")
+    plain.save(tmp_path / "plain.snap")
+    assert (tmp_path / "compact.snap").read_bytes() == (tmp_path / "plain.snap").read_bytes()
+    restored = gpu_m.session(numerics=numerics)
+    restored.load(tmp_path / "plain.snap")
+    assert np.array_equal(restored.eval(more, all_logits=True), plain.eval(more, all_logits=True))
+
+
 @pytest.mark.gpu
 def test_cuda_deep_rewind_replays_to_the_cpu_state(tiny_q2):
     cpu_m, gpu_m = ds4.load(tiny_q2, backend="cpu", ctx=1024), _cuda_model(tiny_q2, 1024)

@@ -17,6 +17,8 @@ struct attn_args {
     float *o;
     float *part;         /* [n][H][splits][d + 2] */
     const float *raw, *rows, *sinks;
+    const uint8_t *rows8;   /* compact compressed rows (kv_compact.cuh) instead of rows; NULL: float */
+    kv_compact kv;
     const int *sel, *n_sel;   /* NULL: every compressed row */
     int top_k;
     const int64_t *pos0;
@@ -50,11 +52,30 @@ __device__ __forceinline__ attn_keys attn_keys_of(const attn_args &a, int t, int
     return k;
 }
 
+/* A key row: float (the raw ring; compressed rows in exact mode) or compact. */
+struct key_ref {
+    const void *p;
+    bool compact;
+};
+
 /* Key r (< n_keys) of those: a raw ring row or a compressed row (d = a.d,
  * the kernel's compile-time head size). */
-__device__ __forceinline__ const float *attn_key_row(const attn_args &a, const attn_keys &k, int64_t r, int d) {
-    return r < k.n_raw ? a.raw + ((k.raw_first + r) % a.cap_raw) * d
-                       : a.rows + (int64_t)(k.sel ? k.sel[r - k.n_raw] : r - k.n_raw) * d;
+__device__ __forceinline__ key_ref attn_key_row(const attn_args &a, const attn_keys &k, int64_t r, int d) {
+    if (r < k.n_raw) return key_ref{a.raw + ((k.raw_first + r) % a.cap_raw) * d, false};
+    int64_t row = k.sel ? k.sel[r - k.n_raw] : r - k.n_raw;
+    return a.rows8 ? key_ref{a.rows8 + row * a.kv.bytes, true} : key_ref{a.rows + row * d, false};
+}
+
+/* Dims 4c .. 4c + 3 of a key row. */
+__device__ __forceinline__ float4 key_load4(const key_ref &k, int c, const kv_compact &L) {
+    return k.compact ? kv8_load4((const uint8_t *)k.p, c, L) : ((const float4 *)k.p)[c];
+}
+
+/* The same into shared memory at dst: a float row by cp.async, a compact
+ * one decoded; either way there after cp.async.wait_all and a barrier. */
+__device__ __forceinline__ void key_to_shared4(float *dst, const key_ref &k, int c, const kv_compact &L) {
+    if (k.compact) *(float4 *)dst = kv8_load4((const uint8_t *)k.p, c, L);
+    else cp_async16(dst, (const float *)k.p + 4 * c);
 }
 
 #define ATTN_KT 16          /* key rows per shared tile */
@@ -108,7 +129,7 @@ __global__ void k_attention(attn_args a) {
     int64_t n_keys = keys.n_keys, per = (n_keys + a.splits - 1) / a.splits;
     int64_t k_begin = sp * per, k_end = k_begin + per < n_keys ? k_begin + per : n_keys;
     extern __shared__ __align__(16) float ks[];   /* [ATTN_KT][d] */
-    __shared__ const float *kp[ATTN_KT];
+    __shared__ key_ref kp[ATTN_KT];
 
     float q[DPL], acc[DPL];
     const float *qg = a.q + ((int64_t)t * a.H + h) * d;
@@ -134,12 +155,12 @@ __global__ void k_attention(attn_args a) {
          * store (a strided loop would wait out one load latency per pass) */
 #pragma unroll 4
         for (int j = warp; j < nt; j += hg) {
-            const float4 *src = (const float4 *)kp[j];
+            const key_ref src = kp[j];
             float4 *dst = (float4 *)(ks + j * d);
             float4 v[NV4];
 #pragma unroll
             for (int c = 0; c < NV4; c++)
-                if (lane + WARP * c < d / 4) v[c] = src[lane + WARP * c];
+                if (lane + WARP * c < d / 4) v[c] = key_load4(src, lane + WARP * c, a.kv);
 #pragma unroll
             for (int c = 0; c < NV4; c++)
                 if (lane + WARP * c < d / 4) dst[lane + WARP * c] = v[c];

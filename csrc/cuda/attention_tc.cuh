@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     __shared__ float s_part[2][TCA_ROWS][TCA_KT + 1];   /* scores of each d half */
     __shared__ float p_sh[TCA_ROWS][TCA_KT + 4];        /* this tile's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[TCA_ROWS];
-    __shared__ const float *kp[TCA_KT];
+    __shared__ key_ref kp[TCA_KT];
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
         for (int i = threadIdx.x; i < TCA_KT * D / 4; i += TCA_THREADS) {
             int r = i / (D / 4), c = i % (D / 4);
-            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
+            key_to_shared4(kt + r * LD + 4 * c, kp[r], c, a.kv);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     __shared__ float s_part[2][TCA_ROWS][TCA8_KT + 1];   /* scores of each d half */
     __shared__ float p_sh[2][TCA_ROWS][TCA_KT + 4];      /* each 16-key step's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS];
-    __shared__ const float *kp[TCA8_KT];
+    __shared__ key_ref kp[TCA8_KT];
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
         for (int i = threadIdx.x; i < TCA8_KT * D / 4; i += TCA8_THREADS) {
             int r = i / (D / 4), c = i % (D / 4);
-            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
+            key_to_shared4(kt + r * LD + 4 * c, kp[r], c, a.kv);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();

@@ -14,6 +14,8 @@ extern "C" {
 #include "weights.h"
 }
 
+#define WARP 32
+
 /* Programmatic dependent launch (sm_90+): every kernel is launched with
  * permission to start while its predecessor in the stream finishes, and
  * begins by waiting for that predecessor's completion (and memory), then

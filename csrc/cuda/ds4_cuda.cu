@@ -389,6 +389,7 @@ out:
 
 struct dlayer {
     float *raw, *kg, *idx_kg, *rows, *idx_rows;
+    uint8_t *rows8, *idx_rows8;   /* compact instead of rows, idx_rows (dsess.compact) */
 };
 
 /* qat-q8: a product's x as k_act8 writes it (4-byte stubs in the other modes) */
@@ -405,6 +406,14 @@ struct dsess {
     cudaStream_t side;
     cudaEvent_t hc_fork, hc_join, sh_fork, sh_join;
     dlayer *L;
+    /* compressed rows stored compact (kv_compact.cuh): the qat modes, unless
+     * DS4_CUDA_NO_COMPACT_KV=1; kv8 an attention row, kv4 an indexer row */
+    bool compact;
+    kv_compact kv8, kv4;
+    /* a chunk's view of one layer's compact rows as float (decoded once a
+     * layer: the chunk kernels read each row many times, and a decode in
+     * their tile loads cost them 5-10% of a chunk) */
+    float *rows_f, *idx_rows_f;
     float *rope_main, *rope_comp;
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
@@ -559,8 +568,12 @@ static void session_free(ds4_session *s) {
             cudaFree(g->L[l].idx_kg);
             cudaFree(g->L[l].rows);
             cudaFree(g->L[l].idx_rows);
+            cudaFree(g->L[l].rows8);
+            cudaFree(g->L[l].idx_rows8);
         }
     free(g->L);
+    cudaFree(g->rows_f);
+    cudaFree(g->idx_rows_f);
     cudaFree(g->rope_main);
     cudaFree(g->rope_comp);
     for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join})
@@ -571,17 +584,22 @@ static void session_free(ds4_session *s) {
     s->backend_state = NULL;
 }
 
-static int dalloc(float **p, int64_t count, char *err, size_t errlen) {
+/* `bytes` of zeroed KV state. */
+static int dalloc_bytes(void **p, int64_t bytes, char *err, size_t errlen) {
     *p = NULL;
-    if (count <= 0) return 0;
-    cudaError_t e = cudaMalloc(p, (size_t)count * sizeof(float));
-    if (e == cudaSuccess) e = cudaMemset(*p, 0, (size_t)count * sizeof(float));
+    if (bytes <= 0) return 0;
+    cudaError_t e = cudaMalloc(p, (size_t)bytes);
+    if (e == cudaSuccess) e = cudaMemset(*p, 0, (size_t)bytes);
     if (e != cudaSuccess) {
-        snprintf(err, errlen, "out of GPU memory for the KV state (%.2f GiB more): %s",
-                 gib((double)count * 4), cudaGetErrorString(e));
+        snprintf(err, errlen, "out of GPU memory for the KV state (%.2f GiB more): %s", gib((double)bytes),
+                 cudaGetErrorString(e));
         return -1;
     }
     return 0;
+}
+
+static int dalloc(float **p, int64_t count, char *err, size_t errlen) {
+    return dalloc_bytes((void **)p, count * (int64_t)sizeof(float), err, errlen);
 }
 
 /* The device rings are deeper than the host's: a chunk writes all its
@@ -597,21 +615,24 @@ static int64_t dev_cap_kg(const ds4_session *s, const ds4_layer_state *ls) {
     return 2 * ls->ratio + std::max<int64_t>(s->rewind_budget, CUDA_PREFILL_CHUNK);
 }
 
-/* KV state array sizes (floats): rings at the device depth. */
+/* KV state array sizes: floats (rings at the device depth; float rows),
+ * bytes (compact rows). */
 struct state_sizes {
-    int64_t raw, kg, idx_kg, rows, idx_rows;
+    int64_t raw, kg, idx_kg, rows, idx_rows, rows8, idx_rows8;
 };
 
-static state_sizes sizes_of(const ds4_session *s, int l) {
+static state_sizes sizes_of(const ds4_session *s, const dsess *g, int l) {
     const ds4_config *cf = &s->model->cfg;
     const ds4_layer_state *ls = &s->layers[l];
-    state_sizes z = {dev_cap_raw(s) * cf->head_dim, 0, 0, 0, 0};
+    state_sizes z = {dev_cap_raw(s) * cf->head_dim, 0, 0, 0, 0, 0, 0};
     if (!ls->ratio) return z;
     z.kg = dev_cap_kg(s, ls) * 2 * ls->coff * cf->head_dim;
-    z.rows = ls->cap_rows * cf->head_dim;
+    if (g->compact) z.rows8 = ls->cap_rows * g->kv8.bytes;
+    else z.rows = ls->cap_rows * cf->head_dim;
     if (ls->indexer) {
         z.idx_kg = dev_cap_kg(s, ls) * 2 * 2 * cf->indexer_dim;
-        z.idx_rows = ls->cap_rows * cf->indexer_dim;
+        if (g->compact) z.idx_rows8 = ls->cap_rows * g->kv4.bytes;
+        else z.idx_rows = ls->cap_rows * cf->indexer_dim;
     }
     return z;
 }
@@ -637,12 +658,25 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
     CK(cudaEventCreateWithFlags(&g->sh_join, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
     CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
+    g->compact = s->numerics != DS4_NUMERICS_EXACT && kv8_fits(cf->head_dim, cf->rope_dim) &&
+                 kv4_fits(cf->indexer_dim) && !getenv("DS4_CUDA_NO_COMPACT_KV");
+    g->kv8 = kv8_layout(cf->head_dim, cf->rope_dim);
+    g->kv4 = kv4_layout(cf->indexer_dim);
+    if (g->compact) {
+        int64_t cap = 0;
+        for (int l = 0; l < cf->n_layer; l++) cap = std::max(cap, s->layers[l].ratio ? s->layers[l].cap_rows : 0);
+        if (dalloc(&g->rows_f, cap * cf->head_dim, err, errlen) ||
+            dalloc(&g->idx_rows_f, max_cap_rows(s) * cf->indexer_dim, err, errlen))
+            return -1;
+    }
     for (int l = 0; l < cf->n_layer; l++) {
-        state_sizes z = sizes_of(s, l);
-        if (dalloc(&g->L[l].raw, z.raw, err, errlen) || dalloc(&g->L[l].kg, z.kg, err, errlen) ||
-            dalloc(&g->L[l].idx_kg, z.idx_kg, err, errlen) ||
-            dalloc(&g->L[l].rows, z.rows, err, errlen) ||
-            dalloc(&g->L[l].idx_rows, z.idx_rows, err, errlen))
+        state_sizes z = sizes_of(s, g, l);
+        dlayer &dl = g->L[l];
+        if (dalloc(&dl.raw, z.raw, err, errlen) || dalloc(&dl.kg, z.kg, err, errlen) ||
+            dalloc(&dl.idx_kg, z.idx_kg, err, errlen) || dalloc(&dl.rows, z.rows, err, errlen) ||
+            dalloc(&dl.idx_rows, z.idx_rows, err, errlen) ||
+            dalloc_bytes((void **)&dl.rows8, z.rows8, err, errlen) ||
+            dalloc_bytes((void **)&dl.idx_rows8, z.idx_rows8, err, errlen))
             return -1;
     }
     if (dalloc(&g->rope_main, cf->rope_dim / 2, err, errlen) ||
@@ -671,39 +705,82 @@ static cudaError_t copy_ring(float *h, int64_t cap_h, float *d, int64_t cap_d, i
     return cudaSuccess;
 }
 
+/* n compressed rows of dim floats between the host and a compact device
+ * array, a piece of `cap` rows at a time through a float scratch. */
+static cudaError_t copy_compact_rows(cudaStream_t st, float *h, uint8_t *d8, int64_t n, int dim,
+                                     const kv_compact &kv, int fp4, float *scratch, int64_t cap, int to_host) {
+    for (int64_t r = 0; r < n; r += cap) {
+        int64_t k = std::min(cap, n - r);
+        size_t bytes = (size_t)(k * dim) * sizeof(float);
+        cudaError_t e;
+        if (to_host) {
+            k_kv_decode<<<(unsigned)k, 128, 0, st>>>(d8 + r * kv.bytes, scratch, dim, kv, fp4);
+            e = cudaMemcpyAsync(h + r * dim, scratch, bytes, cudaMemcpyDeviceToHost, st);
+        } else {
+            e = cudaMemcpyAsync(scratch, h + r * dim, bytes, cudaMemcpyHostToDevice, st);
+            if (e == cudaSuccess) k_kv_encode<<<(unsigned)k, 128, 0, st>>>(scratch, d8 + r * kv.bytes, dim, kv, fp4);
+        }
+        if (e == cudaSuccess) e = cudaStreamSynchronize(st);   /* before the next piece reuses the scratch */
+        if (e == cudaSuccess) e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+}
+
+#define COPY_PIECE_ROWS 8192   /* compact rows converted at a time */
+
 static int copy_state(ds4_session *s, int to_host, char *err, size_t errlen) {
     const ds4_config *cf = &s->model->cfg;
     dsess *g = (dsess *)s->backend_state;
     int64_t T = s->n_tokens;
+    float *scratch = NULL;
+    if (g->compact)
+        CK(cudaMalloc(&scratch, (size_t)COPY_PIECE_ROWS * std::max(cf->head_dim, cf->indexer_dim) * sizeof(float)),
+           "state copy scratch");
+    int rc = -1;
     for (int l = 0; l < cf->n_layer; l++) {
-        state_sizes z = sizes_of(s, l);
         ds4_layer_state *ls = &s->layers[l];
         const dlayer &dl = g->L[l];
-        CK(copy_ring(ls->raw, s->cap_raw, dl.raw, dev_cap_raw(s), cf->head_dim,
-                     std::max<int64_t>(0, T - s->cap_raw), T, to_host),
-           "state copy");
+        CKG(copy_ring(ls->raw, s->cap_raw, dl.raw, dev_cap_raw(s), cf->head_dim,
+                      std::max<int64_t>(0, T - s->cap_raw), T, to_host),
+            "state copy");
         if (!ls->ratio) continue;
         int64_t kg_lo = std::max<int64_t>(0, T - ls->cap_kg);
-        CK(copy_ring(ls->kg, ls->cap_kg, dl.kg, dev_cap_kg(s, ls), 2 * ls->coff * cf->head_dim, kg_lo,
-                     T, to_host),
-           "state copy");
+        CKG(copy_ring(ls->kg, ls->cap_kg, dl.kg, dev_cap_kg(s, ls), 2 * ls->coff * cf->head_dim, kg_lo,
+                      T, to_host),
+            "state copy");
         if (ls->indexer)
-            CK(copy_ring(ls->idx_kg, ls->cap_kg, dl.idx_kg, dev_cap_kg(s, ls), 4 * cf->indexer_dim,
-                         kg_lo, T, to_host),
-               "state copy");
+            CKG(copy_ring(ls->idx_kg, ls->cap_kg, dl.idx_kg, dev_cap_kg(s, ls), 4 * cf->indexer_dim,
+                          kg_lo, T, to_host),
+                "state copy");
+        /* the compressed rows written so far (rows past T / m are written
+         * again before anything reads them) */
+        int64_t n_rows = T / ls->ratio;
         struct {
             float *h, *d;
-            int64_t n;
-        } a[] = {{ls->rows, dl.rows, z.rows}, {ls->idx_rows, dl.idx_rows, z.idx_rows}};
+            uint8_t *d8;
+            int dim;
+            const kv_compact &kv;
+            int fp4;
+        } a[] = {{ls->rows, dl.rows, dl.rows8, cf->head_dim, g->kv8, 0},
+                 {ls->indexer ? ls->idx_rows : NULL, dl.idx_rows, dl.idx_rows8, cf->indexer_dim, g->kv4, 1}};
         for (auto &b : a) {
-            if (!b.n) continue;
-            if (to_host)
-                CK(cudaMemcpy(b.h, b.d, (size_t)b.n * 4, cudaMemcpyDeviceToHost), "state copy");
+            if (!b.h || !n_rows) continue;
+            size_t bytes = (size_t)(n_rows * b.dim) * sizeof(float);
+            if (g->compact)
+                CKG(copy_compact_rows(g->st, b.h, b.d8, n_rows, b.dim, b.kv, b.fp4, scratch, COPY_PIECE_ROWS,
+                                      to_host),
+                    "state copy");
+            else if (to_host)
+                CKG(cudaMemcpy(b.h, b.d, bytes, cudaMemcpyDeviceToHost), "state copy");
             else
-                CK(cudaMemcpy(b.d, b.h, (size_t)b.n * 4, cudaMemcpyHostToDevice), "state copy");
+                CKG(cudaMemcpy(b.d, b.h, bytes, cudaMemcpyHostToDevice), "state copy");
         }
     }
-    return 0;
+    rc = 0;
+out:
+    cudaFree(scratch);
+    return rc;
 }
 
 static int state_to_host(ds4_session *s, char *err, size_t errlen) { return copy_state(s, 1, err, errlen); }
@@ -1082,19 +1159,32 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     if (m) {
         unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
         comp_args ca = {dl.kg, dev_cap_kg(s, ls), cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
-                        cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE};
-        launch_k(k_compress, windows, 128, 0, st, ca);
+                        cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE, dl.rows8, g->kv8};
+        launch_k(k_compress, windows, 128, g->compact ? d * sizeof(float) : 0, st, ca);
         if (ls->indexer) {
             comp_args ia = {dl.idx_kg, dev_cap_kg(s, ls), iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
                             f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
-                            qat ? QAT_FP4 : QAT_NONE};
-            launch_k(k_compress, windows, 128, 0, st, ia);
+                            qat ? QAT_FP4 : QAT_NONE, dl.idx_rows8, g->kv4};
+            launch_k(k_compress, windows, 128, g->compact ? dI * sizeof(float) : 0, st, ia);
         }
     }
+    /* the rows the kernels below read: float, compact (one-token steps), or
+     * a chunk's float view of the compact ones */
+    const float *rows = dl.rows, *idx_rows = dl.idx_rows;
+    const uint8_t *rows8 = dl.rows8, *idx_rows8 = dl.idx_rows8;
+    if (m && g->compact && n > 1) {
+        unsigned written = (unsigned)((s->n_tokens + n) / m);
+        if (written) {
+            launch_k(k_kv_decode, written, 128, 0, st, (const uint8_t *)dl.rows8, g->rows_f, d, g->kv8, 0);
+            if (ls->indexer)
+                launch_k(k_kv_decode, written, 128, 0, st, (const uint8_t *)dl.idx_rows8, g->idx_rows_f, dI, g->kv4, 1);
+        }
+        rows = g->rows_f, idx_rows = g->idx_rows_f, rows8 = idx_rows8 = NULL;
+    }
     if (ls->indexer) {
-        idx_args ia = {g->iq, g->iw, dl.idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
-                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k, 0};
-        size_t shm = ((size_t)HI * (dI + 1) + 8 * HI) * sizeof(float);
+        idx_args ia = {g->iq, g->iw, idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
+                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k, 0, idx_rows8, g->kv4};
+        size_t shm = ((size_t)HI * (dI + 1) + 8 * HI + (idx_rows8 ? 8 * dI : 0)) * sizeof(float);
         /* splits of >= 16 rows a warp, to ~256 blocks in all: a decode token
          * fills the GPU, a prefill chunk loads its queries once a token */
         int64_t split = std::min((ia.cap_rows + 127) / 128, std::max<int64_t>(1, 256 / n));
@@ -1108,7 +1198,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
             launch_k(k_idx_select, nt, IDX_SEL_THREADS, 0, st, ia);
         }
     }
-    attn_args aa = {g->q, g->o, g->attn_part, dl.raw, dl.rows, f32(L.attn_sinks),
+    attn_args aa = {g->q, g->o, g->attn_part, dl.raw, rows, f32(L.attn_sinks), rows8, g->kv8,
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, dev_cap_raw(s),
                     H, d, cf->sliding_window, m, cf->rope_dim, 0, rope,
                     qat && !getenv("DS4_CUDA_NO_KEYTF32") ? d - cf->rope_dim : 0};
@@ -1304,10 +1394,27 @@ out:
 
 static int copy_bandwidth(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
 
+/* ds4_session_kv_bytes as stored here: window rows as float32, compressed
+ * rows compact in qat sessions (kv_compact.cuh), float32 otherwise. */
+static int64_t kv_bytes(const ds4_session *s) {
+    const ds4_config *cf = &s->model->cfg;
+    const dsess *g = (const dsess *)s->backend_state;
+    int64_t T = s->n_tokens, bytes = 0;
+    int64_t row = g->compact ? g->kv8.bytes : cf->head_dim * 4, idx_row = g->compact ? g->kv4.bytes : cf->indexer_dim * 4;
+    for (int l = 0; l < cf->n_layer; l++) {
+        const ds4_layer_state *ls = &s->layers[l];
+        bytes += std::min<int64_t>(T, cf->sliding_window) * cf->head_dim * 4;
+        if (!ls->ratio) continue;
+        bytes += T / ls->ratio * row;
+        if (ls->indexer) bytes += T / ls->ratio * idx_row;
+    }
+    return bytes;
+}
+
 static const ds4_backend CUDA_BACKEND = {
     DS4_BACKEND_ABI, "cuda",        CUDA_PREFILL_CHUNK,          model_init,     model_free,
     session_init,    session_free,  forward,       state_to_host,  state_from_host,
-    copy_bandwidth,  product,
+    copy_bandwidth,  product,       kv_bytes,
 };
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {

@@ -54,10 +54,25 @@ __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
     for (int64_t r0 = r_begin; r0 < r_end; r0 += ITC_RT) {
         int nr = r_end - r0 < ITC_RT ? (int)(r_end - r0) : ITC_RT;
         __syncthreads();   /* the queries; the previous tile's reads of kt and part */
-        for (int i = threadIdx.x; i < ITC_RT * DI / 4; i += ITC_THREADS) {
-            int r = i / (DI / 4), c = i % (DI / 4);
-            int rr = r < nr ? r : nr - 1;   /* a short tile repeats its last row (not stored) */
-            cp_async16(kt + r * LD + 4 * c, a.krows + (r0 + rr) * DI + 4 * c);
+        /* a short tile repeats its last row (not stored) */
+        if (a.krows8) {   /* compact rows (one-token steps), decoded to the same floats */
+            constexpr int PER = ITC_RT * DI / 4 / ITC_THREADS;
+            float4 v[PER];   /* every load in flight before the first store */
+#pragma unroll
+            for (int k = 0; k < PER; k++) {
+                int i = threadIdx.x + k * ITC_THREADS, r = i / (DI / 4), rr = r < nr ? r : nr - 1;
+                v[k] = kv4_load4(a.krows8 + (r0 + rr) * a.kv.bytes, i % (DI / 4), a.kv);
+            }
+#pragma unroll
+            for (int k = 0; k < PER; k++) {
+                int i = threadIdx.x + k * ITC_THREADS;
+                *(float4 *)(kt + i / (DI / 4) * LD + 4 * (i % (DI / 4))) = v[k];
+            }
+        } else {
+            for (int i = threadIdx.x; i < ITC_RT * DI / 4; i += ITC_THREADS) {
+                int r = i / (DI / 4), c = i % (DI / 4), rr = r < nr ? r : nr - 1;
+                cp_async16(kt + r * LD + 4 * c, a.krows + (r0 + rr) * DI + 4 * c);
+            }
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();

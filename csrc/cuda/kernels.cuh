@@ -5,9 +5,8 @@
 #pragma once
 
 #include "common.cuh"
+#include "kv_compact.cuh"
 #include "qat_round.h"
-
-#define WARP 32
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -628,7 +627,8 @@ __global__ void k_state(state_args a) {
 
 /* One compressed row per block: window pos0 / m + blockIdx.x, when the
  * chunk's n tokens complete it, pooled (§3.6), then norm, RoPE at w*m and the
- * qat step. Launched with n / m + 1 blocks. */
+ * qat step; compact rows (rows8) are built in shared memory (dim floats),
+ * then encoded. Launched with n / m + 1 blocks. */
 struct comp_args {
     const float *ring;
     int64_t cap;
@@ -641,6 +641,8 @@ struct comp_args {
     const float *freqs;
     int rope_dim;
     int qat;    /* QAT_* */
+    uint8_t *rows8;   /* compact rows (kv_compact.cuh) instead of rows; NULL: float */
+    kv_compact kv;
 };
 
 __global__ void k_compress(comp_args a) {
@@ -650,7 +652,8 @@ __global__ void k_compress(comp_args a) {
     int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
     if (first < 0) first = w * a.m;
     int64_t last = w * a.m + a.m;
-    float *out = a.rows + w * a.dim;
+    extern __shared__ float comp_row[];
+    float *out = a.rows8 ? comp_row : a.rows + w * a.dim;
     for (int j = threadIdx.x; j < a.dim; j += blockDim.x) {
         float mx = -INFINITY;
         for (int64_t p = first; p < last; p++) {
@@ -678,6 +681,8 @@ __global__ void k_compress(comp_args a) {
     d_rope(out, a.dim, a.rope_dim, a.freqs, w * a.m, 1);
     if (a.qat == QAT_FP8) d_qat_fp8(out, a.dim - a.rope_dim);
     if (a.qat == QAT_FP4) d_qat_fp4(out, a.dim);
+    if (a.rows8 && a.qat == QAT_FP8) kv8_encode(a.rows8 + w * a.kv.bytes, out, a.dim, a.kv);
+    if (a.rows8 && a.qat == QAT_FP4) kv4_encode(a.rows8 + w * a.kv.bytes, out, a.kv);
 }
 
 /* Lightning indexer (§3.7): when more compressed rows exist than top_k, the
@@ -692,6 +697,8 @@ struct idx_args {
     int64_t cap_rows;
     int m, HI, dI, top_k;
     int t0;          /* the slice's first token in the chunk (blockIdx.x counts from it) */
+    const uint8_t *krows8;   /* compact rows (kv_compact.cuh) instead of krows; NULL: float */
+    kv_compact kv;
 };
 
 /* Grid (token, split): a warp scores one row, a lane one head at a time, the
@@ -707,13 +714,21 @@ __global__ void k_idx_score(idx_args a) {
     float score_scale = 1.0f / sqrtf((float)a.dI);
     /* the token's queries in shared memory, rows padded by one against bank
      * conflicts; the heads' terms are summed in head order as forward.c does */
-    extern __shared__ float qsh[];   /* [HI][dI + 1], then [nw][HI] terms */
+    extern __shared__ float qsh[];   /* [HI][dI + 1], [nw][HI] terms, then (compact rows) [nw][dI] */
     float *terms = qsh + a.HI * (a.dI + 1) + wid * a.HI;
+    float *krow = qsh + a.HI * (a.dI + 1) + nw * a.HI + wid * a.dI;   /* this warp's decoded row */
     for (int i = threadIdx.x; i < a.HI * a.dI; i += blockDim.x)
         qsh[(i / a.dI) * (a.dI + 1) + i % a.dI] = iq[i];
     __syncthreads();
     for (int64_t r = (int64_t)blockIdx.y * nw + wid; r < n_rows; r += (int64_t)gridDim.y * nw) {
-        const float *K = a.krows + r * a.dI;
+        if (a.krows8) {
+            for (int c = lane; c < a.dI / 4; c += WARP) {
+                float4 v = kv4_load4(a.krows8 + r * a.kv.bytes, c, a.kv);
+                krow[4 * c] = v.x, krow[4 * c + 1] = v.y, krow[4 * c + 2] = v.z, krow[4 * c + 3] = v.w;
+            }
+            __syncwarp();
+        }
+        const float *K = a.krows8 ? krow : a.krows + r * a.dI;
         for (int h = lane; h < a.HI; h += WARP) {
             const float *q = qsh + h * (a.dI + 1);
             float dot = 0;
