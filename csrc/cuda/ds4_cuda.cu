@@ -402,9 +402,12 @@ struct dsess {
     cudaStream_t st;
     /* beside the main stream: the HC controllers' Sinkhorn, forked after the
      * mixer (hc_fork), joined before the expand (hc_join); the shared expert,
-     * forked at the MoE's start (sh_fork), joined before the combine (sh_join) */
-    cudaStream_t side;
-    cudaEvent_t hc_fork, hc_join, sh_fork, sh_join;
+     * forked at the MoE's start (sh_fork), joined before the combine (sh_join).
+     * On the kv stream: the attention's products that read only xn (kv,
+     * compressor, indexer weights), forked at its start (kv_fork), joined
+     * before the state writes (kv_join) */
+    cudaStream_t side, kvs;
+    cudaEvent_t hc_fork, hc_join, sh_fork, sh_join, kv_fork, kv_join;
     dlayer *L;
     /* compressed rows stored compact (kv_compact.cuh): the qat modes, unless
      * DS4_CUDA_NO_COMPACT_KV=1; kv8 an attention row, kv4 an indexer row */
@@ -418,7 +421,7 @@ struct dsess {
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
         *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_g, *sh_u, *sh_y, *iscores, *attn_part, *logits;
-    act8_bufs a8, a8_side;   /* the main stream's products', the side stream's */
+    act8_bufs a8, a8_side, a8_kv;   /* the main stream's products', the side and kv streams' */
     int32_t *sel, *ids;
     int *offs, *active, *pair_tok, *slot_pair, *isel, *n_isel;
     /* what a step reads from the host and writes back, pinned so that a
@@ -454,7 +457,8 @@ static void free_chunk(dsess *g) {
                     g->kv, g->kg, g->ikg, g->iq, g->iw, g->o, g->low, g->y, g->router, g->sel_w,
                     g->ex_g, g->ex_u, g->ex_y, g->sh_g, g->sh_u, g->sh_y, g->iscores, g->attn_part, g->sel,
                     g->ids, g->offs, g->active, g->pair_tok, g->slot_pair, g->isel, g->n_isel, g->a8.xr,
-                    g->a8.q, g->a8.d, g->a8.s, g->a8_side.xr, g->a8_side.q, g->a8_side.d, g->a8_side.s};
+                    g->a8.q, g->a8.d, g->a8.s, g->a8_side.xr, g->a8_side.q, g->a8_side.d, g->a8_side.s,
+                    g->a8_kv.xr, g->a8_kv.q, g->a8_kv.d, g->a8_kv.s};
     for (void *b : bufs) cudaFree(b);
     cudaFreeHost(g->hids);
     g->hids = NULL;
@@ -464,7 +468,7 @@ static void free_chunk(dsess *g) {
     g->X = g->Xn = g->u = g->mix = g->post = g->comb = g->x = g->xn = g->qr = g->q = g->kv = NULL;
     g->kg = g->ikg = g->iq = g->iw = g->o = g->low = g->y = g->router = g->sel_w = NULL;
     g->ex_g = g->ex_u = g->ex_y = g->sh_g = g->sh_u = g->sh_y = g->iscores = g->attn_part = NULL;
-    g->a8 = g->a8_side = act8_bufs{};
+    g->a8 = g->a8_side = g->a8_kv = act8_bufs{};
     g->sel = g->ids = NULL;
     g->offs = g->active = g->pair_tok = g->slot_pair = g->isel = g->n_isel = NULL;
     g->logits = keep_logits;
@@ -486,11 +490,13 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
      * nothing: rows of D (plain, and the routed gate / up's token rows), the
      * routed down's pairs of F, q_b's QL, an output group's H d / G (a token's
      * G groups at once: H d), the output projection's G r_o, the shared down's Fs */
-    int64_t a8 = 0, a8_side = 0;
+    int64_t a8 = 0, a8_side = 0, a8_kv = 0;
     if (s->numerics == DS4_NUMERICS_QAT_Q8) {
         a8 = std::max({c * D, c * k * F, c * cf->q_lora_rank, c * cf->n_head * d / cf->o_groups,
                        (int64_t)cf->n_head * d, c * cf->o_groups * cf->o_lora_rank, c * Fs});
-        a8_side = std::max(c * D, c * Fs);   /* the shared expert's */
+        /* qat-q8 forks one-token steps only: the shared expert's x, the kv stream's xn */
+        a8_side = std::max(D, Fs);
+        a8_kv = D;
     }
     struct {
         void **p;
@@ -519,7 +525,8 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->a8.xr, a8 * 4}, {(void **)&g->a8.q, a8}, {(void **)&g->a8.d, a8 / 32 * 4},
         {(void **)&g->a8.s, a8 / 16 * 4}, {(void **)&g->a8_side.xr, a8_side * 4},
         {(void **)&g->a8_side.q, a8_side}, {(void **)&g->a8_side.d, a8_side / 32 * 4},
-        {(void **)&g->a8_side.s, a8_side / 16 * 4},
+        {(void **)&g->a8_side.s, a8_side / 16 * 4}, {(void **)&g->a8_kv.xr, a8_kv * 4},
+        {(void **)&g->a8_kv.q, a8_kv}, {(void **)&g->a8_kv.d, a8_kv / 32 * 4}, {(void **)&g->a8_kv.s, a8_kv / 16 * 4},
     };
     for (auto &b : a) {
         cudaError_t e = cudaMalloc(b.p, (size_t)std::max<int64_t>(b.bytes, 4));
@@ -576,9 +583,10 @@ static void session_free(ds4_session *s) {
     cudaFree(g->idx_rows_f);
     cudaFree(g->rope_main);
     cudaFree(g->rope_comp);
-    for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join})
+    for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join, g->kv_fork, g->kv_join})
         if (e) cudaEventDestroy(e);
     if (g->side) cudaStreamDestroy(g->side);
+    if (g->kvs) cudaStreamDestroy(g->kvs);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
     s->backend_state = NULL;
@@ -652,10 +660,9 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
     }
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), "stream");
-    CK(cudaEventCreateWithFlags(&g->hc_fork, cudaEventDisableTiming), "event");
-    CK(cudaEventCreateWithFlags(&g->hc_join, cudaEventDisableTiming), "event");
-    CK(cudaEventCreateWithFlags(&g->sh_fork, cudaEventDisableTiming), "event");
-    CK(cudaEventCreateWithFlags(&g->sh_join, cudaEventDisableTiming), "event");
+    CK(cudaStreamCreateWithFlags(&g->kvs, cudaStreamNonBlocking), "stream");
+    for (cudaEvent_t *e : {&g->hc_fork, &g->hc_join, &g->sh_fork, &g->sh_join, &g->kv_fork, &g->kv_join})
+        CK(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
     CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
     g->compact = s->numerics != DS4_NUMERICS_EXACT && kv8_fits(cf->head_dim, cf->rope_dim) &&
@@ -880,8 +887,8 @@ static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes
     dsess *g = g_act8;
     if (!g || !act8_rounds(a.w.type)) return;
     if (!a.bx) parts = 1;
-    /* products on the side stream run beside the main stream's: their own x forms */
-    const act8_bufs &b = g->side && st == g->side ? g->a8_side : g->a8;
+    /* products on the side and kv streams run beside the main stream's: their own x forms */
+    const act8_bufs &b = g->side && st == g->side ? g->a8_side : g->kvs && st == g->kvs ? g->a8_kv : g->a8;
     act8_out o = {codes ? NULL : b.xr, codes ? b.q : NULL, b.d, b.s};
     launch_k(k_act8, dim3(rows, parts, blocks_for(a.w.n_in, 2048)), 256, 0, st, a.x, a.xs, a.bx, a.w.n_in,
              base_type(a.w.type) != DS4_TYPE_Q8_0, o);
@@ -1099,9 +1106,45 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     int qat = s->numerics != DS4_NUMERICS_EXACT;   /* qat and qat-q8 */
     const float *rope = m ? g->rope_comp : g->rope_main;
 
-    /* query path (§3.1); xn is the normed input (hc_controller) */
+    /* The products that read only xn (the normed input, hc_controller): kv,
+     * the compressors', the indexer weights; beside the query path on the kv
+     * stream (DS4_CUDA_NO_KVFORK=1: before it on the main one). As the shared
+     * expert: one-token steps, and chunks outside qat-q8. */
+    bool fork = (n == 1 || !g_act8) && !getenv("DS4_CUDA_NO_KVFORK");
+    cudaStream_t ks = fork ? g->kvs : st;
+    if (fork) {
+        cudaEventRecord(g->kv_fork, st);
+        cudaStreamWaitEvent(g->kvs, g->kv_fork, 0);
+    }
+
+    /* KV path (§3.2) */
+    linear(ks, dmat_of(L.attn_kv), g->xn, D, n, g->kv, d);
+    row_args r = rows_of(g->kv, g->kv, d, d);
+    r.norm = 1;
+    r.norm_w = f32(L.attn_kv_a_norm);
+    r.eps = cf->rms_eps;
+    r.freqs = rope;
+    r.rope_dim = cf->rope_dim;
+    r.pos0 = g->dpos;
+    r.qat = qat ? QAT_FP8 : QAT_NONE;
+    r.qat_len = d - cf->rope_dim;
+    run_rows(ks, r, n);
+
+    /* compressor and indexer projections of xn (§3.6, §3.7) */
+    int cw = ls->coff * d, iw2 = 2 * dI;
+    if (m) linear_pair(ks, L.comp_kv, L.comp_gate, g->xn, D, n, g->kg, g->kg + cw, 2 * cw);
+    if (ls->indexer) {
+        linear_pair(ks, L.idx_comp_kv, L.idx_comp_gate, g->xn, D, n, g->ikg, g->ikg + iw2, 2 * iw2);
+        linear(ks, dmat_of(L.idx_proj), g->xn, D, n, g->iw, HI);
+        r = rows_of(g->iw, g->iw, HI, HI);
+        r.scale = 1.0f / sqrtf((float)HI);
+        run_rows(ks, r, n);
+    }
+    if (fork) cudaEventRecord(g->kv_join, g->kvs);
+
+    /* query path (§3.1), and the indexer's queries from its low-rank q */
     linear(st, dmat_of(L.attn_q_a), g->xn, D, n, g->qr, QL);
-    row_args r = rows_of(g->qr, g->qr, QL, QL);
+    r = rows_of(g->qr, g->qr, QL, QL);
     r.norm = 1;
     r.norm_w = f32(L.attn_q_a_norm);
     r.eps = cf->rms_eps;
@@ -1115,29 +1158,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     r.rope_dim = cf->rope_dim;
     r.pos0 = g->dpos;
     run_rows(st, r, (int64_t)n * H);
-
-    /* KV path (§3.2) */
-    linear(st, dmat_of(L.attn_kv), g->xn, D, n, g->kv, d);
-    r = rows_of(g->kv, g->kv, d, d);
-    r.norm = 1;
-    r.norm_w = f32(L.attn_kv_a_norm);
-    r.eps = cf->rms_eps;
-    r.freqs = rope;
-    r.rope_dim = cf->rope_dim;
-    r.pos0 = g->dpos;
-    r.qat = qat ? QAT_FP8 : QAT_NONE;
-    r.qat_len = d - cf->rope_dim;
-    run_rows(st, r, n);
-
-    /* compressor and indexer projections (§3.6, §3.7) */
-    int cw = ls->coff * d, iw2 = 2 * dI;
-    if (m) {
-        linear_pair(st, L.comp_kv, L.comp_gate, g->xn, D, n, g->kg, g->kg + cw, 2 * cw);
-    }
     if (ls->indexer) {
-        linear_pair(st, L.idx_comp_kv, L.idx_comp_gate, g->xn, D, n, g->ikg, g->ikg + iw2, 2 * iw2);
         linear(st, dmat_of(L.idx_q_b), g->qr, QL, n, g->iq, (int64_t)HI * dI);
-        linear(st, dmat_of(L.idx_proj), g->xn, D, n, g->iw, HI);
         r = rows_of(g->iq, g->iq, dI, dI);
         r.per_tok = HI;
         r.freqs = g->rope_comp;
@@ -1146,10 +1168,8 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         r.qat = qat ? QAT_FP4 : QAT_NONE;
         r.qat_len = dI;
         run_rows(st, r, (int64_t)n * HI);
-        r = rows_of(g->iw, g->iw, HI, HI);
-        r.scale = 1.0f / sqrtf((float)HI);
-        run_rows(st, r, n);
     }
+    if (fork) cudaStreamWaitEvent(st, g->kv_join, 0);
 
     /* window and compressor rings, then the windows this chunk completes */
     state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
