@@ -784,6 +784,9 @@ static int copy_state(ds4_session *s, int to_host, char *err, size_t errlen) {
                 CKG(cudaMemcpy(b.d, b.h, bytes, cudaMemcpyHostToDevice), "state copy");
         }
     }
+    /* a pageable cudaMemcpy to the device may return before its last DMA
+     * lands, and the forward's streams do not wait on the legacy one */
+    CKG(cudaDeviceSynchronize(), "state copy");
     rc = 0;
 out:
     cudaFree(scratch);
