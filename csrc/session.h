@@ -61,8 +61,8 @@ int ds4_session_snapshot_write(const ds4_session *s, int compact, void *buf, int
 int ds4_session_snapshot_read(ds4_session *s, const void *buf, int64_t size, char *err,
                               size_t errlen);
 
-/* Bytes of KV state held for the current tokens, and the growth per token
- * of each layer kind (forward-pass.md §6.2), float32. */
+/* Bytes of KV state held for the current tokens (forward-pass.md §6.2):
+ * float32, or as the backend stores it (backend.h's kv_bytes). */
 int64_t ds4_session_kv_bytes(const ds4_session *s);
 
 #endif

@@ -54,6 +54,8 @@ class Session:
 
     @property
     def kv_bytes(self):
+        """Bytes of KV state held now, as the backend stores it (float32 rows; a
+        CUDA qat session's compressed rows as FP8 / FP4 codes and scales)."""
         return lib.ds4_session_kv_bytes(self._s)
 
     def eval(self, ids, *, all_logits=False):
