@@ -30,20 +30,31 @@ def main(debug):
     """DeepSeek V4 Flash from its published GGUF files."""
 
 
-def kv_bytes_per_token(cfg, bytes_per_value=4):
-    """Growing KV state per token (forward-pass.md §6.2): compressed rows and indexer keys."""
-    values = 0
+def _align(x, a):
+    return -(-x // a) * a
+
+
+def kv_bytes_per_token(cfg, compact=False):
+    """Growing KV state per token (forward-pass.md §6.2): compressed rows and
+    indexer keys, float32; compact: as the CUDA backend keeps a qat session's
+    (§6.4: E4M3 / E2M1 codes and a scale byte a block, RoPE dims float32)."""
+    row, idx_row = 4 * cfg.head_dim, 4 * cfg.indexer_dim
+    if compact:
+        nope = cfg.head_dim - cfg.rope_dim
+        row = _align(nope + -(-nope // 64), 16) + 4 * cfg.rope_dim
+        idx_row = _align(cfg.indexer_dim // 2 + -(-cfg.indexer_dim // 32), 4)
+    total = 0
     for ratio in cfg.compress_ratios:
         if ratio:
-            values += cfg.head_dim / ratio
+            total += row / ratio
         if ratio == 4:
-            values += cfg.indexer_dim / ratio
-    return values * bytes_per_value
+            total += idx_row / ratio
+    return total
 
 
-def kv_memory_bytes(cfg, ctx):
+def kv_memory_bytes(cfg, ctx, compact=False):
     """KV state of a full context: the growing part plus every layer's raw window."""
-    return kv_bytes_per_token(cfg) * ctx + cfg.n_layer * cfg.sliding_window * cfg.head_dim * 4
+    return kv_bytes_per_token(cfg, compact) * ctx + cfg.n_layer * cfg.sliding_window * cfg.head_dim * 4
 
 
 @main.command()
@@ -70,7 +81,8 @@ def info(model, ctx):
         for name, n in sorted(by_type.items(), key=lambda kv: -bytes_by_type[kv[0]]):
             click.echo(f"  {name:8s} {n:5d} tensors  {bytes_by_type[name] / 2**30:9.3f} GiB")
         click.echo(f"memory at ctx {ctx}: weights {total / 2**30:.2f} GiB (mapped) + "
-                   f"KV {kv_memory_bytes(c, ctx) / 2**30:.2f} GiB (float32)")
+                   f"KV {kv_memory_bytes(c, ctx) / 2**30:.2f} GiB (float32; "
+                   f"{kv_memory_bytes(c, ctx, compact=True) / 2**30:.2f} GiB compact: CUDA, qat modes)")
         for w in m.warnings:
             click.echo(f"warning:   {w}")
 

@@ -1,4 +1,5 @@
 """`ds4 info` as a user runs it."""
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,12 +14,14 @@ def ds4(*args):
 
 
 def test_info_prints_shape_census_and_memory(tiny_q2):
-    r = ds4("info", str(tiny_q2), "--ctx", "4096")
+    r = ds4("info", str(tiny_q2), "--ctx", "1048576")
     assert r.returncode == 0, r.stderr
     assert "custom shape: block_count=6" in r.stdout
     assert "q2 routed experts" in r.stdout
     assert "IQ2_XXS" in r.stdout and "Q8_0" in r.stdout
-    assert "memory at ctx 4096" in r.stdout
+    assert "memory at ctx 1048576" in r.stdout
+    kv = re.search(r"KV ([\d.]+) GiB \(float32; ([\d.]+) GiB compact", r.stdout)
+    assert kv and float(kv.group(2)) < float(kv.group(1))
 
 
 def test_info_on_a_truncated_file_is_one_line_and_exit_1(tiny_q2, tmp_path):
