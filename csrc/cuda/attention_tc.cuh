@@ -73,6 +73,71 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
                  : "r"((uint32_t)__cvta_generic_to_shared(p)));
 }
 
+/* O = O alpha + P V for one 16-key step: A = P (16 heads x 16 keys, rows of
+ * p, split into tf32 parts), B = the step's key rows kv (row stride LD);
+ * this warp's NTW n8 tiles of d from d0, rows g and g + 8 rescaled by
+ * their alpha in the same fma. */
+template <int NTW, int LD>
+__device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const float (*p)[TCA_KT + 4], const float *alpha,
+                                            const float *kv, int d0, int key_tf32, int g, int tg) {
+    uint32_t phi[2][4], plo[2][4];
+#pragma unroll
+    for (int ks = 0; ks < 2; ks++) {
+        float pv[4] = {p[g][8 * ks + tg], p[g + 8][8 * ks + tg], p[g][8 * ks + tg + 4], p[g + 8][8 * ks + tg + 4]};
+#pragma unroll
+        for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
+    }
+    float al0 = alpha[g], al1 = alpha[g + 8];
+#pragma unroll
+    for (int j = 0; j < NTW; j++) {
+        int n = d0 + 8 * j + g;   /* B column: d element */
+        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        bool exact = d0 + 8 * j + 8 <= key_tf32;   /* the tile's 8 d elements */
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++)
+            if (exact)
+                mma_2xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
+            else
+                mma_3xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
+        acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
+        acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
+        acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
+        acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
+    }
+}
+
+/* The sink, the normalization and the inverse RoPE, as k_attn_combine does
+ * them for one split, into o: rows g, g + 8; d elements d0 + 8 j + 2 tg,
+ * + 1 (a RoPE pair). */
+template <int D, int NTW>
+__device__ __forceinline__ void tca_store(const attn_args &a, const float (&acc)[NTW][4], const float *m_row,
+                                          const float *den_row, int t, int h0, int64_t pos, int d0, int g, int tg) {
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        int r = g + 8 * hh, h = h0 + r;
+        if (h >= a.H) continue;
+        float M = fmaxf(a.sinks[h], m_row[r]), l = den_row[r];
+        float den = expf(a.sinks[h] - M);
+        float w = l > 0 ? expf(m_row[r] - M) : 0.0f;
+        den += l * w;
+        float *og = a.o + ((int64_t)t * a.H + h) * D;
+#pragma unroll
+        for (int j = 0; j < NTW; j++) {
+            int c = d0 + 8 * j + 2 * tg;
+            float x0 = acc[j][2 * hh] * w / den, x1 = acc[j][2 * hh + 1] * w / den;
+            int k = c - (D - a.rope_dim);
+            if (k >= 0) {
+                float phi = (float)pos * a.freqs[k / 2];
+                float cs = cosf(phi), sn = -sinf(phi);
+                float r0 = x0 * cs - x1 * sn, r1 = x0 * sn + x1 * cs;
+                x0 = r0, x1 = r1;
+            }
+            og[c] = x0;
+            og[c + 1] = x1;
+        }
+    }
+}
+
 /* Grid: (head groups of 16, tokens). */
 template <int D>
 __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
@@ -186,63 +251,11 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         }
         __syncthreads();
 
-        /* O = O alpha + P V: A = P (16 x 16 keys), B = the key rows, warp w has d quarter w */
-        {
-            uint32_t phi[2][4], plo[2][4];
-#pragma unroll
-            for (int ks = 0; ks < 2; ks++) {
-                float pv[4] = {p_sh[g][8 * ks + tg], p_sh[g + 8][8 * ks + tg], p_sh[g][8 * ks + tg + 4],
-                               p_sh[g + 8][8 * ks + tg + 4]};
-#pragma unroll
-                for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
-            }
-            float al0 = alpha_row[g], al1 = alpha_row[g + 8];
-#pragma unroll
-            for (int j = 0; j < NTW; j++) {
-                int n = (D / 4) * warp + 8 * j + g;   /* B column: d element */
-                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                bool exact = (D / 4) * warp + 8 * j + 8 <= a.key_tf32;   /* the tile's 8 d elements */
-#pragma unroll
-                for (int ks = 0; ks < 2; ks++)
-                    if (exact)
-                        mma_2xtf32(d4, phi[ks], plo[ks], kt[(8 * ks + tg) * LD + n], kt[(8 * ks + tg + 4) * LD + n]);
-                    else
-                        mma_3xtf32(d4, phi[ks], plo[ks], kt[(8 * ks + tg) * LD + n], kt[(8 * ks + tg + 4) * LD + n]);
-                acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
-                acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
-                acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
-                acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
-            }
-        }
+        /* O = O alpha + P V: warp w has d quarter w */
+        tca_pv_step<NTW, LD>(acc, p_sh, alpha_row, kt, (D / 4) * warp, a.key_tf32, g, tg);
     }
     __syncthreads();
-    /* the sink, the normalization and the inverse RoPE, as k_attn_combine
-     * does them for one split. D: rows g, g + 8; d elements (D / 4) w + 8 j
-     * + 2 tg, + 1: a RoPE pair */
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        int r = g + 8 * hh, h = h0 + r;
-        if (h >= a.H) continue;
-        float M = fmaxf(a.sinks[h], m_row[r]), l = den_row[r];
-        float den = expf(a.sinks[h] - M);
-        float w = l > 0 ? expf(m_row[r] - M) : 0.0f;
-        den += l * w;
-        float *og = a.o + ((int64_t)t * a.H + h) * D;
-#pragma unroll
-        for (int j = 0; j < NTW; j++) {
-            int c = (D / 4) * warp + 8 * j + 2 * tg;
-            float x0 = acc[j][2 * hh] * w / den, x1 = acc[j][2 * hh + 1] * w / den;
-            int k = c - (D - a.rope_dim);
-            if (k >= 0) {
-                float phi = (float)pos * a.freqs[k / 2];
-                float cs = cosf(phi), sn = -sinf(phi);
-                float r0 = x0 * cs - x1 * sn, r1 = x0 * sn + x1 * cs;
-                x0 = r0, x1 = r1;
-            }
-            og[c] = x0;
-            og[c + 1] = x1;
-        }
-    }
+    tca_store<D, NTW>(a, acc, m_row, den_row, t, h0, pos, (D / 4) * warp, g, tg);
 }
 
 /* k_attention_tc8, the same attention on 8 warps a block (head sizes >= 128).
@@ -374,61 +387,12 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         __syncthreads();
 
         /* O = O alpha + P V, a 16-key step at a time: warp w has d eighth w */
-        for (int st = 0; st < steps; st++) {
-            uint32_t phi[2][4], plo[2][4];
-#pragma unroll
-            for (int ks = 0; ks < 2; ks++) {
-                float pv[4] = {p_sh[st][g][8 * ks + tg], p_sh[st][g + 8][8 * ks + tg],
-                               p_sh[st][g][8 * ks + tg + 4], p_sh[st][g + 8][8 * ks + tg + 4]};
-#pragma unroll
-                for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
-            }
-            float al0 = alpha_row[st][g], al1 = alpha_row[st][g + 8];
-            const float *kv = kt + TCA_KT * st * LD;
-#pragma unroll
-            for (int j = 0; j < NTW; j++) {
-                int n = (D / 8) * warp + 8 * j + g;
-                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                bool exact = (D / 8) * warp + 8 * j + 8 <= a.key_tf32;
-#pragma unroll
-                for (int ks = 0; ks < 2; ks++)
-                    if (exact)
-                        mma_2xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
-                    else
-                        mma_3xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
-                acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
-                acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
-                acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
-                acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
-            }
-        }
+        for (int st = 0; st < steps; st++)
+            tca_pv_step<NTW, LD>(acc, p_sh[st], alpha_row[st], kt + TCA_KT * st * LD, (D / 8) * warp, a.key_tf32,
+                                 g, tg);
     }
     __syncthreads();
-    /* k_attention_tc's epilogue on this warp's d eighth */
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        int r = g + 8 * hh, h = h0 + r;
-        if (h >= a.H) continue;
-        float M = fmaxf(a.sinks[h], m_row[r]), l = den_row[r];
-        float den = expf(a.sinks[h] - M);
-        float w = l > 0 ? expf(m_row[r] - M) : 0.0f;
-        den += l * w;
-        float *og = a.o + ((int64_t)t * a.H + h) * D;
-#pragma unroll
-        for (int j = 0; j < NTW; j++) {
-            int c = (D / 8) * warp + 8 * j + 2 * tg;
-            float x0 = acc[j][2 * hh] * w / den, x1 = acc[j][2 * hh + 1] * w / den;
-            int k = c - (D - a.rope_dim);
-            if (k >= 0) {
-                float phi = (float)pos * a.freqs[k / 2];
-                float cs = cosf(phi), sn = -sinf(phi);
-                float r0 = x0 * cs - x1 * sn, r1 = x0 * sn + x1 * cs;
-                x0 = r0, x1 = r1;
-            }
-            og[c] = x0;
-            og[c + 1] = x1;
-        }
-    }
+    tca_store<D, NTW>(a, acc, m_row, den_row, t, h0, pos, (D / 8) * warp, g, tg);
 }
 
 /* The shared-memory opt-in above 48 KB, once per head size. */
