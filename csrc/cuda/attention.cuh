@@ -71,12 +71,6 @@ __device__ __forceinline__ float4 key_load4(const key_ref &k, int c, const kv_co
     return k.compact ? kv8_load4((const uint8_t *)k.p, c, L) : ((const float4 *)k.p)[c];
 }
 
-/* The same into shared memory at dst: a float row by cp.async, a compact
- * one decoded; either way there after cp.async.wait_all and a barrier. */
-__device__ __forceinline__ void key_to_shared4(float *dst, const key_ref &k, int c, const kv_compact &L) {
-    if (k.compact) *(float4 *)dst = kv8_load4((const uint8_t *)k.p, c, L);
-    else cp_async16(dst, (const float *)k.p + 4 * c);
-}
 
 #define ATTN_KT 16          /* key rows per shared tile */
 #define ATTN_MAX_SPLIT 16   /* splits of a decode token's keys */

@@ -11,7 +11,9 @@
  * from zero over at most 32 elements and is added to its float32 sum by the
  * CUDA cores (the tensor cores' own adds truncate). A chunk's token has its
  * keys in one block, so the block also adds the sink and applies the inverse
- * RoPE (k_attn_combine's steps for one split) and writes the output. */
+ * RoPE (k_attn_combine's steps for one split) and writes the output. Key
+ * rows are float: a compact session's chunk passes its float view of the
+ * compressed rows (launch_attention sends compact rows to k_attention). */
 #pragma once
 
 #include "attention.cuh"
@@ -148,7 +150,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     __shared__ float s_part[2][TCA_ROWS][TCA_KT + 1];   /* scores of each d half */
     __shared__ float p_sh[TCA_ROWS][TCA_KT + 4];        /* this tile's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[TCA_ROWS];
-    __shared__ key_ref kp[TCA_KT];
+    __shared__ const float *kp[TCA_KT];
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
@@ -176,12 +178,12 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         int nt = n_keys - k0 < TCA_KT ? (int)(n_keys - k0) : TCA_KT;
         if (threadIdx.x < TCA_KT) {   /* a short tile repeats its last key (weight 0 below) */
             int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
-            kp[threadIdx.x] = attn_key_row(a, keys, r, D);
+            kp[threadIdx.x] = (const float *)attn_key_row(a, keys, r, D).p;
         }
         __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
         for (int i = threadIdx.x; i < TCA_KT * D / 4; i += TCA_THREADS) {
             int r = i / (D / 4), c = i % (D / 4);
-            key_to_shared4(kt + r * LD + 4 * c, kp[r], c, a.kv);
+            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
@@ -284,7 +286,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     __shared__ float s_part[2][TCA_ROWS][TCA8_KT + 1];   /* scores of each d half */
     __shared__ float p_sh[2][TCA_ROWS][TCA_KT + 4];      /* each 16-key step's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS];
-    __shared__ key_ref kp[TCA8_KT];
+    __shared__ const float *kp[TCA8_KT];
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
@@ -309,12 +311,12 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         int steps = nt > TCA_KT ? 2 : 1;   /* 16-key softmax steps (k_attention_tc's tiles) */
         if (threadIdx.x < TCA8_KT) {   /* a short tile repeats its last key (weight 0 below) */
             int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
-            kp[threadIdx.x] = attn_key_row(a, keys, r, D);
+            kp[threadIdx.x] = (const float *)attn_key_row(a, keys, r, D).p;
         }
         __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
         for (int i = threadIdx.x; i < TCA8_KT * D / 4; i += TCA8_THREADS) {
             int r = i / (D / 4), c = i % (D / 4);
-            key_to_shared4(kt + r * LD + 4 * c, kp[r], c, a.kv);
+            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
@@ -426,11 +428,12 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
 }
 
 /* Attention for n tokens: a chunk on the tensor cores where the head size
- * allows (DS4_CUDA_NO_TCATTN=1 keeps k_attention, for A/B); otherwise the
+ * allows and the rows are float (DS4_CUDA_NO_TCATTN=1 keeps k_attention, for
+ * A/B); otherwise the
  * partials of k_attention, then their combination with the sink. */
 static void launch_attention(cudaStream_t st, attn_args a, int n) {
     a.splits = attn_splits(n);
-    if (n > 1 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) {
+    if (n > 1 && !a.rows8 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) {
         launch_attention_tc(st, a, n);
         return;
     }
