@@ -28,20 +28,18 @@ struct kv_compact {
     int coded, head, bytes;
 };
 
-static inline int align_up(int x, int a) { return (x + a - 1) / a * a; }
-
 /* Attention rows of d dims, the last rope of them RoPE dims; a decode
  * reads 4 dims at a time, so both parts come in fours. */
 static inline bool kv8_fits(int d, int rope) { return (d - rope) % 4 == 0 && rope % 4 == 0; }
 static inline kv_compact kv8_layout(int d, int rope) {
-    int nope = d - rope, head = align_up(nope + (nope + 63) / 64, 16);
+    int nope = d - rope, head = (nope + (nope + 63) / 64 + 15) / 16 * 16;   /* codes, exponents, to 16 */
     return kv_compact{nope, head, head + 4 * rope};
 }
 
 /* Indexer rows of d dims (a power of two in the qat modes). */
 static inline bool kv4_fits(int d) { return d % 8 == 0; }
 static inline kv_compact kv4_layout(int d) {
-    int bytes = align_up(d / 2 + (d + 31) / 32, 4);
+    int bytes = (d / 2 + (d + 31) / 32 + 3) / 4 * 4;   /* code pairs, exponents, to 4 */
     return kv_compact{d, bytes, bytes};
 }
 
@@ -83,11 +81,6 @@ __device__ __forceinline__ uint32_t e2m1_code(float y) {
 __device__ __forceinline__ uint32_t scale_byte(float s) { return __float_as_uint(s) >> 23; }
 __device__ __forceinline__ float scale_of(uint32_t e) { return __uint_as_float(e << 23); }
 
-__device__ __forceinline__ float warp_max_abs(float v) {
-    uint32_t u = __reduce_max_sync(0xffffffffu, __float_as_uint(fabsf(v)));   /* non-negative: bits order */
-    return __uint_as_float(u);
-}
-
 /* ---- reading: dims 4c .. 4c + 3 ---- */
 
 __device__ __forceinline__ float4 kv8_load4(const uint8_t *row, int c, const kv_compact &L) {
@@ -113,7 +106,7 @@ __device__ void kv8_encode(uint8_t *row, const float *v, int d, const kv_compact
     for (int b = threadIdx.x / WARP * 64; b < L.coded; b += nw * 64) {
         int len = L.coded - b < 64 ? L.coded - b : 64;
         float x0 = lane < len ? v[b + lane] : 0.0f, x1 = lane + 32 < len ? v[b + lane + 32] : 0.0f;
-        float s = qat_fp8_scale(warp_max_abs(fmaxf(fabsf(x0), fabsf(x1))));
+        float s = qat_fp8_scale(warp_max(fmaxf(fabsf(x0), fabsf(x1))));
         if (lane < len) row[b + lane] = (uint8_t)e4m3_code(qat_round_fp8(x0 / s));
         if (lane + 32 < len) row[b + lane + 32] = (uint8_t)e4m3_code(qat_round_fp8(x1 / s));
         if (lane == 0) row[L.coded + b / 64] = (uint8_t)scale_byte(s);
@@ -128,7 +121,7 @@ __device__ void kv4_encode(uint8_t *row, const float *v, const kv_compact &L) {
     for (int b = threadIdx.x / WARP * 32; b < L.coded; b += nw * 32) {
         int len = L.coded - b < 32 ? L.coded - b : 32;
         float x = lane < len ? v[b + lane] : 0.0f;
-        float s = qat_fp4_scale(warp_max_abs(x));
+        float s = qat_fp4_scale(warp_max(fabsf(x)));
         uint32_t code = e2m1_code(qat_round_fp4(x / s));
         uint32_t next = __shfl_down_sync(0xffffffffu, code, 1);
         if (lane < len && lane % 2 == 0) row[(b + lane) / 2] = (uint8_t)(code | next << 4);
