@@ -86,20 +86,24 @@ void ds4_model_release_backend(ds4_model *m) {
 
 /* ---- one product, for tests ---- */
 
-static int cpu_product(const ds4_model *m, const ds4_tensor *w, int expert, int numerics, const float *x,
-                       int64_t n, float *y, char *err, size_t errlen) {
+static int cpu_product(const ds4_model *m, const ds4_tensor *w, int expert, int parts, int shared_x,
+                       int numerics, const float *x, int64_t n, float *y, char *err, size_t errlen) {
     (void)m;
     ds4_matrix mat = w->n_dims == 3 ? ds4_expert_matrix(w, expert) : ds4_matrix_of(w);
-    if (numerics != DS4_NUMERICS_QAT_Q8) {
-        ds4_linear(NULL, mat, x, mat.n_in, n, y, mat.n_out);
-        return 0;
-    }
-    float *scratch = malloc((size_t)(n * mat.n_in) * sizeof(float));
-    if (!scratch) {
+    int64_t n_out = mat.n_out, xs = shared_x ? mat.n_in : parts * mat.n_in;
+    mat.n_out /= parts;   /* a stretch */
+    float *scratch = NULL;
+    if (numerics == DS4_NUMERICS_QAT_Q8 && !(scratch = malloc((size_t)(n * mat.n_in) * sizeof(float)))) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    ds4_linear_act8(NULL, mat, x, mat.n_in, n, y, mat.n_out, scratch);
+    for (int p = 0; p < parts; p++) {
+        ds4_matrix part = mat;
+        part.data += p * mat.n_out * mat.row_bytes;
+        const float *xp = x + (shared_x ? 0 : p * mat.n_in);
+        if (scratch) ds4_linear_act8(NULL, part, xp, xs, n, y + p * mat.n_out, n_out, scratch);
+        else ds4_linear(NULL, part, xp, xs, n, y + p * mat.n_out, n_out);
+    }
     free(scratch);
     return 0;
 }
@@ -120,8 +124,8 @@ static const ds4_tensor *matrix_named(const ds4_model *m, int layer, const char 
     return NULL;
 }
 
-int ds4_model_product(const ds4_model *m, int layer, const char *name, int expert, int numerics,
-                      const float *x, int64_t n, float *y, char *err, size_t errlen) {
+int ds4_model_product(const ds4_model *m, int layer, const char *name, int expert, int parts, int shared_x,
+                      int numerics, const float *x, int64_t n, float *y, char *err, size_t errlen) {
     const ds4_tensor *w = matrix_named(m, layer, name);
     if (!w) {
         snprintf(err, errlen, "no matrix %s in layer %d", name, layer);
@@ -129,11 +133,12 @@ int ds4_model_product(const ds4_model *m, int layer, const char *name, int exper
     }
     int64_t experts = w->n_dims == 3 ? w->ne[2] : 1;
     if (expert < 0 || expert >= experts || n < 1 || numerics < DS4_NUMERICS_EXACT ||
-        numerics > DS4_NUMERICS_QAT_Q8) {
-        snprintf(err, errlen, "bad product arguments (expert %d of %lld, %lld tokens, numerics %d)", expert,
-                 (long long)experts, (long long)n, numerics);
+        numerics > DS4_NUMERICS_QAT_Q8 || parts < 1 || (parts > 1 && (w->n_dims == 3 || w->ne[1] % parts))) {
+        snprintf(err, errlen, "bad product arguments (expert %d of %lld, %d parts of %lld rows, %lld tokens, "
+                 "numerics %d)", expert, (long long)experts, parts, (long long)w->ne[1], (long long)n, numerics);
         return -1;
     }
     const ds4_backend *b = ds4_model_backend(m);
-    return (b->product ? b->product : cpu_product)(m, w, expert, numerics, x, n, y, err, errlen);
+    return (b->product ? b->product : cpu_product)(m, w, expert, parts, shared_x, numerics, x, n, y, err,
+                                                   errlen);
 }

@@ -16,7 +16,7 @@
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 7
+#define DS4_BACKEND_ABI 8
 
 struct ds4_model;
 struct ds4_session;
@@ -48,9 +48,10 @@ typedef struct ds4_backend {
      * NULL: not measurable. */
     int (*copy_bandwidth)(int64_t nbytes, int repeats, double *out, char *err, size_t errlen);
     /* ds4_model_product on the device: matrix `w` (one of the model's
-     * tensors), expert `expert` of a 3-D one. NULL: the CPU's. */
-    int (*product)(const struct ds4_model *m, const ds4_tensor *w, int expert, int numerics,
-                   const float *x, int64_t n, float *y, char *err, size_t errlen);
+     * tensors), expert `expert` of a 3-D one, or `parts` stretches of a 2-D
+     * one as a batch (shared_x: on one x). NULL: the CPU's. */
+    int (*product)(const struct ds4_model *m, const ds4_tensor *w, int expert, int parts, int shared_x,
+                   int numerics, const float *x, int64_t n, float *y, char *err, size_t errlen);
     /* Bytes the session's KV state takes as this backend stores it (the
      * CUDA one keeps qat sessions' compressed rows compact). NULL: float32,
      * as ds4_session_kv_bytes counts. */

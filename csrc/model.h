@@ -90,12 +90,17 @@ const char *ds4_model_backend_name(const ds4_model *m);
  * for t < n (x rows of W's n_in floats, y rows of n_out), W the matrix
  * `name` (weights.h's field name, e.g. "attn_q_a" or "ffn_down_exps") of
  * `layer`, or of the model when layer < 0 ("output"); `expert` of an
- * expert stack. x enters as `numerics` takes it (ds4_numerics: qat-q8
- * rounds it to int8 codes for a quantized W). The backend's own kernels for
- * n tokens: a chunk's for n > 1, a decode step's for n = 1. Returns 0, or
- * -1 with a reason (an unknown name, an expert out of range). */
-int ds4_model_product(const ds4_model *m, int layer, const char *name, int expert, int numerics,
-                      const float *x, int64_t n, float *y, char *err, size_t errlen);
+ * expert stack. parts > 1 (a 2-D W): W's rows in `parts` equal stretches
+ * run as one batch of products, as the forward runs its grouped ones:
+ * stretch p on x part p (x rows of parts * n_in floats: the grouped output
+ * projection), or with shared_x all on one x (a layer's pairs of matrices
+ * on one x: the shared expert's gate and up). x enters as `numerics` takes
+ * it (ds4_numerics: qat-q8 rounds it to int8 codes for a quantized W). The
+ * backend's own kernels for n tokens: a chunk's for n > 1, a decode step's
+ * for n = 1. Returns 0, or -1 with a reason (an unknown name, an expert or
+ * parts out of range). */
+int ds4_model_product(const ds4_model *m, int layer, const char *name, int expert, int parts, int shared_x,
+                      int numerics, const float *x, int64_t n, float *y, char *err, size_t errlen);
 /* Tokens per forward call of the model's backend (an eval is run in chunks
  * of this size). */
 int ds4_model_prefill_chunk(const ds4_model *m);

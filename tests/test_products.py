@@ -34,11 +34,16 @@ def wide_q2(tmp_path_factory):
     return path
 
 
-# (layer, weights.h name, GGUF tensor, expert): Q8_0 dense, IQ2_XXS and Q2_K experts
-MATRICES = [(0, "attn_q_a", "blk.0.attn_q_a.weight", 0),
-            (1, "attn_output_b", "blk.1.attn_output_b.weight", 0),
-            (1, "ffn_gate_exps", "blk.1.ffn_gate_exps.weight", 3),
-            (2, "ffn_down_exps", "blk.2.ffn_down_exps.weight", 5)]
+# (layer, weights.h name, GGUF tensor, expert, parts, shared x): Q8_0 dense,
+# IQ2_XXS and Q2_K experts; Q8_0 batches as the forward runs them: the
+# grouped output projection (4 groups, each on its own x) and a pair of
+# matrices on one x (the shared expert's gate and up; here q_b's two halves)
+MATRICES = [(0, "attn_q_a", "blk.0.attn_q_a.weight", 0, 1, False),
+            (1, "attn_output_b", "blk.1.attn_output_b.weight", 0, 1, False),
+            (1, "ffn_gate_exps", "blk.1.ffn_gate_exps.weight", 3, 1, False),
+            (2, "ffn_down_exps", "blk.2.ffn_down_exps.weight", 5, 1, False),
+            (1, "attn_output_a", "blk.1.attn_output_a.weight", 0, 4, False),
+            (2, "attn_q_b", "blk.2.attn_q_b.weight", 0, 2, True)]
 
 
 def act8_reference(x, gguf_type):
@@ -59,23 +64,28 @@ def weight_type(path, name):
 def check_products(model, path, n, numerics):
     weights = read_dequantized(path, [m[2] for m in MATRICES])
     rng = np.random.default_rng(n)
-    for layer, name, tensor, expert in MATRICES:
+    for layer, name, tensor, expert, parts, shared in MATRICES:
         w = weights[tensor]
         w = w[expert] if w.ndim == 3 else w
         n_out, n_in = w.shape
+        x_parts = 1 if shared else parts
         # activations of mixed block magnitudes, as a residual stream has
-        x = (rng.standard_normal((n, n_in)) * rng.choice([1e-2, 1.0, 30.0], (n, n_in // 32)).repeat(32, 1))
-        x = x.astype(np.float32)
+        x = (rng.standard_normal((n, x_parts * n_in))
+             * rng.choice([1e-2, 1.0, 30.0], (n, x_parts * n_in // 32)).repeat(32, 1)).astype(np.float32)
         y = np.empty((n, n_out), dtype=np.float32)
         err = ffi.new("char[256]")
-        rc = lib.ds4_model_product(model._m, layer, name.encode(), expert, NUMERICS[numerics],
+        rc = lib.ds4_model_product(model._m, layer, name.encode(), expert, parts, shared, NUMERICS[numerics],
                                    ffi.from_buffer("float[]", x), n, ffi.from_buffer("float[]", y),
                                    err, len(err))
         assert rc == 0, ffi.string(err).decode()
         xin = x if numerics == "exact" else act8_reference(x, weight_type(path, tensor))
-        ref = xin.astype(np.float64) @ w.astype(np.float64).T
+        xin = xin.astype(np.float64).reshape(n, x_parts, n_in)
+        stretch = n_out // parts   # stretch p of W's rows on x part p (or on the one x)
+        ref = np.concatenate([xin[:, 0 if shared else p] @ w[p * stretch:(p + 1) * stretch].astype(np.float64).T
+                              for p in range(parts)], axis=1)
         rel = float((np.abs(y - ref).max(axis=1) / np.abs(ref).max(axis=1)).max())
-        print(f"\n{model.backend} product {tensor} [{n} x {n_in} -> {n_out}] {numerics}: max rel {rel:.2e}")
+        shape = f"{parts} parts{' on one x' if shared else ''}, " if parts > 1 else ""
+        print(f"\n{model.backend} product {tensor} [{shape}{n} x {n_in} -> {n_out}] {numerics}: max rel {rel:.2e}")
         assert rel <= REL_TOL, f"{model.backend} {tensor} {numerics} n={n}: max rel {rel:.2e}"
 
 
@@ -102,6 +112,17 @@ def test_product_of_an_unknown_matrix_is_a_clear_error(tiny_q2):
         err = ffi.new("char[256]")
         x = np.zeros(m.config.n_embd, dtype=np.float32)
         y = np.zeros(64, dtype=np.float32)
-        assert lib.ds4_model_product(m._m, 0, b"no_such", 0, 0, ffi.from_buffer("float[]", x), 1,
+        assert lib.ds4_model_product(m._m, 0, b"no_such", 0, 1, 0, 0, ffi.from_buffer("float[]", x), 1,
                                      ffi.from_buffer("float[]", y), err, len(err)) == -1
         assert "no matrix no_such" in ffi.string(err).decode()
+
+
+def test_product_in_parts_that_do_not_divide_the_rows_is_a_clear_error(tiny_q2):
+    with ds4.load(tiny_q2, backend="cpu", ctx=64) as m:
+        err = ffi.new("char[256]")
+        x = np.zeros(m.config.n_embd, dtype=np.float32)
+        y = np.zeros(m.config.q_lora_rank, dtype=np.float32)
+        parts = m.config.q_lora_rank + 1
+        assert lib.ds4_model_product(m._m, 0, b"attn_q_a", 0, parts, 1, 0, ffi.from_buffer("float[]", x), 1,
+                                     ffi.from_buffer("float[]", y), err, len(err)) == -1
+        assert f"{parts} parts of {m.config.q_lora_rank} rows" in ffi.string(err).decode()

@@ -834,19 +834,26 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
  * 2: the second at the batch strides a.bw, a.by, blockIdx.z): as many
  * blocks as fit on the GPU at once (measured once per type and width), at
  * most one per 16-row tile of each (slot, matrix). */
-template <int TYPE>
+template <int TYPE, bool CODES>
 static void launch_expert_mma1_t(cudaStream_t st, const lin_args &a, int slots, int mats) {
     static int fill[EXPERT_MMA1_MAX_WARPS + 1];
     int kwi = a.w.n_in / 256, threads = kwi * WARP;
-    size_t shm = expert_mma1_smem(a.w.n_in);
-    if (!fill[kwi]) fill[kwi] = gpu_fill(k_expert_mma1<TYPE>, threads, shm);
+    size_t shm = CODES ? 0 : expert_mma1_smem(a.w.n_in);
+    if (!fill[kwi]) fill[kwi] = gpu_fill(k_expert_mma1<TYPE, CODES>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], slots * mats);
-    launch_k(k_expert_mma1<TYPE>, dim3(need < cap ? need : cap, slots, mats), threads, shm, st, a);
+    launch_k(k_expert_mma1<TYPE, CODES>, dim3(need < cap ? need : cap, slots, mats), threads, shm, st, a);
 }
 
+/* (a.q8 set: x as qat-q8's codes, act8_x) */
 static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, int mats) {
-    if (a.w.type == DS4_TYPE_IQ2_XXS) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS>(st, a, slots, mats);
-    else launch_expert_mma1_t<DS4_TYPE_Q2_K>(st, a, slots, mats);
+    bool iq2 = a.w.type == DS4_TYPE_IQ2_XXS;
+    if (a.q8) {
+        if (iq2) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, true>(st, a, slots, mats);
+        else launch_expert_mma1_t<DS4_TYPE_Q2_K, true>(st, a, slots, mats);
+    } else {
+        if (iq2) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, false>(st, a, slots, mats);
+        else launch_expert_mma1_t<DS4_TYPE_Q2_K, false>(st, a, slots, mats);
+    }
 }
 
 static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
@@ -862,20 +869,27 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
 
 /* k_q8_mma1 on a one-token Q8_0 product of `parts` batch parts: a grid of
  * as many blocks as fit on the GPU at once (measured once per width), at
- * most one per 16-row tile. */
-template <int SL>
+ * most one per 16-row tile. CODES: x as qat-q8's codes (a.q8), no x parts
+ * in shared memory. */
+template <int SL, bool CODES>
 static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a, int parts) {
     static int fill[9];
     int kwi = a.w.n_in / 1024, threads = a.w.n_in / 32 / SL * WARP;
-    size_t shm = q8_mma1_smem(a.w.n_in);
-    if (!fill[kwi]) fill[kwi] = gpu_fill(k_q8_mma1<SL>, threads, shm);
+    size_t shm = CODES ? 0 : q8_mma1_smem(a.w.n_in);
+    if (!fill[kwi]) fill[kwi] = gpu_fill(k_q8_mma1<SL, CODES>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], parts);
-    launch_k(k_q8_mma1<SL>, dim3(need < cap ? need : cap, parts), threads, shm, st, a);
+    launch_k(k_q8_mma1<SL, CODES>, dim3(need < cap ? need : cap, parts), threads, shm, st, a);
 }
 
 static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
-    if (q8_mma1_slices(a.w.n_in, parts) == 4) launch_q8_mma1_sl<4>(st, a, parts);
-    else launch_q8_mma1_sl<8>(st, a, parts);
+    bool sl4 = q8_mma1_slices(a.w.n_in, parts) == 4;
+    if (a.q8) {
+        if (sl4) launch_q8_mma1_sl<4, true>(st, a, parts);
+        else launch_q8_mma1_sl<8, true>(st, a, parts);
+    } else {
+        if (sl4) launch_q8_mma1_sl<4, false>(st, a, parts);
+        else launch_q8_mma1_sl<8, false>(st, a, parts);
+    }
 }
 
 /* qat-q8: the session whose forward is being enqueued (forward), NULL in
@@ -903,6 +917,16 @@ static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes
     }
 }
 
+/* Whether a one-token product's int8 kernel (k_q8_mma1, k_expert_mma1:
+ * `int8_kernel`) takes qat-q8's x as codes: multiplied as the CPU engine
+ * multiplies them (int32 code sums times both scales), without splitting
+ * the rounded floats into parts in every block (DS4_CUDA_NO_CODES1=1: the
+ * rounded floats, split). */
+static bool one_token_codes(bool int8_kernel) {
+    static const bool off = getenv("DS4_CUDA_NO_CODES1") != NULL;
+    return int8_kernel && !off;
+}
+
 static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
     if (a.w.type == DS4_TYPE_Q8_0) launch_k(k_linear_q8x<DS4_TYPE_Q8_0>, grid, Q8X_THREADS, 0, st, a);
     else if (a.w.type == DS4_TYPE_IQ2_XXS) launch_k(k_linear_q8x<DS4_TYPE_IQ2_XXS>, grid, Q8X_THREADS, 0, st, a);
@@ -928,14 +952,16 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
         else launch_q8x(st, grid, a);
         return;
     }
-    act8_x(st, a, x_rows, slots, false);
+    bool expert1 = n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA");
+    bool q8one = n == 1 && q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8");
+    act8_x(st, a, x_rows, slots, one_token_codes(expert1 || q8one));
     int kw = lin_split(a.w.n_in);
-    if (n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA"))
+    if (expert1)
         launch_expert_mma1(st, a, slots, 1);
     else if (n == 1 && a.active && a.w.n_in <= 2 * 256 * kw && lin_staged_bytes(a.w, kw) <= 48 * 1024 &&
         !getenv("DS4_CUDA_NO_STAGE"))
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
-    else if (n == 1 && q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8"))
+    else if (q8one)
         launch_q8_mma1(st, a, slots);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else if (slots == 1 && few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS"))
@@ -954,9 +980,10 @@ static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, f
 /* One token's batch of nb same-shape products (a.bw, a.bx, a.by) as one launch. */
 static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
     lin_args a = a0;
-    act8_x(st, a, 1, nb, false);
+    bool q8one = q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8");
+    act8_x(st, a, 1, nb, one_token_codes(q8one));
     int kw = lin_split(a.w.n_in);
-    if (q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8")) {
+    if (q8one) {
         launch_q8_mma1(st, a, nb);
         return;
     }
@@ -1020,7 +1047,7 @@ static void expert_linear_pair(cudaStream_t st, const ds4_tensor &t0, const ds4_
     }
     lin_args la = {a, t0.ne[1] * t0.row_bytes, x, xs, y0, ys, pairs, g->active, g->offs, xrow,
                    b.data - a.data, 0, y1 - y0, 0, 0};
-    act8_x(st, la, xrow ? n : pairs, 1, false);
+    act8_x(st, la, xrow ? n : pairs, 1, one_token_codes(true));
     launch_expert_mma1(st, la, slots, 2);
 }
 
@@ -1354,9 +1381,10 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
 
 /* ds4_model_product: one of the model's matrices on n rows of x, through
  * the kernels a forward pass picks for n tokens; an expert through the
- * expert path (it alone in use, the n rows its pairs). */
-static int product(const ds4_model *m, const ds4_tensor *w, int expert, int numerics, const float *x,
-                   int64_t n64, float *y, char *err, size_t errlen) {
+ * expert path (it alone in use, the n rows its pairs); `parts` stretches
+ * through linear_batched, as the grouped products and pairs run. */
+static int product(const ds4_model *m, const ds4_tensor *w, int expert, int parts, int shared_x, int numerics,
+                   const float *x, int64_t n64, float *y, char *err, size_t errlen) {
     tensor_ref *refs = NULL;
     int n_refs = tensor_refs(m, (dmodel *)m->backend_model, &refs);
     const ds4_tensor *dev = NULL;
@@ -1368,7 +1396,7 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int nume
         return -1;
     }
     int n = (int)n64, E = w->n_dims == 3 ? (int)w->ne[2] : 1;
-    int64_t n_in = w->ne[0], n_out = w->ne[1];
+    int64_t n_in = w->ne[0], n_out = w->ne[1], x_len = n * n_in * (shared_x ? 1 : parts);
     dsess g;
     memset(&g, 0, sizeof g);
     float *dx = NULL, *dy = NULL;
@@ -1380,16 +1408,16 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int nume
     for (int e = 0; e <= E; e++) h_offs[e] = e <= expert ? 0 : n;
     for (int p = 0; p < n; p++) h_xrow[p] = p;
     CKG(cudaStreamCreate(&st), "a stream");
-    CKG(cudaMalloc(&dx, (size_t)(n * n_in) * 4), "x");
+    CKG(cudaMalloc(&dx, (size_t)x_len * 4), "x");
     CKG(cudaMalloc(&dy, (size_t)(n * n_out) * 4), "y");
-    CKG(cudaMalloc(&g.a8.xr, (size_t)(n * n_in) * 4), "x forms");
-    CKG(cudaMalloc(&g.a8.q, (size_t)(n * n_in)), "x forms");
-    CKG(cudaMalloc(&g.a8.d, (size_t)(n * n_in / 32 + 1) * 4), "x forms");
-    CKG(cudaMalloc(&g.a8.s, (size_t)(n * n_in / 16 + 1) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8.xr, (size_t)x_len * 4), "x forms");
+    CKG(cudaMalloc(&g.a8.q, (size_t)x_len), "x forms");
+    CKG(cudaMalloc(&g.a8.d, (size_t)(x_len / 32 + 1) * 4), "x forms");
+    CKG(cudaMalloc(&g.a8.s, (size_t)(x_len / 16 + 1) * 4), "x forms");
     CKG(cudaMalloc(&active, (size_t)E * 4), "experts");
     CKG(cudaMalloc(&offs, (size_t)(E + 1) * 4), "experts");
     CKG(cudaMalloc(&xrow, (size_t)n * 4), "experts");
-    CKG(cudaMemcpy(dx, x, (size_t)(n * n_in) * 4, cudaMemcpyHostToDevice), "x");
+    CKG(cudaMemcpy(dx, x, (size_t)x_len * 4, cudaMemcpyHostToDevice), "x");
     CKG(cudaMemcpy(active, h_active.data(), (size_t)E * 4, cudaMemcpyHostToDevice), "experts");
     CKG(cudaMemcpy(offs, h_offs.data(), (size_t)(E + 1) * 4, cudaMemcpyHostToDevice), "experts");
     CKG(cudaMemcpy(xrow, h_xrow.data(), (size_t)n * 4, cudaMemcpyHostToDevice), "experts");
@@ -1399,6 +1427,11 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int nume
         lin_args a = {dmat_of(*dev), dev->ne[1] * dev->row_bytes, dx, n_in, dy, n_out, n, active, offs, xrow,
                       0, 0, 0, 0, 0};
         run_linear(st, a, n, 1);
+    } else if (parts > 1) {
+        dmat part = dmat_of(*dev);
+        part.n_out /= parts;
+        linear_batched(st, part, parts, part.n_out * part.row_bytes, dx, shared_x ? 0 : n_in,
+                       shared_x ? n_in : parts * n_in, n, dy, part.n_out, n_out);
     } else {
         linear(st, dmat_of(*dev), dx, n_in, n, dy, n_out);
     }

@@ -116,6 +116,43 @@ __device__ __forceinline__ void tile_store(float acc0, float acc1, float (*red)[
     if (!last) __syncthreads();
 }
 
+/* ---- qat-q8: x as k_act8's int8 codes (a.q8, a.q8d, a.q8s) ----
+ * The codes are already the B operand: column 0, as stored, with no split
+ * into parts and no shared memory (nor the barrier after it); a slice's sum
+ * is the exact int32 sum of weight code x x code, times the two scales, as
+ * ggml's vec_dot_q8_0_q8_0 / the CPU engine multiply. A warp holds its own
+ * stretch of x's codes across lanes (lane l: bytes 8l..8l+7 of it) and its
+ * scales (lane s: slice s's), loaded once a block, and hands slice s's to
+ * lanes 0..3 (B's column 0) by shuffles. */
+struct x_codes {
+    uint2 q;     /* codes 8 lane .. 8 lane + 7 of the warp's stretch */
+    float d;     /* lane s: slice s's scale */
+    float s16;   /* lane j: the codes' sum over 16 elements j of the stretch (Q2_K) */
+};
+
+/* The warp's stretch of `slices` 32-code blocks from block k0 of x row q, d, s16. */
+__device__ __forceinline__ void x_codes_load(const int8_t *q, const float *d, const float *s16, int k0,
+                                             int slices, x_codes &c) {
+    int lane = threadIdx.x % WARP;
+    c.q = lane < 4 * slices ? *(const uint2 *)(q + 32 * k0 + 8 * lane) : make_uint2(0, 0);
+    c.d = lane < slices ? d[k0 + lane] : 0.0f;
+    c.s16 = s16 && lane < 2 * slices ? s16[2 * k0 + lane] : 0.0f;
+}
+
+/* Slice s's B fragment (lanes 0..3: column 0; the other columns zero). */
+__device__ __forceinline__ uint2 x_codes_frag(const x_codes &c, int s) {
+    int lane = threadIdx.x % WARP, from = 4 * s + lane % 4;
+    uint32_t lo = __shfl_sync(0xffffffffu, c.q.x, from), hi = __shfl_sync(0xffffffffu, c.q.y, from);
+    return lane < 4 ? make_uint2(lo, hi) : make_uint2(0, 0);
+}
+
+/* A slice's D fragment (accumulators started at I2F_BIAS_BITS) as the two
+ * rows' code sums: column 0, in lanes tg == 0; zero elsewhere. */
+__device__ __forceinline__ void slice_sums_codes(const int (&d)[4], int tg, float &t0, float &t1) {
+    t0 = tg == 0 ? __int_as_float(d[0]) - I2F_BIAS : 0.0f;
+    t1 = tg == 0 ? __int_as_float(d[2]) - I2F_BIAS : 0.0f;
+}
+
 static inline bool q8_mma1_fits(const lin_args &a) {
     return a.w.type == DS4_TYPE_Q8_0 && !a.active && !a.norm_n && a.w.n_in % 1024 == 0 &&
            a.w.n_in <= 8192;
@@ -171,8 +208,9 @@ __device__ __forceinline__ float q8_scale_at(const uint4 &v, int s) {
  * is sized to the GPU); its warp w sums Q8_0 blocks [SL w, SL (w + 1)) of the
  * tile's rows, and the warps' sums are added in warp order. The next tile's
  * loads are issued before this one's sums are reduced, and the first
- * tile's before x is split. Plain or batched (lin_block_of) products. */
-template <int SL>
+ * tile's before x is split. Plain or batched (lin_block_of) products; CODES:
+ * x as qat-q8's codes, no split. */
+template <int SL, bool CODES>
 __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t x_parts_sh[];
@@ -187,17 +225,28 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     if (tile >= tiles) return;   /* the whole block */
     q8_tile_part<SL> t;
     q8_tile_load(a, b.w, tile, kb0, t);
-    x_int8_parts(b.x, nb, xq, xf);
+    x_codes xc;
+    if constexpr (CODES) {   /* part p's codes at p n_in; one row for products that share x (a.bx == 0) */
+        int64_t part = a.bx ? blockIdx.y : 0;
+        x_codes_load(a.q8 + part * a.w.n_in, a.q8d + part * nb, NULL, kb0, SL, xc);
+    } else
+        x_int8_parts(b.x, nb, xq, xf);
 
     for (;;) {
         float acc0 = 0, acc1 = 0;
 #pragma unroll
         for (int s = 0; s < SL; s++) {
-            uint2 bx = x_frag(xq, kb0 + s);
+            uint2 bx = CODES ? x_codes_frag(xc, s) : x_frag(xq, kb0 + s);
             int d[4];
             mma_s8_from(d, I2F_BIAS_BITS, t.q0[s].x, t.q1[s].x, t.q0[s].y, t.q1[s].y, bx.x, bx.y);
-            float t0, t1, f = xf[kb0 + s];
-            slice_sums(d, tg, t0, t1);
+            float t0, t1, f;
+            if constexpr (CODES) {
+                f = __shfl_sync(0xffffffffu, xc.d, s);
+                slice_sums_codes(d, tg, t0, t1);
+            } else {
+                f = xf[kb0 + s];
+                slice_sums(d, tg, t0, t1);
+            }
             acc0 = fmaf(t0, q8_scale_at(t.s0, s) * f, acc0);
             acc1 = fmaf(t1, q8_scale_at(t.s1, s) * f, acc1);
         }
@@ -309,7 +358,7 @@ __device__ __forceinline__ uint32_t q2k_scale(const uint4 &v, int k) {
  * (lin_block_of), z the second matrix of a pair at the batch strides bw, by
  * (the routed gate and up share x). The block's pairs p (one for a decode
  * token) each split their x row, then the block strides over the tiles. */
-template <int TYPE>
+template <int TYPE, bool CODES>
 __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(lin_args a) {
     pdl_begin();
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
@@ -325,7 +374,7 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
     uint8_t *xq = x_parts_sh;
     float *xf = (float *)(x_parts_sh + (size_t)a.w.n_in * 4), *xs16 = xf + nb32;
     if (blockIdx.x >= tiles) return;
-    if constexpr (IQ2) {   /* read after x_int8_parts' barrier */
+    if constexpr (IQ2) {   /* read after x_int8_parts' barrier, or the one for CODES below */
         for (int i = threadIdx.x; i < 256; i += blockDim.x) grid_sh[i] = d_iq2_grid[i];
         if (threadIdx.x < 128) signs_sh[threadIdx.x] = d_iq2_signs[threadIdx.x];
     }
@@ -333,8 +382,16 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
         int tile = blockIdx.x;
         expert_tile_part<TYPE> t;
         expert_tile_load<TYPE>(a.w, b.w, tile, kb, t);
-        /* (a previous pair's x parts were all read before its last tile_store barrier) */
-        x_int8_parts(b.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs, nb32, xq, xf, IQ2 ? NULL : xs16);
+        int64_t row = a.xrow ? a.xrow[p] : p;
+        x_codes xc;
+        if constexpr (CODES) {
+            x_codes_load(a.q8 + row * a.w.n_in, a.q8d + row * nb32, IQ2 ? NULL : a.q8s + row * 2 * nb32, 8 * kb,
+                         8, xc);
+            if (IQ2 && p == b.p0) __syncthreads();   /* the grid tables (after the first loads) */
+        } else {
+            /* (a previous pair's x parts were all read before its last tile_store barrier) */
+            x_int8_parts(b.x + row * a.xs, nb32, xq, xf, IQ2 ? NULL : xs16);
+        }
         float *y = b.y + (int64_t)p * a.ys;
         for (;;) {
             float acc0 = 0, acc1 = 0;
@@ -344,11 +401,17 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
                     uint32_t a0, a1, a2, a3;
                     float s0 = iq2_slice(t.c0[s], t.d0, tg, grid_sh, signs_sh, a0, a2);
                     float s1 = iq2_slice(t.c1[s], t.d1, tg, grid_sh, signs_sh, a1, a3);
-                    uint2 bx = x_frag(xq, 8 * kb + s);
+                    uint2 bx = CODES ? x_codes_frag(xc, s) : x_frag(xq, 8 * kb + s);
                     int d[4];
                     mma_s8_from(d, I2F_BIAS_BITS, a0, a1, a2, a3, bx.x, bx.y);
-                    float t0, t1, f = xf[8 * kb + s];
-                    slice_sums(d, tg, t0, t1);
+                    float t0, t1, f;
+                    if constexpr (CODES) {
+                        f = __shfl_sync(0xffffffffu, xc.d, s);
+                        slice_sums_codes(d, tg, t0, t1);
+                    } else {
+                        f = xf[8 * kb + s];
+                        slice_sums(d, tg, t0, t1);
+                    }
                     acc0 = fmaf(t0, s0 * f, acc0);
                     acc1 = fmaf(t1, s1 * f, acc1);
                 }
@@ -368,15 +431,23 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
                         uint32_t a1 = ((t.q1[n].x >> (2 * s)) & 0x03030303u) * (sc1 & 0xf);
                         uint32_t a3 = ((t.q1[n].y >> (2 * s)) & 0x03030303u) * (sc1 & 0xf);
                         int k = 8 * kb + 4 * n + s;   /* the x block */
-                        uint2 bx = x_frag(xq, k);
+                        uint2 bx = CODES ? x_codes_frag(xc, 4 * n + s) : x_frag(xq, k);
                         int d[4];
                         mma_s8_from(d, I2F_BIAS_BITS, a0, a1, a2, a3, bx.x, bx.y);
-                        float t0, t1, f = xf[k];
-                        slice_sums(d, tg, t0, t1);
+                        float t0, t1, f, xsum;
+                        if constexpr (CODES) {
+                            f = __shfl_sync(0xffffffffu, xc.d, 4 * n + s);
+                            slice_sums_codes(d, tg, t0, t1);
+                            /* lanes tg 0, 2 read sub-block h's sum (the shuffle wants every lane) */
+                            xsum = __shfl_sync(0xffffffffu, xc.s16, 2 * (4 * n + s) + h) * f;
+                        } else {
+                            f = xf[k];
+                            slice_sums(d, tg, t0, t1);
+                            xsum = xs16[2 * k + h];
+                        }
                         acc0 = fmaf(t0, d0 * f, acc0);
                         acc1 = fmaf(t1, d1 * f, acc1);
                         if (tg % 2 == 0) {
-                            float xsum = xs16[2 * k + h];
                             m0 = fmaf((float)(sc0 >> 4), xsum, m0);
                             m1 = fmaf((float)(sc1 >> 4), xsum, m1);
                         }
