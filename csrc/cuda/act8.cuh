@@ -6,7 +6,9 @@
  * k_act8 writes a product's x once, in the forms its kernel takes:
  *  - codes (int8, a row's n_in in element order), the scale of each 32
  *    (a Q8_K block's one scale repeated over its 8), and the codes' sum over
- *    each 16 (for Q2_K's sub-block minimums), for k_linear_q8x;
+ *    each 16 (for Q2_K's sub-block minimums), for the int8 kernels: a
+ *    chunk's k_linear_q8x / k_linear_q8s, a token's k_q8_mma1 /
+ *    k_expert_mma1 (int8_decode.cuh);
  *  - or the rounded floats (code x scale) for every other kernel, which then
  *    multiplies them as it multiplies any x. */
 #pragma once

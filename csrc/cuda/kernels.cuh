@@ -68,7 +68,7 @@ struct lin_args {
     int64_t bw, bx, by;   /* batch strides of plain mode, one-token kernels */
     int norm_n;           /* k_linear1: x is RMS-normed over its first norm_n (> 0) first */
     float norm_eps;
-    const int8_t *q8;     /* qat-q8 chunks (k_linear_q8x): x as int8 codes, [row][n_in] */
+    const int8_t *q8;     /* qat-q8 int8 kernels: x as k_act8's int8 codes, [row][n_in] */
     const float *q8d, *q8s;   /* their code scales a 32, code sums a 16 */
 };
 
