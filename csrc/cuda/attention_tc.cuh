@@ -79,6 +79,26 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
  * p, split into tf32 parts), B = the step's key rows kv (row stride LD);
  * this warp's NTW n8 tiles of d from d0, rows g and g + 8 rescaled by
  * their alpha in the same fma. */
+/* Key tile [k0, k0 + nt) of KT rows into kt (row stride LD) by cp.async, a
+ * short tile repeating its last key (its weight is 0); kp holds the rows'
+ * addresses. Begins with the barrier that ends the previous tile's reads of
+ * kt and the weights, ends with the one after the copies land. */
+template <int D, int KT, int THREADS, int LD>
+__device__ __forceinline__ void tca_load_keys(const attn_args &a, const attn_keys &keys, int64_t k0, int nt,
+                                              const float **kp, float *kt) {
+    if (threadIdx.x < KT) {
+        int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
+        kp[threadIdx.x] = (const float *)attn_key_row(a, keys, r, D).p;
+    }
+    __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
+    for (int i = threadIdx.x; i < KT * D / 4; i += THREADS) {
+        int r = i / (D / 4), c = i % (D / 4);
+        cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+}
+
 template <int NTW, int LD>
 __device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const float (*p)[TCA_KT + 4], const float *alpha,
                                             const float *kv, int d0, int key_tf32, int g, int tg) {
@@ -176,17 +196,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
 
     for (int64_t k0 = 0; k0 < n_keys; k0 += TCA_KT) {
         int nt = n_keys - k0 < TCA_KT ? (int)(n_keys - k0) : TCA_KT;
-        if (threadIdx.x < TCA_KT) {   /* a short tile repeats its last key (weight 0 below) */
-            int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
-            kp[threadIdx.x] = (const float *)attn_key_row(a, keys, r, D).p;
-        }
-        __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
-        for (int i = threadIdx.x; i < TCA_KT * D / 4; i += TCA_THREADS) {
-            int r = i / (D / 4), c = i % (D / 4);
-            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
-        }
-        asm volatile("cp.async.wait_all;" ::: "memory");
-        __syncthreads();
+        tca_load_keys<D, TCA_KT, TCA_THREADS, LD>(a, keys, k0, nt, kp, kt);
 
         /* scores: warp w takes keys 8 (w % 2).. over d half w / 2 */
         {
@@ -309,17 +319,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     for (int64_t k0 = 0; k0 < n_keys; k0 += TCA8_KT) {
         int nt = n_keys - k0 < TCA8_KT ? (int)(n_keys - k0) : TCA8_KT;
         int steps = nt > TCA_KT ? 2 : 1;   /* 16-key softmax steps (k_attention_tc's tiles) */
-        if (threadIdx.x < TCA8_KT) {   /* a short tile repeats its last key (weight 0 below) */
-            int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
-            kp[threadIdx.x] = (const float *)attn_key_row(a, keys, r, D).p;
-        }
-        __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
-        for (int i = threadIdx.x; i < TCA8_KT * D / 4; i += TCA8_THREADS) {
-            int r = i / (D / 4), c = i % (D / 4);
-            cp_async16(kt + r * LD + 4 * c, kp[r] + 4 * c);
-        }
-        asm volatile("cp.async.wait_all;" ::: "memory");
-        __syncthreads();
+        tca_load_keys<D, TCA8_KT, TCA8_THREADS, LD>(a, keys, k0, nt, kp, kt);
 
         /* scores: warp w takes keys 8 (w % 4).. over d half w / 4 (k_attention_tc's chain) */
         {
