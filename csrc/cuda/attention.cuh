@@ -71,7 +71,6 @@ __device__ __forceinline__ float4 key_load4(const key_ref &k, int c, const kv_co
     return k.compact ? kv8_load4((const uint8_t *)k.p, c, L) : ((const float4 *)k.p)[c];
 }
 
-
 #define ATTN_KT 16          /* key rows per shared tile */
 #define ATTN_MAX_SPLIT 16   /* splits of a decode token's keys */
 
