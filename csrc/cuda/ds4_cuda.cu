@@ -405,8 +405,9 @@ struct dsess {
      * forked at the MoE's start (sh_fork), joined before the combine (sh_join).
      * On the kv stream: the attention's products that read only xn (kv,
      * compressor, indexer weights), forked at its start (kv_fork), joined
-     * before the state writes (kv_join) */
-    cudaStream_t side, kvs;
+     * before the state writes (kv_join). On the hc stream: a decode token's
+     * HC mixer and Sinkhorn beside k_hc_pre_collapse (hc_controller). */
+    cudaStream_t side, kvs, hcs;
     cudaEvent_t hc_fork, hc_join, sh_fork, sh_join, kv_fork, kv_join;
     dlayer *L;
     /* compressed rows stored compact (kv_compact.cuh): the qat modes, unless
@@ -587,6 +588,7 @@ static void session_free(ds4_session *s) {
         if (e) cudaEventDestroy(e);
     if (g->side) cudaStreamDestroy(g->side);
     if (g->kvs) cudaStreamDestroy(g->kvs);
+    if (g->hcs) cudaStreamDestroy(g->hcs);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
     s->backend_state = NULL;
@@ -661,6 +663,7 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
     CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->kvs, cudaStreamNonBlocking), "stream");
+    CK(cudaStreamCreateWithFlags(&g->hcs, cudaStreamNonBlocking), "stream");
     for (cudaEvent_t *e : {&g->hc_fork, &g->hc_join, &g->sh_fork, &g->sh_join, &g->kv_fork, &g->kv_join})
         CK(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
@@ -1106,6 +1109,20 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
                           const ds4_tensor &base, const ds4_tensor &scale, const ds4_tensor &norm) {
     const ds4_config *cf = &s->model->cfg;
     int hc = cf->n_hc, D = cf->n_embd, n_mix = (2 + hc) * hc;
+    static const bool fuse = !getenv("DS4_CUDA_NO_HCFUSE");
+    if (fuse && n == 1 && fn.type == DS4_TYPE_F16 && hc == 4 && D % 8 == 0) {
+        /* the whole mixer and Sinkhorn on the hc stream (post, comb: read
+         * at the expand); the pre rows again in the main stream's one block */
+        cudaEventRecord(g->hc_fork, g->st);
+        cudaStreamWaitEvent(g->hcs, g->hc_fork, 0);
+        int parts = hc_mixer(g->hcs, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
+        launch_k(k_hc_sinkhorn, n, WARP, 0, g->hcs, g->mix, parts, (int64_t)n * n_mix, f32(base), f32(scale), hc,
+                 cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
+        cudaEventRecord(g->hc_join, g->hcs);
+        launch_k(k_hc_pre_collapse<4>, 1, 1024, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base), f32(scale),
+                 D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn);
+        return;
+    }
     int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
     int64_t ps = (int64_t)n * n_mix;
     cudaEventRecord(g->hc_fork, g->st);

@@ -536,6 +536,51 @@ __global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, 
 
 #define HC_MAX 16   /* streams the CUDA backend takes (model_init) */
 
+/* A decode token's HC controller on the main stream in one block: the HC
+ * "pre" rows of the mixer (F16; the only ones the collapse reads) on the
+ * RMS norm of all HC * D streams, their gates, then k_hc_collapse's
+ * collapse and norm. The mixer's other rows (post, comb) run beside it for
+ * Sinkhorn (hc_controller). The norm's scale multiplies the row sums, not x. */
+template <int HC>
+__global__ void __launch_bounds__(1024) k_hc_pre_collapse(dmat fn, const float *X, const float *base,
+                                                          const float *scale, int D, float hc_eps,
+                                                          float rms_eps, const float *norm_w, float *x,
+                                                          float *xn) {
+    pdl_begin();
+    __shared__ float red[32][HC], pre[HC];
+    int n = HC * D, lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    double ss = 0;
+    float dot[HC];
+#pragma unroll
+    for (int r = 0; r < HC; r++) dot[r] = 0;
+#pragma unroll 2   /* Flash: 2 passes, all loads in flight together */
+    for (int e0 = 8 * threadIdx.x; e0 < n; e0 += 8 * blockDim.x) {
+        float4 u0 = ((const float4 *)X)[e0 / 4], u1 = ((const float4 *)X)[e0 / 4 + 1];
+        ss += (double)u0.x * u0.x + (double)u0.y * u0.y + (double)u0.z * u0.z + (double)u0.w * u0.w;
+        ss += (double)u1.x * u1.x + (double)u1.y * u1.y + (double)u1.z * u1.z + (double)u1.w * u1.w;
+#pragma unroll
+        for (int r = 0; r < HC; r++) {
+            float w[8];
+            deq8(DS4_TYPE_F16, fn.data + (int64_t)r * fn.row_bytes, n, e0, w);
+            dot[r] = dot8(dot[r], w, u0, u1);
+        }
+    }
+    float s = d_rms_scale_of(ss, n, rms_eps);
+#pragma unroll
+    for (int r = 0; r < HC; r++) {
+        float v = warp_sum(dot[r]);
+        if (lane == 0) red[warp][r] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < HC) {
+        float m = 0;
+        for (int w = 0; w < nw; w++) m += red[w][threadIdx.x];
+        pre[threadIdx.x] = d_sigmoid(m * s * scale[0] + base[threadIdx.x]) + hc_eps;
+    }
+    __syncthreads();
+    d_collapse_norm(X, pre, HC, D, norm_w, rms_eps, x, xn);
+}
+
 /* X'_j = post_j y + sum_i C_ij X_i, into Xn. A thread an element k of a
  * token: its hc stream values read once for the hc outputs (a thread an
  * output read each hc times: 0.95 TB/s a chunk). */
