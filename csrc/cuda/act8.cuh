@@ -13,27 +13,13 @@
  *    multiplies them as it multiplies any x. */
 #pragma once
 
+#include "act8_codes.cuh"
 #include "int8_decode.cuh"
 #include "mma_linear.cuh"
 
-/* The x forms of one product: rows [batch][row][n_in] (batch parts at
- * b * rows * n_in). */
-struct act8_out {
-    float *xr;                 /* rounded floats, or NULL */
-    int8_t *q;                 /* codes, or NULL (then d and s16 unused) */
-    float *d, *s16;            /* [.][n_in / 32] scales, [.][n_in / 16] code sums */
-};
-
-/* Weights whose products take x through k_act8 (ds4_act8_rounds). */
-static inline bool act8_rounds(int type) {
-    int t = base_type(type);
-    return t == DS4_TYPE_Q8_0 || t == DS4_TYPE_Q2_K || t == DS4_TYPE_Q4_K || t == DS4_TYPE_IQ2_XXS;
-}
-
 /* A warp a block of 256 elements (8 a lane, in order), 8 warps a CTA; grid
- * (row, batch part, 2048-element stretch). Q8_0: a block of 32 is 4 lanes.
- * Q8_K: the value of largest magnitude over the 256, the first one on ties
- * (ggml's rule). No barriers: a one-token product's x is one short chain. */
+ * (row, batch part, 2048-element stretch): act8_warp's forms of each. No
+ * barriers: a one-token product's x is one short chain. */
 __global__ void __launch_bounds__(256) k_act8(const float *x, int64_t xs, int64_t bx, int n_in, int q8k,
                                               act8_out o) {
     pdl_begin();
@@ -44,52 +30,7 @@ __global__ void __launch_bounds__(256) k_act8(const float *x, int64_t xs, int64_
     const float *xr = x + part * bx + (int64_t)row * xs + e0;
     float4 u0 = *(const float4 *)xr, u1 = *(const float4 *)(xr + 4);
     float v[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
-    unsigned live = __ballot_sync(0xffffffffu, true);
-    float d, inv;
-    if (!q8k) {
-        float m = 0.0f;
-#pragma unroll
-        for (int i = 0; i < 8; i++) m = fmaxf(m, fabsf(v[i]));
-        m = fmaxf(m, __shfl_xor_sync(live, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(live, m, 2));
-        d = act8_q8_0_scale(m, &inv);
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = act8_q8_0_code(v[i], inv);
-    } else {
-        float m = -1.0f, val = 0.0f;
-        int idx = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            if (fabsf(v[i]) > m) m = fabsf(v[i]), val = v[i], idx = lane * 8 + i;
-#pragma unroll
-        for (int o2 = 16; o2 > 0; o2 >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, o2), v2 = __shfl_xor_sync(0xffffffffu, val, o2);
-            int i2 = __shfl_xor_sync(0xffffffffu, idx, o2);
-            if (m2 > m || (m2 == m && i2 < idx)) m = m2, val = v2, idx = i2;
-        }
-        d = act8_q8_k_scale(val, &inv);
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = act8_q8_k_code(v[i], inv);
-    }
-    int64_t e = ((int64_t)part * rows + row) * n_in + e0;
-    if (o.xr) {
-        *(float4 *)(o.xr + e) = make_float4(v[0] * d, v[1] * d, v[2] * d, v[3] * d);
-        *(float4 *)(o.xr + e + 4) = make_float4(v[4] * d, v[5] * d, v[6] * d, v[7] * d);
-    }
-    if (o.q) {
-        uint32_t lo = 0, hi = 0;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            lo |= ((uint32_t)(int)v[i] & 0xffu) << (8 * i);
-            hi |= ((uint32_t)(int)v[i + 4] & 0xffu) << (8 * i);
-        }
-        *(uint2 *)(o.q + e) = make_uint2(lo, hi);
-        if (lane % 4 == 0) o.d[e / 32] = d;
-        /* the codes' sum over each 16 (2 lanes), exact: |sum| <= 2032 */
-        float h = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-        h += __shfl_xor_sync(live, h, 1);
-        if (lane % 2 == 0) o.s16[e / 16] = h;
-    }
+    act8_warp(v, __ballot_sync(0xffffffffu, true), q8k, ((int64_t)part * rows + row) * n_in + e0, o);
 }
 
 /* ---- k_linear_q8x: tiles of 128 rows x 64 tokens, 32-element K slices ----

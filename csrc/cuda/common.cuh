@@ -43,13 +43,22 @@ __device__ __forceinline__ float warp_max(float v) {
  * ~1,500 launches of a decode step are each a few microseconds of work.
  * Only one-token steps launch so (measured on an H200: decode 74.0 -> 80.6
  * tok/s at 2K, but prefill chunks 1,509 -> 1,429). Before sm_90, and with
- * DS4_CUDA_NO_PDL=1, launches are plain. Since every kernel waits first, a
- * launch is correct either way: g_pdl only picks the faster. */
+ * DS4_CUDA_NO_PDL=1, launches are plain. Since every kernel waits before
+ * it reads what another kernel writes, a launch is correct either way:
+ * g_pdl only picks the faster. (Some kernels read their weights before the
+ * wait: no kernel writes those, and their loads then overlap the
+ * predecessor; lin_args.early.) */
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+/* The 128-byte line holding p on its way into L2 (a hint: no registers,
+ * nothing to wait for). */
+__device__ __forceinline__ void prefetch_l2(const void *p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 /* 16 bytes global -> shared, asynchronous (cp.async, L2 only): complete

@@ -398,6 +398,16 @@ struct act8_bufs {
     int8_t *q;
 };
 
+/* qat-q8 one-token steps: an x whose producer kernel wrote its codes beside
+ * it (act8_codes.cuh), which act8_x then hands to the product instead of
+ * launching k_act8. An entry holds from its producer's launch until the
+ * producer's next launch (each x below has the one producer). */
+enum { PRE8_XN, PRE8_QR, PRE8_EX, PRE8_SH, PRE8_HEAD, PRE8_N };
+struct pre8_entry {
+    const float *x;   /* NULL: none */
+    act8_pre c;
+};
+
 struct dsess {
     cudaStream_t st;
     /* beside the main stream: the HC controllers' Sinkhorn, forked after the
@@ -423,6 +433,10 @@ struct dsess {
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
         *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_g, *sh_u, *sh_y, *iscores, *attn_part, *logits;
     act8_bufs a8, a8_side, a8_kv;   /* the main stream's products', the side and kv streams' */
+    /* codes written by producers (pre8): xn's Q8_0 and Q8_K forms (also the
+     * output head's x), qr's, the routed and the shared SwiGLU's */
+    act8_bufs xn8[2], qr8, ex8, sh8;
+    pre8_entry pre8[PRE8_N];
     int32_t *sel, *ids;
     int *offs, *active, *pair_tok, *slot_pair, *isel, *n_isel;
     /* what a step reads from the host and writes back, pinned so that a
@@ -461,6 +475,11 @@ static void free_chunk(dsess *g) {
                     g->a8.q, g->a8.d, g->a8.s, g->a8_side.xr, g->a8_side.q, g->a8_side.d, g->a8_side.s,
                     g->a8_kv.xr, g->a8_kv.q, g->a8_kv.d, g->a8_kv.s};
     for (void *b : bufs) cudaFree(b);
+    for (act8_bufs *b : {&g->xn8[0], &g->xn8[1], &g->qr8, &g->ex8, &g->sh8}) {
+        cudaFree(b->q), cudaFree(b->d), cudaFree(b->s);
+        *b = act8_bufs{};
+    }
+    memset(g->pre8, 0, sizeof g->pre8);
     cudaFreeHost(g->hids);
     g->hids = NULL;
     drop_graph(g);
@@ -499,6 +518,8 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         a8_side = std::max(D, Fs);
         a8_kv = D;
     }
+    /* the producers' codes (one-token steps, qat-q8) */
+    int64_t p8_xn = a8 ? D : 0, p8_qr = a8 ? cf->q_lora_rank : 0, p8_ex = a8 ? k * F : 0, p8_sh = a8 ? Fs : 0;
     struct {
         void **p;
         int64_t bytes;
@@ -528,6 +549,11 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->a8_side.q, a8_side}, {(void **)&g->a8_side.d, a8_side / 32 * 4},
         {(void **)&g->a8_side.s, a8_side / 16 * 4}, {(void **)&g->a8_kv.xr, a8_kv * 4},
         {(void **)&g->a8_kv.q, a8_kv}, {(void **)&g->a8_kv.d, a8_kv / 32 * 4}, {(void **)&g->a8_kv.s, a8_kv / 16 * 4},
+        {(void **)&g->xn8[0].q, p8_xn}, {(void **)&g->xn8[0].d, p8_xn / 32 * 4}, {(void **)&g->xn8[0].s, p8_xn / 16 * 4},
+        {(void **)&g->xn8[1].q, p8_xn}, {(void **)&g->xn8[1].d, p8_xn / 32 * 4}, {(void **)&g->xn8[1].s, p8_xn / 16 * 4},
+        {(void **)&g->qr8.q, p8_qr}, {(void **)&g->qr8.d, p8_qr / 32 * 4}, {(void **)&g->qr8.s, p8_qr / 16 * 4},
+        {(void **)&g->ex8.q, p8_ex}, {(void **)&g->ex8.d, p8_ex / 32 * 4}, {(void **)&g->ex8.s, p8_ex / 16 * 4},
+        {(void **)&g->sh8.q, p8_sh}, {(void **)&g->sh8.d, p8_sh / 32 * 4}, {(void **)&g->sh8.s, p8_sh / 16 * 4},
     };
     for (auto &b : a) {
         cudaError_t e = cudaMalloc(b.p, (size_t)std::max<int64_t>(b.bytes, 4));
@@ -907,6 +933,16 @@ static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes
     dsess *g = g_act8;
     if (!g || !act8_rounds(a.w.type)) return;
     if (!a.bx) parts = 1;
+    if (codes && !a.bx && (rows == 1 || a.xs == a.w.n_in)) {   /* codes a producer wrote (pre8) */
+        bool q8k = base_type(a.w.type) != DS4_TYPE_Q8_0;
+        for (const pre8_entry &e : g->pre8) {
+            const act8_out &o = q8k ? e.c.qk : e.c.q0;
+            if (e.x == a.x && o.q) {
+                a.q8 = o.q, a.q8d = o.d, a.q8s = o.s16;
+                return;
+            }
+        }
+    }
     /* products on the side and kv streams run beside the main stream's: their own x forms */
     const act8_bufs &b = g->side && st == g->side ? g->a8_side : g->kvs && st == g->kvs ? g->a8_kv : g->a8;
     act8_out o = {codes ? NULL : b.xr, codes ? b.q : NULL, b.d, b.s};
@@ -918,6 +954,33 @@ static void act8_x(cudaStream_t st, lin_args &a, int rows, int parts, bool codes
         a.x = b.xr, a.xs = a.w.n_in;
         if (a.bx) a.bx = (int64_t)rows * a.w.n_in;
     }
+}
+
+/* A producer of x about to be enqueued: in a qat-q8 one-token step (and x's
+ * length n a multiple of 256), the codes it is to write beside x (forms q0:
+ * Q8_0, qk: Q8_K; either may be NULL), recorded as pre8 entry `slot`;
+ * else none, and the entry cleared. DS4_CUDA_NO_PRE8=1: never (k_act8
+ * launches as before). */
+static act8_pre pre8_set(dsess *g, int slot, const float *x, int ntok, int64_t n, const act8_bufs *q0,
+                         const act8_bufs *qk) {
+    static const bool off = getenv("DS4_CUDA_NO_PRE8") != NULL;
+    act8_pre c = {};
+    g->pre8[slot] = pre8_entry{};
+    if (off || g_act8 != g || ntok != 1 || n % 256) return c;
+    for (pre8_entry &e : g->pre8)   /* an x has one entry */
+        if (e.x == x) e = pre8_entry{};
+    if (q0) c.q0 = act8_out{NULL, q0->q, q0->d, q0->s};
+    if (qk) c.qk = act8_out{NULL, qk->q, qk->d, qk->s};
+    g->pre8[slot] = pre8_entry{x, c};
+    return c;
+}
+
+/* One-token plain products (no expert ids to wait for) load their weights
+ * before the PDL wait (k_q8_mma1: the first tile into registers; k_linear1:
+ * into L2). DS4_CUDA_NO_EARLYW=1: after it. */
+static int early_weights(int n, const lin_args &a) {
+    static const bool off = getenv("DS4_CUDA_NO_EARLYW") != NULL;
+    return n == 1 && !a.active && !off;
 }
 
 /* Whether a one-token product's int8 kernel (k_q8_mma1, k_expert_mma1:
@@ -955,6 +1018,7 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
         else launch_q8x(st, grid, a);
         return;
     }
+    a.early = early_weights(n, a);
     bool expert1 = n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA");
     bool q8one = n == 1 && q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8");
     act8_x(st, a, x_rows, slots, one_token_codes(expert1 || q8one));
@@ -983,6 +1047,7 @@ static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, f
 /* One token's batch of nb same-shape products (a.bw, a.bx, a.by) as one launch. */
 static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
     lin_args a = a0;
+    a.early = early_weights(1, a);
     bool q8one = q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8");
     act8_x(st, a, 1, nb, one_token_codes(q8one));
     int kw = lin_split(a.w.n_in);
@@ -1102,6 +1167,9 @@ static int hc_mixer(cudaStream_t st, const ds4_tensor &fn, const float *X, int n
  * to itself. */
 static int hc_threads(int n) { return n < 16 ? 1024 : 256; }
 
+/* xn's codes in both forms, for the sublayer's products (pre8_set). */
+static act8_pre xn_codes(dsess *g, int n, int D) { return pre8_set(g, PRE8_XN, g->xn, n, D, &g->xn8[0], &g->xn8[1]); }
+
 /* The HC controller of one site (§2.2) and the sublayer's input norm: xn
  * from X on the main stream, post and comb on the side stream (the mix they
  * read is not rewritten before hc_expand joins it). */
@@ -1120,7 +1188,8 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
                  cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
         cudaEventRecord(g->hc_join, g->hcs);
         launch_k(k_hc_pre_collapse<4>, 1, 1024, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base), f32(scale),
-                 D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn);
+                 D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
+                 early_weights(n, lin_args{}));
         return;
     }
     int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
@@ -1131,7 +1200,7 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
                                             cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
     cudaEventRecord(g->hc_join, g->side);
     launch_k(k_hc_collapse, n, hc_threads(n), 0, g->st, g->mix, parts, ps, n_mix, g->X, f32(base), f32(scale), hc,
-                                                  D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn);
+                                                  D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D));
 }
 
 static void hc_expand(ds4_session *s, dsess *g, int n) {
@@ -1195,6 +1264,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     r.norm = 1;
     r.norm_w = f32(L.attn_q_a_norm);
     r.eps = cf->rms_eps;
+    r.a8 = pre8_set(g, PRE8_QR, g->qr, n, QL, &g->qr8, NULL);   /* q_b's and the indexer's q_b's x */
     run_rows(st, r, n);
     linear(st, dmat_of(L.attn_q_b), g->qr, QL, n, g->q, (int64_t)H * d);
     r = rows_of(g->q, g->q, d, d);
@@ -1280,11 +1350,26 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     linear(st, dmat_of(L.attn_output_b), g->low, (int64_t)G * r_o, n, g->y, D);
 }
 
+/* SwiGLU in place on g (count elements of n tokens), and in a qat-q8
+ * one-token step also the codes of the form `down` takes, into b (pre8
+ * entry `slot`). */
+static void swiglu(cudaStream_t st, dsess *g, int slot, int n, float *gt, const float *u, int64_t count,
+                   float clamp, const ds4_tensor &down, const act8_bufs *b) {
+    bool q8k = base_type(down.type) != DS4_TYPE_Q8_0;
+    act8_pre c = pre8_set(g, slot, gt, act8_rounds(down.type) ? n : 0, count, q8k ? NULL : b, q8k ? b : NULL);
+    if (c.q0.q || c.qk.q) {
+        launch_k(k_swiglu_act8, blocks_for(count / 256, 8), 256, 0, st, gt, u, count, clamp, (int)q8k,
+                 q8k ? c.qk : c.q0);
+        return;
+    }
+    launch_k(k_swiglu, blocks_for(count, 256), 256, 0, st, gt, u, count, clamp);
+}
+
 /* The shared expert's SwiGLU FFN on xn into y (gate and up into sg, su). */
-static void shared_expert(cudaStream_t st, const ds4_layer &L, const float *xn, int D, int n, int Fs, float *sg,
-                          float *su, float *y) {
+static void shared_expert(cudaStream_t st, dsess *g, const ds4_layer &L, const float *xn, int D, int n, int Fs,
+                          float *sg, float *su, float *y) {
     linear_pair(st, L.ffn_gate_shexp, L.ffn_up_shexp, xn, D, n, sg, su, Fs);
-    launch_k(k_swiglu, blocks_for((int64_t)n * Fs, 256), 256, 0, st, sg, su, (int64_t)n * Fs, L.swiglu_clamp);
+    swiglu(st, g, PRE8_SH, n, sg, su, (int64_t)n * Fs, L.swiglu_clamp, L.ffn_down_shexp, &g->sh8);
     linear(st, dmat_of(L.ffn_down_shexp), sg, Fs, n, y, D);
 }
 
@@ -1304,7 +1389,7 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     if (fork) {
         cudaEventRecord(g->sh_fork, st);
         cudaStreamWaitEvent(g->side, g->sh_fork, 0);
-        shared_expert(ss, L, g->xn, D, n, Fs, sg, su, g->sh_y);
+        shared_expert(ss, g, L, g->xn, D, n, Fs, sg, su, g->sh_y);
         cudaEventRecord(g->sh_join, g->side);
     }
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
@@ -1316,12 +1401,11 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     int slots = std::min(E, n * k);
     expert_linear_pair(st, L.ffn_gate_exps, L.ffn_up_exps, g, n, n * k, slots, g->pair_tok, g->xn, D,
                        g->ex_g, g->ex_u, F);
-    launch_k(k_swiglu, blocks_for((int64_t)n * k * F, 256), 256, 0, st, g->ex_g, g->ex_u,
-                                                                  (int64_t)n * k * F, L.swiglu_clamp);
+    swiglu(st, g, PRE8_EX, n, g->ex_g, g->ex_u, (int64_t)n * k * F, L.swiglu_clamp, L.ffn_down_exps, &g->ex8);
     expert_linear(st, L.ffn_down_exps, g, n, n * k, slots, NULL, g->ex_g, F, g->ex_y, D);
 
     if (fork) cudaStreamWaitEvent(st, g->sh_join, 0);
-    else shared_expert(ss, L, g->xn, D, n, Fs, sg, su, g->sh_y);   /* into ex_g / ex_u: the routed are in ex_y */
+    else shared_expert(ss, g, L, g->xn, D, n, Fs, sg, su, g->sh_y);   /* into ex_g / ex_u: the routed are in ex_y */
     launch_k(k_combine, blocks_for((int64_t)n * D, 256), 256, 0, st, g->ex_y, g->slot_pair, g->sel_w,
                                                                g->sh_y, k, D, n, g->y);
 }
@@ -1336,6 +1420,7 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
     cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
     dmat E = dmat_of(dm->token_embd);
+    memset(g->pre8, 0, sizeof g->pre8);
     launch_k(k_embed, dim3(blocks_for(D / 8, 128), n), 128, 0, st, E, g->ids, hc, D, g->X);
     for (int l = 0; l < cf->n_layer; l++) {
         const ds4_layer &L = dm->layers[l];
@@ -1351,9 +1436,11 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
     const float *Xt = g->X + (int64_t)t0 * hc * D;
     int parts = hc_mixer(st, dm->output_hc_fn, Xt, nn, g->u, g->mix, hc, (int64_t)hc * D, cf->rms_eps);
     /* the HC head (§2.5): h = sum_i (sigmoid(mix_i s + b_i) + eps) X_i, then the output norm */
+    pre8_set(g, PRE8_XN, g->xn, 0, D, NULL, NULL);   /* xn8[0] takes the head's x */
+    act8_pre c = pre8_set(g, PRE8_HEAD, g->x, n, D, &g->xn8[0], NULL);
     launch_k(k_hc_collapse, nn, hc_threads(nn), 0, st, g->mix, parts, (int64_t)nn * hc, hc, Xt,
                                                  f32(dm->output_hc_base), f32(dm->output_hc_scale), hc, D,
-                                                 cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x, g->x);
+                                                 cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x, g->x, c);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
     cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }

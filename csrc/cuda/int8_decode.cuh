@@ -212,7 +212,7 @@ __device__ __forceinline__ float q8_scale_at(const uint4 &v, int s) {
  * x as qat-q8's codes, no split. */
 template <int SL, bool CODES>
 __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
-    pdl_begin();
+    if (!a.early) pdl_begin();
     extern __shared__ __align__(16) uint8_t x_parts_sh[];
     __shared__ float red[32][16];
     lin_block b;
@@ -225,6 +225,7 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     if (tile >= tiles) return;   /* the whole block */
     q8_tile_part<SL> t;
     q8_tile_load(a, b.w, tile, kb0, t);
+    if (a.early) pdl_begin();   /* the first tile's weights in flight across the wait */
     x_codes xc;
     if constexpr (CODES) {   /* part p's codes at p n_in; one row for products that share x (a.bx == 0) */
         int64_t part = a.bx ? blockIdx.y : 0;

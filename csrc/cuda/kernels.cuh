@@ -4,6 +4,7 @@
  * with the sink, top-k ties to the lower index). */
 #pragma once
 
+#include "act8_codes.cuh"
 #include "common.cuh"
 #include "kv_compact.cuh"
 #include "qat_round.h"
@@ -70,6 +71,7 @@ struct lin_args {
     float norm_eps;
     const int8_t *q8;     /* qat-q8 int8 kernels: x as k_act8's int8 codes, [row][n_in] */
     const float *q8d, *q8s;   /* their code scales a 32, code sums a 16 */
+    int early;            /* one-token plain products: weights loaded (or into L2) before the PDL wait */
 };
 
 #define LIN_WARPS 8
@@ -196,11 +198,21 @@ __device__ __forceinline__ float4 scale4(float4 v, float s) {
 
 template <int TYPE, int LIN_MAXC>
 __global__ void __launch_bounds__(LIN_WARPS *WARP) k_linear1(lin_args a, int kw) {
-    pdl_begin();
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, part = warp % kw;
     int r0 = (blockIdx.x * (LIN_WARPS / kw) + warp / kw) * LIN_R;
     __shared__ float red[LIN_WARPS][LIN_R];
     lin_block b;
+    if (a.early) {   /* plain mode: the block's rows are known before the wait */
+        lin_block_of(a, blockIdx.y, b);
+#pragma unroll
+        for (int i = 0; i < LIN_R; i++) {
+            const uint8_t *row = b.w + (int64_t)min(r0 + i, a.w.n_out - 1) * a.w.row_bytes;
+            /* the lane's bytes of each chunk (at the chunk's share of the row) */
+            for (int e0 = part * 256 + lane * 8; e0 < a.w.n_in; e0 += 256 * kw)
+                prefetch_l2(row + (int64_t)e0 * a.w.row_bytes / a.w.n_in);
+        }
+    }
+    pdl_begin();
     if (!lin_block_of(a, blockIdx.y, b)) return;
     for (int p = b.p0; p < b.p1; p++) {
         const float *x = b.x + (int64_t)(a.xrow ? a.xrow[p] : p) * a.xs;
@@ -406,6 +418,7 @@ struct row_args {
     const int64_t *pos0;   /* device: the chunk's first position */
     int qat, qat_len;
     float scale;    /* applied to y last when != 1 */
+    act8_pre a8;    /* qat-q8: y's codes for the one-token product that reads it (dim % 256 == 0) */
 };
 
 __global__ void k_rows(row_args a) {
@@ -424,6 +437,7 @@ __global__ void k_rows(row_args a) {
     if (a.qat == QAT_FP4) d_qat_fp4(y, a.qat_len);
     if (a.scale != 1.0f)
         for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] *= a.scale;
+    if (a.a8.q0.q || a.a8.qk.q) d_act8_row(y, a.dim, a.a8, (int64_t)r * a.dim);
 }
 
 /* ---- hyper-connections ---- */
@@ -519,10 +533,11 @@ __global__ void __launch_bounds__(WARP) k_hc_sinkhorn(const float *mix, int part
 /* The rest of the HC controller, a block per token: pre from the mix
  * (n_mix entries a token, the first hc of them pre's), the collapsed input
  * x = sum_i pre_i X_i and the sublayer's input norm of it, xn (xn may be x).
- * Also the output head (n_mix = hc: its mix is pre alone). */
+ * Also the output head (n_mix = hc: its mix is pre alone). c (qat-q8, one
+ * token): xn's codes too. */
 __global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, int n_mix, const float *X,
                               const float *base, const float *scale, int hc, int D, float hc_eps,
-                              float rms_eps, const float *norm_w, float *x, float *xn) {
+                              float rms_eps, const float *norm_w, float *x, float *xn, act8_pre c) {
     pdl_begin();
     int t = blockIdx.x;
     __shared__ float pre[16];
@@ -532,6 +547,7 @@ __global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, 
     __syncthreads();
     d_collapse_norm(X + (int64_t)t * hc * D, pre, hc, D, norm_w, rms_eps, x + (int64_t)t * D,
                     xn + (int64_t)t * D);
+    if (c.q0.q || c.qk.q) d_act8_row(xn + (int64_t)t * D, D, c, (int64_t)t * D);
 }
 
 #define HC_MAX 16   /* streams the CUDA backend takes (model_init) */
@@ -540,15 +556,20 @@ __global__ void k_hc_collapse(const float *mix, int parts, int64_t part_stride, 
  * "pre" rows of the mixer (F16; the only ones the collapse reads) on the
  * RMS norm of all HC * D streams, their gates, then k_hc_collapse's
  * collapse and norm. The mixer's other rows (post, comb) run beside it for
- * Sinkhorn (hc_controller). The norm's scale multiplies the row sums, not x. */
+ * Sinkhorn (hc_controller). The norm's scale multiplies the row sums, not x.
+ * c: xn's codes too (qat-q8); early: the pre rows prefetched before the wait. */
 template <int HC>
 __global__ void __launch_bounds__(1024) k_hc_pre_collapse(dmat fn, const float *X, const float *base,
                                                           const float *scale, int D, float hc_eps,
                                                           float rms_eps, const float *norm_w, float *x,
-                                                          float *xn) {
-    pdl_begin();
+                                                          float *xn, act8_pre c, int early) {
     __shared__ float red[32][HC], pre[HC];
     int n = HC * D, lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    if (early)   /* the pre rows (weights: no kernel writes them) on their way to L2 before the wait */
+        for (int e0 = 8 * threadIdx.x; e0 < n; e0 += 8 * blockDim.x)
+#pragma unroll
+            for (int r = 0; r < HC; r++) prefetch_l2(fn.data + (int64_t)r * fn.row_bytes + 2 * e0);
+    pdl_begin();
     double ss = 0;
     float dot[HC];
 #pragma unroll
@@ -579,6 +600,7 @@ __global__ void __launch_bounds__(1024) k_hc_pre_collapse(dmat fn, const float *
     }
     __syncthreads();
     d_collapse_norm(X, pre, HC, D, norm_w, rms_eps, x, xn);
+    if (c.q0.q || c.qk.q) d_act8_row(xn, D, c, 0);
 }
 
 /* X'_j = post_j y + sum_i C_ij X_i, into Xn. A thread an element k of a
@@ -978,13 +1000,35 @@ __global__ void k_group(const int32_t *sel, int nk, int k, int E, int *offs, int
     }
 }
 
-/* SwiGLU with the clamp (§4.4), in place on g. */
+/* SwiGLU with the clamp (§4.4) of one element. */
+__device__ __forceinline__ float d_swiglu(float g, float u, float clamp) {
+    float gi = fminf(g, clamp), ui = fminf(fmaxf(u, -clamp), clamp);
+    return gi * (1.0f / (1.0f + expf(-gi))) * ui;
+}
+
+/* SwiGLU in place on g. */
 __global__ void k_swiglu(float *g, const float *u, int64_t count, float clamp) {
     pdl_begin();
     int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= count) return;
-    float gi = fminf(g[i], clamp), ui = fminf(fmaxf(u[i], -clamp), clamp);
-    g[i] = gi * (1.0f / (1.0f + expf(-gi))) * ui;
+    g[i] = d_swiglu(g[i], u[i], clamp);
+}
+
+/* SwiGLU in place on g (count a multiple of 256), and its codes (form q8k)
+ * for the one-token down product that reads it (qat-q8): a warp 256 elements. */
+__global__ void k_swiglu_act8(float *g, const float *u, int64_t count, float clamp, int q8k, act8_out o) {
+    pdl_begin();
+    int lane = threadIdx.x % WARP;
+    int64_t e = ((int64_t)blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP) * 256 + 8 * lane;
+    if (e >= count) return;   /* whole warps */
+    float4 g0 = *(const float4 *)(g + e), g1 = *(const float4 *)(g + e + 4);
+    float4 u0 = *(const float4 *)(u + e), u1 = *(const float4 *)(u + e + 4);
+    float v[8] = {d_swiglu(g0.x, u0.x, clamp), d_swiglu(g0.y, u0.y, clamp), d_swiglu(g0.z, u0.z, clamp),
+                  d_swiglu(g0.w, u0.w, clamp), d_swiglu(g1.x, u1.x, clamp), d_swiglu(g1.y, u1.y, clamp),
+                  d_swiglu(g1.z, u1.z, clamp), d_swiglu(g1.w, u1.w, clamp)};
+    *(float4 *)(g + e) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4 *)(g + e + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    act8_warp(v, 0xffffffffu, q8k, e, o);
 }
 
 /* y[t] = sum_i w[t,i] ex_y[slot_pair[t,i]] + shared[t]. */
