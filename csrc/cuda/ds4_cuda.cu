@@ -1203,11 +1203,12 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
                                                   D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D));
 }
 
-static void hc_expand(ds4_session *s, dsess *g, int n) {
+/* y, or the MoE's output m (m.ex_y set), into the streams. */
+static void hc_expand(ds4_session *s, dsess *g, int n, const moe_out &m) {
     const ds4_config *cf = &s->model->cfg;
     int64_t count = (int64_t)n * cf->n_embd;   /* a thread an element of a token's streams */
     cudaStreamWaitEvent(g->st, g->hc_join, 0);   /* post and comb */
-    launch_k(k_hc_expand, blocks_for(count, 256), 256, 0, g->st, g->X, g->post, g->comb, g->y, cf->n_hc,
+    launch_k(k_hc_expand, blocks_for(count, 256), 256, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc,
                                                            cf->n_embd, n, g->Xn);
     std::swap(g->X, g->Xn);
 }
@@ -1373,7 +1374,9 @@ static void shared_expert(cudaStream_t st, dsess *g, const ds4_layer &L, const f
     linear(st, dmat_of(L.ffn_down_shexp), sg, Fs, n, y, D);
 }
 
-static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
+/* The MoE of xn: its output summed by the expand that follows (the moe_out
+ * returned), or into y by k_combine where DS4_CUDA_NO_EXPANDMOE=1 (A/B). */
+static moe_out moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     const ds4_config *cf = &s->model->cfg;
     cudaStream_t st = g->st;
     int D = cf->n_embd, F = cf->expert_ff, k = cf->n_expert_used, E = cf->n_expert;
@@ -1393,11 +1396,15 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
         cudaEventRecord(g->sh_join, g->side);
     }
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
+    /* one token: k_route groups its slots too (DS4_CUDA_NO_ROUTEGROUP=1: k_group, for A/B) */
+    bool group1 = n == 1 && k <= WARP && !getenv("DS4_CUDA_NO_ROUTEGROUP");
+    group_out grp = {g->offs, g->active, g->pair_tok, g->slot_pair};
     launch_k(k_route, blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st, 
         g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
         L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL, g->ids, cf->expert_weights_scale, n,
-        g->sel, g->sel_w);
-    launch_k(k_group, 1, 1024, 0, st, g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
+        g->sel, g->sel_w, group1 ? grp : group_out{});
+    if (!group1)
+        launch_k(k_group, 1, 1024, 0, st, g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
     int slots = std::min(E, n * k);
     expert_linear_pair(st, L.ffn_gate_exps, L.ffn_up_exps, g, n, n * k, slots, g->pair_tok, g->xn, D,
                        g->ex_g, g->ex_u, F);
@@ -1406,8 +1413,10 @@ static void moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
 
     if (fork) cudaStreamWaitEvent(st, g->sh_join, 0);
     else shared_expert(ss, g, L, g->xn, D, n, Fs, sg, su, g->sh_y);   /* into ex_g / ex_u: the routed are in ex_y */
-    launch_k(k_combine, blocks_for((int64_t)n * D, 256), 256, 0, st, g->ex_y, g->slot_pair, g->sel_w,
-                                                               g->sh_y, k, D, n, g->y);
+    moe_out out = {g->ex_y, g->slot_pair, g->sel_w, g->sh_y, k};
+    if (!getenv("DS4_CUDA_NO_EXPANDMOE")) return out;
+    launch_k(k_combine, blocks_for((int64_t)n * D, 256), 256, 0, st, out, D, n, g->y);
+    return moe_out{};
 }
 
 /* Every step of one chunk onto the stream, from the pinned position and ids
@@ -1426,10 +1435,9 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
         const ds4_layer &L = dm->layers[l];
         hc_controller(s, g, n, L.hc_attn_fn, L.hc_attn_base, L.hc_attn_scale, L.attn_norm);
         attention(s, g, L, l, n);
-        hc_expand(s, g, n);
+        hc_expand(s, g, n, moe_out{});
         hc_controller(s, g, n, L.hc_ffn_fn, L.hc_ffn_base, L.hc_ffn_scale, L.ffn_norm);
-        moe(s, g, L, n);
-        hc_expand(s, g, n);
+        hc_expand(s, g, n, moe(s, g, L, n));
     }
     if (t0 < 0) return;
     int nn = n - t0;

@@ -603,10 +603,28 @@ __global__ void __launch_bounds__(1024) k_hc_pre_collapse(dmat fn, const float *
     if (c.q0.q || c.qk.q) d_act8_row(xn, D, c, 0);
 }
 
-/* X'_j = post_j y + sum_i C_ij X_i, into Xn. A thread an element k of a
- * token: its hc stream values read once for the hc outputs (a thread an
- * output read each hc times: 0.95 TB/s a chunk). */
-__global__ void k_hc_expand(const float *X, const float *post, const float *comb, const float *y,
+/* The MoE's output (§4.5) read where it is used: token t's k routed rows
+ * of ex_y (grouped places slot_pair) by their weights, then the shared
+ * expert's row. */
+struct moe_out {
+    const float *ex_y;   /* NULL: none (the expand reads y) */
+    const int *slot_pair;
+    const float *sel_w, *shared;
+    int k;
+};
+
+__device__ __forceinline__ float d_moe_out(const moe_out &m, int t, int j, int D) {
+    float acc = 0;
+    for (int i = 0; i < m.k; i++) acc += m.ex_y[(int64_t)m.slot_pair[t * m.k + i] * D + j] * m.sel_w[t * m.k + i];
+    return acc + m.shared[(int64_t)t * D + j];
+}
+
+/* X'_j = post_j y + sum_i C_ij X_i, into Xn, y the sublayer's output (or,
+ * after the MoE, its output summed here: m.ex_y set, one launch fewer a
+ * layer). A thread an element k of a token: its hc stream values read once
+ * for the hc outputs (a thread an output read each hc times: 0.95 TB/s a
+ * chunk). */
+__global__ void k_hc_expand(const float *X, const float *post, const float *comb, const float *y, moe_out m,
                             int hc, int D, int n, float *Xn) {
     pdl_begin();
     int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -616,7 +634,7 @@ __global__ void k_hc_expand(const float *X, const float *post, const float *comb
     float x[HC_MAX];
 #pragma unroll
     for (int i = 0; i < HC_MAX; i++) x[i] = i < hc ? Xt[(int64_t)i * D] : 0.0f;
-    float yk = y[(int64_t)t * D + k];
+    float yk = m.ex_y ? d_moe_out(m, t, k, D) : y[(int64_t)t * D + k];
     for (int j = 0; j < hc; j++) {
         float acc = 0;
 #pragma unroll
@@ -899,12 +917,49 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
 
 __device__ __forceinline__ float d_softplus(float z) { return z > 20.0f ? z : log1pf(expf(z)); }
 
+/* What k_group writes for one token's k (<= 32) slots, by one warp: a
+ * one-token step's grouping without k_group's launch. A slot's place is
+ * the count of slots on lower experts plus the earlier slots on its own. */
+struct group_out {
+    int *offs, *active, *pair_tok, *slot_pair;   /* offs NULL: k_group groups */
+};
+
+__device__ void d_group_one(const int32_t *sel, int k, int E, const group_out &o) {
+    int lane = threadIdx.x % WARP;
+    for (int e = lane; e < E; e += WARP) {
+        int c = 0;
+        for (int i = 0; i < k; i++) c += sel[i] <= e;
+        o.offs[e + 1] = c;
+    }
+    if (lane == 0) o.offs[0] = 0;
+    int na = 0;   /* experts in use */
+    for (int i = 0; i < k; i++) {
+        bool first = true;
+        for (int j = 0; j < i; j++) first = first && sel[j] != sel[i];
+        na += first;
+    }
+    if (lane < k) {
+        int e = sel[lane], lower = 0, same_before = 0, rank = 0;
+        for (int i = 0; i < k; i++) {
+            lower += sel[i] < e;
+            same_before += i < lane && sel[i] == e;
+            bool first = true;   /* slot i is its expert's first: counts once in the rank */
+            for (int j = 0; j < i; j++) first = first && sel[j] != sel[i];
+            rank += first && sel[i] < e;
+        }
+        o.slot_pair[lane] = lower + same_before;
+        o.pair_tok[lower + same_before] = 0;
+        if (!same_before) o.active[rank] = e;
+    }
+    for (int i = na + lane; i < (k < E ? k : E); i += WARP) o.active[i] = -1;
+}
+
 /* Router (§4.2), one warp per token, ROUTE_TOKENS a block: sqrt(softplus)
  * scores, top-k with the bias (lowest index on ties) or the hash table,
- * normalised weights. */
+ * normalised weights; for one token (grp.offs set), its grouping too. */
 #define ROUTE_TOKENS 4
 __global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
-                        const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w) {
+                        const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w, group_out grp) {
     pdl_begin();
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     __shared__ float score_sh[ROUTE_TOKENS][1024], biased_sh[ROUTE_TOKENS][1024];
@@ -954,6 +1009,10 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
         float sum = 0;
         for (int i = 0; i < k; i++) sum += score[s[i]];
         for (int i = 0; i < k; i++) sel_w[t * k + i] = score[s[i]] / (sum + 1e-20f) * wscale;
+    }
+    if (grp.offs) {
+        __syncwarp();   /* s as lane 0 wrote it */
+        d_group_one(s, k, E, grp);
     }
 }
 
@@ -1031,14 +1090,10 @@ __global__ void k_swiglu_act8(float *g, const float *u, int64_t count, float cla
     act8_warp(v, 0xffffffffu, q8k, e, o);
 }
 
-/* y[t] = sum_i w[t,i] ex_y[slot_pair[t,i]] + shared[t]. */
-__global__ void k_combine(const float *ex_y, const int *slot_pair, const float *sel_w,
-                          const float *shared, int k, int D, int n, float *y) {
+/* y = the MoE's output (for A/B: hc_expand reads it in place by default). */
+__global__ void k_combine(moe_out m, int D, int n, float *y) {
     pdl_begin();
     int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (int64_t)n * D) return;
-    int t = idx / D, j = idx % D;
-    float acc = 0;
-    for (int i = 0; i < k; i++) acc += ex_y[(int64_t)slot_pair[t * k + i] * D + j] * sel_w[t * k + i];
-    y[idx] = acc + shared[idx];
+    y[idx] = d_moe_out(m, idx / D, idx % D, D);
 }
