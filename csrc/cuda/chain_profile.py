@@ -1,0 +1,146 @@
+"""Where a decode step's time goes on the real chain: a few one-token steps of
+the full-size synthetic q2 model (the decode graph as it runs: PDL, its
+streams, its waits) timed kernel by kernel by CUPTI, through the device's
+torch.profiler. ncu serializes kernels and flushes caches, and leaving a kind of
+launch out (wip/ablate) gives only sums; this gives each kernel's place.
+
+    python3 csrc/cuda/chain_profile.py [--numerics qat-q8] [--ctx 2048] [--steps 3]
+                                       [--timeline 120] [--trace trace.json]
+
+With PDL a kernel is launched while its predecessor runs and waits inside, so
+its start and duration say little; its end is what counts. Printed:
+  - each step's wall (first kernel's start to last kernel's end);
+  - the end frontier: the kernels sorted by end, each charged the time the
+    step's latest end moved when it ended (so kernels beside the chain that
+    end earlier are charged nothing); the charges sum to the wall;
+  - Flash's chain pairs: a kernel's end minus the end of the kernel before it
+    in the decode order (the latest-ending kernel of that name), per layer;
+  - with --timeline N, the first N kernels of step 1 (start, end, duration
+    in us from the step's start, stream, grid, block).
+Needs torch (the device image has it); the trace is written for other reads."""
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import tempfile
+
+import numpy as np
+
+# (kernel, the kernels that may come just before it on the decode chain):
+# Flash's one-token order in qat-q8 (names as CUPTI gives them)
+CHAIN_PAIRS = [
+    ("k_hc_pre_collapse", ("k_hc_expand",)),
+    ("k_route", ("k_linear1",)),
+    ("k_expert_mma1<16, true>", ("k_route",)),
+    ("k_expert_mma1<10, true>", ("k_swiglu_act8",)),
+    ("k_attention", ("k_state", "k_compress", "k_idx_select")),
+    ("k_attn_combine", ("k_attention",)),
+    ("k_q8_mma1<8, true>", ("k_act8",)),
+    ("k_hc_expand", ("k_q8_mma1<8, true>", "k_expert_mma1<10, true>")),
+]
+
+
+def short(name):
+    return re.sub(r"^void ", "", name.split("(")[0])
+
+
+def steps_of(trace):
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    steps = []
+    for e in kernels:
+        if e["name"].startswith("k_embed"):   # a step begins with the embedding
+            steps.append([])
+        if steps:
+            steps[-1].append(e)
+    return steps
+
+
+def frontier(steps):
+    charge, count = collections.defaultdict(float), collections.Counter()
+    for st in steps:
+        front = st[0]["ts"]
+        for e in sorted(st, key=lambda e: e["ts"] + e["dur"]):
+            end = e["ts"] + e["dur"]
+            count[short(e["name"])] += 1
+            if end > front:
+                charge[short(e["name"])] += end - front
+                front = end
+    return charge, count
+
+
+def chain_pairs(steps):
+    gaps = collections.defaultdict(list)
+    for st in steps:
+        by_end = sorted(st, key=lambda e: e["ts"] + e["dur"])
+        last_end = {}
+        for e in by_end:
+            name, end = short(e["name"]), e["ts"] + e["dur"]
+            for kernel, before in CHAIN_PAIRS:
+                if name.startswith(kernel):
+                    prev = [v for k, v in last_end.items() if k.startswith(before)]
+                    if prev:
+                        gaps[f"{kernel} after {' / '.join(before)}"].append(end - max(prev))
+            last_end[name] = end
+    return gaps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--numerics", default="qat-q8")
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--timeline", type=int, default=0)
+    ap.add_argument("--trace", default=os.path.join(os.environ.get("OUT", tempfile.gettempdir()), "trace.json"))
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import ds4
+    import ds4.bench as bench
+    torch.zeros(1).cuda()   # torch's context is the one the engine uses
+    path = bench.write_synthetic(tempfile.mkdtemp(), "q2")
+    model = ds4.load(path, backend="cuda", ctx=args.ctx + 64, synthetic=True, numerics=args.numerics)
+    session = model.session(args.ctx + 64)
+    ids = bench.bench_tokens(model.tokenizer, args.ctx, None)
+    step = bench.prefill_step(session)
+    for start in range(0, args.ctx, step):
+        logits = session.eval(ids[start:start + step])
+    for _ in range(4):   # the graph captured and warm
+        logits = session.eval([int(np.argmax(logits))])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            logits = session.eval([int(np.argmax(logits))])
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(args.trace)
+    with open(args.trace) as f:
+        steps = steps_of(json.load(f))
+    if not steps:
+        print("no kernels traced (CUPTI saw none)")
+        return
+    walls = [max(e["ts"] + e["dur"] for e in st) - st[0]["ts"] for st in steps]
+    print(f"{len(steps)} steps, {len(steps[0])} kernels each; wall us: {[round(w, 1) for w in walls]}")
+    charge, count = frontier(steps)
+    n, total = len(steps), sum(charge.values()) / len(steps)
+    print(f"\nend frontier, us a step ({total:.1f} in all):")
+    for name, v in sorted(charge.items(), key=lambda kv: -kv[1]):
+        print(f"{v / n:9.1f} {100 * v / n / total:5.1f}%  {count[name] / n:5.0f} calls  {name}")
+    print("\nchain pairs (a kernel's end minus its predecessor's), us:")
+    for key, v in chain_pairs(steps).items():
+        print(f"  {key:50s} n {len(v) / n:4.0f} a step  mean {statistics.mean(v):6.1f}  median "
+              f"{statistics.median(v):6.1f}  per step {sum(v) / n / 1000:.2f} ms")
+    if args.timeline:
+        st = steps[min(1, len(steps) - 1)]
+        t0 = st[0]["ts"]
+        print("\nstart     end   dur  stream grid block kernel")
+        for e in st[:args.timeline]:
+            a = e["args"]
+            print(f"{e['ts'] - t0:8.1f} {e['ts'] + e['dur'] - t0:8.1f} {e['dur']:6.1f} s{a.get('stream')} "
+                  f"{a.get('grid')} {a.get('block')} {short(e['name'])}")
+
+
+if __name__ == "__main__":
+    main()
