@@ -2,8 +2,8 @@
  * a warp: what k_act8 writes for a product, and what the kernels that
  * produce a one-token product's x (the HC collapse, the q norm, SwiGLU)
  * write beside it, so that the product needs no k_act8 launch of its own
- * (a decode token's main stream had five a layer, each a few microseconds
- * of latency on the chain). The same functions, so the same bits. */
+ * (ten a decode layer, five on the main stream's chain: 0.12 ms a token on
+ * an H200). The same functions, so the same bits. */
 #pragma once
 
 #include "common.cuh"

@@ -978,9 +978,9 @@ static act8_pre pre8_set(dsess *g, int slot, const float *x, int ntok, int64_t n
 /* One-token plain products (no expert ids to wait for) load their weights
  * before the PDL wait (k_q8_mma1: the first tile into registers; k_linear1:
  * into L2). DS4_CUDA_NO_EARLYW=1: after it. */
-static int early_weights(int n, const lin_args &a) {
+static int early_weights(int n, bool plain) {
     static const bool off = getenv("DS4_CUDA_NO_EARLYW") != NULL;
-    return n == 1 && !a.active && !off;
+    return n == 1 && plain && !off;
 }
 
 /* Whether a one-token product's int8 kernel (k_q8_mma1, k_expert_mma1:
@@ -1018,7 +1018,7 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
         else launch_q8x(st, grid, a);
         return;
     }
-    a.early = early_weights(n, a);
+    a.early = early_weights(n, !a.active);
     bool expert1 = n == 1 && a.active && expert_mma1_fits(a.w) && !getenv("DS4_CUDA_NO_EXPERT_MMA");
     bool q8one = n == 1 && q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8");
     act8_x(st, a, x_rows, slots, one_token_codes(expert1 || q8one));
@@ -1047,7 +1047,7 @@ static void linear(cudaStream_t st, dmat w, const float *x, int64_t xs, int n, f
 /* One token's batch of nb same-shape products (a.bw, a.bx, a.by) as one launch. */
 static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
     lin_args a = a0;
-    a.early = early_weights(1, a);
+    a.early = early_weights(1, !a.active);
     bool q8one = q8_mma1_fits(a) && !getenv("DS4_CUDA_NO_Q8");
     act8_x(st, a, 1, nb, one_token_codes(q8one));
     int kw = lin_split(a.w.n_in);
@@ -1171,8 +1171,11 @@ static int hc_threads(int n) { return n < 16 ? 1024 : 256; }
 static act8_pre xn_codes(dsess *g, int n, int D) { return pre8_set(g, PRE8_XN, g->xn, n, D, &g->xn8[0], &g->xn8[1]); }
 
 /* The HC controller of one site (§2.2) and the sublayer's input norm: xn
- * from X on the main stream, post and comb on the side stream (the mix they
- * read is not rewritten before hc_expand joins it). */
+ * from X on the main stream, post and comb beside it (the mix they read is
+ * not rewritten before hc_expand joins it). A decode token's runs the whole
+ * mixer and Sinkhorn on the hc stream and the pre rows again in one main-
+ * stream block (same call, H200: decode +2.5%); otherwise the mixer runs
+ * on the main stream and Sinkhorn beside it on the side stream. */
 static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
                           const ds4_tensor &base, const ds4_tensor &scale, const ds4_tensor &norm) {
     const ds4_config *cf = &s->model->cfg;
@@ -1189,7 +1192,7 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
         cudaEventRecord(g->hc_join, g->hcs);
         launch_k(k_hc_pre_collapse<4>, 1, 1024, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base), f32(scale),
                  D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
-                 early_weights(n, lin_args{}));
+                 early_weights(n, true));
         return;
     }
     int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
