@@ -863,21 +863,25 @@ static void launch_staged(cudaStream_t st, dim3 grid, const lin_args &a, int kw)
  * 2: the second at the batch strides a.bw, a.by, blockIdx.z): as many
  * blocks as fit on the GPU at once (measured once per type and width), at
  * most one per 16-row tile of each (slot, matrix). */
-template <int TYPE, bool CODES>
+template <int TYPE, bool CODES, bool IINT = false>
 static void launch_expert_mma1_t(cudaStream_t st, const lin_args &a, int slots, int mats) {
     static int fill[EXPERT_MMA1_MAX_WARPS + 1];
     int kwi = a.w.n_in / 256, threads = kwi * WARP;
     size_t shm = CODES ? 0 : expert_mma1_smem(a.w.n_in);
-    if (!fill[kwi]) fill[kwi] = gpu_fill(k_expert_mma1<TYPE, CODES>, threads, shm);
+    if (!fill[kwi]) fill[kwi] = gpu_fill(k_expert_mma1<TYPE, CODES, IINT>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], slots * mats);
-    launch_k(k_expert_mma1<TYPE, CODES>, dim3(need < cap ? need : cap, slots, mats), threads, shm, st, a);
+    launch_k(k_expert_mma1<TYPE, CODES, IINT>, dim3(need < cap ? need : cap, slots, mats), threads, shm, st, a);
 }
 
-/* (a.q8 set: x as qat-q8's codes, act8_x) */
+/* (a.q8 set: x as qat-q8's codes, act8_x). IQ2_XXS with codes sums each 256
+ * block as integers (the CPU's order; DS4_CUDA_NO_IQ2INT=1: a float step a
+ * slice, for A/B). */
 static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, int mats) {
     bool iq2 = a.w.type == DS4_TYPE_IQ2_XXS;
+    static const bool slice_floats = getenv("DS4_CUDA_NO_IQ2INT") != NULL;
     if (a.q8) {
-        if (iq2) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, true>(st, a, slots, mats);
+        if (iq2 && !slice_floats) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, true, true>(st, a, slots, mats);
+        else if (iq2) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, true>(st, a, slots, mats);
         else launch_expert_mma1_t<DS4_TYPE_Q2_K, true>(st, a, slots, mats);
     } else {
         if (iq2) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, false>(st, a, slots, mats);
@@ -1190,9 +1194,16 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
         launch_k(k_hc_sinkhorn, n, WARP, 0, g->hcs, g->mix, parts, (int64_t)n * n_mix, f32(base), f32(scale), hc,
                  cf->sinkhorn_iters, cf->hc_eps, g->post, g->comb);
         cudaEventRecord(g->hc_join, g->hcs);
-        launch_k(k_hc_pre_collapse<4>, 1, 1024, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base), f32(scale),
-                 D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
-                 early_weights(n, true));
+        /* every value in registers where D fits it (DS4_CUDA_NO_HCREG=1: the 1024-thread block, for A/B) */
+        static const bool one_block = getenv("DS4_CUDA_NO_HCREG") != NULL;
+        if (!one_block && hc_reg_fits(D))
+            launch_k(k_hc_pre_collapse_reg<4>, 1, D / 8, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base),
+                     f32(scale), D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
+                     early_weights(n, true));
+        else
+            launch_k(k_hc_pre_collapse<4>, 1, 1024, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base),
+                     f32(scale), D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
+                     early_weights(n, true));
         return;
     }
     int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);

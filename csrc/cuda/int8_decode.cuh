@@ -99,7 +99,7 @@ __device__ __forceinline__ uint2 x_frag(const uint8_t *xq, int k) {
  * warps in order) into y[16 tile + r]; ends at the barrier after red is read
  * (`last`: no barrier, red is not written again). */
 __device__ __forceinline__ void tile_store(float acc0, float acc1, float (*red)[16], int tile, int n_out,
-                                          float *y, bool last) {
+                                          float *y, bool last, float yscale = 1.0f) {
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
     acc0 += __shfl_xor_sync(0xffffffffu, acc0, 1);
     acc0 += __shfl_xor_sync(0xffffffffu, acc0, 2);
@@ -111,7 +111,7 @@ __device__ __forceinline__ void tile_store(float acc0, float acc1, float (*red)[
     if (threadIdx.x < 16 && r < n_out) {
         float v = 0;
         for (int w = 0; w < nw; w++) v += red[w][threadIdx.x];
-        y[r] = v;
+        y[r] = v * yscale;
     }
     if (!last) __syncthreads();
 }
@@ -359,7 +359,7 @@ __device__ __forceinline__ uint32_t q2k_scale(const uint4 &v, int k) {
  * (lin_block_of), z the second matrix of a pair at the batch strides bw, by
  * (the routed gate and up share x). The block's pairs p (one for a decode
  * token) each split their x row, then the block strides over the tiles. */
-template <int TYPE, bool CODES>
+template <int TYPE, bool CODES, bool IINT = false>
 __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(lin_args a) {
     pdl_begin();
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
@@ -396,7 +396,27 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
         float *y = b.y + (int64_t)p * a.ys;
         for (;;) {
             float acc0 = 0, acc1 = 0;
-            if constexpr (IQ2) {
+            if constexpr (IQ2 && CODES && IINT) {
+                /* x's Q8_K scale is one for the whole 256 block: the slices'
+                 * code sums add up as integers times 2 ls + 1, and the block
+                 * ends in one float step, d x f x sum (the CPU's
+                 * dot_iq2_xxs_q8_K order; the 1/8 at the row's end) */
+                int b0 = 0, b1 = 0;
+#pragma unroll
+                for (int s = 0; s < 8; s++) {
+                    uint32_t a0, a1, a2, a3;
+                    iq2_slice(t.c0[s], 0.0f, tg, grid_sh, signs_sh, a0, a2);
+                    iq2_slice(t.c1[s], 0.0f, tg, grid_sh, signs_sh, a1, a3);
+                    uint2 bx = x_codes_frag(xc, s);
+                    int d[4];
+                    mma_s8_from(d, 0, a0, a1, a2, a3, bx.x, bx.y);
+                    b0 += d[0] * (int)(2 * (t.c0[s].y >> 28) + 1);
+                    b1 += d[2] * (int)(2 * (t.c1[s].y >> 28) + 1);
+                }
+                float f = __shfl_sync(0xffffffffu, xc.d, 0);
+                acc0 = tg == 0 ? t.d0 * f * (float)b0 : 0.0f;
+                acc1 = tg == 0 ? t.d1 * f * (float)b1 : 0.0f;
+            } else if constexpr (IQ2) {
 #pragma unroll
                 for (int s = 0; s < 8; s++) {
                     uint32_t a0, a1, a2, a3;
@@ -458,7 +478,7 @@ __global__ void __launch_bounds__(EXPERT_MMA1_MAX_WARPS *WARP, 1) k_expert_mma1(
             }
             int next = tile + gridDim.x;
             if (next < tiles) expert_tile_load<TYPE>(a.w, b.w, next, kb, t);
-            tile_store(acc0, acc1, red, tile, n_out, y, next >= tiles && p + 1 == b.p1);
+            tile_store(acc0, acc1, red, tile, n_out, y, next >= tiles && p + 1 == b.p1, IINT ? 0.125f : 1.0f);
             if (next >= tiles) break;
             tile = next;
         }

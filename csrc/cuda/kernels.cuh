@@ -603,6 +603,129 @@ __global__ void __launch_bounds__(1024) k_hc_pre_collapse(dmat fn, const float *
     if (c.q0.q || c.qk.q) d_act8_row(xn, D, c, 0);
 }
 
+/* k_hc_pre_collapse with every value in registers: a thread the 8 columns
+ * 8t..8t+7 of all HC streams (D / 8 threads: for Flash 512), so the streams
+ * are read once (the single block read them twice and xn a third time for
+ * its codes), the pre rows' F16 weights for those columns are loaded before
+ * the PDL wait (early), and the whole step has two barriers (the pre rows'
+ * and the norm's sums) where the single block had five phases with a global
+ * round trip between most. A warp's 256 columns are one Q8_K block and its
+ * lanes' 8 act8_warp's layout, so the codes come from registers too. Not the
+ * single block's order of sums (the pre rows' dot products and the norms'
+ * squares by thread here): the GPU tests hold it. The collapse itself, a
+ * column's sum over the streams, is the same expression. */
+template <int HC>
+__global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const float *X, const float *base,
+                                                               const float *scale, int D, float hc_eps,
+                                                               float rms_eps, const float *norm_w, float *x,
+                                                               float *xn, act8_pre c, int early) {
+    __shared__ float red[32][HC];
+    __shared__ double ssw[2][32];
+    const int t = threadIdx.x, lane = t % WARP, warp = t / WARP, nw = blockDim.x / WARP, c0 = 8 * t;
+    const int n = HC * D;
+    uint4 wv[HC][HC];   /* pre row r's 8 halves of stream i's columns */
+    if (early) {
+#pragma unroll
+        for (int r = 0; r < HC; r++)
+#pragma unroll
+            for (int i = 0; i < HC; i++)
+                wv[r][i] = *(const uint4 *)((const uint16_t *)(fn.data + (int64_t)r * fn.row_bytes) + i * D + c0);
+    }
+    pdl_begin();
+    if (!early) {
+#pragma unroll
+        for (int r = 0; r < HC; r++)
+#pragma unroll
+            for (int i = 0; i < HC; i++)
+                wv[r][i] = *(const uint4 *)((const uint16_t *)(fn.data + (int64_t)r * fn.row_bytes) + i * D + c0);
+    }
+    float4 xa[HC], xb[HC];
+#pragma unroll
+    for (int i = 0; i < HC; i++) {
+        xa[i] = *(const float4 *)(X + (int64_t)i * D + c0);
+        xb[i] = *(const float4 *)(X + (int64_t)i * D + c0 + 4);
+    }
+    float4 na = make_float4(1, 1, 1, 1), nb = na;
+    if (norm_w) na = *(const float4 *)(norm_w + c0), nb = *(const float4 *)(norm_w + c0 + 4);
+    double ss = 0;
+    float dot[HC];
+#pragma unroll
+    for (int r = 0; r < HC; r++) dot[r] = 0;
+#pragma unroll
+    for (int i = 0; i < HC; i++) {
+        float4 u0 = xa[i], u1 = xb[i];
+        ss += (double)u0.x * u0.x + (double)u0.y * u0.y + (double)u0.z * u0.z + (double)u0.w * u0.w;
+        ss += (double)u1.x * u1.x + (double)u1.y * u1.y + (double)u1.z * u1.z + (double)u1.w * u1.w;
+#pragma unroll
+        for (int r = 0; r < HC; r++) {
+            const uint32_t u[4] = {wv[r][i].x, wv[r][i].y, wv[r][i].z, wv[r][i].w};
+            float w[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float2 f = __half22float2(*(const __half2 *)&u[j]);
+                w[2 * j] = f.x, w[2 * j + 1] = f.y;
+            }
+            dot[r] = dot8(dot[r], w, u0, u1);
+        }
+    }
+    ss = warp_sum_d(ss);
+#pragma unroll
+    for (int r = 0; r < HC; r++) dot[r] = warp_sum(dot[r]);
+    if (lane == 0) {
+        ssw[0][warp] = ss;
+#pragma unroll
+        for (int r = 0; r < HC; r++) red[warp][r] = dot[r];
+    }
+    __syncthreads();
+    double s2 = 0;
+    for (int w = 0; w < nw; w++) s2 += ssw[0][w];
+    float sc = (float)(1.0 / sqrt(s2 / (double)n + (double)rms_eps));
+    float pre[HC];
+#pragma unroll
+    for (int r = 0; r < HC; r++) {
+        float m = 0;
+        for (int w = 0; w < nw; w++) m += red[w][r];
+        pre[r] = d_sigmoid(m * sc * scale[0] + base[r]) + hc_eps;
+    }
+    /* the collapse: column k's sum over the streams, as d_collapse_norm */
+    float v[8];
+    double ss2 = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float acc = 0;
+#pragma unroll
+        for (int i = 0; i < HC; i++) {
+            float xi = j < 4 ? (j == 0 ? xa[i].x : j == 1 ? xa[i].y : j == 2 ? xa[i].z : xa[i].w)
+                             : (j == 4 ? xb[i].x : j == 5 ? xb[i].y : j == 6 ? xb[i].z : xb[i].w);
+            acc += pre[i] * xi;
+        }
+        v[j] = acc;
+        ss2 += (double)acc * acc;
+    }
+    *(float4 *)(x + c0) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4 *)(x + c0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    ss2 = warp_sum_d(ss2);
+    if (lane == 0) ssw[1][warp] = ss2;
+    __syncthreads();
+    double t2 = 0;
+    for (int w = 0; w < nw; w++) t2 += ssw[1][w];
+    float sn = (float)(1.0 / sqrt(t2 / (double)D + (double)rms_eps));
+    const float nwv[8] = {na.x, na.y, na.z, na.w, nb.x, nb.y, nb.z, nb.w};
+#pragma unroll
+    for (int j = 0; j < 8; j++) v[j] = norm_w ? v[j] * sn * nwv[j] : v[j] * sn;
+    *(float4 *)(xn + c0) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4 *)(xn + c0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    if (c.q0.q) {
+        float q[8] = {v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]};
+        act8_warp(q, 0xffffffffu, 0, c0, c.q0);
+    }
+    if (c.qk.q) act8_warp(v, 0xffffffffu, 1, c0, c.qk);
+}
+
+/* Widths k_hc_pre_collapse_reg takes: a thread 8 columns, whole warps, at
+ * most 512 threads (128 registers each). */
+static inline bool hc_reg_fits(int D) { return D % 256 == 0 && D / 8 <= 512; }
+
 /* The MoE's output (§4.5) read where it is used: token t's k routed rows
  * of ex_y (grouped places slot_pair) by their weights, then the shared
  * expert's row. */
@@ -924,6 +1047,7 @@ struct group_out {
     int *offs, *active, *pair_tok, *slot_pair;   /* offs NULL: k_group groups */
 };
 
+/* sel: the token's k slots' experts, in shared memory (route_sel). */
 __device__ void d_group_one(const int32_t *sel, int k, int E, const group_out &o) {
     int lane = threadIdx.x % WARP;
     for (int e = lane; e < E; e += WARP) {
@@ -956,14 +1080,20 @@ __device__ void d_group_one(const int32_t *sel, int k, int E, const group_out &o
 
 /* Router (§4.2), one warp per token, ROUTE_TOKENS a block: sqrt(softplus)
  * scores, top-k with the bias (lowest index on ties) or the hash table,
- * normalised weights; for one token (grp.offs set), its grouping too. */
+ * normalised weights; for one token (grp.offs set), its grouping too. The
+ * chosen experts are read back from shared memory (up to ROUTE_K_SH of
+ * them): read back from sel, each read came from L2 after the write, ~40 of
+ * them one after another (CUPTI on the decode graph: 13 us a call, 16 us of
+ * the chain a layer; same bits, 0.3% faster decode). */
 #define ROUTE_TOKENS 4
+#define ROUTE_K_SH 32
 __global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
                         const int32_t *ids, float wscale, int n, int32_t *sel, float *sel_w, group_out grp) {
     pdl_begin();
     int t = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP, lane = threadIdx.x % WARP;
     __shared__ float score_sh[ROUTE_TOKENS][1024], biased_sh[ROUTE_TOKENS][1024];
     __shared__ unsigned char taken_sh[ROUTE_TOKENS][1024];
+    __shared__ int32_t sel_sh[ROUTE_TOKENS][ROUTE_K_SH];
     if (t >= n) return;
     const float *logit = router + (int64_t)t * E;
     float *score = score_sh[threadIdx.x / WARP], *biased = biased_sh[threadIdx.x / WARP];
@@ -976,8 +1106,10 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
     }
     __syncwarp();
     int32_t *s = sel + t * k;
+    /* where the choice is read back: shared memory, or sel itself for a k over ROUTE_K_SH */
+    int32_t *sr = k <= ROUTE_K_SH ? sel_sh[threadIdx.x / WARP] : s;
     if (tid2eid) {
-        for (int i = lane; i < k; i += WARP) s[i] = tid2eid[(int64_t)ids[t] * k + i];
+        for (int i = lane; i < k; i += WARP) sr[i] = s[i] = tid2eid[(int64_t)ids[t] * k + i];
     } else {
         for (int i = 0; i < k; i++) {
             float best_v = -INFINITY;
@@ -998,7 +1130,7 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
                 }
             }
             if (lane == 0) {
-                s[i] = best;
+                sr[i] = s[i] = best;
                 taken[best] = 1;
             }
             __syncwarp();
@@ -1007,12 +1139,12 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
     __syncwarp();
     if (lane == 0) {
         float sum = 0;
-        for (int i = 0; i < k; i++) sum += score[s[i]];
-        for (int i = 0; i < k; i++) sel_w[t * k + i] = score[s[i]] / (sum + 1e-20f) * wscale;
+        for (int i = 0; i < k; i++) sum += score[sr[i]];
+        for (int i = 0; i < k; i++) sel_w[t * k + i] = score[sr[i]] / (sum + 1e-20f) * wscale;
     }
     if (grp.offs) {
-        __syncwarp();   /* s as lane 0 wrote it */
-        d_group_one(s, k, E, grp);
+        __syncwarp();   /* sr as lane 0 wrote it */
+        d_group_one(sr, k, E, grp);
     }
 }
 
