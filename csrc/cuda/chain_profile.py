@@ -6,6 +6,11 @@ launch out (wip/ablate) gives only sums; this gives each kernel's place.
 
     python3 csrc/cuda/chain_profile.py [--numerics qat-q8] [--ctx 2048] [--steps 3]
                                        [--timeline 120] [--trace trace.json]
+    python3 csrc/cuda/chain_profile.py --chunk 2048 [--ctx 2048]
+
+--chunk N traces one prefill chunk of N tokens after ctx tokens instead: its
+kernels are large and mostly one after another, so it prints the wall and each
+kernel's summed duration (by name and launch shape).
 
 With PDL a kernel is launched while its predecessor runs and waits inside, so
 its start and duration say little; its end is what counts. Printed:
@@ -86,12 +91,41 @@ def chain_pairs(steps):
     return gaps
 
 
+def prefill_chunk(session, chunk, trace_path):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        session.eval(chunk)
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+    if not kernels:
+        print("no kernels traced (CUPTI saw none)")
+        return
+    wall = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+    busy = sum(e["dur"] for e in kernels)
+    print(f"a chunk of {len(chunk)} tokens: {len(kernels)} kernels, wall {wall / 1000:.1f} ms "
+          f"({len(chunk) / wall * 1e6:.0f} tok/s), kernels' durations sum to {busy / 1000:.1f} ms")
+    by = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        a = e["args"]
+        key = f"{short(e['name'])} {a.get('grid')} {a.get('block')}"
+        by[key][0] += e["dur"]
+        by[key][1] += 1
+    print("\n     ms   % wall  calls  kernel grid block")
+    for key, (d, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
+        print(f"{d / 1000:7.2f} {100 * d / wall:6.1f}% {c:6d}  {key}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--numerics", default="qat-q8")
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--timeline", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=0, help="trace a prefill chunk of N tokens after ctx")
     ap.add_argument("--trace", default=os.path.join(os.environ.get("OUT", tempfile.gettempdir()), "trace.json"))
     args = ap.parse_args()
 
@@ -102,12 +136,15 @@ def main():
     import ds4.bench as bench
     torch.zeros(1).cuda()   # torch's context is the one the engine uses
     path = bench.write_synthetic(tempfile.mkdtemp(), "q2")
-    model = ds4.load(path, backend="cuda", ctx=args.ctx + 64, synthetic=True, numerics=args.numerics)
-    session = model.session(args.ctx + 64)
-    ids = bench.bench_tokens(model.tokenizer, args.ctx, None)
+    n_ctx = args.ctx + max(args.chunk, 64)
+    model = ds4.load(path, backend="cuda", ctx=n_ctx, synthetic=True, numerics=args.numerics)
+    session = model.session(n_ctx)
+    ids = bench.bench_tokens(model.tokenizer, n_ctx, None)
     step = bench.prefill_step(session)
     for start in range(0, args.ctx, step):
         logits = session.eval(ids[start:start + step])
+    if args.chunk:
+        return prefill_chunk(session, ids[args.ctx:args.ctx + args.chunk], args.trace)
     for _ in range(4):   # the graph captured and warm
         logits = session.eval([int(np.argmax(logits))])
     torch.cuda.synchronize()
