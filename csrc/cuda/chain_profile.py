@@ -38,12 +38,12 @@ import numpy as np
 CHAIN_PAIRS = [
     ("k_hc_pre_collapse", ("k_hc_expand",)),
     ("k_route", ("k_linear1",)),
-    ("k_expert_mma1<16, true>", ("k_route",)),
-    ("k_expert_mma1<10, true>", ("k_swiglu_act8",)),
+    ("k_expert_mma1<16, true", ("k_route",)),
+    ("k_expert_mma1<10, true", ("k_swiglu_act8",)),
     ("k_attention", ("k_state", "k_compress", "k_idx_select")),
     ("k_attn_combine", ("k_attention",)),
     ("k_q8_mma1<8, true>", ("k_act8",)),
-    ("k_hc_expand", ("k_q8_mma1<8, true>", "k_expert_mma1<10, true>")),
+    ("k_hc_expand", ("k_q8_mma1<8, true>", "k_expert_mma1<10, true")),
 ]
 
 

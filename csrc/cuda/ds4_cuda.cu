@@ -1137,6 +1137,11 @@ static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
 
 /* Threads per row by its length alone (it sets the order of the norm's sum). */
 static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
+    static const bool block_rows = getenv("DS4_CUDA_NO_ROWSWARP") != NULL;   /* A/B */
+    if (n_rows >= ROWS_WARP_ROWS && rows_warp_fits(a) && !block_rows) {
+        launch_k(k_rows_warp, (unsigned)blocks_for(n_rows, ROWS_WARP_ROWS), ROWS_WARP_ROWS * WARP, 0, st, a, n_rows);
+        return;
+    }
     launch_k(k_rows, (unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, 0, st, a);
 }
 
@@ -1220,10 +1225,14 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
 /* y, or the MoE's output m (m.ex_y set), into the streams. */
 static void hc_expand(ds4_session *s, dsess *g, int n, const moe_out &m) {
     const ds4_config *cf = &s->model->cfg;
-    int64_t count = (int64_t)n * cf->n_embd;   /* a thread an element of a token's streams */
     cudaStreamWaitEvent(g->st, g->hc_join, 0);   /* post and comb */
-    launch_k(k_hc_expand, blocks_for(count, 256), 256, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc,
-                                                           cf->n_embd, n, g->Xn);
+    dim3 grid(blocks_for(cf->n_embd / 4, HC_EXPAND_THREADS), n);
+    if (cf->n_hc <= 4)
+        launch_k(k_hc_expand<4>, grid, HC_EXPAND_THREADS, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc,
+                 cf->n_embd, g->Xn);
+    else
+        launch_k(k_hc_expand<HC_MAX>, grid, HC_EXPAND_THREADS, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc,
+                 cf->n_embd, g->Xn);
     std::swap(g->X, g->Xn);
 }
 

@@ -440,6 +440,73 @@ __global__ void k_rows(row_args a) {
     if (a.a8.q0.q || a.a8.qk.q) d_act8_row(y, a.dim, a.a8, (int64_t)r * a.dim);
 }
 
+/* k_rows for many short rows (the q heads: a token's H rows of d, norm and
+ * RoPE only): a warp a row, ROWS_WARP_ROWS rows a block, each lane the
+ * float4s 4 lane + 128 c of it in registers, so the row is read once and
+ * written once with no block barriers (k_rows, a block a row, reads it three
+ * times with a barrier between: ~1 TB/s a chunk). The same expressions as
+ * d_rms and d_rope; the norm's sum of squares in double in another order
+ * (exact products: the float scale comes out the same). rows_warp_fits says
+ * which row_args it takes. */
+#define ROWS_WARP_ROWS 8
+#define ROWS_WARP_MAXC 8   /* float4s a lane: rows of up to 1024 */
+__global__ void __launch_bounds__(ROWS_WARP_ROWS *WARP) k_rows_warp(row_args a, int64_t n_rows) {
+    pdl_begin();
+    int lane = threadIdx.x % WARP;
+    int64_t r = (int64_t)blockIdx.x * ROWS_WARP_ROWS + threadIdx.x / WARP;
+    if (r >= n_rows) return;
+    const float *x = a.x + r * a.xs;
+    float *y = a.y + r * a.ys;
+    const int nc = a.dim / 128;
+    float4 v[ROWS_WARP_MAXC];
+    double ss = 0;
+#pragma unroll
+    for (int c = 0; c < ROWS_WARP_MAXC; c++)
+        if (c < nc) {
+            v[c] = *(const float4 *)(x + 128 * c + 4 * lane);
+            ss += (double)v[c].x * v[c].x + (double)v[c].y * v[c].y + (double)v[c].z * v[c].z +
+                  (double)v[c].w * v[c].w;
+        }
+    if (a.norm) {
+        ss = warp_sum_d(ss);
+        float scale = (float)(1.0 / sqrt(ss / (double)a.dim + (double)a.eps));
+#pragma unroll
+        for (int c = 0; c < ROWS_WARP_MAXC; c++)
+            if (c < nc) {
+                float *e = &v[c].x;
+                const float *w = a.norm_w ? a.norm_w + 128 * c + 4 * lane : NULL;
+#pragma unroll
+                for (int i = 0; i < 4; i++) e[i] = w ? e[i] * scale * w[i] : e[i] * scale;
+            }
+    }
+    const int64_t pos = a.freqs ? *a.pos0 + r / a.per_tok : 0;
+#pragma unroll
+    for (int c = 0; c < ROWS_WARP_MAXC; c++)
+        if (c < nc) {
+            int j = 128 * c + 4 * lane - (a.dim - a.rope_dim);   /* the first of two RoPE pairs */
+            if (a.freqs && j >= 0) {
+                float *e = &v[c].x;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int k = j / 2 + h;
+                    float phi = (float)pos * a.freqs[k];
+                    float cs = cosf(phi), sn = sinf(phi);   /* d_rope, sign 1 */
+                    float x0 = e[2 * h], x1 = e[2 * h + 1];
+                    e[2 * h] = x0 * cs - x1 * sn;
+                    e[2 * h + 1] = x0 * sn + x1 * cs;
+                }
+            }
+            *(float4 *)(y + 128 * c + 4 * lane) = v[c];
+        }
+}
+
+/* What k_rows_warp takes: whole float4 rows of 128..1024, a norm and/or
+ * RoPE (pairs inside a float4), nothing after them. */
+static inline bool rows_warp_fits(const row_args &a) {
+    return a.dim % 128 == 0 && a.dim / 128 <= ROWS_WARP_MAXC && a.rope_dim % 4 == 0 && a.xs % 4 == 0 &&
+           a.ys % 4 == 0 && a.qat == QAT_NONE && a.scale == 1.0f && !a.a8.q0.q && !a.a8.qk.q;
+}
+
 /* ---- hyper-connections ---- */
 
 /* The mix of token t: the sum of its `parts` partial products (a K-split
@@ -742,28 +809,49 @@ __device__ __forceinline__ float d_moe_out(const moe_out &m, int t, int j, int D
     return acc + m.shared[(int64_t)t * D + j];
 }
 
+/* token t's MoE output at its columns j..j + 3: d_moe_out's sums, four at a time */
+__device__ __forceinline__ float4 d_moe_out4(const moe_out &m, int t, int j, int D) {
+    float4 acc = make_float4(0, 0, 0, 0);
+    for (int i = 0; i < m.k; i++) {
+        float w = m.sel_w[t * m.k + i];
+        float4 v = *(const float4 *)(m.ex_y + (int64_t)m.slot_pair[t * m.k + i] * D + j);
+        acc.x += v.x * w, acc.y += v.y * w, acc.z += v.z * w, acc.w += v.w * w;
+    }
+    float4 sh = *(const float4 *)(m.shared + (int64_t)t * D + j);
+    return make_float4(acc.x + sh.x, acc.y + sh.y, acc.z + sh.z, acc.w + sh.w);
+}
+
 /* X'_j = post_j y + sum_i C_ij X_i, into Xn, y the sublayer's output (or,
  * after the MoE, its output summed here: m.ex_y set, one launch fewer a
- * layer). A thread an element k of a token: its hc stream values read once
- * for the hc outputs (a thread an output read each hc times: 0.95 TB/s a
- * chunk). */
-__global__ void k_hc_expand(const float *X, const float *post, const float *comb, const float *y, moe_out m,
-                            int hc, int D, int n, float *Xn) {
+ * layer). Grid (D / 4 / HC_EXPAND_THREADS, tokens): a thread 4 columns k of
+ * token t (float4; D % 8 == 0, as k_embed takes), its hc stream values read
+ * once for the hc outputs, no 64-bit division by D (a thread an element with
+ * idx % D, idx / D: 1.15 TB/s a chunk). Each value is the same expression as
+ * an element's. */
+#define HC_EXPAND_THREADS 128
+template <int HCN>   /* hc <= HCN: Flash's 4 keeps the float4s of a thread in 16 registers, not 64 */
+__global__ void __launch_bounds__(HC_EXPAND_THREADS) k_hc_expand(const float *X, const float *post,
+                                                                 const float *comb, const float *y, moe_out m,
+                                                                 int hc, int D, float *Xn) {
     pdl_begin();
-    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)n * D) return;
-    int k = idx % D, t = idx / D;
+    int k = 4 * (blockIdx.x * HC_EXPAND_THREADS + threadIdx.x), t = blockIdx.y;
+    if (k >= D) return;
     const float *Xt = X + (int64_t)t * hc * D + k, *C = comb + (int64_t)t * hc * hc;
-    float x[HC_MAX];
+    float4 x[HCN];
 #pragma unroll
-    for (int i = 0; i < HC_MAX; i++) x[i] = i < hc ? Xt[(int64_t)i * D] : 0.0f;
-    float yk = m.ex_y ? d_moe_out(m, t, k, D) : y[(int64_t)t * D + k];
+    for (int i = 0; i < HCN; i++) x[i] = i < hc ? *(const float4 *)(Xt + (int64_t)i * D) : make_float4(0, 0, 0, 0);
+    float4 yk = m.ex_y ? d_moe_out4(m, t, k, D) : *(const float4 *)(y + (int64_t)t * D + k);
     for (int j = 0; j < hc; j++) {
-        float acc = 0;
+        float4 acc = make_float4(0, 0, 0, 0);
 #pragma unroll
-        for (int i = 0; i < HC_MAX; i++)
-            if (i < hc) acc += C[i * hc + j] * x[i];
-        Xn[((int64_t)t * hc + j) * D + k] = post[t * hc + j] * yk + acc;
+        for (int i = 0; i < HCN; i++)
+            if (i < hc) {
+                float c = C[i * hc + j];
+                acc.x += c * x[i].x, acc.y += c * x[i].y, acc.z += c * x[i].z, acc.w += c * x[i].w;
+            }
+        float pj = post[t * hc + j];
+        *(float4 *)(Xn + ((int64_t)t * hc + j) * D + k) =
+            make_float4(pj * yk.x + acc.x, pj * yk.y + acc.y, pj * yk.z + acc.z, pj * yk.w + acc.w);
     }
 }
 
