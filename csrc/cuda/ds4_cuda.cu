@@ -1135,9 +1135,12 @@ static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
     return a;
 }
 
-/* Threads per row by its length alone (it sets the order of the norm's sum). */
+/* Short rows a warp each where k_rows_warp takes them (same bits as
+ * k_rows: same_bits 12 / 12; DS4_CUDA_NO_ROWSWARP=1 off, for A/B); else a
+ * block a row, its threads by the row's length alone (it sets the order of
+ * the norm's sum). */
 static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
-    static const bool block_rows = getenv("DS4_CUDA_NO_ROWSWARP") != NULL;   /* A/B */
+    static const bool block_rows = getenv("DS4_CUDA_NO_ROWSWARP") != NULL;
     if (n_rows >= ROWS_WARP_ROWS && rows_warp_fits(a) && !block_rows) {
         launch_k(k_rows_warp, (unsigned)blocks_for(n_rows, ROWS_WARP_ROWS), ROWS_WARP_ROWS * WARP, 0, st, a, n_rows);
         return;
