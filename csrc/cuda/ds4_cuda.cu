@@ -1204,14 +1204,10 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
         cudaEventRecord(g->hc_join, g->hcs);
         /* every value in registers where D fits it (DS4_CUDA_NO_HCREG=1: the 1024-thread block, for A/B) */
         static const bool one_block = getenv("DS4_CUDA_NO_HCREG") != NULL;
-        if (!one_block && hc_reg_fits(D))
-            launch_k(k_hc_pre_collapse_reg<4>, 1, D / 8, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base),
-                     f32(scale), D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
-                     early_weights(n, true));
-        else
-            launch_k(k_hc_pre_collapse<4>, 1, 1024, 0, g->st, dmat_of(fn), (const float *)g->X, f32(base),
-                     f32(scale), D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn, xn_codes(g, n, D),
-                     early_weights(n, true));
+        bool reg = !one_block && hc_reg_fits(D);
+        launch_k(reg ? k_hc_pre_collapse_reg<4> : k_hc_pre_collapse<4>, 1, reg ? D / 8 : 1024, 0, g->st, dmat_of(fn),
+                 (const float *)g->X, f32(base), f32(scale), D, cf->hc_eps, cf->rms_eps, f32(norm), g->x, g->xn,
+                 xn_codes(g, n, D), early_weights(n, true));
         return;
     }
     int parts = hc_mixer(g->st, fn, g->X, n, g->u, g->mix, n_mix, (int64_t)hc * D, cf->rms_eps);
@@ -1229,13 +1225,8 @@ static void hc_controller(ds4_session *s, dsess *g, int n, const ds4_tensor &fn,
 static void hc_expand(ds4_session *s, dsess *g, int n, const moe_out &m) {
     const ds4_config *cf = &s->model->cfg;
     cudaStreamWaitEvent(g->st, g->hc_join, 0);   /* post and comb */
-    dim3 grid(blocks_for(cf->n_embd / 4, HC_EXPAND_THREADS), n);
-    if (cf->n_hc <= 4)
-        launch_k(k_hc_expand<4>, grid, HC_EXPAND_THREADS, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc,
-                 cf->n_embd, g->Xn);
-    else
-        launch_k(k_hc_expand<HC_MAX>, grid, HC_EXPAND_THREADS, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc,
-                 cf->n_embd, g->Xn);
+    launch_k(cf->n_hc <= 4 ? k_hc_expand<4> : k_hc_expand<HC_MAX>, dim3(blocks_for(cf->n_embd / 4, HC_EXPAND_THREADS), n),
+             HC_EXPAND_THREADS, 0, g->st, g->X, g->post, g->comb, g->y, m, cf->n_hc, cf->n_embd, g->Xn);
     std::swap(g->X, g->Xn);
 }
 

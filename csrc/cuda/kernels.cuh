@@ -691,21 +691,16 @@ __global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const floa
     const int t = threadIdx.x, lane = t % WARP, warp = t / WARP, nw = blockDim.x / WARP, c0 = 8 * t;
     const int n = HC * D;
     uint4 wv[HC][HC];   /* pre row r's 8 halves of stream i's columns */
-    if (early) {
+    auto load_pre_rows = [&] {
 #pragma unroll
         for (int r = 0; r < HC; r++)
 #pragma unroll
             for (int i = 0; i < HC; i++)
                 wv[r][i] = *(const uint4 *)((const uint16_t *)(fn.data + (int64_t)r * fn.row_bytes) + i * D + c0);
-    }
+    };
+    if (early) load_pre_rows();
     pdl_begin();
-    if (!early) {
-#pragma unroll
-        for (int r = 0; r < HC; r++)
-#pragma unroll
-            for (int i = 0; i < HC; i++)
-                wv[r][i] = *(const uint4 *)((const uint16_t *)(fn.data + (int64_t)r * fn.row_bytes) + i * D + c0);
-    }
+    if (!early) load_pre_rows();
     float4 xa[HC], xb[HC];
 #pragma unroll
     for (int i = 0; i < HC; i++) {
@@ -762,9 +757,7 @@ __global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const floa
         float acc = 0;
 #pragma unroll
         for (int i = 0; i < HC; i++) {
-            float xi = j < 4 ? (j == 0 ? xa[i].x : j == 1 ? xa[i].y : j == 2 ? xa[i].z : xa[i].w)
-                             : (j == 4 ? xb[i].x : j == 5 ? xb[i].y : j == 6 ? xb[i].z : xb[i].w);
-            acc += pre[i] * xi;
+            acc += pre[i] * (j < 4 ? (&xa[i].x)[j] : (&xb[i].x)[j - 4]);
         }
         v[j] = acc;
         ss2 += (double)acc * acc;
