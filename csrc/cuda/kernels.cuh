@@ -1128,7 +1128,7 @@ struct group_out {
     int *offs, *active, *pair_tok, *slot_pair;   /* offs NULL: k_group groups */
 };
 
-/* sel: the token's k slots' experts, in shared memory (route_sel). */
+/* sel: the token's k slots' experts (k_route's copy in shared memory). */
 __device__ void d_group_one(const int32_t *sel, int k, int E, const group_out &o) {
     int lane = threadIdx.x % WARP;
     for (int e = lane; e < E; e += WARP) {
@@ -1163,9 +1163,8 @@ __device__ void d_group_one(const int32_t *sel, int k, int E, const group_out &o
  * scores, top-k with the bias (lowest index on ties) or the hash table,
  * normalised weights; for one token (grp.offs set), its grouping too. The
  * chosen experts are read back from shared memory (up to ROUTE_K_SH of
- * them): read back from sel, each read came from L2 after the write, ~40 of
- * them one after another (CUPTI on the decode graph: 13 us a call, 16 us of
- * the chain a layer; same bits, 0.3% faster decode). */
+ * them), not from sel in L2 right after the write (~40 dependent reads;
+ * same bits, decode 0.3% faster on an H200). */
 #define ROUTE_TOKENS 4
 #define ROUTE_K_SH 32
 __global__ void k_route(const float *router, int E, int k, const float *bias, const int32_t *tid2eid,
@@ -1303,7 +1302,8 @@ __global__ void k_swiglu_act8(float *g, const float *u, int64_t count, float cla
     act8_warp(v, 0xffffffffu, q8k, e, o);
 }
 
-/* y = the MoE's output (for A/B: hc_expand reads it in place by default). */
+/* y = a chunk's MoE output (a decode token's is summed by k_hc_expand;
+ * DS4_CUDA_NO_EXPANDMOE=1 brings it here too, for A/B). */
 __global__ void k_combine(moe_out m, int D, int n, float *y) {
     pdl_begin();
     int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
