@@ -1435,7 +1435,7 @@ static moe_out moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
      * k_combine (in the expand, prefill measured 0.6% slower) */
     moe_out out = {g->ex_y, g->slot_pair, g->sel_w, g->sh_y, k};
     if (n == 1 && !getenv("DS4_CUDA_NO_EXPANDMOE")) return out;
-    launch_k(k_combine, blocks_for((int64_t)n * D, 256), 256, 0, st, out, D, n, g->y);
+    launch_k(k_combine, dim3(blocks_for(D / 4, HC_EXPAND_THREADS), n), HC_EXPAND_THREADS, 0, st, out, D, g->y);
     return moe_out{};
 }
 

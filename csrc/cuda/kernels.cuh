@@ -796,13 +796,8 @@ struct moe_out {
     int k;
 };
 
-__device__ __forceinline__ float d_moe_out(const moe_out &m, int t, int j, int D) {
-    float acc = 0;
-    for (int i = 0; i < m.k; i++) acc += m.ex_y[(int64_t)m.slot_pair[t * m.k + i] * D + j] * m.sel_w[t * m.k + i];
-    return acc + m.shared[(int64_t)t * D + j];
-}
-
-/* token t's MoE output at its columns j..j + 3: d_moe_out's sums, four at a time */
+/* token t's MoE output at its columns j..j + 3: sum_i w_i ex_y(slot i) + shared,
+ * the k routed terms in slot order */
 __device__ __forceinline__ float4 d_moe_out4(const moe_out &m, int t, int j, int D) {
     float4 acc = make_float4(0, 0, 0, 0);
     for (int i = 0; i < m.k; i++) {
@@ -1303,10 +1298,12 @@ __global__ void k_swiglu_act8(float *g, const float *u, int64_t count, float cla
 }
 
 /* y = a chunk's MoE output (a decode token's is summed by k_hc_expand;
- * DS4_CUDA_NO_EXPANDMOE=1 brings it here too, for A/B). */
-__global__ void k_combine(moe_out m, int D, int n, float *y) {
+ * DS4_CUDA_NO_EXPANDMOE=1 brings it here too, for A/B). Grid (D / 4 / 128,
+ * tokens): a float4 of token t's columns a thread, as k_hc_expand (no 64-bit
+ * division an element). */
+__global__ void __launch_bounds__(HC_EXPAND_THREADS) k_combine(moe_out m, int D, float *y) {
     pdl_begin();
-    int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (int64_t)n * D) return;
-    y[idx] = d_moe_out(m, idx / D, idx % D, D);
+    int j = 4 * (blockIdx.x * HC_EXPAND_THREADS + threadIdx.x), t = blockIdx.y;
+    if (j >= D) return;
+    *(float4 *)(y + (int64_t)t * D + j) = d_moe_out4(m, t, j, D);
 }
