@@ -1136,7 +1136,8 @@ static row_args rows_of(const float *x, float *y, int64_t stride, int dim) {
 }
 
 /* Short rows a warp each where k_rows_warp takes them (same bits as
- * k_rows: same_bits 12 / 12; DS4_CUDA_NO_ROWSWARP=1 off, for A/B); else a
+ * k_rows: same_bits 12 / 12, the wide model's indexer_dim 128 FP4 rows with
+ * them; DS4_CUDA_NO_ROWSWARP=1 off, for A/B); else a
  * block a row, its threads by the row's length alone (it sets the order of
  * the norm's sum). */
 static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {

@@ -440,8 +440,36 @@ __global__ void k_rows(row_args a) {
     if (a.a8.q0.q || a.a8.qk.q) d_act8_row(y, a.dim, a.a8, (int64_t)r * a.dim);
 }
 
+/* d_qat_fp4 of a 128-value row held by a warp, a float4 a lane (values
+ * 4 lane ..): the same butterflies (a + b, a - b of the same pairs: h = 1, 2
+ * inside the float4, 4 .. 64 between lanes), the same scaling and FP4
+ * blocks of 32 (8 lanes; their max is order-free): the same bits. */
+__device__ __forceinline__ void d_qat_fp4_row128(float4 &v) {
+    int lane = threadIdx.x % WARP;
+    float a, b;
+    a = v.x, b = v.y, v.x = a + b, v.y = a - b;   /* h = 1 */
+    a = v.z, b = v.w, v.z = a + b, v.w = a - b;
+    a = v.x, b = v.z, v.x = a + b, v.z = a - b;   /* h = 2 */
+    a = v.y, b = v.w, v.y = a + b, v.w = a - b;
+#pragma unroll
+    for (int l = 1; l < 32; l *= 2) {   /* h = 4 l: the partner lane l away */
+        float4 o = make_float4(__shfl_xor_sync(0xffffffffu, v.x, l), __shfl_xor_sync(0xffffffffu, v.y, l),
+                               __shfl_xor_sync(0xffffffffu, v.z, l), __shfl_xor_sync(0xffffffffu, v.w, l));
+        if (lane & l) v = make_float4(o.x - v.x, o.y - v.y, o.z - v.z, o.w - v.w);
+        else v = make_float4(v.x + o.x, v.y + o.y, v.z + o.z, v.w + o.w);
+    }
+    float scale = 1.0f / sqrtf(128.0f);
+    v.x *= scale, v.y *= scale, v.z *= scale, v.w *= scale;
+    float m = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+    for (int l = 1; l < 8; l *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, l));
+    float s = qat_fp4_scale(m);
+    v.x = qat_round_fp4(v.x / s) * s, v.y = qat_round_fp4(v.y / s) * s;
+    v.z = qat_round_fp4(v.z / s) * s, v.w = qat_round_fp4(v.w / s) * s;
+}
+
 /* k_rows for many short rows (the q heads: a token's H rows of d, norm and
- * RoPE only): a warp a row, ROWS_WARP_ROWS rows a block, each lane the
+ * RoPE; the indexer's q heads of 128 with their FP4 rounding): a warp a row, ROWS_WARP_ROWS rows a block, each lane the
  * float4s 4 lane + 128 c of it in registers, so the row is read once and
  * written once with no block barriers (k_rows, a block a row, reads it three
  * times with a barrier between: ~1 TB/s a chunk). The same expressions as
@@ -496,15 +524,20 @@ __global__ void __launch_bounds__(ROWS_WARP_ROWS *WARP) k_rows_warp(row_args a, 
                     e[2 * h + 1] = x0 * sn + x1 * cs;
                 }
             }
-            *(float4 *)(y + 128 * c + 4 * lane) = v[c];
         }
+    if (a.qat == QAT_FP4) d_qat_fp4_row128(v[0]);
+#pragma unroll
+    for (int c = 0; c < ROWS_WARP_MAXC; c++)
+        if (c < nc) *(float4 *)(y + 128 * c + 4 * lane) = v[c];
 }
 
 /* What k_rows_warp takes: whole float4 rows of 128..1024, a norm and/or
- * RoPE (pairs inside a float4), nothing after them. */
+ * RoPE (pairs inside a float4), then nothing, or the FP4 rounding of a
+ * whole 128-value row (the indexer's q heads in qat). */
 static inline bool rows_warp_fits(const row_args &a) {
+    bool qat_ok = a.qat == QAT_NONE || (a.qat == QAT_FP4 && a.dim == 128 && a.qat_len == 128);
     return a.dim % 128 == 0 && a.dim / 128 <= ROWS_WARP_MAXC && a.rope_dim % 4 == 0 && a.xs % 4 == 0 &&
-           a.ys % 4 == 0 && a.qat == QAT_NONE && a.scale == 1.0f && !a.a8.q0.q && !a.a8.qk.q;
+           a.ys % 4 == 0 && qat_ok && a.scale == 1.0f && !a.a8.q0.q && !a.a8.qk.q;
 }
 
 /* ---- hyper-connections ---- */

@@ -20,7 +20,7 @@ from ds4.testing import ModelConfig, write_model
 
 MODELS = {"mid": ModelConfig.mid(),
           "wide": ModelConfig.tiny(n_embd=1024, expert_ff=2048, q_lora_rank=2048, n_head=8, o_groups=4,
-                                   o_lora_rank=2048, head_dim=512)}
+                                   o_lora_rank=2048, head_dim=512, indexer_dim=128)}
 
 
 def run(tag, folder):
