@@ -126,3 +126,150 @@ static cudaError_t q8s_init(void) { return allow_shared(cudaSuccess, k_linear_q8
 static void launch_q8s(cudaStream_t st, dim3 grid, const lin_args &a) {
     launch_k(k_linear_q8s, grid, Q8S_THREADS, Q8S_SMEM, st, a);
 }
+
+/* ---- k_linear_iq2s: the routed IQ2_XXS rows (gate / up) of a qat-q8 chunk ----
+ * k_linear_q8x's products of IQ2_XXS rows with a 256 block a stage: the
+ * rows' code words and x's codes and scale come in by cp.async into double
+ * buffers while the previous stage multiplies, and each warp decodes its A
+ * fragments straight into registers, so no decoded tile goes through shared
+ * memory: two barriers a 256 block instead of k_linear_q8x's sixteen, whose
+ * next slice's loads had only one slice's products to hide behind.
+ *
+ * A block: 128 rows x 64 tokens; a warp 16 rows x 64 tokens, eight
+ * m16n8k32 products a 32-element slice from one decode of its two rows'
+ * grid entries (lane (g, tg): rows g, g + 8, elements 8 tg ..). The same
+ * integer sums (times 2 s + 1, added over the block) and the same float step
+ * a block as k_linear_q8x: the same bits. */
+#define IQ2S_ROWB 80          /* a row's 64 code bytes of a stage, padded: a fragment's 8 rows in distinct banks */
+#define IQ2S_MAX_IN 16384     /* the rows' fp16 d stay in shared memory: n_in / 128 bytes a row */
+
+/* Rows of 66 n_in / 256 bytes: 8-byte aligned (the rows' copies are 8 bytes) */
+static inline bool iq2s_fits(const dmat &w) {
+    return w.type == DS4_TYPE_IQ2_XXS && w.n_in % 1024 == 0 && w.n_in <= IQ2S_MAX_IN;
+}
+
+/* Dynamic shared memory: per buffer, the rows' code words and x's codes and
+ * scale; once, the rows' d of every block. */
+static size_t iq2s_smem(int n_in) {
+    return 2 * ((size_t)Q8S_BM * IQ2S_ROWB + (size_t)Q8S_BN * (256 + 16)) + (size_t)Q8S_BM * 2 * (n_in / 256);
+}
+
+/* A lane's 8 signed grid values of a row's slice: entry tg of the slice's
+ * code word c (as q8x_decode; the sign byte's eighth bit is the parity of
+ * its seven, as ksigns_iq2xs holds it). */
+__device__ __forceinline__ uint2 iq2s_frag(uint2 c, int tg, const uint64_t *grid) {
+    uint64_t gv = grid[(c.x >> (8 * tg)) & 0xff];
+    uint32_t s7 = (c.y >> (7 * tg)) & 127, sg = s7 | ((__popc(s7) & 1u) << 7);
+    return make_uint2(negate_bytes((uint32_t)gv, sg & 15), negate_bytes((uint32_t)(gv >> 32), sg >> 4));
+}
+
+/* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_q8x. */
+__global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_iq2s(lin_args a) {
+    pdl_begin();
+    extern __shared__ __align__(16) uint8_t iq2s_sh[];
+    __shared__ uint64_t grid_sh[256];
+    const int n_in = a.w.n_in, nb = n_in / 256;
+    uint8_t *wq = iq2s_sh;                               /* [2][128][IQ2S_ROWB] code words */
+    uint8_t *xq = wq + 2 * Q8S_BM * IQ2S_ROWB;           /* [2][64][256] codes (q8s_at) */
+    float *xd = (float *)(xq + 2 * Q8S_BN * 256);        /* [2][64][4] scale of the block ([0]) */
+    uint16_t *wd = (uint16_t *)(xd + 2 * Q8S_BN * 4);    /* [128][nb] fp16 d */
+
+    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    int g = lane / 4, tg = lane % 4;
+    const int wr = warp * 16 + g;   /* the lane's rows wr, wr + 8 of the block */
+    int r0 = blockIdx.x * Q8S_BM;
+    lin_block blk;
+    if (!lin_block_of(a, blockIdx.z, blk)) return;
+    /* a row's offset in the expert's rows (< 2^31: 32-bit offsets keep the copies' registers few) */
+    auto wrow = [&](int r) { return blk.w + (uint32_t)(min(r0 + r, a.w.n_out - 1) * (int)a.w.row_bytes); };
+    if (blk.p0 + blockIdx.y * Q8S_BN >= blk.p1) return;   /* no tile: no copies left in flight */
+    for (int i = tid; i < 256; i += Q8S_THREADS) grid_sh[i] = d_iq2_grid[i];
+    for (int i = tid; i < Q8S_BM * (nb / 4); i += Q8S_THREADS) {   /* with the first stage's group */
+        int r = i / (nb / 4), c = i % (nb / 4);
+        cp_async8(wd + r * nb + 4 * c, wrow(r) + 8 * c);
+    }
+
+    for (int t0 = blk.p0 + blockIdx.y * Q8S_BN; t0 < blk.p1; t0 += gridDim.y * Q8S_BN) {
+        /* stage b's loads into buffer u */
+        auto issue = [&](int b, int u) {
+            for (int i = tid; i < Q8S_BM * 8; i += Q8S_THREADS) {
+                int r = i / 8, c = i % 8;
+                cp_async8(wq + ((size_t)u * Q8S_BM + r) * IQ2S_ROWB + 8 * c, wrow(r) + 2 * nb + 64 * b + 8 * c);
+            }
+            for (int i = tid; i < Q8S_BN * 16; i += Q8S_THREADS) {
+                int t = i / 16, c = i % 16;
+                int pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
+                uint32_t xr = a.xrow ? a.xrow[pt] : pt;
+                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + (xr * n_in + 256 * b + 16 * c));
+                if (c == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, a.q8d + (xr * (n_in / 32) + 8 * b));
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        };
+
+        float acc[8][4];   /* [token frag j][c]: rows wr, wr + 8 (c / 2) x tokens 8 j + 2 tg + c % 2 */
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
+
+        __syncthreads();   /* the previous token tile's last reads; grid_sh */
+        issue(0, 0);
+        for (int b = 0; b < nb; b++) {
+            int u = b & 1;
+            __syncthreads();   /* every warp is done with stage b - 1: its buffers are free */
+            if (b + 1 < nb) {
+                issue(b + 1, u ^ 1);
+                asm volatile("cp.async.wait_group 1;" ::: "memory");
+            } else {
+                asm volatile("cp.async.wait_group 0;" ::: "memory");
+            }
+            __syncthreads();   /* stage b's bytes, from every thread's copies */
+            const uint8_t *wt = wq + (size_t)u * Q8S_BM * IQ2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
+            int iacc[8][4];   /* the block's integer sums */
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) iacc[j][c] = 0;
+#pragma unroll 1
+            for (int s = 0; s < 8; s++) {
+                uint2 c0 = *(const uint2 *)(wt + wr * IQ2S_ROWB + 8 * s);
+                uint2 c1 = *(const uint2 *)(wt + (wr + 8) * IQ2S_ROWB + 8 * s);
+                uint2 a0 = iq2s_frag(c0, tg, grid_sh), a1 = iq2s_frag(c1, tg, grid_sh);
+                int m0 = 2 * (int)(c0.y >> 28) + 1, m1 = 2 * (int)(c1.y >> 28) + 1;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    uint2 bf = q8s_frag(xt, 8 * j + g, s, tg);   /* B column g: token 8 j + g */
+                    int d[4];
+                    mma_s8_from(d, 0, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
+                    iacc[j][0] += d[0] * m0, iacc[j][1] += d[1] * m0;
+                    iacc[j][2] += d[2] * m1, iacc[j][3] += d[3] * m1;
+                }
+            }
+            /* the block's end: acc += x scale x (d / 8 x sum), as k_linear_q8x */
+            float w0 = h2f_bits(wd[wr * nb + b]) * 0.125f, w1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
+            const float *xdu = xd + (size_t)u * Q8S_BN * 4;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float f0 = xdu[(8 * j + 2 * tg) * 4], f1 = xdu[(8 * j + 2 * tg + 1) * 4];
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    float v = (c < 2 ? w0 : w1) * (float)iacc[j][c];
+                    acc[j][c] = fmaf(c % 2 ? f1 : f0, v, acc[j][c]);
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int r = r0 + wr + 8 * (c / 2), p = t0 + 8 * j + 2 * tg + c % 2;
+                if (r < a.w.n_out && p < blk.p1) blk.y[(int64_t)p * a.ys + r] = acc[j][c];
+            }
+    }
+}
+
+static cudaError_t iq2s_init(void) { return allow_shared(cudaSuccess, k_linear_iq2s, iq2s_smem(IQ2S_MAX_IN)); }
+
+static void launch_iq2s(cudaStream_t st, dim3 grid, const lin_args &a) {
+    launch_k(k_linear_iq2s, grid, Q8S_THREADS, iq2s_smem(a.w.n_in), st, a);
+}
