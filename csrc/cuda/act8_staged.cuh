@@ -127,31 +127,40 @@ static void launch_q8s(cudaStream_t st, dim3 grid, const lin_args &a) {
     launch_k(k_linear_q8s, grid, Q8S_THREADS, Q8S_SMEM, st, a);
 }
 
-/* ---- k_linear_iq2s: the routed IQ2_XXS rows (gate / up) of a qat-q8 chunk ----
- * k_linear_q8x's products of IQ2_XXS rows with a 256 block a stage: the
- * rows' code words and x's codes and scale come in by cp.async into double
- * buffers while the previous stage multiplies, and each warp decodes its A
- * fragments straight into registers, so no decoded tile goes through shared
- * memory: two barriers a 256 block instead of k_linear_q8x's sixteen, whose
- * next slice's loads had only one slice's products to hide behind.
+/* ---- k_linear_2bit: the routed 2-bit rows of a qat-q8 chunk ----
+ * k_linear_q8x's products of IQ2_XXS (gate / up) and Q2_K (down) rows with
+ * a 256 block a stage: the rows' code words and x's codes, scale and sums
+ * come in by cp.async into double buffers while the previous stage
+ * multiplies, and each warp decodes its A fragments straight into
+ * registers, so no decoded tile goes through shared memory: two barriers a
+ * 256 block instead of k_linear_q8x's sixteen, whose next slice's loads had
+ * only one slice's products to hide behind.
  *
  * A block: 128 rows x 64 tokens; a warp 16 rows x 64 tokens, eight
- * m16n8k32 products a 32-element slice from one decode of its two rows'
- * grid entries (lane (g, tg): rows g, g + 8, elements 8 tg ..). The same
- * integer sums (times 2 s + 1, added over the block) and the same float step
- * a block as k_linear_q8x: the same bits. */
-#define IQ2S_ROWB 80          /* a row's 64 code bytes of a stage, padded: a fragment's 8 rows in distinct banks */
-#define IQ2S_MAX_IN 16384     /* the rows' fp16 d stay in shared memory: n_in / 128 bytes a row */
+ * m16n8k32 products a 32-element slice from one decode of its two rows
+ * (lane (g, tg): rows g, g + 8, elements 8 tg ..). The same integer sums and
+ * the same float step a block as k_linear_q8x, so the same bits:
+ *  - IQ2_XXS: a slice's sums times 2 s + 1 added up as integers;
+ *  - Q2_K: the codes times their sub-block's scale, the tensor cores adding
+ *    the block; the minimums one fp16 product a block. */
+#define K2S_ROWB 80           /* a row's 64 code bytes of a stage, then Q2_K's 16 scale bytes
+                               * (IQ2_XXS: padding): a fragment's 8 rows in distinct banks */
+#define K2S_MAX_IN 16384      /* IQ2_XXS: the rows' fp16 d stay in shared memory, n_in / 128 bytes a row */
 
-/* Rows of 66 n_in / 256 bytes: 8-byte aligned (the rows' copies are 8 bytes) */
-static inline bool iq2s_fits(const dmat &w) {
-    return w.type == DS4_TYPE_IQ2_XXS && w.n_in % 1024 == 0 && w.n_in <= IQ2S_MAX_IN;
+/* Rows of n_in % 1024 == 0: IQ2_XXS rows (66 bytes a block) are 8-byte
+ * aligned and copied 8 bytes at a time, Q2_K rows (84) 16. */
+static inline bool k2s_fits(const dmat &w) {
+    return w.n_in % 1024 == 0 &&
+           ((w.type == DS4_TYPE_IQ2_XXS && w.n_in <= K2S_MAX_IN) || w.type == DS4_TYPE_Q2_K);
 }
 
-/* Dynamic shared memory: per buffer, the rows' code words and x's codes and
- * scale; once, the rows' d of every block. */
-static size_t iq2s_smem(int n_in) {
-    return 2 * ((size_t)Q8S_BM * IQ2S_ROWB + (size_t)Q8S_BN * (256 + 16)) + (size_t)Q8S_BM * 2 * (n_in / 256);
+/* Dynamic shared memory: per buffer, the rows' code words (Q2_K: and scale
+ * bytes, d and dmin) and x's codes and scale (Q2_K: and its sums over each
+ * 16); IQ2_XXS once the rows' d of every block. */
+static size_t k2s_smem(int type, int n_in) {
+    bool iq2 = type == DS4_TYPE_IQ2_XXS;
+    size_t buf = (size_t)Q8S_BM * K2S_ROWB + (size_t)Q8S_BN * (256 + 16) + (iq2 ? 0 : Q8S_BN * 64 + Q8S_BM * 4);
+    return 2 * buf + (iq2 ? (size_t)Q8S_BM * 2 * (n_in / 256) : 0);
 }
 
 /* A lane's 8 signed grid values of a row's slice: entry tg of the slice's
@@ -163,16 +172,32 @@ __device__ __forceinline__ uint2 iq2s_frag(uint2 c, int tg, const uint64_t *grid
     return make_uint2(negate_bytes((uint32_t)gv, sg & 15), negate_bytes((uint32_t)(gv >> 32), sg >> 4));
 }
 
+/* Two sub-blocks' minimums (the high nibbles of two scale bytes) as an fp16 pair */
+__device__ __forceinline__ uint32_t q2k_min_pair(uint32_t two) {
+    __half2 h = __halves2half2(__int2half_rn((int)((two >> 4) & 0xf)), __int2half_rn((int)((two >> 12) & 0xf)));
+    return *(uint32_t *)&h;
+}
+
+__device__ __forceinline__ uint32_t half_pair(float lo, float hi) {
+    __half2 h = __halves2half2(__float2half_rn(lo), __float2half_rn(hi));
+    return *(uint32_t *)&h;
+}
+
 /* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_q8x. */
-__global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_iq2s(lin_args a) {
+template <int TYPE>
+__global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
+    constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
     pdl_begin();
-    extern __shared__ __align__(16) uint8_t iq2s_sh[];
-    __shared__ uint64_t grid_sh[256];
+    extern __shared__ __align__(16) uint8_t k2s_sh[];
+    __shared__ uint64_t grid_sh[IQ2 ? 256 : 1];
+    __shared__ uint32_t xrow_sh[Q8S_BN];   /* the token tile's x rows (read, not held: registers) */
     const int n_in = a.w.n_in, nb = n_in / 256;
-    uint8_t *wq = iq2s_sh;                               /* [2][128][IQ2S_ROWB] code words */
-    uint8_t *xq = wq + 2 * Q8S_BM * IQ2S_ROWB;           /* [2][64][256] codes (q8s_at) */
-    float *xd = (float *)(xq + 2 * Q8S_BN * 256);        /* [2][64][4] scale of the block ([0]) */
-    uint16_t *wd = (uint16_t *)(xd + 2 * Q8S_BN * 4);    /* [128][nb] fp16 d */
+    uint8_t *wq = k2s_sh;                                   /* [2][128][K2S_ROWB] code words (and scales) */
+    uint8_t *xq = wq + 2 * Q8S_BM * K2S_ROWB;               /* [2][64][256] codes (q8s_at) */
+    float *xd = (float *)(xq + 2 * Q8S_BN * 256);           /* [2][64][4] scale of the block ([0]) */
+    float *xs = xd + 2 * Q8S_BN * 4;                        /* Q2_K: [2][64][16] code sums a 16 */
+    uint32_t *wdm = (uint32_t *)(xs + (IQ2 ? 0 : 2 * Q8S_BN * 16));   /* Q2_K: [2][128] d | dmin << 16 */
+    uint16_t *wd = (uint16_t *)wdm;                         /* IQ2_XXS: [128][nb] d */
 
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;
@@ -180,28 +205,42 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_iq2s(lin_args a) {
     int r0 = blockIdx.x * Q8S_BM;
     lin_block blk;
     if (!lin_block_of(a, blockIdx.z, blk)) return;
+    if (blk.p0 + blockIdx.y * Q8S_BN >= blk.p1) return;   /* no tile: no copies left in flight */
     /* a row's offset in the expert's rows (< 2^31: 32-bit offsets keep the copies' registers few) */
     auto wrow = [&](int r) { return blk.w + (uint32_t)(min(r0 + r, a.w.n_out - 1) * (int)a.w.row_bytes); };
-    if (blk.p0 + blockIdx.y * Q8S_BN >= blk.p1) return;   /* no tile: no copies left in flight */
-    for (int i = tid; i < 256; i += Q8S_THREADS) grid_sh[i] = d_iq2_grid[i];
-    for (int i = tid; i < Q8S_BM * (nb / 4); i += Q8S_THREADS) {   /* with the first stage's group */
-        int r = i / (nb / 4), c = i % (nb / 4);
-        cp_async8(wd + r * nb + 4 * c, wrow(r) + 8 * c);
+    if constexpr (IQ2) {
+        for (int i = tid; i < 256; i += Q8S_THREADS) grid_sh[i] = d_iq2_grid[i];
+        for (int i = tid; i < Q8S_BM * (nb / 4); i += Q8S_THREADS) {   /* with the first stage's group */
+            int r = i / (nb / 4), c = i % (nb / 4);
+            cp_async8(wd + r * nb + 4 * c, wrow(r) + 8 * c);
+        }
     }
 
     for (int t0 = blk.p0 + blockIdx.y * Q8S_BN; t0 < blk.p1; t0 += gridDim.y * Q8S_BN) {
-        /* stage b's loads into buffer u */
+        /* stage b's loads into buffer u (common.cuh's row layouts) */
         auto issue = [&](int b, int u) {
-            for (int i = tid; i < Q8S_BM * 8; i += Q8S_THREADS) {
-                int r = i / 8, c = i % 8;
-                cp_async8(wq + ((size_t)u * Q8S_BM + r) * IQ2S_ROWB + 8 * c, wrow(r) + 2 * nb + 64 * b + 8 * c);
+            uint8_t *wu = wq + (size_t)u * Q8S_BM * K2S_ROWB;
+            if constexpr (IQ2) {
+                for (int i = tid; i < Q8S_BM * 8; i += Q8S_THREADS) {
+                    int r = i / 8, c = i % 8;
+                    cp_async8(wu + r * K2S_ROWB + 8 * c, wrow(r) + 2 * nb + 64 * b + 8 * c);
+                }
+            } else {   /* d | dmin (4 nb bytes), scales (16 nb), codes (64 nb) */
+                for (int i = tid; i < Q8S_BM * 5; i += Q8S_THREADS) {
+                    int r = i / 5, c = i % 5;
+                    const uint8_t *row = wrow(r);
+                    if (c < 4) cp_async16(wu + r * K2S_ROWB + 16 * c, row + 20 * nb + 64 * b + 16 * c);
+                    else cp_async16(wu + r * K2S_ROWB + 64, row + 4 * nb + 16 * b);
+                }
+                if (tid < Q8S_BM) cp_async4(wdm + u * Q8S_BM + tid, wrow(tid) + 4 * b);
             }
             for (int i = tid; i < Q8S_BN * 16; i += Q8S_THREADS) {
                 int t = i / 16, c = i % 16;
-                int pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
-                uint32_t xr = a.xrow ? a.xrow[pt] : pt;
+                uint32_t xr = xrow_sh[t];
                 cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + (xr * n_in + 256 * b + 16 * c));
                 if (c == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, a.q8d + (xr * (n_in / 32) + 8 * b));
+                if (!IQ2 && c < 4)
+                    cp_async16(xs + ((size_t)u * Q8S_BN + t) * 16 + 4 * c, a.q8s + (xr * (n_in / 16) + 16 * b + 4 * c));
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
@@ -212,7 +251,11 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_iq2s(lin_args a) {
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
 
-        __syncthreads();   /* the previous token tile's last reads; grid_sh */
+        if (tid < Q8S_BN) {
+            int pt = t0 + tid < blk.p1 ? t0 + tid : blk.p1 - 1;   /* past the end: a real row, unused */
+            xrow_sh[tid] = a.xrow ? a.xrow[pt] : pt;
+        }
+        __syncthreads();   /* the previous token tile's last reads; grid_sh, xrow_sh */
         issue(0, 0);
         for (int b = 0; b < nb; b++) {
             int u = b & 1;
@@ -224,36 +267,68 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_iq2s(lin_args a) {
                 asm volatile("cp.async.wait_group 0;" ::: "memory");
             }
             __syncthreads();   /* stage b's bytes, from every thread's copies */
-            const uint8_t *wt = wq + (size_t)u * Q8S_BM * IQ2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
-            int iacc[8][4];   /* the block's integer sums */
+            const uint8_t *wt = wq + (size_t)u * Q8S_BM * K2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
+            const uint8_t *w0 = wt + wr * K2S_ROWB, *w1 = w0 + 8 * K2S_ROWB;
+            int iacc[8][4];   /* the block's integer sums (Q2_K: read as floats off I2F_BIAS) */
 #pragma unroll
             for (int j = 0; j < 8; j++)
 #pragma unroll
-                for (int c = 0; c < 4; c++) iacc[j][c] = 0;
+                for (int c = 0; c < 4; c++) iacc[j][c] = IQ2 ? 0 : I2F_BIAS_BITS;
 #pragma unroll 1
             for (int s = 0; s < 8; s++) {
-                uint2 c0 = *(const uint2 *)(wt + wr * IQ2S_ROWB + 8 * s);
-                uint2 c1 = *(const uint2 *)(wt + (wr + 8) * IQ2S_ROWB + 8 * s);
-                uint2 a0 = iq2s_frag(c0, tg, grid_sh), a1 = iq2s_frag(c1, tg, grid_sh);
-                int m0 = 2 * (int)(c0.y >> 28) + 1, m1 = 2 * (int)(c1.y >> 28) + 1;
+                uint2 a0, a1;
+                int m0 = 1, m1 = 1;
+                if constexpr (IQ2) {
+                    uint2 c0 = *(const uint2 *)(w0 + 8 * s), c1 = *(const uint2 *)(w1 + 8 * s);
+                    a0 = iq2s_frag(c0, tg, grid_sh), a1 = iq2s_frag(c1, tg, grid_sh);
+                    m0 = 2 * (int)(c0.y >> 28) + 1, m1 = 2 * (int)(c1.y >> 28) + 1;
+                } else {   /* slice s = 4 n + sh: codes at shift 2 sh of bytes 32 n ..; sub-block 8 n + 2 sh + tg / 2 */
+                    int n = s / 4, sh = 2 * (s % 4), sb = 64 + 8 * n + s % 4 * 2 + tg / 2;
+                    uint2 q0 = *(const uint2 *)(w0 + 32 * n + 8 * tg), q1 = *(const uint2 *)(w1 + 32 * n + 8 * tg);
+                    uint32_t l0 = w0[sb] & 0xf, l1 = w1[sb] & 0xf;
+                    a0 = make_uint2(((q0.x >> sh) & 0x03030303u) * l0, ((q0.y >> sh) & 0x03030303u) * l0);
+                    a1 = make_uint2(((q1.x >> sh) & 0x03030303u) * l1, ((q1.y >> sh) & 0x03030303u) * l1);
+                }
 #pragma unroll
                 for (int j = 0; j < 8; j++) {
                     uint2 bf = q8s_frag(xt, 8 * j + g, s, tg);   /* B column g: token 8 j + g */
-                    int d[4];
-                    mma_s8_from(d, 0, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
-                    iacc[j][0] += d[0] * m0, iacc[j][1] += d[1] * m0;
-                    iacc[j][2] += d[2] * m1, iacc[j][3] += d[3] * m1;
+                    if constexpr (IQ2) {
+                        int d[4];
+                        mma_s8_from(d, 0, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
+                        iacc[j][0] += d[0] * m0, iacc[j][1] += d[1] * m0;
+                        iacc[j][2] += d[2] * m1, iacc[j][3] += d[3] * m1;
+                    } else {
+                        mma_s8(iacc[j], a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
+                    }
                 }
             }
-            /* the block's end: acc += x scale x (d / 8 x sum), as k_linear_q8x */
-            float w0 = h2f_bits(wd[wr * nb + b]) * 0.125f, w1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
+            /* the block's end: acc += x scale (d I - dmin M), as k_linear_q8x (IQ2_XXS: d / 8, no M) */
+            float d0, d1, n0 = 0, n1 = 0;
+            uint32_t ma[4] = {0, 0, 0, 0};   /* Q2_K: the minimums' A fragment, rows wr, wr + 8 */
+            if constexpr (IQ2) {
+                d0 = h2f_bits(wd[wr * nb + b]) * 0.125f, d1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
+            } else {
+                uint32_t dm0 = wdm[u * Q8S_BM + wr], dm1 = wdm[u * Q8S_BM + wr + 8];
+                d0 = h2f_bits(dm0), n0 = h2f_bits(dm0 >> 16), d1 = h2f_bits(dm1), n1 = h2f_bits(dm1 >> 16);
+                ma[0] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg));
+                ma[1] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg));
+                ma[2] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg + 8));
+                ma[3] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg + 8));
+            }
             const float *xdu = xd + (size_t)u * Q8S_BN * 4;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 float f0 = xdu[(8 * j + 2 * tg) * 4], f1 = xdu[(8 * j + 2 * tg + 1) * 4];
+                float m4[4] = {0, 0, 0, 0};
+                if constexpr (!IQ2) {   /* B: token 8 j + g's sums over sub-blocks 2 tg, 2 tg + 1, + 8 */
+                    const float *xsr = xs + ((size_t)u * Q8S_BN + 8 * j + g) * 16 + 2 * tg;
+                    mma_f16(m4, ma[0], ma[1], ma[2], ma[3], half_pair(xsr[0], xsr[1]), half_pair(xsr[8], xsr[9]));
+                }
 #pragma unroll
                 for (int c = 0; c < 4; c++) {
-                    float v = (c < 2 ? w0 : w1) * (float)iacc[j][c];
+                    float sum = IQ2 ? (float)iacc[j][c] : __int_as_float(iacc[j][c]) - I2F_BIAS;
+                    float v = (c < 2 ? d0 : d1) * sum;
+                    if constexpr (!IQ2) v = fmaf(-(c < 2 ? n0 : n1), m4[c], v);
                     acc[j][c] = fmaf(c % 2 ? f1 : f0, v, acc[j][c]);
                 }
             }
@@ -268,8 +343,13 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_iq2s(lin_args a) {
     }
 }
 
-static cudaError_t iq2s_init(void) { return allow_shared(cudaSuccess, k_linear_iq2s, iq2s_smem(IQ2S_MAX_IN)); }
+static cudaError_t k2s_init(void) {
+    cudaError_t e = allow_shared(cudaSuccess, k_linear_2bit<DS4_TYPE_IQ2_XXS>, k2s_smem(DS4_TYPE_IQ2_XXS, K2S_MAX_IN));
+    return allow_shared(e, k_linear_2bit<DS4_TYPE_Q2_K>, k2s_smem(DS4_TYPE_Q2_K, 0));
+}
 
-static void launch_iq2s(cudaStream_t st, dim3 grid, const lin_args &a) {
-    launch_k(k_linear_iq2s, grid, Q8S_THREADS, iq2s_smem(a.w.n_in), st, a);
+static void launch_k2s(cudaStream_t st, dim3 grid, const lin_args &a) {
+    size_t sh = k2s_smem(a.w.type, a.w.n_in);
+    if (a.w.type == DS4_TYPE_IQ2_XXS) launch_k(k_linear_2bit<DS4_TYPE_IQ2_XXS>, grid, Q8S_THREADS, sh, st, a);
+    else launch_k(k_linear_2bit<DS4_TYPE_Q2_K>, grid, Q8S_THREADS, sh, st, a);
 }

@@ -68,9 +68,14 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
                  "l"(src));
 }
 
-/* 8 bytes (through L1: .cg takes 16 only), for rows aligned to 8 */
+/* 8 or 4 bytes (through L1: .cg takes 16 only), for rows aligned to them */
 __device__ __forceinline__ void cp_async8(void *dst, const void *src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
+                 "l"(src));
+}
+
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
                  "l"(src));
 }
 

@@ -327,7 +327,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     CKG(attention_tc_init(), "attention shared memory");
     CKG(indexer_tc_init(), "indexer shared memory");
     CKG(q8s_init(), "int8 product shared memory");
-    CKG(iq2s_init(), "int8 product shared memory");
+    CKG(k2s_init(), "int8 product shared memory");
     CKG(few_rows_init(), "few-row product shared memory");
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
@@ -1020,7 +1020,8 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
         act8_x(st, a, x_rows, 1, true);
         dim3 grid(blocks_for(a.w.n_out, Q8X_BM), mma_token_tiles(n, a.n_tok, slots, a.active != NULL), slots);
         if (q8s_fits(a.w) && !getenv("DS4_CUDA_NO_Q8S")) launch_q8s(st, grid, a);
-        else if (iq2s_fits(a.w) && !getenv("DS4_CUDA_NO_IQ2S")) launch_iq2s(st, grid, a);
+        else if (k2s_fits(a.w) && !getenv(a.w.type == DS4_TYPE_Q2_K ? "DS4_CUDA_NO_Q2KS" : "DS4_CUDA_NO_IQ2S"))
+            launch_k2s(st, grid, a);
         else launch_q8x(st, grid, a);
         return;
     }
