@@ -250,9 +250,6 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
         for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
-        /* fragments with tokens: an expert's last (often only: 48 pairs on
-         * average in a 2K chunk) tile multiplies no empty columns */
-        const int jn = min(8, (blk.p1 - t0 + 7) / 8);
 
         if (tid < Q8S_BN) {
             int pt = t0 + tid < blk.p1 ? t0 + tid : blk.p1 - 1;   /* past the end: a real row, unused */
@@ -294,7 +291,6 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
                 }
 #pragma unroll
                 for (int j = 0; j < 8; j++) {
-                    if (j >= jn) break;
                     uint2 bf = q8s_frag(xt, 8 * j + g, s, tg);   /* B column g: token 8 j + g */
                     if constexpr (IQ2) {
                         int d[4];
@@ -322,7 +318,6 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
             const float *xdu = xd + (size_t)u * Q8S_BN * 4;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
-                if (j >= jn) break;
                 float f0 = xdu[(8 * j + 2 * tg) * 4], f1 = xdu[(8 * j + 2 * tg + 1) * 4];
                 float m4[4] = {0, 0, 0, 0};
                 if constexpr (!IQ2) {   /* B: token 8 j + g's sums over sub-blocks 2 tg, 2 tg + 1, + 8 */
