@@ -7,8 +7,8 @@
  *  - codes (int8, a row's n_in in element order), the scale of each 32
  *    (a Q8_K block's one scale repeated over its 8), and the codes' sum over
  *    each 16 (for Q2_K's sub-block minimums), for the int8 kernels: a
- *    chunk's k_linear_q8x / k_linear_q8s, a token's k_q8_mma1 /
- *    k_expert_mma1 (int8_decode.cuh);
+ *    chunk's k_linear_q8s / k_linear_2bit (act8_staged.cuh) or k_linear_q8x,
+ *    a token's k_q8_mma1 / k_expert_mma1 (int8_decode.cuh);
  *  - or the rounded floats (code x scale) for every other kernel, which then
  *    multiplies them as it multiplies any x. */
 #pragma once
@@ -34,6 +34,8 @@ __global__ void __launch_bounds__(256) k_act8(const float *x, int64_t xs, int64_
 }
 
 /* ---- k_linear_q8x: tiles of 128 rows x 64 tokens, 32-element K slices ----
+ * (the rows act8_staged.cuh's kernels do not take, and their A/B switches'
+ * fallback: DS4_CUDA_NO_Q8S, _NO_IQ2S, _NO_Q2KS)
  * 8 warps of 32 rows x 32 tokens (2 x 4 m16n8k32 products a slice). A is a
  * row's 32 int8 weights of the slice (Q8_0 codes as stored, IQ2_XXS signed
  * grid values, Q2_K codes times their sub-block's 4-bit scale), B 8 tokens'

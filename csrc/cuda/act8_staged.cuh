@@ -5,9 +5,10 @@
  * while the previous stage multiplies, two barriers a stage instead of
  * sixteen. Q8_0 codes need no decoding, so they go from memory to the A
  * tile untouched. Same products and the same float steps in the same order
- * as k_linear_q8x: the same bits (k_linear_q8x keeps the 2-bit expert rows,
- * whose decode into shared memory measured slower here: 198 vs 187 ms a
- * chunk for IQ2_XXS).
+ * as k_linear_q8x: the same bits. (The 2-bit expert rows decoded into such a
+ * shared tile measured slower, 198 vs 187 ms a chunk for IQ2_XXS; below,
+ * k_linear_2bit stages their raw code words the same way and decodes them
+ * into registers instead: 128 ms.)
  *
  * A block: 128 rows x 64 tokens, 8 warps of 32 x 32 (as k_linear_q8x).
  * Shared tiles are [rows][256] int8 with 16-byte chunk c of row r stored at
