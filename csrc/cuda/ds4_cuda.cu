@@ -327,7 +327,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     CKG(attention_tc_init(), "attention shared memory");
     CKG(indexer_tc_init(), "indexer shared memory");
     CKG(q8s_init(), "int8 product shared memory");
-    CKG(k2s_init(), "int8 product shared memory");
+    CKG(k2s_init(), "2-bit product shared memory");
     CKG(few_rows_init(), "few-row product shared memory");
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");

@@ -469,13 +469,14 @@ __device__ __forceinline__ void d_qat_fp4_row128(float4 &v) {
 }
 
 /* k_rows for many short rows (the q heads: a token's H rows of d, norm and
- * RoPE; the indexer's q heads of 128 with their FP4 rounding): a warp a row, ROWS_WARP_ROWS rows a block, each lane the
- * float4s 4 lane + 128 c of it in registers, so the row is read once and
- * written once with no block barriers (k_rows, a block a row, reads it three
- * times with a barrier between: ~1 TB/s a chunk). The same expressions as
- * d_rms and d_rope; the norm's sum of squares in double in another order
- * (exact products: the float scale comes out the same). rows_warp_fits says
- * which row_args it takes. */
+ * RoPE; the indexer's q heads of 128 with their FP4 rounding): a warp a
+ * row, ROWS_WARP_ROWS rows a block, each lane the float4s 4 lane + 128 c
+ * of it in registers, so the row is read once and written once with no
+ * block barriers (k_rows, a block a row, reads it three times with a
+ * barrier between: ~1 TB/s a chunk). The same expressions as d_rms, d_rope
+ * and d_qat_fp4; the norm's sum of squares in double in another order
+ * (exact products: the float scale comes out the same). rows_warp_fits
+ * says which row_args it takes. */
 #define ROWS_WARP_ROWS 8
 #define ROWS_WARP_MAXC 8   /* float4s a lane: rows of up to 1024 */
 __global__ void __launch_bounds__(ROWS_WARP_ROWS *WARP) k_rows_warp(row_args a, int64_t n_rows) {
