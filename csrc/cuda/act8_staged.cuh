@@ -33,6 +33,22 @@ __device__ __forceinline__ uint2 q8s_frag(const uint8_t *tile, int r, int s, int
     return *(const uint2 *)(tile + q8s_at(r, 2 * s + (tg >> 1)) + 8 * (tg & 1));
 }
 
+/* A double-buffered stage loop's turn at stage b of nb: once every warp is
+ * done with stage b - 1 (whose buffer the next copies reuse), stage b + 1's
+ * copies go out (issue(b + 1, its buffer)); on return stage b's bytes have
+ * landed, from every thread's copies. */
+template <typename Issue>
+__device__ __forceinline__ void stage_turn(int b, int nb, Issue &issue) {
+    __syncthreads();
+    if (b + 1 < nb) {
+        issue(b + 1, (b + 1) & 1);
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+    }
+    __syncthreads();
+}
+
 /* Dynamic shared memory: per buffer, the rows' codes and 8 fp16 scales, x's
  * codes and 8 float scales. */
 static constexpr size_t Q8S_SMEM = 2 * ((size_t)Q8S_BM * (256 + 16) + (size_t)Q8S_BN * (256 + 32));
@@ -85,14 +101,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
         issue(0, 0);
         for (int b = 0; b < nb; b++) {
             int u = b & 1;
-            __syncthreads();   /* every warp is done with stage b - 1: its buffers are free */
-            if (b + 1 < nb) {
-                issue(b + 1, u ^ 1);
-                asm volatile("cp.async.wait_group 1;" ::: "memory");
-            } else {
-                asm volatile("cp.async.wait_group 0;" ::: "memory");
-            }
-            __syncthreads();   /* stage b's bytes, from every thread's copies */
+            stage_turn(b, nb, issue);
             const uint8_t *at = wq + (size_t)u * Q8S_BM * 256, *bt = xq + (size_t)u * Q8S_BN * 256;
             const uint16_t *wdu = (const uint16_t *)(wd + (size_t)u * Q8S_BM * 16);
             const float *xdu = xd + (size_t)u * Q8S_BN * 8;
@@ -165,8 +174,9 @@ static size_t k2s_smem(int type, int n_in) {
 }
 
 /* A lane's 8 signed grid values of a row's slice: entry tg of the slice's
- * code word c (as q8x_decode; the sign byte's eighth bit is the parity of
- * its seven, as ksigns_iq2xs holds it). */
+ * code word c. iq2_slice's values (int8_decode.cuh) without its sign table:
+ * the sign byte's eighth bit is the parity of its seven, as ksigns_iq2xs
+ * holds it, so no table is kept in this kernel's shared memory. */
 __device__ __forceinline__ uint2 iq2s_frag(uint2 c, int tg, const uint64_t *grid) {
     uint64_t gv = grid[(c.x >> (8 * tg)) & 0xff];
     uint32_t s7 = (c.y >> (7 * tg)) & 127, sg = s7 | ((__popc(s7) & 1u) << 7);
@@ -260,14 +270,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
         issue(0, 0);
         for (int b = 0; b < nb; b++) {
             int u = b & 1;
-            __syncthreads();   /* every warp is done with stage b - 1: its buffers are free */
-            if (b + 1 < nb) {
-                issue(b + 1, u ^ 1);
-                asm volatile("cp.async.wait_group 1;" ::: "memory");
-            } else {
-                asm volatile("cp.async.wait_group 0;" ::: "memory");
-            }
-            __syncthreads();   /* stage b's bytes, from every thread's copies */
+            stage_turn(b, nb, issue);
             const uint8_t *wt = wq + (size_t)u * Q8S_BM * K2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
             const uint8_t *w0 = wt + wr * K2S_ROWB, *w1 = w0 + 8 * K2S_ROWB;
             int iacc[8][4];   /* the block's integer sums (Q2_K: read as floats off I2F_BIAS) */
