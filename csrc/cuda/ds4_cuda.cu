@@ -1421,10 +1421,16 @@ static moe_out moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     /* one token: k_route groups its slots too (DS4_CUDA_NO_ROUTEGROUP=1: k_group, for A/B) */
     bool group1 = n == 1 && k <= WARP && !getenv("DS4_CUDA_NO_ROUTEGROUP");
     group_out grp = {g->offs, g->active, g->pair_tok, g->slot_pair};
-    launch_k(k_route, blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st, 
-        g->router, E, k, L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL,
-        L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL, g->ids, cf->expert_weights_scale, n,
-        g->sel, g->sel_w, group1 ? grp : group_out{});
+    const float *bias = L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL;
+    const int32_t *tid2eid = L.hash_routed ? (const int32_t *)L.tid2eid.data : NULL;
+    /* one token: in one warp's registers (DS4_CUDA_NO_ROUTE1=1: k_route, for A/B) */
+    static const bool route_sh = getenv("DS4_CUDA_NO_ROUTE1") != NULL;
+    if (group1 && E <= WARP * ROUTE1_PER_LANE && !route_sh)
+        launch_k(k_route1, 1, WARP, 0, st, g->router, E, k, bias, tid2eid, g->ids, cf->expert_weights_scale, g->sel,
+                 g->sel_w, grp);
+    else
+        launch_k(k_route, blocks_for(n, ROUTE_TOKENS), ROUTE_TOKENS * WARP, 0, st, g->router, E, k, bias, tid2eid,
+                 g->ids, cf->expert_weights_scale, n, g->sel, g->sel_w, group1 ? grp : group_out{});
     if (!group1)
         launch_k(k_group, 1, 1024, 0, st, g->sel, n * k, k, E, g->offs, g->active, g->pair_tok, g->slot_pair);
     int slots = std::min(E, n * k);

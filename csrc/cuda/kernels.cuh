@@ -1257,6 +1257,108 @@ __global__ void k_route(const float *router, int E, int k, const float *bias, co
     }
 }
 
+/* k_route for one token (a decode step) in one warp's registers: lane l
+ * holds experts l, l + 32, .. (ROUTE1_PER_LANE of them), and lane i < k
+ * slot i's expert and score. The same scores, choice (lowest index on
+ * ties), weights and grouping (d_group_one's) as k_route, the same bits.
+ * k_route's one warp ran ~2,500 instructions one after another, ~17 us
+ * (ncu): each logit's load waited on the stores before it, and the grouping
+ * read the choice back from shared memory, a load at a time. Here every
+ * load is issued up front and the choice moves by shuffles. */
+#define ROUTE1_PER_LANE 8
+__global__ void __launch_bounds__(WARP) k_route1(const float *router, int E, int k, const float *bias,
+                                                 const int32_t *tid2eid, const int32_t *ids, float wscale,
+                                                 int32_t *sel, float *sel_w, group_out o) {
+    pdl_begin();
+    const int lane = threadIdx.x;
+    const unsigned all = 0xffffffffu;
+    float logit[ROUTE1_PER_LANE], bv[ROUTE1_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < ROUTE1_PER_LANE; j++) {   /* all loads in flight together (past E: a real entry, unused) */
+        int e = min(lane + WARP * j, E - 1);
+        logit[j] = router[e];
+        bv[j] = bias ? bias[e] : 0.0f;
+    }
+    int mine = tid2eid && lane < k ? tid2eid[(int64_t)ids[0] * k + lane] : -1;   /* slot lane's expert */
+    float score[ROUTE1_PER_LANE], biased[ROUTE1_PER_LANE];
+    unsigned taken = 0;   /* bit j: expert lane + 32 j chosen, or past E */
+#pragma unroll
+    for (int j = 0; j < ROUTE1_PER_LANE; j++) {
+        score[j] = sqrtf(d_softplus(logit[j]));
+        biased[j] = score[j] + bv[j];
+        if (lane + WARP * j >= E) taken |= 1u << j;
+    }
+    float chosen = 0.0f;   /* lane i < k: slot i's score */
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        float best_s = 0.0f;
+        if (tid2eid) {
+            best = __shfl_sync(all, mine, i);
+#pragma unroll
+            for (int j = 0; j < ROUTE1_PER_LANE; j++)
+                if (best / WARP == j) best_s = score[j];
+            best_s = __shfl_sync(all, best_s, best % WARP);
+        } else {
+            float best_v = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < ROUTE1_PER_LANE; j++)
+                if (!((taken >> j) & 1) && (best < 0 || biased[j] > best_v)) {
+                    best = lane + WARP * j;
+                    best_v = biased[j];
+                    best_s = score[j];
+                }
+            for (int off = 16; off > 0; off >>= 1) {
+                float ov = __shfl_xor_sync(all, best_v, off), os = __shfl_xor_sync(all, best_s, off);
+                int ob = __shfl_xor_sync(all, best, off);
+                if (ob >= 0 && (best < 0 || ov > best_v || (ov == best_v && ob < best))) {
+                    best = ob;
+                    best_v = ov;
+                    best_s = os;
+                }
+            }
+            if (best % WARP == lane) taken |= 1u << (best / WARP);
+            if (lane == i) mine = best;
+        }
+        if (lane == i) chosen = best_s;
+    }
+    /* the weights: k_route's sum, slot 0 first */
+    float sum = 0;
+    for (int i = 0; i < k; i++) sum += __shfl_sync(all, chosen, i);
+    if (lane < k) {
+        sel[lane] = mine;
+        sel_w[lane] = chosen / (sum + 1e-20f) * wscale;
+    }
+    /* the grouping (d_group_one's values): offs[e + 1] = slots on experts <= e;
+     * slot i is its expert's first if no earlier slot has it */
+    bool first = lane < k;
+    for (int i = 0; i < k; i++) {
+        int v = __shfl_sync(all, mine, i);
+        if (i < lane && v == mine) first = false;
+    }
+    int cnt[ROUTE1_PER_LANE] = {};
+    int lower = 0, same_before = 0, rank = 0;
+    for (int i = 0; i < k; i++) {
+        int v = __shfl_sync(all, mine, i);
+        bool f = __shfl_sync(all, first, i);
+#pragma unroll
+        for (int j = 0; j < ROUTE1_PER_LANE; j++) cnt[j] += v <= lane + WARP * j;
+        lower += v < mine;
+        same_before += i < lane && v == mine;
+        rank += f && v < mine;
+    }
+#pragma unroll
+    for (int j = 0; j < ROUTE1_PER_LANE; j++)
+        if (lane + WARP * j < E) o.offs[lane + WARP * j + 1] = cnt[j];
+    if (lane == 0) o.offs[0] = 0;
+    int na = __popc(__ballot_sync(all, first));   /* experts in use */
+    if (lane < k) {
+        o.slot_pair[lane] = lower + same_before;
+        o.pair_tok[lower + same_before] = 0;
+        if (!same_before) o.active[rank] = mine;
+    }
+    if (lane >= na && lane < min(k, E)) o.active[lane] = -1;
+}
+
 /* Groups the n*k (token, slot) pairs by expert: offs[e] (E + 1 entries),
  * the experts in use in order (the rest of active = -1), the token of each
  * grouped pair and the grouped place of each (token, slot). The order of
