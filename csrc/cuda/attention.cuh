@@ -233,19 +233,30 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
         wsp[sp] = l[sp] > 0 ? expf(mx[sp] - M) : 0.0f;   /* an empty split has no keys */
         den += l[sp] * wsp[sp];
     }
+    /* a thread a pair of dims (2 c, 2 c + 1), so the inverse RoPE of the
+     * last rope_dim (d_rope's expressions, sign -1) is done in registers:
+     * no write, barrier and read back of the row */
     float *og = a.o + ((int64_t)t * a.H + h) * a.d;
-    for (int k = threadIdx.x; k < a.d; k += blockDim.x) {
-        float pv[ATTN_MAX_SPLIT], v = 0;
+    const int r0 = a.d - a.rope_dim;
+#pragma unroll 2
+    for (int c = threadIdx.x; c < a.d / 2; c += blockDim.x) {
+        float2 pv[ATTN_MAX_SPLIT];
+        float v0 = 0, v1 = 0;
 #pragma unroll
         for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
-            if (sp < S) pv[sp] = pp[sp * (a.d + 2) + 2 + k];
+            if (sp < S) pv[sp] = *(const float2 *)(pp + sp * (a.d + 2) + 2 + 2 * c);
 #pragma unroll
         for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
-            if (sp < S) v += pv[sp] * wsp[sp];
-        og[k] = v / den;
+            if (sp < S) v0 += pv[sp].x * wsp[sp], v1 += pv[sp].y * wsp[sp];
+        float x0 = v0 / den, x1 = v1 / den;
+        if (2 * c >= r0) {
+            float phi = (float)pos * a.freqs[(2 * c - r0) / 2];
+            float cs = cosf(phi), sn = -1 * sinf(phi);
+            float y0 = x0 * cs - x1 * sn, y1 = x0 * sn + x1 * cs;
+            x0 = y0, x1 = y1;
+        }
+        *(float2 *)(og + 2 * c) = make_float2(x0, x1);
     }
-    __syncthreads();
-    d_rope(og, a.d, a.rope_dim, a.freqs, pos, -1);
 }
 
 /* k_attention for n tokens (a.splits set); d / 32 must be 1, 2, 4, 8 or 16

@@ -715,8 +715,9 @@ __global__ void __launch_bounds__(1024) k_hc_pre_collapse(dmat fn, const float *
  * single block's order of sums (the pre rows' dot products and the norms'
  * squares by thread here): the GPU tests hold it. The collapse itself, a
  * column's sum over the streams, is the same expression. */
+#define HC_REG_WARPS 16   /* D / 8 threads, D <= 4096 (hc_reg_fits) */
 template <int HC>
-__global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const float *X, const float *base,
+__global__ void __launch_bounds__(HC_REG_WARPS * WARP) k_hc_pre_collapse_reg(dmat fn, const float *X, const float *base,
                                                                const float *scale, int D, float hc_eps,
                                                                float rms_eps, const float *norm_w, float *x,
                                                                float *xn, act8_pre c, int early) {
@@ -773,14 +774,20 @@ __global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const floa
         for (int r = 0; r < HC; r++) red[warp][r] = dot[r];
     }
     __syncthreads();
+    /* the warps' partial sums in warp order, their loads all issued first
+     * (a loop over nw loaded and added one at a time) */
     double s2 = 0;
-    for (int w = 0; w < nw; w++) s2 += ssw[0][w];
+#pragma unroll
+    for (int w = 0; w < HC_REG_WARPS; w++)
+        if (w < nw) s2 += ssw[0][w];
     float sc = (float)(1.0 / sqrt(s2 / (double)n + (double)rms_eps));
     float pre[HC];
 #pragma unroll
     for (int r = 0; r < HC; r++) {
         float m = 0;
-        for (int w = 0; w < nw; w++) m += red[w][r];
+#pragma unroll
+        for (int w = 0; w < HC_REG_WARPS; w++)
+            if (w < nw) m += red[w][r];
         pre[r] = d_sigmoid(m * sc * scale[0] + base[r]) + hc_eps;
     }
     /* the collapse: column k's sum over the streams, as d_collapse_norm */
@@ -802,7 +809,9 @@ __global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const floa
     if (lane == 0) ssw[1][warp] = ss2;
     __syncthreads();
     double t2 = 0;
-    for (int w = 0; w < nw; w++) t2 += ssw[1][w];
+#pragma unroll
+    for (int w = 0; w < HC_REG_WARPS; w++)
+        if (w < nw) t2 += ssw[1][w];
     float sn = (float)(1.0 / sqrt(t2 / (double)D + (double)rms_eps));
     const float nwv[8] = {na.x, na.y, na.z, na.w, nb.x, nb.y, nb.z, nb.w};
 #pragma unroll
@@ -818,7 +827,7 @@ __global__ void __launch_bounds__(512) k_hc_pre_collapse_reg(dmat fn, const floa
 
 /* Widths k_hc_pre_collapse_reg takes: a thread 8 columns, whole warps, at
  * most 512 threads (128 registers each). */
-static inline bool hc_reg_fits(int D) { return D % 256 == 0 && D / 8 <= 512; }
+static inline bool hc_reg_fits(int D) { return D % 256 == 0 && D / 8 <= HC_REG_WARPS * WARP; }
 
 /* The MoE's output (§4.5) read where it is used: token t's k routed rows
  * of ex_y (grouped places slot_pair) by their weights, then the shared
@@ -832,12 +841,28 @@ struct moe_out {
 
 /* token t's MoE output at its columns j..j + 3: sum_i w_i ex_y(slot i) + shared,
  * the k routed terms in slot order */
+#define MOE_OUT_LOADS 8   /* k up to this: every slot's loads in flight at once */
 __device__ __forceinline__ float4 d_moe_out4(const moe_out &m, int t, int j, int D) {
     float4 acc = make_float4(0, 0, 0, 0);
-    for (int i = 0; i < m.k; i++) {
-        float w = m.sel_w[t * m.k + i];
-        float4 v = *(const float4 *)(m.ex_y + (int64_t)m.slot_pair[t * m.k + i] * D + j);
-        acc.x += v.x * w, acc.y += v.y * w, acc.z += v.z * w, acc.w += v.w * w;
+    if (m.k <= MOE_OUT_LOADS) {   /* two round trips (the places, then the rows), not 2 k */
+        int sp[MOE_OUT_LOADS];
+        float w[MOE_OUT_LOADS];
+        float4 v[MOE_OUT_LOADS];
+#pragma unroll
+        for (int i = 0; i < MOE_OUT_LOADS; i++)
+            if (i < m.k) sp[i] = m.slot_pair[t * m.k + i], w[i] = m.sel_w[t * m.k + i];
+#pragma unroll
+        for (int i = 0; i < MOE_OUT_LOADS; i++)
+            if (i < m.k) v[i] = *(const float4 *)(m.ex_y + (int64_t)sp[i] * D + j);
+#pragma unroll
+        for (int i = 0; i < MOE_OUT_LOADS; i++)
+            if (i < m.k) acc.x += v[i].x * w[i], acc.y += v[i].y * w[i], acc.z += v[i].z * w[i], acc.w += v[i].w * w[i];
+    } else {
+        for (int i = 0; i < m.k; i++) {
+            float w = m.sel_w[t * m.k + i];
+            float4 v = *(const float4 *)(m.ex_y + (int64_t)m.slot_pair[t * m.k + i] * D + j);
+            acc.x += v.x * w, acc.y += v.y * w, acc.z += v.z * w, acc.w += v.w * w;
+        }
     }
     float4 sh = *(const float4 *)(m.shared + (int64_t)t * D + j);
     return make_float4(acc.x + sh.x, acc.y + sh.y, acc.z + sh.z, acc.w + sh.w);
