@@ -82,10 +82,11 @@ def wide_q2(tmp_path_factory):
     one-token int8 tensor-core kernels (k_expert_mma1 for the routed IQ2_XXS /
     Q2_K rows, 4 and 8 warps a tile, gate and up paired; k_q8_mma1 for Q8_0,
     both its slice counts, plain, paired and in 4 output groups) take only
-    rows of n_in a multiple of 1024, which tiny and mid do not have."""
+    rows of n_in a multiple of 1024, which tiny and mid do not have. Its
+    indexer heads are Flash's 128 wide, the rows k_rows_warp rounds to FP4."""
     path = tmp_path_factory.mktemp("models") / "wide-q2.gguf"
     write_model(path, ModelConfig.tiny(n_embd=1024, expert_ff=2048, q_lora_rank=2048, n_head=8,
-                                       o_groups=4, o_lora_rank=2048, head_dim=512),
+                                       o_groups=4, o_lora_rank=2048, head_dim=512, indexer_dim=128),
                 variant="q2", seed=7)
     return path
 
