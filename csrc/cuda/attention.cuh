@@ -211,14 +211,33 @@ __global__ void k_attention(attn_args a) {
 
 #define ATTN_THREADS 128
 
+#define COMBINE_PAIRS 2   /* a thread's pairs of dims, their loads issued with the splits' maxima */
 __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     pdl_begin();
     int t = blockIdx.y, h = blockIdx.x, S = a.splits;
     int64_t pos = *a.pos0 + t;
     const float *pp = a.part + ((int64_t)t * a.H + h) * S * (a.d + 2);
-    /* the splits' loads unrolled to be in flight together (a chain of
-     * memory latencies otherwise); the sums keep split order */
+    float *og = a.o + ((int64_t)t * a.H + h) * a.d;
+    const int r0 = a.d - a.rope_dim, pairs = a.d / 2;
+    /* every load of the block's first COMBINE_PAIRS pairs a thread goes out
+     * at once (the splits' maxima and sums, their values, the RoPE
+     * frequencies): one round of memory latency, not one for the maxima, one
+     * for the values and one for the row read back by d_rope. The sums keep
+     * split order. */
     float mx[ATTN_MAX_SPLIT], l[ATTN_MAX_SPLIT], wsp[ATTN_MAX_SPLIT];
+    auto load_pairs = [&](int c0, float2 (&pv)[COMBINE_PAIRS][ATTN_MAX_SPLIT], float (&fr)[COMBINE_PAIRS]) {
+#pragma unroll
+        for (int u = 0; u < COMBINE_PAIRS; u++) {
+            int c = c0 + u * blockDim.x;
+            fr[u] = c < pairs && 2 * c >= r0 ? a.freqs[(2 * c - r0) / 2] : 0.0f;
+#pragma unroll
+            for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+                if (sp < S && c < pairs) pv[u][sp] = *(const float2 *)(pp + sp * (a.d + 2) + 2 + 2 * c);
+        }
+    };
+    float2 pv[COMBINE_PAIRS][ATTN_MAX_SPLIT];
+    float fr[COMBINE_PAIRS];
+    load_pairs(threadIdx.x, pv, fr);
 #pragma unroll
     for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
         if (sp < S) mx[sp] = pp[sp * (a.d + 2)], l[sp] = pp[sp * (a.d + 2) + 1];
@@ -234,28 +253,26 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
         den += l[sp] * wsp[sp];
     }
     /* a thread a pair of dims (2 c, 2 c + 1), so the inverse RoPE of the
-     * last rope_dim (d_rope's expressions, sign -1) is done in registers:
-     * no write, barrier and read back of the row */
-    float *og = a.o + ((int64_t)t * a.H + h) * a.d;
-    const int r0 = a.d - a.rope_dim;
-#pragma unroll 2
-    for (int c = threadIdx.x; c < a.d / 2; c += blockDim.x) {
-        float2 pv[ATTN_MAX_SPLIT];
-        float v0 = 0, v1 = 0;
+     * last rope_dim is done in registers (d_rope's expressions, sign -1) */
+    for (int c0 = threadIdx.x; c0 < pairs; c0 += COMBINE_PAIRS * blockDim.x) {
+        if (c0 != (int)threadIdx.x) load_pairs(c0, pv, fr);   /* rows past COMBINE_PAIRS * 2 * blockDim dims */
 #pragma unroll
-        for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
-            if (sp < S) pv[sp] = *(const float2 *)(pp + sp * (a.d + 2) + 2 + 2 * c);
+        for (int u = 0; u < COMBINE_PAIRS; u++) {
+            int c = c0 + u * blockDim.x;
+            if (c >= pairs) break;
+            float v0 = 0, v1 = 0;
 #pragma unroll
-        for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
-            if (sp < S) v0 += pv[sp].x * wsp[sp], v1 += pv[sp].y * wsp[sp];
-        float x0 = v0 / den, x1 = v1 / den;
-        if (2 * c >= r0) {
-            float phi = (float)pos * a.freqs[(2 * c - r0) / 2];
-            float cs = cosf(phi), sn = -1 * sinf(phi);
-            float y0 = x0 * cs - x1 * sn, y1 = x0 * sn + x1 * cs;
-            x0 = y0, x1 = y1;
+            for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+                if (sp < S) v0 += pv[u][sp].x * wsp[sp], v1 += pv[u][sp].y * wsp[sp];
+            float x0 = v0 / den, x1 = v1 / den;
+            if (2 * c >= r0) {
+                float phi = (float)pos * fr[u];
+                float cs = cosf(phi), sn = -1 * sinf(phi);
+                float y0 = x0 * cs - x1 * sn, y1 = x0 * sn + x1 * cs;
+                x0 = y0, x1 = y1;
+            }
+            *(float2 *)(og + 2 * c) = make_float2(x0, x1);
         }
-        *(float2 *)(og + 2 * c) = make_float2(x0, x1);
     }
 }
 

@@ -726,12 +726,16 @@ __global__ void __launch_bounds__(HC_REG_WARPS * WARP) k_hc_pre_collapse_reg(dma
     const int t = threadIdx.x, lane = t % WARP, warp = t / WARP, nw = blockDim.x / WARP, c0 = 8 * t;
     const int n = HC * D;
     uint4 wv[HC][HC];   /* pre row r's 8 halves of stream i's columns */
+    float scale0, base_r[HC];   /* with them: no weight load after the sums */
     auto load_pre_rows = [&] {
 #pragma unroll
         for (int r = 0; r < HC; r++)
 #pragma unroll
             for (int i = 0; i < HC; i++)
                 wv[r][i] = *(const uint4 *)((const uint16_t *)(fn.data + (int64_t)r * fn.row_bytes) + i * D + c0);
+        scale0 = scale[0];
+#pragma unroll
+        for (int r = 0; r < HC; r++) base_r[r] = base[r];
     };
     if (early) load_pre_rows();
     pdl_begin();
@@ -788,7 +792,7 @@ __global__ void __launch_bounds__(HC_REG_WARPS * WARP) k_hc_pre_collapse_reg(dma
 #pragma unroll
         for (int w = 0; w < HC_REG_WARPS; w++)
             if (w < nw) m += red[w][r];
-        pre[r] = d_sigmoid(m * sc * scale[0] + base[r]) + hc_eps;
+        pre[r] = d_sigmoid(m * sc * scale0 + base_r[r]) + hc_eps;
     }
     /* the collapse: column k's sum over the streams, as d_collapse_norm */
     float v[8];
