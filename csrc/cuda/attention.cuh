@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     /* a thread a pair of dims (2 c, 2 c + 1), so the inverse RoPE of the
      * last rope_dim is done in registers (d_rope's expressions, sign -1) */
     for (int c0 = threadIdx.x; c0 < pairs; c0 += COMBINE_PAIRS * blockDim.x) {
-        if (c0 != (int)threadIdx.x) load_pairs(c0, pv, fr);   /* rows past COMBINE_PAIRS * 2 * blockDim dims */
+        if (c0 != (int)threadIdx.x) load_pairs(c0, pv, fr);   /* rows over 2 COMBINE_PAIRS blockDim dims */
 #pragma unroll
         for (int u = 0; u < COMBINE_PAIRS; u++) {
             int c = c0 + u * blockDim.x;

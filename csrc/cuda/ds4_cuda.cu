@@ -1418,7 +1418,7 @@ static moe_out moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
         cudaEventRecord(g->sh_join, g->side);
     }
     linear(st, dmat_of(L.ffn_gate_inp), g->xn, D, n, g->router, E);
-    /* one token: k_route groups its slots too (DS4_CUDA_NO_ROUTEGROUP=1: k_group, for A/B) */
+    /* one token: the route groups its slots too (DS4_CUDA_NO_ROUTEGROUP=1: k_route, then k_group, for A/B) */
     bool group1 = n == 1 && k <= WARP && !getenv("DS4_CUDA_NO_ROUTEGROUP");
     group_out grp = {g->offs, g->active, g->pair_tok, g->slot_pair};
     const float *bias = L.exp_probs_b.data ? f32(L.exp_probs_b) : NULL;
