@@ -96,6 +96,37 @@ def test_walk_after_rewind_matches_a_fresh_prefill(tiny):
     assert rows[-1].generated == fresh[0].generated
 
 
+def test_a_backends_one_time_single_token_setup_is_not_timed(tiny, monkeypatch):
+    """The first one-token eval of a session pays a one-time set-up (CUDA's graph
+    capture); the walk does it untimed before the first frontier, so the first
+    row's decode rate is that of the steps alone. A fake clock: 1 s for the
+    set-up, 1 ms a token otherwise."""
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+    class Session:
+        prefill_chunk = 16
+        kv_bytes = 0
+
+        def __init__(self):
+            self.single_steps = 0
+
+        def eval(self, ids):
+            if len(ids) == 1:
+                self.single_steps += 1
+                clock[0] += 1.0 if self.single_steps == 1 else 0.0
+            clock[0] += 1e-3 * len(ids)
+            return np.zeros(tiny.config.n_vocab, dtype=np.float32)
+
+        def rewind(self, n):
+            pass
+
+    model = types.SimpleNamespace(tokenizer=tiny.tokenizer, session=lambda ctx: Session())
+    rows = list(bench.walk(model, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
+    assert [round(r.gen_tps) for r in rows] == [1000, 1000]
+    assert [round(r.prefill_tps) for r in rows] == [1000, 1000]
+
+
 def test_short_text_is_repeated_to_reach_the_frontier(tiny):
     ids = bench.bench_tokens(tiny.tokenizer, 50, text="one two three")
     once = tiny.tokenizer.encode("one two three\n\n")
