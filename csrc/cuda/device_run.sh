@@ -27,6 +27,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 ARCH="-gencode arch=compute_90,code=sm_90"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "$OLD" ]; then
+  rm -f /tmp/old.so   # a warm machine's earlier build would hide a failed one
   ( cd "$OLD" && nvcc -O3 -std=c++17 $ARCH -Icsrc -shared -Xcompiler -fPIC,-fvisibility=hidden \
       csrc/cuda/*.cu -o /tmp/old.so > /tmp/old_build.log 2>&1 ) &
 fi
