@@ -1,4 +1,4 @@
-"""Whether a CUDA change keeps the logits' bits: the mid model and a model with
+"""Whether a CUDA change keeps the logits' bits: the mid model and two models with
 Flash's widths run in each numeric mode (a 400-token chunk, then 8 one-token
 steps), saved under a tag; two tags compared value for value.
 
@@ -20,7 +20,10 @@ from ds4.testing import ModelConfig, write_model
 
 MODELS = {"mid": ModelConfig.mid(),
           "wide": ModelConfig.tiny(n_embd=1024, expert_ff=2048, q_lora_rank=2048, n_head=8, o_groups=4,
-                                   o_lora_rank=2048, head_dim=512, indexer_dim=128)}
+                                   o_lora_rank=2048, head_dim=512, indexer_dim=128),
+          # Flash's 4096-wide gate / up rows (16-byte aligned: k_expert_dp4a's 16-byte copies)
+          "flash_width": ModelConfig.tiny(n_embd=4096, expert_ff=2048, q_lora_rank=2048, n_head=8, o_groups=4,
+                                          o_lora_rank=2048, head_dim=512, indexer_dim=128)}
 
 
 def run(tag, folder):
