@@ -79,8 +79,8 @@ def mid_q2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def wide_q2(tmp_path_factory):
     """tiny at Flash's row widths (1024 to 8192 inputs): the CUDA backend's
-    one-token int8 tensor-core kernels (k_expert_mma1 for the routed IQ2_XXS /
-    Q2_K rows, 4 and 8 warps a tile, gate and up paired; k_q8_mma1 for Q8_0,
+    one-token int8 kernels (for the routed IQ2_XXS / Q2_K rows k_expert_dp4a
+    in qat-q8, k_expert_mma1 in qat, gate and up paired; k_q8_mma1 for Q8_0,
     both its slice counts, plain, paired and in 4 output groups) take only
     rows of n_in a multiple of 1024, which tiny and mid do not have. Its
     indexer heads are Flash's 128 wide, the rows k_rows_warp rounds to FP4."""

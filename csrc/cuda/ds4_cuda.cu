@@ -878,14 +878,14 @@ static void launch_expert_mma1_t(cudaStream_t st, const lin_args &a, int slots, 
 
 /* (a.q8 set: x as qat-q8's codes, act8_x). IQ2_XXS with codes sums each 256
  * block as integers (the CPU's order; DS4_CUDA_NO_IQ2INT=1: a float step a
- * slice, for A/B), on dp4a where k_expert_dp4a takes the rows (the same
- * bits; DS4_CUDA_NO_DP4A=1: the tensor-core kernel, for A/B). */
+ * slice, for A/B). With codes, on dp4a where k_expert_dp4a takes the rows
+ * (the same bits; DS4_CUDA_NO_DP4A=1: the tensor-core kernel, for A/B). */
 static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, int mats) {
     bool iq2 = a.w.type == DS4_TYPE_IQ2_XXS;
     static const bool slice_floats = getenv("DS4_CUDA_NO_IQ2INT") != NULL;
     static const bool no_dp4a = getenv("DS4_CUDA_NO_DP4A") != NULL;
     if (a.q8) {
-        if (iq2 && !slice_floats && !no_dp4a && expert_dp4a_fits(a.w)) launch_expert_dp4a(st, a, slots, mats);
+        if (!no_dp4a && expert_dp4a_fits(a.w) && !(iq2 && slice_floats)) launch_expert_dp4a(st, a, slots, mats);
         else if (iq2 && !slice_floats) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, true, true>(st, a, slots, mats);
         else if (iq2) launch_expert_mma1_t<DS4_TYPE_IQ2_XXS, true>(st, a, slots, mats);
         else launch_expert_mma1_t<DS4_TYPE_Q2_K, true>(st, a, slots, mats);

@@ -1,5 +1,5 @@
-/* One token's routed IQ2_XXS rows (the gate and up of qat-q8 decode) on
- * dp4a, a warp streaming whole rows.
+/* One token's routed IQ2_XXS and Q2_K rows (the gate, up and down of qat-q8
+ * decode) on dp4a, a warp streaming whole rows.
  *
  * Why not the int8 tensor cores as k_expert_mma1 does: a decode token is
  * one column of B, so each decoded A fragment served a 16 x 8 product with
@@ -30,7 +30,10 @@
  * 21.5-22.4 us, against 31-32 on the chain before; issue 0.51 a scheduler, stalls spread over the ring's
  * waits, shared-memory results and the MIO queue. Neither x held with its
  * negation (a select instead of the second dp4a: 2 fewer instructions a
- * group, 16 warps) nor split dp4a chains changed decode speed. */
+ * group, 16 warps) nor split dp4a chains changed decode speed.
+ * Q2_K (the down, 16.5 MB a layer, 13 us on the chain before) streams the
+ * same way with a lane a quarter block (xd_q2k_block); its codes need no
+ * table: dp4a on (word >> 2 s) & 0x03030303 times the sub-block's scale. */
 #pragma once
 
 #include "int8_decode.cuh"
@@ -50,8 +53,10 @@
 
 static bool g_expert_dp4a_ok = false;   /* the GPU gives a block XD_SMEM (expert_dp4a_init) */
 
+/* IQ2_XXS: a lane a half-block, n_in <= 4096; Q2_K: a lane a quarter, n_in <= 2048 */
 static inline bool expert_dp4a_fits(const dmat &w) {
-    return g_expert_dp4a_ok && w.type == DS4_TYPE_IQ2_XXS && w.n_in % 1024 == 0 && w.n_in <= 4096;
+    return g_expert_dp4a_ok && w.n_in % 1024 == 0 &&
+           ((w.type == DS4_TYPE_IQ2_XXS && w.n_in <= 4096) || (w.type == DS4_TYPE_Q2_K && w.n_in <= 2048));
 }
 
 /* The 8 bytes at shared address `addr`. */
@@ -131,11 +136,56 @@ __device__ __forceinline__ void xd_next(const lin_args &a, int slots, xd_cursor 
     xd_seek(a, c);
 }
 
+/* Q2_K, lane (kb, n, j) = 4 kb + 2 n + j of a row of nb <= 8 blocks: code
+ * bytes 32 n + 16 j .. + 15 of block kb, elements 128 n + 32 s + 16 j + i
+ * (s = 0..3 the 2-bit place, i < 16), which are sub-block 8 n + 2 s + j of
+ * each of the block's four slices (n, s). From the ring: its 16 code bytes,
+ * the block's 16 scale bytes and d | dmin << 16. The same integers and float
+ * steps as k_expert_mma1<Q2_K, CODES> (one lane there holds a slice's 32
+ * and sub-block h's minimums): a slice's sum is sc (j 0) x S (j 0) + sc
+ * (j 1) x S (j 1) by one shuffle, the 8 slices' fmaf(sum, d f, acc) in order
+ * (n, s), then the minimums; mf: x's 16-sums of the lane's sub-blocks j of
+ * slices (n', s) times f. Returns the block's value in lanes (kb, 0, 0). */
+/* Scale byte 8 n + 2 s + j of a Q2_K block's 16 (s compile-time: no
+ * indexing into the words at run time) */
+__device__ __forceinline__ uint32_t xd_scale_byte(const uint32_t (&scw)[4], int n, int s, int j) {
+    return ((n ? scw[2 + s / 2] : scw[s / 2]) >> (8 * (2 * (s % 2) + j))) & 0xff;
+}
+
+__device__ __forceinline__ float xd_q2k_block(uint4 q, uint4 sc, uint32_t dd, const uint32_t (&xw)[16],
+                                              const float (&mf)[8], float f, int j) {
+    const uint32_t qw[4] = {q.x, q.y, q.z, q.w}, scw[4] = {sc.x, sc.y, sc.z, sc.w};
+    const int n = threadIdx.x % WARP / 2 % 2;
+    int t[4];
+#pragma unroll
+    for (int s = 0; s < 4; s++) {
+        int S = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) S = __dp4a((int)((qw[k] >> (2 * s)) & 0x03030303u), (int)xw[4 * s + k], S);
+        t[s] = S * (int)(xd_scale_byte(scw, n, s, j) & 0xf);
+        t[s] += __shfl_xor_sync(0xffffffffu, t[s], 1);   /* the slice: sub-blocks j 0 and 1 */
+    }
+    const float d = h2f_bits(dd), dmin = h2f_bits(dd >> 16);
+    float acc = 0.0f, m = 0.0f;
+#pragma unroll
+    for (int s = 0; s < 4; s++) acc = fmaf((float)t[s], d * f, acc);   /* slices (0, s) in lanes n 0 */
+#pragma unroll
+    for (int s = 0; s < 4; s++) acc = fmaf((float)__shfl_xor_sync(0xffffffffu, t[s], 2), d * f, acc);   /* (1, s) */
+#pragma unroll
+    for (int i = 0; i < 8; i++)   /* (n', s) = (i / 4, i % 4): sub-block 8 n' + 2 s + j's minimum */
+        m = fmaf((float)(xd_scale_byte(scw, i / 4, i % 4, j) >> 4), mf[i], m);
+    /* lanes j 0: the slices and sub-blocks h 0's minimums; j 1: h 1's alone (as tg 2 there) */
+    float v = fmaf(-dmin, m, j == 0 ? acc : 0.0f);
+    return v + __shfl_xor_sync(0xffffffffu, v, 1);
+}
+
 /* One block an SM (XD_WARPS warps). The launch's rows (matrix, slot, row)
  * are cut into one even stretch a warp, streamed through the warp's ring:
  * XD_RING - 1 rows in flight while one is summed, across slot and matrix
  * boundaries; XD_ROWS rows' sums at a time go to y. */
+template <int TYPE>
 __global__ void __launch_bounds__(XD_WARPS *WARP, 1) k_expert_dp4a(lin_args a, int slots, int mats) {
+    constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
     extern __shared__ __align__(16) uint8_t xd_sh[];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, copy = lane % XD_COPIES;
     const uint32_t s0 = (uint32_t)__cvta_generic_to_shared(xd_sh);
@@ -143,7 +193,7 @@ __global__ void __launch_bounds__(XD_WARPS *WARP, 1) k_expert_dp4a(lin_args a, i
     const uint32_t grid_s = (signs_s + 128 * XD_COPIES * 8 + 0x7fff) & ~0x7fffu;
     uint8_t *ring = xd_sh + warp * XD_RING * XD_SLOT;
     float (*red)[17] = (float (*)[17])(xd_sh + XD_RING_BYTES) + warp * XD_ROWS;
-    {   /* the tables before the wait (nothing writes them); a half-warp's 16 copies of an entry from one load */
+    if constexpr (IQ2) {   /* the tables before the wait (nothing writes them); a half-warp's 16 copies of an entry from one load */
         uint64_t *grid = (uint64_t *)(xd_sh + (grid_s - s0)), *signs = (uint64_t *)(xd_sh + (signs_s - s0));
         constexpr int T = XD_WARPS * WARP;
 #pragma unroll
@@ -173,25 +223,35 @@ __global__ void __launch_bounds__(XD_WARPS *WARP, 1) k_expert_dp4a(lin_args a, i
     const int64_t lo = gw * total / warps;
     const int rows = (int)((gw + 1) * total / warps - lo);
     if (rows <= 0) return;   /* the warp (no block barrier below) */
-    const bool in_row = lane < 2 * nb, row16 = a.w.row_bytes % 16 == 0;
-    const int h = in_row ? lane : 0;   /* lanes past the row read half-block 0, unused */
-    /* lane's 32 code bytes of a ring row as two 16-byte chunks 2 h, 2 h + 1,
-     * chunk i at i ^ (i / 8 % 2): a quarter warp's reads in distinct banks */
+    /* IQ2_XXS: half-block h = lane; Q2_K: (kb, n, j) = lane (int8_decode.cuh's
+     * layouts: Q2_K rows are d | dmin words, then scales, then codes) */
+    const bool in_row = lane < (IQ2 ? 2 : 4) * nb, row16 = a.w.row_bytes % 16 == 0;
+    const int h = in_row ? lane : 0;   /* lanes past the row read the first part, unused */
+    const int kb = IQ2 ? h / 2 : h / 4;
+    /* IQ2_XXS: lane's 32 code bytes of a ring row as two 16-byte chunks 2 h,
+     * 2 h + 1, chunk i at i ^ (i / 8 % 2): a quarter warp's reads in distinct
+     * banks. Q2_K: its 16 code bytes at 16 lane, the scales at 512 + 16 lane. */
     const int ch0 = (2 * lane) ^ ((2 * lane) / 8 % 2), ch1 = (2 * lane + 1) ^ ((2 * lane + 1) / 8 % 2);
     xd_cursor ahead, cur;
     xd_at(a, slots, lo, ahead);
     cur = ahead;
     auto issue = [&](int k) {   /* row `ahead` (stream row k) into ring slot k % XD_RING */
-        const uint8_t *src = ahead.w + 2 * nb + 32 * h;
         uint8_t *slot_p = ring + k % XD_RING * XD_SLOT;
-        if (row16) {
-            cp_async16(slot_p + 16 * ch0, src);
-            cp_async16(slot_p + 16 * ch1, src + 16);
-        } else {
-            cp_async8(slot_p + 16 * ch0, src), cp_async8(slot_p + 16 * ch0 + 8, src + 8);
-            cp_async8(slot_p + 16 * ch1, src + 16), cp_async8(slot_p + 16 * ch1 + 8, src + 24);
+        if constexpr (IQ2) {
+            const uint8_t *src = ahead.w + 2 * nb + 32 * h;
+            if (row16) {
+                cp_async16(slot_p + 16 * ch0, src);
+                cp_async16(slot_p + 16 * ch1, src + 16);
+            } else {
+                cp_async8(slot_p + 16 * ch0, src), cp_async8(slot_p + 16 * ch0 + 8, src + 8);
+                cp_async8(slot_p + 16 * ch1, src + 16), cp_async8(slot_p + 16 * ch1 + 8, src + 24);
+            }
+            cp_async4(slot_p + 1024 + 4 * lane, ahead.w + 4 * (h / 4));   /* d of block h / 2 and its neighbour */
+        } else {   /* (Q2_K rows of n_in % 1024 == 0 are 16-byte aligned) */
+            cp_async16(slot_p + 16 * lane, ahead.w + 20 * nb + 64 * kb + 16 * (h % 4));
+            cp_async16(slot_p + 512 + 16 * lane, ahead.w + 4 * nb + 16 * kb);
+            cp_async4(slot_p + 1024 + 4 * lane, ahead.w + 4 * kb);
         }
-        cp_async4(slot_p + 1024 + 4 * lane, ahead.w + 4 * (h / 4));   /* d of block h / 2 and its neighbour */
         if (k + 1 < rows) xd_next(a, slots, ahead);
     };
 #pragma unroll
@@ -200,36 +260,55 @@ __global__ void __launch_bounds__(XD_WARPS *WARP, 1) k_expert_dp4a(lin_args a, i
         asm volatile("cp.async.commit_group;");   /* (empty past the end: the count stays) */
     }
     int64_t x_at = -1;
-    uint32_t xw[32];
+    uint32_t xw[IQ2 ? 32 : 16];
+    float mf[IQ2 ? 1 : 8];
     float f = 0, *my_y = NULL;
 #pragma unroll 1
     for (int k = 0; k < rows; k++) {
-        if (cur.xr != x_at) {   /* x's codes of this lane's half-block, kept over the rows */
-            const uint4 *xq = (const uint4 *)(a.q8 + cur.xr * a.w.n_in + 128 * h);
+        if (cur.xr != x_at) {   /* x's codes of this lane's part, kept over the rows */
+            const int8_t *xq = a.q8 + cur.xr * a.w.n_in;
+            f = a.q8d[cur.xr * nb32 + 8 * kb];
+            if constexpr (IQ2) {
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                uint4 v = xq[i];
-                xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
+                for (int i = 0; i < 8; i++) {
+                    uint4 v = *(const uint4 *)(xq + 128 * h + 16 * i);
+                    xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
+                }
+            } else {
+                const int n = h / 2 % 2, j = h % 2;
+                const float *s16 = a.q8s + cur.xr * 2 * nb32 + 16 * kb;
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    uint4 v = *(const uint4 *)(xq + 256 * kb + 128 * n + 32 * s + 16 * j);
+                    xw[4 * s] = v.x, xw[4 * s + 1] = v.y, xw[4 * s + 2] = v.z, xw[4 * s + 3] = v.w;
+                }
+#pragma unroll
+                for (int i = 0; i < 8; i++) mf[i] = s16[2 * i + j] * f;   /* sub-block 8 n' + 2 s + j: sum 2 (4 n' + s) + j */
             }
-            f = a.q8d[cur.xr * nb32 + 8 * (h / 2)];
             x_at = cur.xr;
         }
         if (k + XD_RING - 1 < rows) issue(k + XD_RING - 1);
         asm volatile("cp.async.commit_group;");   /* (empty past the end: row k's group is XD_RING - 1 back) */
         asm volatile("cp.async.wait_group %0;" ::"n"(XD_RING - 1));
         const uint8_t *slot_p = ring + k % XD_RING * XD_SLOT;
-        uint4 c[2] = {*(const uint4 *)(slot_p + 16 * ch0), *(const uint4 *)(slot_p + 16 * ch1)};
         uint32_t dw = *(const uint32_t *)(slot_p + 1024 + 4 * lane);
-        int q = in_row ? xd_half_block(c, xw, gsel, ssel) : 0;
-        q += __shfl_xor_sync(0xffffffffu, q, 1);
-        if (in_row && lane % 2 == 0) red[k % XD_ROWS][lane / 2] = h2f_bits(dw >> (16 * (h / 2 % 2))) * f * (float)q;
+        if constexpr (IQ2) {
+            uint4 c[2] = {*(const uint4 *)(slot_p + 16 * ch0), *(const uint4 *)(slot_p + 16 * ch1)};
+            int q = in_row ? xd_half_block(c, xw, gsel, ssel) : 0;
+            q += __shfl_xor_sync(0xffffffffu, q, 1);
+            if (in_row && lane % 2 == 0) red[k % XD_ROWS][kb] = h2f_bits(dw >> (16 * (h / 2 % 2))) * f * (float)q;
+        } else {
+            uint4 q = *(const uint4 *)(slot_p + 16 * lane), sc = *(const uint4 *)(slot_p + 512 + 16 * lane);
+            float v = xd_q2k_block(q, sc, dw, xw, mf, f, h % 2);
+            if (in_row && lane % 4 == 0) red[k % XD_ROWS][kb] = v;
+        }
         if (lane == k % XD_ROWS) my_y = cur.y;
         if (k % XD_ROWS == XD_ROWS - 1 || k == rows - 1) {   /* the sums of rows k0..k to y */
             __syncwarp();
             if (lane <= k % XD_ROWS && my_y) {
                 float v = 0.0f;
-                for (int j = 0; j < nb; j++) v += red[lane][j];
-                *my_y = v * 0.125f;
+                for (int i = 0; i < nb; i++) v += red[lane][i];
+                *my_y = IQ2 ? v * 0.125f : v;
             }
             __syncwarp();   /* red is written again by the next rows */
         }
@@ -238,15 +317,23 @@ __global__ void __launch_bounds__(XD_WARPS *WARP, 1) k_expert_dp4a(lin_args a, i
 }
 
 static cudaError_t expert_dp4a_init(void) {
-    g_expert_dp4a_ok = allow_shared(cudaSuccess, k_expert_dp4a, XD_SMEM) == cudaSuccess;
+    cudaError_t e = allow_shared(cudaSuccess, k_expert_dp4a<DS4_TYPE_IQ2_XXS>, XD_SMEM);
+    g_expert_dp4a_ok = allow_shared(e, k_expert_dp4a<DS4_TYPE_Q2_K>, XD_SMEM) == cudaSuccess;
     (void)cudaGetLastError();   /* a GPU without the shared memory keeps the tensor-core kernel */
     return cudaSuccess;
 }
 
 /* (a one-token product: one pair a slot) */
-static void launch_expert_dp4a(cudaStream_t st, const lin_args &a, int slots, int mats) {
+template <int TYPE>
+static void launch_expert_dp4a_t(cudaStream_t st, const lin_args &a, int slots, int mats) {
     static int fill;
-    if (!fill) fill = gpu_fill(k_expert_dp4a, XD_WARPS * WARP, XD_SMEM);
+    if (!fill) fill = gpu_fill(k_expert_dp4a<TYPE>, XD_WARPS * WARP, XD_SMEM);
     int need = (int)(((int64_t)slots * mats * a.w.n_out + 4 * XD_WARPS - 1) / (4 * XD_WARPS));   /* >= 4 rows a warp */
-    launch_k(k_expert_dp4a, dim3(need < fill ? need : fill), XD_WARPS * WARP, (size_t)XD_SMEM, st, a, slots, mats);
+    launch_k(k_expert_dp4a<TYPE>, dim3(need < fill ? need : fill), XD_WARPS * WARP, (size_t)XD_SMEM, st, a, slots,
+             mats);
+}
+
+static void launch_expert_dp4a(cudaStream_t st, const lin_args &a, int slots, int mats) {
+    if (a.w.type == DS4_TYPE_IQ2_XXS) launch_expert_dp4a_t<DS4_TYPE_IQ2_XXS>(st, a, slots, mats);
+    else launch_expert_dp4a_t<DS4_TYPE_Q2_K>(st, a, slots, mats);
 }
