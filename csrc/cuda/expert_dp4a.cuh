@@ -46,7 +46,10 @@
 /* Shared bytes: the rings, the row sums, the two tables and up to 48 KB to
  * align them (a table's lane base then has zeros where the index goes, so
  * base | index is one LOP3 with the index's mask). */
-#define XD_SLOT 1152   /* a ring row: 32 lanes' 32 code bytes, then each lane's 4 bytes holding its d */
+/* A ring row: IQ2_XXS, 32 lanes' 32 code bytes, then each lane's 4 bytes
+ * holding its d; Q2_K, 32 lanes' 16 code bytes, their blocks' 16 scale
+ * bytes, then d | dmin << 16. */
+#define XD_SLOT 1152
 #define XD_RING_BYTES (XD_WARPS * XD_RING * XD_SLOT)
 #define XD_RED_BYTES (XD_WARPS * XD_ROWS * 17 * 4)
 #define XD_SMEM (XD_RING_BYTES + XD_RED_BYTES + 128 * XD_COPIES * 8 + 256 * XD_COPIES * 8 + 0x4000 + 0x8000)
