@@ -15,6 +15,10 @@
 #   chain      csrc/cuda/chain_profile.py: three decode steps at 2K on the chain
 #   bench-mid  prefill/decode speed on the mid model (bench.py)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
+#   ncu        one launch of the kernels matching NCU_KERNEL (an ncu regex, e.g.
+#              "k_expert_dp4a" or "k_expert_mma1<16"; NCU_SKIP launches skipped, default
+#              3) in a short qat-q8 bench at 2K: duration, issue rate, instructions, the
+#              top stall reasons, and $OUT/ncu_sass.csv (SASS with execution counts)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
 #   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
@@ -105,6 +109,33 @@ PY
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
       python3 csrc/cuda/profile_step.py /tmp/full.gguf --synthetic --prompt 2048 \
       > $OUT/ncu_full.csv 2> $OUT/ncu_full.err; tail -3 $OUT/ncu_full.err; wc -l $OUT/ncu_full.csv ;;
+  ncu)
+    timeout 240 ncu --clock-control none -k "regex:$NCU_KERNEL" --launch-skip ${NCU_SKIP:-3} --launch-count 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section LaunchStats --section InstructionStats --section SourceCounters -f -o /tmp/ncu_one \
+      python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 --ctx-max 2048 \
+      --gen-tokens 4 > /tmp/ncu_one.log 2>&1 || tail -5 /tmp/ncu_one.log
+    ncu -i /tmp/ncu_one.ncu-rep --page details > $OUT/ncu_details.txt 2>&1
+    ncu -i /tmp/ncu_one.ncu-rep --page source --print-source sass --csv > $OUT/ncu_sass.csv 2>&1
+    ncu -i /tmp/ncu_one.ncu-rep --page raw --csv > $OUT/ncu_raw.csv 2>&1
+    grep -E "Duration|Issued Warp|Eligible Warps|Warp Cycles Per Issued|Issued Instructions  |Registers Per" \
+      $OUT/ncu_details.txt
+    python3 - "$OUT/ncu_raw.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+if len(rows) > 2:
+    names, values = rows[0], rows[2]
+    stalls = []
+    for n, v in zip(names, values):
+        if "issue_stalled" in n and "per_issue_active" in n:
+            try:
+                stalls.append((float(v.replace(",", "")), n))
+            except ValueError:
+                pass
+    for v, n in sorted(stalls, reverse=True)[:8]:
+        print(f"{v:7.2f} {n}")
+PY
+    ;;
   *)
     echo "unknown step $step" ;;
   esac
