@@ -139,6 +139,12 @@ __device__ __forceinline__ void xd_next(const lin_args &a, int slots, xd_cursor 
     xd_seek(a, c);
 }
 
+/* Scale byte 8 n + 2 s + j of a Q2_K block's 16 (s compile-time: no
+ * indexing into the words at run time) */
+__device__ __forceinline__ uint32_t xd_scale_byte(const uint32_t (&scw)[4], int n, int s, int j) {
+    return ((n ? scw[2 + s / 2] : scw[s / 2]) >> (8 * (2 * (s % 2) + j))) & 0xff;
+}
+
 /* Q2_K, lane (kb, n, j) = 4 kb + 2 n + j of a row of nb <= 8 blocks: code
  * bytes 32 n + 16 j .. + 15 of block kb, elements 128 n + 32 s + 16 j + i
  * (s = 0..3 the 2-bit place, i < 16), which are sub-block 8 n + 2 s + j of
@@ -149,12 +155,6 @@ __device__ __forceinline__ void xd_next(const lin_args &a, int slots, xd_cursor 
  * (j 1) x S (j 1) by one shuffle, the 8 slices' fmaf(sum, d f, acc) in order
  * (n, s), then the minimums; mf: x's 16-sums of the lane's sub-blocks j of
  * slices (n', s) times f. Returns the block's value in lanes (kb, 0, 0). */
-/* Scale byte 8 n + 2 s + j of a Q2_K block's 16 (s compile-time: no
- * indexing into the words at run time) */
-__device__ __forceinline__ uint32_t xd_scale_byte(const uint32_t (&scw)[4], int n, int s, int j) {
-    return ((n ? scw[2 + s / 2] : scw[s / 2]) >> (8 * (2 * (s % 2) + j))) & 0xff;
-}
-
 __device__ __forceinline__ float xd_q2k_block(uint4 q, uint4 sc, uint32_t dd, const uint32_t (&xw)[16],
                                               const float (&mf)[8], float f, int j) {
     const uint32_t qw[4] = {q.x, q.y, q.z, q.w}, scw[4] = {sc.x, sc.y, sc.z, sc.w};
