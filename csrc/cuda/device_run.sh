@@ -17,7 +17,7 @@
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
 #   ncu        one launch of the kernels matching NCU_KERNEL (an ncu regex, e.g.
 #              "k_expert_dp4a" or "k_expert_mma1<16"; NCU_SKIP launches skipped, default
-#              3) in a short qat-q8 bench at 2K: duration, issue rate, instructions, the
+#              3; NCU_COUNT launches, default 1) in a short qat-q8 bench at 2K: duration, issue rate, instructions, the
 #              top stall reasons, and $OUT/ncu_sass.csv (SASS with execution counts)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
@@ -110,11 +110,13 @@ PY
       python3 csrc/cuda/profile_step.py /tmp/full.gguf --synthetic --prompt 2048 \
       > $OUT/ncu_full.csv 2> $OUT/ncu_full.err; tail -3 $OUT/ncu_full.err; wc -l $OUT/ncu_full.csv ;;
   ncu)
-    timeout 240 ncu --clock-control none -k "regex:$NCU_KERNEL" --launch-skip ${NCU_SKIP:-3} --launch-count 1 \
+    rm -f /tmp/ncu_one.ncu-rep
+    timeout 240 ncu --clock-control none -k "regex:$NCU_KERNEL" --launch-skip ${NCU_SKIP:-3} --launch-count ${NCU_COUNT:-1} \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-      --section LaunchStats --section InstructionStats --section SourceCounters -f -o /tmp/ncu_one \
+      --section LaunchStats --section InstructionStats --section SourceCounters -o /tmp/ncu_one \
       python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 --ctx-max 2048 \
       --gen-tokens 4 > /tmp/ncu_one.log 2>&1 || tail -5 /tmp/ncu_one.log
+    [ -f /tmp/ncu_one.ncu-rep ] || { echo "ncu: no launch matching $NCU_KERNEL was profiled"; tail -5 /tmp/ncu_one.log; }
     ncu -i /tmp/ncu_one.ncu-rep --page details > $OUT/ncu_details.txt 2>&1
     ncu -i /tmp/ncu_one.ncu-rep --page source --print-source sass --csv > $OUT/ncu_sass.csv 2>&1
     ncu -i /tmp/ncu_one.ncu-rep --page raw --csv > $OUT/ncu_raw.csv 2>&1
@@ -123,8 +125,9 @@ PY
     python3 - "$OUT/ncu_raw.csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
-if len(rows) > 2:
-    names, values = rows[0], rows[2]
+names = rows[0]
+for values in rows[2:]:
+    print(values[names.index("Kernel Name")][:60] if "Kernel Name" in names else "kernel")
     stalls = []
     for n, v in zip(names, values):
         if "issue_stalled" in n and "per_issue_active" in n:
