@@ -1003,6 +1003,22 @@ static bool one_token_codes(bool int8_kernel) {
     return int8_kernel && !off;
 }
 
+/* k_linear1's early weights are a prefetch of its whole matrix (parts
+ * matrices) into L2 before the wait. Not above EARLY_L2_MAX bytes: 16 MB
+ * (an indexer layer's F16 indexer q_b, its compressor pair) keep HBM busy
+ * for ~4 us while the kernels before them still run, and the small ones on
+ * the chain (the q heads' rows, the kv path) wait behind it (same call,
+ * H200, qat-q8 decode at 2K: 125.9 -> 129.5 tok/s; a cap of 4 MB: 128.4; no
+ * early weights at all: 124.6). DS4_CUDA_EARLY_MAX=bytes sets the cap, for
+ * A/B. */
+#define EARLY_L2_MAX_BYTES (12LL << 20)
+static lin_args linear1_early(lin_args a, int parts) {
+    static const char *env = getenv("DS4_CUDA_EARLY_MAX");
+    static const long long cap = env ? atoll(env) : EARLY_L2_MAX_BYTES;
+    if ((int64_t)a.w.n_out * a.w.row_bytes * parts > cap) a.early = 0;
+    return a;
+}
+
 static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
     if (a.w.type == DS4_TYPE_Q8_0) launch_k(k_linear_q8x<DS4_TYPE_Q8_0>, grid, Q8X_THREADS, 0, st, a);
     else if (a.w.type == DS4_TYPE_IQ2_XXS) launch_k(k_linear_q8x<DS4_TYPE_IQ2_XXS>, grid, Q8X_THREADS, 0, st, a);
@@ -1042,7 +1058,8 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
     else if (q8one)
         launch_q8_mma1(st, a, slots);
-    else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
+    else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots),
+                                      linear1_early(a, slots), kw);
     else if (slots == 1 && few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS"))
         launch_few_rows(st, a);
     else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
@@ -1067,7 +1084,7 @@ static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
         launch_q8_mma1(st, a, nb);
         return;
     }
-    launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), nb), a, kw);
+    launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), nb), linear1_early(a, nb), kw);
 }
 
 /* nb products of one shape: weights w.data + b * bw bytes on x + b * bx into
