@@ -7,6 +7,7 @@ launch out (wip/ablate) gives only sums; this gives each kernel's place.
     python3 csrc/cuda/chain_profile.py [--numerics qat-q8] [--ctx 2048] [--steps 3]
                                        [--timeline 120] [--trace trace.json]
     python3 csrc/cuda/chain_profile.py --chunk 2048 [--ctx 2048]
+    python3 csrc/cuda/chain_profile.py --from-trace trace.json [--timeline 120]
 
 --chunk N traces one prefill chunk of N tokens after ctx tokens instead: its
 kernels are large and mostly one after another, so it prints the wall and each
@@ -20,9 +21,12 @@ its start and duration say little; its end is what counts. Printed:
     end earlier are charged nothing); the charges sum to the wall;
   - Flash's chain pairs: a kernel's end minus the end of the kernel before it
     in the decode order (the latest-ending kernel of that name), per layer;
+  - the layer halves: the spans between the HC expands' ends, the attention
+    halves of the layers with an indexer apart;
   - with --timeline N, the first N kernels of step 1 (start, end, duration
     in us from the step's start, stream, grid, block).
-Needs torch (the device image has it); the trace is written for other reads."""
+Needs torch (the device image has it); the trace is written for other reads,
+and --from-trace reads one again (no GPU needed)."""
 import argparse
 import collections
 import json
@@ -38,12 +42,14 @@ import numpy as np
 CHAIN_PAIRS = [
     ("k_hc_pre_collapse", ("k_hc_expand",)),
     ("k_route", ("k_linear1",)),
-    ("k_expert_mma1<16, true", ("k_route",)),
+    ("k_expert_dp4a<16>", ("k_route",)),
+    ("k_expert_mma1<16, true", ("k_route",)),   # DS4_CUDA_NO_DP4A=1
+    ("k_expert_dp4a<10>", ("k_swiglu_act8",)),
     ("k_expert_mma1<10, true", ("k_swiglu_act8",)),
     ("k_attention", ("k_state", "k_compress", "k_idx_select")),
     ("k_attn_combine", ("k_attention",)),
     ("k_q8_mma1<8, true>", ("k_act8",)),
-    ("k_hc_expand", ("k_q8_mma1<8, true>", "k_expert_mma1<10, true")),
+    ("k_hc_expand", ("k_q8_mma1<8, true>", "k_expert_dp4a<10>", "k_expert_mma1<10, true")),
 ]
 
 
@@ -91,6 +97,54 @@ def chain_pairs(steps):
     return gaps
 
 
+def layer_halves(steps):
+    """A layer's two halves as the span between the ends of the HC expands
+    that close them (the first attention half from the step's start): the
+    attention halves of layers with an indexer (a k_idx_select among their
+    kernels) apart from the others."""
+    halves = collections.defaultdict(list)
+    for st in steps:
+        by_end = sorted(st, key=lambda e: e["ts"] + e["dur"])
+        start, kinds, layer = st[0]["ts"], set(), 0
+        for e in by_end:
+            kinds.add(short(e["name"]))
+            if short(e["name"]).startswith("k_hc_expand"):
+                end = e["ts"] + e["dur"]
+                if layer % 2:
+                    key = "FFN"
+                else:
+                    key = "attention, indexer" if any(k.startswith("k_idx_select") for k in kinds) else "attention"
+                halves[key].append(end - start)
+                start, kinds, layer = end, set(), layer + 1
+    return halves
+
+
+def report(steps, timeline):
+    walls = [max(e["ts"] + e["dur"] for e in st) - st[0]["ts"] for st in steps]
+    print(f"{len(steps)} steps, {len(steps[0])} kernels each; wall us: {[round(w, 1) for w in walls]}")
+    charge, count = frontier(steps)
+    n, total = len(steps), sum(charge.values()) / len(steps)
+    print(f"\nend frontier, us a step ({total:.1f} in all):")
+    for name, v in sorted(charge.items(), key=lambda kv: -kv[1]):
+        print(f"{v / n:9.1f} {100 * v / n / total:5.1f}%  {count[name] / n:5.0f} calls  {name}")
+    print("\nchain pairs (a kernel's end minus its predecessor's), us:")
+    for key, v in chain_pairs(steps).items():
+        print(f"  {key:50s} n {len(v) / n:4.0f} a step  mean {statistics.mean(v):6.1f}  median "
+              f"{statistics.median(v):6.1f}  per step {sum(v) / n / 1000:.2f} ms")
+    print("\nlayer halves (expand end to expand end), us:")
+    for key, v in layer_halves(steps).items():
+        print(f"  {key:20s} n {len(v) / n:4.0f} a step  mean {statistics.mean(v):6.1f}  median "
+              f"{statistics.median(v):6.1f}  per step {sum(v) / n / 1000:.2f} ms")
+    if timeline:
+        st = steps[min(1, len(steps) - 1)]
+        t0 = st[0]["ts"]
+        print("\nstart     end   dur  stream grid block kernel")
+        for e in st[:timeline]:
+            a = e["args"]
+            print(f"{e['ts'] - t0:8.1f} {e['ts'] + e['dur'] - t0:8.1f} {e['dur']:6.1f} s{a.get('stream')} "
+                  f"{a.get('grid')} {a.get('block')} {short(e['name'])}")
+
+
 def prefill_chunk(session, chunk, trace_path):
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -127,7 +181,18 @@ def main():
     ap.add_argument("--timeline", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=0, help="trace a prefill chunk of N tokens after ctx")
     ap.add_argument("--trace", default=os.path.join(os.environ.get("OUT", tempfile.gettempdir()), "trace.json"))
+    ap.add_argument("--from-trace", metavar="FILE", help="read the decode steps of an earlier run's trace; run nothing")
     args = ap.parse_args()
+    if args.from_trace:
+        try:
+            with open(args.from_trace) as f:
+                steps = steps_of(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{args.from_trace}: not a readable chrome trace ({e})")
+        if not steps:
+            print(f"{args.from_trace}: no decode step (no k_embed launch) in the trace")
+            return
+        return report(steps, args.timeline)
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -158,25 +223,7 @@ def main():
     if not steps:
         print("no kernels traced (CUPTI saw none)")
         return
-    walls = [max(e["ts"] + e["dur"] for e in st) - st[0]["ts"] for st in steps]
-    print(f"{len(steps)} steps, {len(steps[0])} kernels each; wall us: {[round(w, 1) for w in walls]}")
-    charge, count = frontier(steps)
-    n, total = len(steps), sum(charge.values()) / len(steps)
-    print(f"\nend frontier, us a step ({total:.1f} in all):")
-    for name, v in sorted(charge.items(), key=lambda kv: -kv[1]):
-        print(f"{v / n:9.1f} {100 * v / n / total:5.1f}%  {count[name] / n:5.0f} calls  {name}")
-    print("\nchain pairs (a kernel's end minus its predecessor's), us:")
-    for key, v in chain_pairs(steps).items():
-        print(f"  {key:50s} n {len(v) / n:4.0f} a step  mean {statistics.mean(v):6.1f}  median "
-              f"{statistics.median(v):6.1f}  per step {sum(v) / n / 1000:.2f} ms")
-    if args.timeline:
-        st = steps[min(1, len(steps) - 1)]
-        t0 = st[0]["ts"]
-        print("\nstart     end   dur  stream grid block kernel")
-        for e in st[:args.timeline]:
-            a = e["args"]
-            print(f"{e['ts'] - t0:8.1f} {e['ts'] + e['dur'] - t0:8.1f} {e['dur']:6.1f} s{a.get('stream')} "
-                  f"{a.get('grid')} {a.get('block')} {short(e['name'])}")
+    report(steps, args.timeline)
 
 
 if __name__ == "__main__":
