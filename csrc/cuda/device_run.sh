@@ -98,7 +98,7 @@ PY
       --ctx-max 2048 --gen-tokens 64 --batch-report 2>&1 | tail -4 ;;
   chain)
     timeout 200 python3 csrc/cuda/chain_profile.py --steps 3 --trace $OUT/trace.json 2>&1 \
-      | grep -v -i warn | tail -40 ;;
+      | grep -v -i warn | tail -50 ;;
   bench-mid)
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
     timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
