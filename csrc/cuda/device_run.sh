@@ -18,7 +18,9 @@
 #   ncu        one launch of the kernels matching NCU_KERNEL (an ncu regex, e.g.
 #              "k_expert_dp4a" or "k_expert_mma1<16"; NCU_SKIP launches skipped, default
 #              3; NCU_COUNT launches, default 1) in a short qat-q8 bench at 2K: duration, issue rate, instructions, the
-#              top stall reasons, and $OUT/ncu_sass.csv (SASS with execution counts)
+#              top stall reasons, and $OUT/ncu_sass.csv (SASS with execution counts).
+#              The bench decodes a warm-up token at position 0 first: a decode kernel's
+#              first launches (43 for a kernel every layer runs) are that token's
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
 #   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
