@@ -15,10 +15,11 @@
 #   chain      csrc/cuda/chain_profile.py: three decode steps at 2K on the chain
 #   bench-mid  prefill/decode speed on the mid model (bench.py)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
-#   ncu        one launch of the kernels matching NCU_KERNEL (an ncu regex, e.g.
-#              "k_expert_dp4a" or "k_expert_mma1<16"; NCU_SKIP launches skipped, default
-#              3; NCU_COUNT launches, default 1) in a short qat-q8 bench at 2K: duration, issue rate, instructions, the
-#              top stall reasons, and $OUT/ncu_sass.csv (SASS with execution counts).
+#   ncu        NCU_COUNT launches (default 1) of the kernels matching NCU_KERNEL (an ncu
+#              regex, e.g. "k_expert_dp4a" or "k_attention(<|$)"; NCU_SKIP launches
+#              skipped, default 3) in a short qat-q8 bench at 2K: each one's duration,
+#              issue rate, instructions, top stall reasons, and $OUT/ncu_sass.csv (SASS
+#              with execution counts).
 #              The bench decodes a warm-up token at position 0 first: a decode kernel's
 #              first launches (43 for a kernel every layer runs) are that token's
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
@@ -127,7 +128,7 @@ PY
     python3 - "$OUT/ncu_raw.csv" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
-names = rows[0]
+names = rows[0] if rows else []
 for values in rows[2:]:
     print(values[names.index("Kernel Name")][:60] if "Kernel Name" in names else "kernel")
     stalls = []
