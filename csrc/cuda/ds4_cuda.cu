@@ -832,8 +832,26 @@ static int state_from_host(ds4_session *s, char *err, size_t errlen) { return co
 
 static unsigned blocks_for(int64_t n, int per) { return (unsigned)((n + per - 1) / per); }
 
+/* k_linear1's early weights are a prefetch of its whole matrix (parts
+ * matrices) into L2 before the wait. Not above EARLY_L2_MAX_BYTES: 16 MB
+ * (an indexer layer's F16 indexer q_b, its compressor pair) keep HBM busy
+ * for ~4 us while the kernels before them still run, and the small ones on
+ * the chain (the q heads' rows, the kv path) wait behind it (same call,
+ * H200, qat-q8 decode at 2K: 125.9 -> 129.5 tok/s; a cap of 4 MB: 128.4; no
+ * early weights at all: 124.6). DS4_CUDA_EARLY_MAX=bytes sets the cap, for
+ * A/B. */
+#define EARLY_L2_MAX_BYTES (12LL << 20)
+static lin_args linear1_early(lin_args a, unsigned parts) {
+    static const char *env = getenv("DS4_CUDA_EARLY_MAX");
+    static const long long cap = env ? atoll(env) : EARLY_L2_MAX_BYTES;
+    if ((int64_t)a.w.n_out * a.w.row_bytes * parts > cap) a.early = 0;
+    return a;
+}
+
+/* k_linear<TT>, or for one token k_linear1 (grid.y: its batch parts or slots) */
 template <int TT>
-static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a, int kw) {
+static void launch_linear(cudaStream_t st, dim3 grid, const lin_args &a0, int kw) {
+    const lin_args a = TT == 1 ? linear1_early(a0, grid.y) : a0;
     int chunks = (a.w.n_in + 256 * kw - 1) / (256 * kw);
     switch (a.w.type) {
 #define CASE(T)                                                                 \
@@ -1003,22 +1021,6 @@ static bool one_token_codes(bool int8_kernel) {
     return int8_kernel && !off;
 }
 
-/* k_linear1's early weights are a prefetch of its whole matrix (parts
- * matrices) into L2 before the wait. Not above EARLY_L2_MAX bytes: 16 MB
- * (an indexer layer's F16 indexer q_b, its compressor pair) keep HBM busy
- * for ~4 us while the kernels before them still run, and the small ones on
- * the chain (the q heads' rows, the kv path) wait behind it (same call,
- * H200, qat-q8 decode at 2K: 125.9 -> 129.5 tok/s; a cap of 4 MB: 128.4; no
- * early weights at all: 124.6). DS4_CUDA_EARLY_MAX=bytes sets the cap, for
- * A/B. */
-#define EARLY_L2_MAX_BYTES (12LL << 20)
-static lin_args linear1_early(lin_args a, int parts) {
-    static const char *env = getenv("DS4_CUDA_EARLY_MAX");
-    static const long long cap = env ? atoll(env) : EARLY_L2_MAX_BYTES;
-    if ((int64_t)a.w.n_out * a.w.row_bytes * parts > cap) a.early = 0;
-    return a;
-}
-
 static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
     if (a.w.type == DS4_TYPE_Q8_0) launch_k(k_linear_q8x<DS4_TYPE_Q8_0>, grid, Q8X_THREADS, 0, st, a);
     else if (a.w.type == DS4_TYPE_IQ2_XXS) launch_k(k_linear_q8x<DS4_TYPE_IQ2_XXS>, grid, Q8X_THREADS, 0, st, a);
@@ -1058,8 +1060,7 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
         launch_staged(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_RS), slots), a, kw);
     else if (q8one)
         launch_q8_mma1(st, a, slots);
-    else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots),
-                                      linear1_early(a, slots), kw);
+    else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else if (slots == 1 && few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS"))
         launch_few_rows(st, a);
     else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
@@ -1084,7 +1085,7 @@ static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
         launch_q8_mma1(st, a, nb);
         return;
     }
-    launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), nb), linear1_early(a, nb), kw);
+    launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), nb), a, kw);
 }
 
 /* nb products of one shape: weights w.data + b * bw bytes on x + b * bx into
