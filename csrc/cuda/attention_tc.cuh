@@ -29,10 +29,13 @@ static inline size_t tca_shared_bytes(int d) { return (size_t)3 * TCA_ROWS * (d 
 /* Head sizes it takes (d / 4 per warp in the sum: d / 32 n8 tiles). */
 static inline bool tca_fits(int d) { return d == 64 || d == 128 || d == 256 || d == 512; }
 
+/* x rounded to tf32, to nearest with ties away from zero: cvt.rna.tf32.f32's
+ * result for every finite x, in two integer instructions (sm_90 runs that cvt
+ * as four, an infinity test and a select among them: a fifth of the chunk
+ * attention's instructions). A carry out of the mantissa rounds up to the next
+ * binade, as it should. */
 __device__ __forceinline__ uint32_t tf32_bits(float x) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
+    return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
 }
 
 __device__ __forceinline__ void tf32_split(float x, uint32_t &hi, uint32_t &lo) {
@@ -99,6 +102,38 @@ __device__ __forceinline__ void tca_load_keys(const attn_args &a, const attn_key
     __syncthreads();
 }
 
+/* Which of a warp's B operands are exact in tf32 (two products, else three):
+ * all of them, none, or each n8 tile / 32-element chain as key_tf32 says.
+ * Decided once a warp, outside the loops, so the products are not behind a
+ * branch the compiler must reconverge around each mma (BSSY / WARPSYNC). */
+enum { TCA_EXACT_NONE, TCA_EXACT_ALL, TCA_EXACT_EACH };
+
+__device__ __forceinline__ int tca_exactness(int d_begin, int d_end, int key_tf32) {
+    return d_end <= key_tf32 ? TCA_EXACT_ALL : d_begin + 8 > key_tf32 ? TCA_EXACT_NONE : TCA_EXACT_EACH;
+}
+
+template <int NTW, int LD, int EXACT>
+__device__ __forceinline__ void tca_pv_tiles(float (&acc)[NTW][4], const uint32_t (&phi)[2][4],
+                                             const uint32_t (&plo)[2][4], float al0, float al1, const float *kv,
+                                             int d0, int key_tf32, int g, int tg) {
+#pragma unroll
+    for (int j = 0; j < NTW; j++) {
+        int n = d0 + 8 * j + g;   /* B column: d element */
+        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        bool exact = EXACT == TCA_EXACT_ALL || (EXACT == TCA_EXACT_EACH && d0 + 8 * j + 8 <= key_tf32);
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++)
+            if (exact)
+                mma_2xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
+            else
+                mma_3xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
+        acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
+        acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
+        acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
+        acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
+    }
+}
+
 template <int NTW, int LD>
 __device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const float (*p)[TCA_KT + 4], const float *alpha,
                                             const float *kv, int d0, int key_tf32, int g, int tg) {
@@ -110,21 +145,15 @@ __device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const float (*
         for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
     }
     float al0 = alpha[g], al1 = alpha[g + 8];
-#pragma unroll
-    for (int j = 0; j < NTW; j++) {
-        int n = d0 + 8 * j + g;   /* B column: d element */
-        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        bool exact = d0 + 8 * j + 8 <= key_tf32;   /* the tile's 8 d elements */
-#pragma unroll
-        for (int ks = 0; ks < 2; ks++)
-            if (exact)
-                mma_2xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
-            else
-                mma_3xtf32(d4, phi[ks], plo[ks], kv[(8 * ks + tg) * LD + n], kv[(8 * ks + tg + 4) * LD + n]);
-        acc[j][0] = fmaf(acc[j][0], al0, d4[0]);
-        acc[j][1] = fmaf(acc[j][1], al0, d4[1]);
-        acc[j][2] = fmaf(acc[j][2], al1, d4[2]);
-        acc[j][3] = fmaf(acc[j][3], al1, d4[3]);
+    switch (tca_exactness(d0, d0 + 8 * NTW, key_tf32)) {
+    case TCA_EXACT_ALL:
+        tca_pv_tiles<NTW, LD, TCA_EXACT_ALL>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
+        break;
+    case TCA_EXACT_NONE:
+        tca_pv_tiles<NTW, LD, TCA_EXACT_NONE>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
+        break;
+    default:
+        tca_pv_tiles<NTW, LD, TCA_EXACT_EACH>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
     }
 }
 
@@ -158,6 +187,100 @@ __device__ __forceinline__ void tca_store(const attn_args &a, const float (&acc)
             og[c + 1] = x1;
         }
     }
+}
+
+/* The end of a warp's leading chains (32 d elements each, from dk in a d
+ * half of KH) whose key elements are all exact in tf32: [dk, dk + end). */
+__device__ __forceinline__ int tca_exact_chains_end(int dk, int KH, int key_tf32) {
+    int n = key_tf32 - dk;
+    n = n < 0 ? 0 : n > KH ? KH : n;
+    return n / 32 * 32;
+}
+
+/* s += one 32-element chain of the scores from column c: A = Q (16 heads;
+ * in tf32 parts at qa_hi / qa_lo, or float at qa_hi split here when
+ * SPLIT_Q), B = 8 keys at kb; the chain starts from zero (see the top). */
+template <bool EXACT, bool SPLIT_Q>
+__device__ __forceinline__ void tca_score_chain(float (&s)[4], const float *qa_hi, const float *qa_lo,
+                                                const float *kb, int c) {
+    float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int k16 = 0; k16 < 32; k16 += 16) {
+        uint32_t kf[4];   /* b0, b1 of columns +0.., then of +8.. */
+        ldsm_x4_f32(kf, kb + c + k16);
+#pragma unroll
+        for (int h8 = 0; h8 < 2; h8++) {
+            const int ch = c + k16 + 8 * h8;
+            uint32_t ahi[4], alo[4];
+            ldsm_x4_f32(ahi, qa_hi + ch);
+            if (SPLIT_Q) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) tf32_split(__uint_as_float(ahi[i]), ahi[i], alo[i]);
+            } else {
+                ldsm_x4_f32(alo, qa_lo + ch);
+            }
+            float b0 = __uint_as_float(kf[2 * h8]), b1 = __uint_as_float(kf[2 * h8 + 1]);
+            if (EXACT)
+                mma_2xtf32(d4, ahi, alo, b0, b1);
+            else
+                mma_3xtf32(d4, ahi, alo, b0, b1);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) s[i] += d4[i];
+}
+
+/* s = a warp's scores over its d half [dk, dk + KH), chain after chain. */
+template <int KH, bool SPLIT_Q>
+__device__ __forceinline__ void tca_scores(float (&s)[4], const float *qa_hi, const float *qa_lo, const float *kb,
+                                           int dk, int key_tf32) {
+    const int c_exact = tca_exact_chains_end(dk, KH, key_tf32);
+    int c0 = 0;
+#pragma unroll 2
+    for (; c0 < c_exact; c0 += 32) tca_score_chain<true, SPLIT_Q>(s, qa_hi, qa_lo, kb, dk + c0);
+#pragma unroll 2
+    for (; c0 < KH; c0 += 32) tca_score_chain<false, SPLIT_Q>(s, qa_hi, qa_lo, kb, dk + c0);
+}
+
+/* c = one 32-element chain of the scores from column col for 32 keys (four n8
+ * tiles; kb at key row lane % 8): each tile's products in tca_score_chain's
+ * order, Q split once for the four. */
+template <bool EXACT, int LD>
+__device__ __forceinline__ void tca_score_chain32(float (&c)[4][4], const float *qa, const float *kb, int col) {
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+#pragma unroll
+    for (int k16 = 0; k16 < 32; k16 += 16) {
+        uint32_t ahi[2][4], alo[2][4];
+#pragma unroll
+        for (int h8 = 0; h8 < 2; h8++) {
+            ldsm_x4_f32(ahi[h8], qa + col + k16 + 8 * h8);
+#pragma unroll
+            for (int i = 0; i < 4; i++) tf32_split(__uint_as_float(ahi[h8][i]), ahi[h8][i], alo[h8][i]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+            uint32_t kf[4];   /* b0, b1 of columns +0.., then of +8.. */
+            ldsm_x4_f32(kf, kb + 8 * nt * LD + col + k16);
+#pragma unroll
+            for (int h8 = 0; h8 < 2; h8++) {
+                float b0 = __uint_as_float(kf[2 * h8]), b1 = __uint_as_float(kf[2 * h8 + 1]);
+                if (EXACT)
+                    mma_2xtf32(c[nt], ahi[h8], alo[h8], b0, b1);
+                else
+                    mma_3xtf32(c[nt], ahi[h8], alo[h8], b0, b1);
+            }
+        }
+    }
+}
+
+/* A named barrier of n threads: the producer arrives (its earlier shared
+ * stores then visible to the waiters), the consumer waits. */
+__device__ __forceinline__ void named_bar_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
 
 /* Grid: (head groups of 16, tokens). */
@@ -206,30 +329,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
              * columns +0 / +4), B's four (keys x columns +0, +4, +8, +12) */
             const float *qa = q_hi + ((lane / 8) % 2 * 8 + lane % 8) * LD + 4 * (lane / 16);
             const float *kb = kt + (kn + lane % 8) * LD + 4 * (lane / 8);
-            const int q_lo_off = TCA_ROWS * LD;
-#pragma unroll 2
-            for (int c0 = 0; c0 < KH; c0 += 32) {
-                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int k16 = 0; k16 < 32; k16 += 16) {
-                    uint32_t kf[4];   /* b0, b1 of columns +0.., then of +8.. */
-                    ldsm_x4_f32(kf, kb + dk + c0 + k16);
-#pragma unroll
-                    for (int h8 = 0; h8 < 2; h8++) {
-                        const int c = dk + c0 + k16 + 8 * h8;
-                        uint32_t ahi[4], alo[4];
-                        ldsm_x4_f32(ahi, qa + c);
-                        ldsm_x4_f32(alo, qa + q_lo_off + c);
-                        float b0 = __uint_as_float(kf[2 * h8]), b1 = __uint_as_float(kf[2 * h8 + 1]);
-                        if (dk + c0 + 32 <= a.key_tf32)
-                            mma_2xtf32(d4, ahi, alo, b0, b1);
-                        else
-                            mma_3xtf32(d4, ahi, alo, b0, b1);
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < 4; i++) s[i] += d4[i];
-            }
+            tca_scores<KH, false>(s, qa, qa + TCA_ROWS * LD, kb, dk, a.key_tf32);
             /* D: rows g, g + 8; keys kn + 2 tg, + 1 */
             s_part[warp / 2][g][kn + 2 * tg] = s[0];
             s_part[warp / 2][g][kn + 2 * tg + 1] = s[1];
@@ -321,36 +421,56 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         int steps = nt > TCA_KT ? 2 : 1;   /* 16-key softmax steps (k_attention_tc's tiles) */
         tca_load_keys<D, TCA8_KT, TCA8_THREADS, LD>(a, keys, k0, nt, kp, kt);
 
-        /* scores: warp w takes keys 8 (w % 4).. over d half w / 4 (k_attention_tc's chain) */
-        {
+        /* scores. Head sizes >= 256: warp w takes the 32 keys over d eighth
+         * w (CH chains of 32); a d half's chains are added in order, as
+         * k_attention_tc's one warp adds them (s = 0, then each chain), by
+         * its four warps in turn: each adds its chains to the running sums
+         * the one before left in s_part and hands them on (named barrier
+         * 1 + 3 half + step). Q is split once for the four key tiles.
+         * Head size 128: warp w takes keys 8 (w % 4).. over d half w / 4. */
+        if constexpr (D >= 256) {
+            constexpr int CH = D / 256;
+            const int half = warp / 4, q4 = warp % 4, col = (D / 8) * warp;
+            const float *qa = qf + ((lane / 8) % 2 * 8 + lane % 8) * LD + 4 * (lane / 16);
+            const float *kb = kt + (lane % 8) * LD + 4 * (lane / 8);
+            float c[CH][4][4];
+#pragma unroll
+            for (int ch = 0; ch < CH; ch++) {
+                if (col + 32 * ch + 32 <= a.key_tf32)
+                    tca_score_chain32<true, LD>(c[ch], qa, kb, col + 32 * ch);
+                else
+                    tca_score_chain32<false, LD>(c[ch], qa, kb, col + 32 * ch);
+            }
+            float(*sp)[TCA8_KT + 1] = s_part[half];
+            float s[4][4];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
+            if (q4 > 0) {
+                named_bar_sync(1 + 3 * half + q4 - 1, 2 * WARP);
+#pragma unroll
+                for (int nt = 0; nt < 4; nt++) {
+                    int k = 8 * nt + 2 * tg;
+                    s[nt][0] = sp[g][k], s[nt][1] = sp[g][k + 1], s[nt][2] = sp[g + 8][k], s[nt][3] = sp[g + 8][k + 1];
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                int k = 8 * nt + 2 * tg;
+#pragma unroll
+                for (int ch = 0; ch < CH; ch++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) s[nt][i] += c[ch][nt][i];
+                sp[g][k] = s[nt][0], sp[g][k + 1] = s[nt][1], sp[g + 8][k] = s[nt][2], sp[g + 8][k + 1] = s[nt][3];
+            }
+            if (q4 < 3) named_bar_arrive(1 + 3 * half + q4, 2 * WARP);
+        } else {
             int kn = 8 * (warp % 4), dk = KH * (warp / 4);
             float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             const float *qa = qf + ((lane / 8) % 2 * 8 + lane % 8) * LD + 4 * (lane / 16);
             const float *kb = kt + (kn + lane % 8) * LD + 4 * (lane / 8);
-#pragma unroll 2
-            for (int c0 = 0; c0 < KH; c0 += 32) {
-                float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int k16 = 0; k16 < 32; k16 += 16) {
-                    uint32_t kf[4];
-                    ldsm_x4_f32(kf, kb + dk + c0 + k16);
-#pragma unroll
-                    for (int h8 = 0; h8 < 2; h8++) {
-                        const int c = dk + c0 + k16 + 8 * h8;
-                        uint32_t qv[4], ahi[4], alo[4];
-                        ldsm_x4_f32(qv, qa + c);
-#pragma unroll
-                        for (int i = 0; i < 4; i++) tf32_split(__uint_as_float(qv[i]), ahi[i], alo[i]);
-                        float b0 = __uint_as_float(kf[2 * h8]), b1 = __uint_as_float(kf[2 * h8 + 1]);
-                        if (dk + c0 + 32 <= a.key_tf32)
-                            mma_2xtf32(d4, ahi, alo, b0, b1);
-                        else
-                            mma_3xtf32(d4, ahi, alo, b0, b1);
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < 4; i++) s[i] += d4[i];
-            }
+            tca_scores<KH, true>(s, qa, nullptr, kb, dk, a.key_tf32);
             s_part[warp / 4][g][kn + 2 * tg] = s[0];
             s_part[warp / 4][g][kn + 2 * tg + 1] = s[1];
             s_part[warp / 4][g + 8][kn + 2 * tg] = s[2];
