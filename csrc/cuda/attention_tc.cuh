@@ -78,10 +78,6 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
                  : "r"((uint32_t)__cvta_generic_to_shared(p)));
 }
 
-/* O = O alpha + P V for one 16-key step: A = P (16 heads x 16 keys, rows of
- * p, split into tf32 parts), B = the step's key rows kv (row stride LD);
- * this warp's NTW n8 tiles of d from d0, rows g and g + 8 rescaled by
- * their alpha in the same fma. */
 /* Key tile [k0, k0 + nt) of KT rows into kt (row stride LD) by cp.async, a
  * short tile repeating its last key (its weight is 0); kp holds the rows'
  * addresses. Begins with the barrier that ends the previous tile's reads of
@@ -102,25 +98,42 @@ __device__ __forceinline__ void tca_load_keys(const attn_args &a, const attn_key
     __syncthreads();
 }
 
-/* Which of a warp's B operands are exact in tf32 (two products, else three):
- * all of them, none, or each n8 tile / 32-element chain as key_tf32 says.
- * Decided once a warp, outside the loops, so the products are not behind a
- * branch the compiler must reconverge around each mma (BSSY / WARPSYNC). */
-enum { TCA_EXACT_NONE, TCA_EXACT_ALL, TCA_EXACT_EACH };
+/* A 16-key step's softmax weights as the sum's A operand takes them: each
+ * weight's two tf32 parts (hi, lo), split once by the softmax. */
+typedef uint2 tca_weights[TCA_ROWS][TCA_KT + 4];
 
-__device__ __forceinline__ int tca_exactness(int d_begin, int d_end, int key_tf32) {
-    return d_end <= key_tf32 ? TCA_EXACT_ALL : d_begin + 8 > key_tf32 ? TCA_EXACT_NONE : TCA_EXACT_EACH;
+__device__ __forceinline__ uint2 tca_weight(float p) {
+    uint2 w;
+    tf32_split(p, w.x, w.y);
+    return w;
 }
 
-template <int NTW, int LD, int EXACT>
+/* Which of a warp's n8 tiles of V are exact in tf32 (two products, else
+ * three): all, all but the last (the qat modes' RoPE columns where the tiles
+ * interleave), none, or each as key_tf32 says. Decided once a warp, outside
+ * the loops, so the products are not behind a branch the compiler must
+ * reconverge around each mma (BSSY / WARPSYNC). Tile j is columns
+ * [d0 + TS j, + 8). */
+enum { TCA_EXACT_NONE, TCA_EXACT_ALL, TCA_EXACT_LEAD, TCA_EXACT_EACH };
+
+template <int NTW, int TS>
+__device__ __forceinline__ int tca_exactness(int d0, int key_tf32) {
+    const int last = d0 + TS * (NTW - 1);
+    if (last + 8 <= key_tf32) return TCA_EXACT_ALL;
+    if (NTW > 1 && last - TS + 8 <= key_tf32) return TCA_EXACT_LEAD;
+    return d0 + 8 > key_tf32 ? TCA_EXACT_NONE : TCA_EXACT_EACH;
+}
+
+template <int NTW, int TS, int LD, int EXACT>
 __device__ __forceinline__ void tca_pv_tiles(float (&acc)[NTW][4], const uint32_t (&phi)[2][4],
                                              const uint32_t (&plo)[2][4], float al0, float al1, const float *kv,
                                              int d0, int key_tf32, int g, int tg) {
 #pragma unroll
     for (int j = 0; j < NTW; j++) {
-        int n = d0 + 8 * j + g;   /* B column: d element */
+        int n = d0 + TS * j + g;   /* B column: d element */
         float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        bool exact = EXACT == TCA_EXACT_ALL || (EXACT == TCA_EXACT_EACH && d0 + 8 * j + 8 <= key_tf32);
+        bool exact = EXACT == TCA_EXACT_ALL || (EXACT == TCA_EXACT_LEAD && j < NTW - 1) ||
+                     (EXACT == TCA_EXACT_EACH && d0 + TS * j + 8 <= key_tf32);
 #pragma unroll
         for (int ks = 0; ks < 2; ks++)
             if (exact)
@@ -134,33 +147,40 @@ __device__ __forceinline__ void tca_pv_tiles(float (&acc)[NTW][4], const uint32_
     }
 }
 
-template <int NTW, int LD>
-__device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const float (*p)[TCA_KT + 4], const float *alpha,
+/* O = O alpha + P V for one 16-key step: A = P (16 heads x 16 keys, the
+ * weights' tf32 parts), B = the step's key rows kv (row stride LD); this
+ * warp's NTW n8 tiles of d (tile j: columns d0 + TS j..), rows g and g + 8
+ * rescaled by their alpha in the same fma. */
+template <int NTW, int TS, int LD>
+__device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const tca_weights &p, const float *alpha,
                                             const float *kv, int d0, int key_tf32, int g, int tg) {
     uint32_t phi[2][4], plo[2][4];
 #pragma unroll
     for (int ks = 0; ks < 2; ks++) {
-        float pv[4] = {p[g][8 * ks + tg], p[g + 8][8 * ks + tg], p[g][8 * ks + tg + 4], p[g + 8][8 * ks + tg + 4]};
+        uint2 pv[4] = {p[g][8 * ks + tg], p[g + 8][8 * ks + tg], p[g][8 * ks + tg + 4], p[g + 8][8 * ks + tg + 4]};
 #pragma unroll
-        for (int i = 0; i < 4; i++) tf32_split(pv[i], phi[ks][i], plo[ks][i]);
+        for (int i = 0; i < 4; i++) phi[ks][i] = pv[i].x, plo[ks][i] = pv[i].y;
     }
     float al0 = alpha[g], al1 = alpha[g + 8];
-    switch (tca_exactness(d0, d0 + 8 * NTW, key_tf32)) {
+    switch (tca_exactness<NTW, TS>(d0, key_tf32)) {
     case TCA_EXACT_ALL:
-        tca_pv_tiles<NTW, LD, TCA_EXACT_ALL>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
+        tca_pv_tiles<NTW, TS, LD, TCA_EXACT_ALL>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
+        break;
+    case TCA_EXACT_LEAD:
+        tca_pv_tiles<NTW, TS, LD, TCA_EXACT_LEAD>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
         break;
     case TCA_EXACT_NONE:
-        tca_pv_tiles<NTW, LD, TCA_EXACT_NONE>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
+        tca_pv_tiles<NTW, TS, LD, TCA_EXACT_NONE>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
         break;
     default:
-        tca_pv_tiles<NTW, LD, TCA_EXACT_EACH>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
+        tca_pv_tiles<NTW, TS, LD, TCA_EXACT_EACH>(acc, phi, plo, al0, al1, kv, d0, key_tf32, g, tg);
     }
 }
 
 /* The sink, the normalization and the inverse RoPE, as k_attn_combine does
- * them for one split, into o: rows g, g + 8; d elements d0 + 8 j + 2 tg,
+ * them for one split, into o: rows g, g + 8; d elements d0 + TS j + 2 tg,
  * + 1 (a RoPE pair). */
-template <int D, int NTW>
+template <int D, int NTW, int TS>
 __device__ __forceinline__ void tca_store(const attn_args &a, const float (&acc)[NTW][4], const float *m_row,
                                           const float *den_row, int t, int h0, int64_t pos, int d0, int g, int tg) {
 #pragma unroll
@@ -174,7 +194,7 @@ __device__ __forceinline__ void tca_store(const attn_args &a, const float (&acc)
         float *og = a.o + ((int64_t)t * a.H + h) * D;
 #pragma unroll
         for (int j = 0; j < NTW; j++) {
-            int c = d0 + 8 * j + 2 * tg;
+            int c = d0 + TS * j + 2 * tg;
             float x0 = acc[j][2 * hh] * w / den, x1 = acc[j][2 * hh + 1] * w / den;
             int k = c - (D - a.rope_dim);
             if (k >= 0) {
@@ -291,7 +311,7 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
     extern __shared__ __align__(16) float sh[];
     float *q_hi = sh, *q_lo = sh + TCA_ROWS * LD, *kt = sh + 2 * TCA_ROWS * LD;   /* [16][LD] each */
     __shared__ float s_part[2][TCA_ROWS][TCA_KT + 1];   /* scores of each d half */
-    __shared__ float p_sh[TCA_ROWS][TCA_KT + 4];        /* this tile's weights */
+    __shared__ tca_weights p_sh;                        /* this tile's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[TCA_ROWS];
     __shared__ const float *kp[TCA_KT];
 
@@ -351,8 +371,8 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
             float psum = p0 + p1;
 #pragma unroll
             for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-            p_sh[r][j] = p0;
-            p_sh[r][j + 1] = p1;
+            p_sh[r][j] = tca_weight(p0);
+            p_sh[r][j + 1] = tca_weight(p1);
             __syncwarp();
             if (lane % 8 == 0) {
                 float alpha = expf(M - Mn);
@@ -364,23 +384,25 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
         __syncthreads();
 
         /* O = O alpha + P V: warp w has d quarter w */
-        tca_pv_step<NTW, LD>(acc, p_sh, alpha_row, kt, (D / 4) * warp, a.key_tf32, g, tg);
+        tca_pv_step<NTW, 8, LD>(acc, p_sh, alpha_row, kt, (D / 4) * warp, a.key_tf32, g, tg);
     }
     __syncthreads();
-    tca_store<D, NTW>(a, acc, m_row, den_row, t, h0, pos, (D / 4) * warp, g, tg);
+    tca_store<D, NTW, 8>(a, acc, m_row, den_row, t, h0, pos, (D / 4) * warp, g, tg);
 }
 
 /* k_attention_tc8, the same attention on 8 warps a block (head sizes >= 128).
  * k_attention_tc runs 8 warps an SM (4 a block, 2 blocks: 99 KB of shared
  * memory and 220 registers a block) at 1.1 instructions a cycle, its stalls
  * fixed-latency dependencies that more warps would hide. This variant keeps
- * Q once as float (split into tf32 parts at the fragment: the same cvt on the
- * same value as k_attention_tc's prologue), which frees room for a 32-key
- * tile in the same 99 KB, and runs 8 warps a block: the scores as 4 key
- * groups x 2 d halves, the sum as 8 d eighths (half the accumulators a
- * thread). The 32-key tile is two 16-key softmax steps, in order, so every
+ * Q once as float (split into tf32 parts at the fragment: the same rounding
+ * of the same value as k_attention_tc's prologue), which frees room for a
+ * 32-key tile in the same 99 KB, and runs 8 warps a block: the scores as 8
+ * d eighths of all 32 keys (a Q fragment split once for four key tiles),
+ * the sum as 8 interleaved sets of n8 tiles (half the accumulators a
+ * thread). The 32-key tile is two 16-key softmax steps, in order, and each
+ * d half's score chains are added in k_attention_tc's order, so every
  * product, sum and rescaling is k_attention_tc's: the same logits bits
- * (csrc/cuda/same_bits.py), prefill +3-4% in qat-q8 on an H200.
+ * (csrc/cuda/same_bits.py).
  * DS4_CUDA_NO_ATTN8=1 keeps k_attention_tc (for A/B). */
 #define TCA8_KT 32
 #define TCA8_THREADS 256
@@ -394,7 +416,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     extern __shared__ __align__(16) float sh8[];
     float *qf = sh8, *kt = sh8 + TCA_ROWS * LD;   /* [16][LD], [32][LD] */
     __shared__ float s_part[2][TCA_ROWS][TCA8_KT + 1];   /* scores of each d half */
-    __shared__ float p_sh[2][TCA_ROWS][TCA_KT + 4];      /* each 16-key step's weights */
+    __shared__ tca_weights p_sh[2];                      /* each 16-key step's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS];
     __shared__ const float *kp[TCA8_KT];
 
@@ -411,7 +433,9 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     if (threadIdx.x < TCA_ROWS) m_row[threadIdx.x] = -INFINITY, den_row[threadIdx.x] = 0.0f;
     const float scale = 1.0f / sqrtf((float)D);
 
-    /* the sum: warp w has d eighth w, NTW n8 tiles; rows g and g + 8 */
+    /* the sum: warp w has the n8 tiles at columns 8 w + 64 j (j < NTW), so
+     * each warp has one of the last 64 columns' (the qat modes' RoPE
+     * columns, three products) and the warps' work is even; rows g, g + 8 */
     float acc[NTW][4];
 #pragma unroll
     for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -494,8 +518,8 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
                 float psum = p0 + p1;
 #pragma unroll
                 for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-                p_sh[st][r][j] = p0;
-                p_sh[st][r][j + 1] = p1;
+                p_sh[st][r][j] = tca_weight(p0);
+                p_sh[st][r][j + 1] = tca_weight(p1);
                 __syncwarp();
                 if (lane % 8 == 0) {
                     float alpha = expf(M - Mn);
@@ -508,13 +532,13 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         }
         __syncthreads();
 
-        /* O = O alpha + P V, a 16-key step at a time: warp w has d eighth w */
+        /* O = O alpha + P V, a 16-key step at a time */
         for (int st = 0; st < steps; st++)
-            tca_pv_step<NTW, LD>(acc, p_sh[st], alpha_row[st], kt + TCA_KT * st * LD, (D / 8) * warp, a.key_tf32,
+            tca_pv_step<NTW, 64, LD>(acc, p_sh[st], alpha_row[st], kt + TCA_KT * st * LD, 8 * warp, a.key_tf32,
                                  g, tg);
     }
     __syncthreads();
-    tca_store<D, NTW>(a, acc, m_row, den_row, t, h0, pos, (D / 8) * warp, g, tg);
+    tca_store<D, NTW, 64>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
 }
 
 /* The shared-memory opt-in above 48 KB, once per head size. */
