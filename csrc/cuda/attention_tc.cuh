@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     float *qf = sh8, *kt = sh8 + TCA_ROWS * LD;   /* [16][LD], [32][LD] */
     __shared__ float s_part[2][TCA_ROWS][TCA8_KT + 1];   /* scores of each d half */
     __shared__ tca_weights p_sh[2];                      /* each 16-key step's weights */
-    __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS];
+    __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS], psum_row[TCA_ROWS];
     __shared__ const float *kp[TCA8_KT];
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
@@ -502,32 +502,62 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         }
         __syncthreads();
 
-        /* online softmax, one 16-key step after the other: warps 0-3 as
-         * k_attention_tc's four (heads 4w.., 8 lanes a head, 2 keys a lane) */
-        if (warp < 4) {
-            int r = 4 * warp + lane / 8;
-            for (int st = 0; st < steps; st++) {
-                int j = 2 * (lane % 8), kk = TCA_KT * st + j, n16 = nt - TCA_KT * st;
-                float s0 = j < n16 ? (s_part[0][r][kk] + s_part[1][r][kk]) * scale : -INFINITY;
-                float s1 = j + 1 < n16 ? (s_part[0][r][kk + 1] + s_part[1][r][kk + 1]) * scale : -INFINITY;
-                float tmax = fmaxf(s0, s1);
+        /* online softmax, k_attention_tc's steps of 16 keys (heads 4 (w % 4)..,
+         * 8 lanes a head, 2 keys a lane): step 0 on warps 0-3, step 1 on
+         * warps 4-7 at the same time. Step 1 needs step 0's new maximum,
+         * which its warp finds itself from step 0's scores; step 0's warp
+         * hands it its alpha and weight sum (named barrier 7 + w % 4), and
+         * the step-1 warp updates the row's denominator and maximum, step 0
+         * then step 1, as one warp did them in turn. */
+        {
+            const int st = warp / 4, r = 4 * (warp % 4) + lane / 8, j = 2 * (lane % 8);
+            auto score = [&](int step, int k) {
+                return k < nt - TCA_KT * step
+                           ? (s_part[0][r][TCA_KT * step + k] + s_part[1][r][TCA_KT * step + k]) * scale
+                           : -INFINITY;
+            };
+            auto row_max = [&](float x) {
 #pragma unroll
-                for (int o = 1; o < 8; o *= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-                float M = m_row[r], Mn = fmaxf(M, tmax);
-                float p0 = j < n16 ? expf(s0 - Mn) : 0.0f, p1 = j + 1 < n16 ? expf(s1 - Mn) : 0.0f;
-                float psum = p0 + p1;
+                for (int o = 1; o < 8; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+                return x;
+            };
+            auto row_sum = [&](float x) {
 #pragma unroll
-                for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-                p_sh[st][r][j] = tca_weight(p0);
-                p_sh[st][r][j + 1] = tca_weight(p1);
-                __syncwarp();
-                if (lane % 8 == 0) {
-                    float alpha = expf(M - Mn);
-                    alpha_row[st][r] = alpha;
-                    den_row[r] = den_row[r] * alpha + psum;
-                    m_row[r] = Mn;
+                for (int o = 1; o < 8; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+                return x;
+            };
+            const float M = m_row[r];
+            const float s0 = score(0, j), s1 = score(0, j + 1);
+            const float M0 = fmaxf(M, row_max(fmaxf(s0, s1)));
+            if (st == 0) {
+                float p0 = j < nt ? expf(s0 - M0) : 0.0f, p1 = j + 1 < nt ? expf(s1 - M0) : 0.0f;
+                float psum = row_sum(p0 + p1);
+                p_sh[0][r][j] = tca_weight(p0);
+                p_sh[0][r][j + 1] = tca_weight(p1);
+                if (lane % 8 == 0) alpha_row[0][r] = expf(M - M0), psum_row[r] = psum;
+                named_bar_arrive(7 + warp % 4, 2 * WARP);
+            } else {
+                float M1 = M0, psum1 = 0.0f;
+                if (steps == 2) {
+                    const int n16 = nt - TCA_KT;
+                    const float t0 = score(1, j), t1 = score(1, j + 1);
+                    M1 = fmaxf(M0, row_max(fmaxf(t0, t1)));
+                    float p0 = j < n16 ? expf(t0 - M1) : 0.0f, p1 = j + 1 < n16 ? expf(t1 - M1) : 0.0f;
+                    psum1 = row_sum(p0 + p1);
+                    p_sh[1][r][j] = tca_weight(p0);
+                    p_sh[1][r][j + 1] = tca_weight(p1);
                 }
-                __syncwarp();   /* the next step reads m_row */
+                named_bar_sync(7 + warp % 4, 2 * WARP);
+                if (lane % 8 == 0) {
+                    float den = fmaf(den_row[r], alpha_row[0][r], psum_row[r]);
+                    if (steps == 2) {
+                        float alpha1 = expf(M0 - M1);
+                        alpha_row[1][r] = alpha1;
+                        den = fmaf(den, alpha1, psum1);
+                    }
+                    den_row[r] = den;
+                    m_row[r] = M1;
+                }
             }
         }
         __syncthreads();
