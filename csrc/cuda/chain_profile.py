@@ -8,10 +8,12 @@ launch out (wip/ablate) gives only sums; this gives each kernel's place.
                                        [--timeline 120] [--trace trace.json]
     python3 csrc/cuda/chain_profile.py --chunk 2048 [--ctx 2048]
     python3 csrc/cuda/chain_profile.py --from-trace trace.json [--timeline 120]
+    python3 csrc/cuda/chain_profile.py --from-trace trace.json --chunk 2048
 
 --chunk N traces one prefill chunk of N tokens after ctx tokens instead: its
 kernels are large and mostly one after another, so it prints the wall and each
-kernel's summed duration (by name and launch shape).
+kernel's summed duration (by name and launch shape), and the chunk attention by
+layer kind. With --from-trace, --chunk N reads such a trace (N its tokens).
 
 With PDL a kernel is launched while its predecessor runs and waits inside, so
 its start and duration say little; its end is what counts. Printed:
@@ -154,14 +156,24 @@ def prefill_chunk(session, chunk, trace_path):
         torch.cuda.synchronize()
     prof.export_chrome_trace(trace_path)
     with open(trace_path) as f:
-        kernels = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
+        chunk_report(json.load(f), len(chunk))
+
+
+# Flash's attention kinds by layer (the ratio rule): 0-1 the window only,
+# then ratio 4 (with the indexer) on even layers and ratio 128 on odd ones
+def layer_kind(il):
+    return "window only" if il < 2 else "ratio 4 (indexer)" if il % 2 == 0 else "ratio 128"
+
+
+def chunk_report(trace, n_tokens):
+    kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     if not kernels:
         print("no kernels traced (CUPTI saw none)")
         return
     wall = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     busy = sum(e["dur"] for e in kernels)
-    print(f"a chunk of {len(chunk)} tokens: {len(kernels)} kernels, wall {wall / 1000:.1f} ms "
-          f"({len(chunk) / wall * 1e6:.0f} tok/s), kernels' durations sum to {busy / 1000:.1f} ms")
+    print(f"a chunk of {n_tokens} tokens: {len(kernels)} kernels, wall {wall / 1000:.1f} ms "
+          f"({n_tokens / wall * 1e6:.0f} tok/s), kernels' durations sum to {busy / 1000:.1f} ms")
     by = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
         a = e["args"]
@@ -171,6 +183,15 @@ def prefill_chunk(session, chunk, trace_path):
     print("\n     ms   % wall  calls  kernel grid block")
     for key, (d, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"{d / 1000:7.2f} {100 * d / wall:6.1f}% {c:6d}  {key}")
+    # the chunk attention launches once a layer, in layer order
+    attn = [e for e in kernels if short(e["name"]).startswith("k_attention_tc")]
+    if len(attn) == 43:
+        kinds = collections.defaultdict(list)
+        for il, e in enumerate(attn):
+            kinds[layer_kind(il)].append(e["dur"])
+        print("\nchunk attention by layer kind:   ms  layers  us a layer")
+        for kind, ds in kinds.items():
+            print(f"  {kind:24s} {sum(ds) / 1000:7.2f} {len(ds):7d} {statistics.mean(ds):10.0f}")
 
 
 def main():
@@ -181,14 +202,17 @@ def main():
     ap.add_argument("--timeline", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=0, help="trace a prefill chunk of N tokens after ctx")
     ap.add_argument("--trace", default=os.path.join(os.environ.get("OUT", tempfile.gettempdir()), "trace.json"))
-    ap.add_argument("--from-trace", metavar="FILE", help="read the decode steps of an earlier run's trace; run nothing")
+    ap.add_argument("--from-trace", metavar="FILE", help="read an earlier run's trace (its decode steps; a chunk's with --chunk N); run nothing")
     args = ap.parse_args()
     if args.from_trace:
         try:
             with open(args.from_trace) as f:
-                steps = steps_of(json.load(f))
+                trace = json.load(f)
         except (OSError, ValueError) as e:
             raise SystemExit(f"{args.from_trace}: not a readable chrome trace ({e})")
+        if args.chunk:
+            return chunk_report(trace, args.chunk)
+        steps = steps_of(trace)
         if not steps:
             print(f"{args.from_trace}: no decode step (no k_embed launch) in the trace")
             return
