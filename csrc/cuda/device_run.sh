@@ -23,6 +23,8 @@
 #              with execution counts).
 #              The bench decodes a warm-up token at position 0 first: a decode kernel's
 #              first launches (43 for a kernel every layer runs) are that token's
+#   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
+#              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
 #   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
@@ -146,6 +148,31 @@ for values in rows[2:]:
                 pass
     for v, n in sorted(stalls, reverse=True)[:8]:
         print(f"{v:7.2f} {n}")
+PY
+    ;;
+  sass)
+    # the SASS of the functions whose mangled names contain SASS_FUN (e.g.
+    # "k_attention_tc8ILi512"), and each one's opcode counts (static, not executed)
+    cuobjdump -sass ds4/_ds4_cuda.so > /tmp/all.sass 2>&1 || { tail -3 /tmp/all.sass; continue; }
+    python3 - "${SASS_FUN:?set SASS_FUN}" "$OUT/sass.txt" <<'PY'
+import collections, re, sys
+want, out = sys.argv[1], sys.argv[2]
+funs, name = {}, None
+for line in open("/tmp/all.sass"):
+    m = re.match(r"\s*Function : (\S+)", line)
+    if m:
+        name = m.group(1) if want in m.group(1) else None
+        if name: funs[name] = []
+    elif name and re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+        funs[name].append(line.rstrip())
+with open(out, "w") as f:
+    for name, ins in funs.items():
+        f.write(f"Function : {name}\n" + "\n".join(ins) + "\n")
+        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", l.split("*/", 1)[1].strip()).split()[0].split(".")[0]
+                                  for l in ins)
+        print(name, len(ins), "instructions:", ", ".join(f"{o} {c}" for o, c in ops.most_common(12)))
+if not funs:
+    print(f"sass: no function matches {want}")
 PY
     ;;
   *)
