@@ -159,12 +159,6 @@ def prefill_chunk(session, chunk, trace_path):
         chunk_report(json.load(f), len(chunk))
 
 
-# Flash's attention kinds by layer (the ratio rule): 0-1 the window only,
-# then ratio 4 (with the indexer) on even layers and ratio 128 on odd ones
-def layer_kind(il):
-    return "window only" if il < 2 else "ratio 4 (indexer)" if il % 2 == 0 else "ratio 128"
-
-
 def chunk_report(trace, n_tokens):
     kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     if not kernels:
@@ -183,12 +177,16 @@ def chunk_report(trace, n_tokens):
     print("\n     ms   % wall  calls  kernel grid block")
     for key, (d, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"{d / 1000:7.2f} {100 * d / wall:6.1f}% {c:6d}  {key}")
-    # the chunk attention launches once a layer, in layer order
+    # the chunk attention launches once a layer, in layer order; Flash's
+    # layers by their compress ratio (0: the window only; 4: with the indexer)
+    from ds4.testing import ModelConfig
+    ratios = ModelConfig.flash().compress_ratios
     attn = [e for e in kernels if short(e["name"]).startswith("k_attention_tc")]
-    if len(attn) == 43:
+    if len(attn) == len(ratios):
         kinds = collections.defaultdict(list)
-        for il, e in enumerate(attn):
-            kinds[layer_kind(il)].append(e["dur"])
+        note = {0: " (window only)", 4: " (indexer)"}
+        for ratio, e in zip(ratios, attn):
+            kinds[f"ratio {ratio}{note.get(ratio, '')}"].append(e["dur"])
         print("\nchunk attention by layer kind:   ms  layers  us a layer")
         for kind, ds in kinds.items():
             print(f"  {kind:24s} {sum(ds) / 1000:7.2f} {len(ds):7d} {statistics.mean(ds):10.0f}")

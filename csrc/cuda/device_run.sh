@@ -127,7 +127,7 @@ PY
       --section LaunchStats --section InstructionStats --section SourceCounters -o /tmp/ncu_one \
       python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 --ctx-max 2048 \
       --gen-tokens 4 > /tmp/ncu_one.log 2>&1 || tail -5 /tmp/ncu_one.log
-    [ -f /tmp/ncu_one.ncu-rep ] || { echo "ncu: no launch matching $NCU_KERNEL was profiled"; tail -5 /tmp/ncu_one.log; }
+    [ -f /tmp/ncu_one.ncu-rep ] || { echo "ncu: no launch matching $NCU_KERNEL was profiled"; tail -5 /tmp/ncu_one.log; continue; }
     ncu -i /tmp/ncu_one.ncu-rep --page details > $OUT/ncu_details.txt 2>&1
     ncu -i /tmp/ncu_one.ncu-rep --page source --print-source sass --csv > $OUT/ncu_sass.csv 2>&1
     ncu -i /tmp/ncu_one.ncu-rep --page raw --csv > $OUT/ncu_raw.csv 2>&1
