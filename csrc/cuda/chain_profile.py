@@ -200,7 +200,8 @@ def main():
     ap.add_argument("--timeline", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=0, help="trace a prefill chunk of N tokens after ctx")
     ap.add_argument("--trace", default=os.path.join(os.environ.get("OUT", tempfile.gettempdir()), "trace.json"))
-    ap.add_argument("--from-trace", metavar="FILE", help="read an earlier run's trace (its decode steps; a chunk's with --chunk N); run nothing")
+    ap.add_argument("--from-trace", metavar="FILE",
+                    help="read an earlier run's trace (its decode steps; a chunk's with --chunk N); run nothing")
     args = ap.parse_args()
     if args.from_trace:
         try:
