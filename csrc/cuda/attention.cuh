@@ -15,7 +15,7 @@
 struct attn_args {
     const float *q;      /* [n][H][d] */
     float *o;
-    float *part;         /* [n][H][splits][d + 2] */
+    float *part;         /* [n][H][splits][ATTN_PART_HEAD + d]: max, denominator, 2 unused, values */
     const float *raw, *rows, *sinks;
     const uint8_t *rows8;   /* compact compressed rows (kv_compact.cuh) instead of rows; NULL: float */
     kv_compact kv;
@@ -72,6 +72,7 @@ __device__ __forceinline__ float4 key_load4(const key_ref &k, int c, const kv_co
 }
 
 #define ATTN_KT 16          /* key rows per shared tile */
+#define ATTN_PART_HEAD 4    /* a partial's max and denominator, padded so its values are 16-byte aligned */
 #define ATTN_MAX_SPLIT 16   /* splits of a decode token's keys */
 
 /* Decode splits its token's keys so that it fills the GPU; a chunk of any
@@ -95,11 +96,13 @@ template <>
 struct vecf<1> {
     typedef float T;
     static __device__ __forceinline__ float at(const float &x, int) { return x; }
+    static __device__ __forceinline__ float of(const float *x) { return x[0]; }
 };
 template <>
 struct vecf<2> {
     typedef float2 T;
     static __device__ __forceinline__ float at(const float2 &x, int v) { return v ? x.y : x.x; }
+    static __device__ __forceinline__ float2 of(const float *x) { return make_float2(x[0], x[1]); }
 };
 template <>
 struct vecf<4> {
@@ -107,6 +110,7 @@ struct vecf<4> {
     static __device__ __forceinline__ float at(const float4 &x, int v) {
         return v == 0 ? x.x : v == 1 ? x.y : v == 2 ? x.z : x.w;
     }
+    static __device__ __forceinline__ float4 of(const float *x) { return make_float4(x[0], x[1], x[2], x[3]); }
 };
 
 template <int DPL>
@@ -124,15 +128,19 @@ __global__ void k_attention(attn_args a) {
     extern __shared__ __align__(16) float ks[];   /* [ATTN_KT][d] */
     __shared__ key_ref kp[ATTN_KT];
 
+    /* q and the partial a vector of VW at a time (a lane's scalar loads and
+     * stores filled the LSU queue: most of a launch's fixed cost) */
     float q[DPL], acc[DPL];
-    const float *qg = a.q + ((int64_t)t * a.H + h) * d;
+    const typename V::T *qg = (const typename V::T *)(a.q + ((int64_t)t * a.H + h) * d);
 #pragma unroll
-    for (int c = 0; c < NC; c++)
+    for (int c = 0; c < NC; c++) {
+        typename V::T qv = qg[WARP * c + lane];
 #pragma unroll
         for (int v = 0; v < VW; v++) {
-            q[c * VW + v] = qg[WARP * VW * c + VW * lane + v];
+            q[c * VW + v] = V::at(qv, v);
             acc[c * VW + v] = 0.0f;
         }
+    }
     float scale = 1.0f / sqrtf((float)d);
     float M = -INFINITY, den = 0.0f;
     /* the lane's c-th vector of key row j in the tile (key and value alike) */
@@ -198,11 +206,9 @@ __global__ void k_attention(attn_args a) {
         M = Mn;
         __syncthreads();
     }
-    float *pp = a.part + (((int64_t)t * a.H + h) * a.splits + sp) * (d + 2);
+    float *pp = a.part + (((int64_t)t * a.H + h) * a.splits + sp) * (ATTN_PART_HEAD + d);
 #pragma unroll
-    for (int c = 0; c < NC; c++)
-#pragma unroll
-        for (int v = 0; v < VW; v++) pp[2 + WARP * VW * c + VW * lane + v] = acc[c * VW + v];
+    for (int c = 0; c < NC; c++) ((typename V::T *)(pp + ATTN_PART_HEAD))[WARP * c + lane] = V::of(acc + c * VW);
     if (lane == 0) {
         pp[0] = M;
         pp[1] = den;
@@ -216,7 +222,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     pdl_begin();
     int t = blockIdx.y, h = blockIdx.x, S = a.splits;
     int64_t pos = *a.pos0 + t;
-    const float *pp = a.part + ((int64_t)t * a.H + h) * S * (a.d + 2);
+    const int stride = ATTN_PART_HEAD + a.d;
+    const float *pp = a.part + ((int64_t)t * a.H + h) * S * stride;
     float *og = a.o + ((int64_t)t * a.H + h) * a.d;
     const int r0 = a.d - a.rope_dim, pairs = a.d / 2;
     /* every load of the block's first COMBINE_PAIRS pairs a thread goes out
@@ -232,7 +239,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
             fr[u] = c < pairs && 2 * c >= r0 ? a.freqs[(2 * c - r0) / 2] : 0.0f;
 #pragma unroll
             for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
-                if (sp < S && c < pairs) pv[u][sp] = *(const float2 *)(pp + sp * (a.d + 2) + 2 + 2 * c);
+                if (sp < S && c < pairs) pv[u][sp] = *(const float2 *)(pp + sp * stride + ATTN_PART_HEAD + 2 * c);
         }
     };
     float2 pv[COMBINE_PAIRS][ATTN_MAX_SPLIT];
@@ -240,7 +247,7 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     load_pairs(threadIdx.x, pv, fr);
 #pragma unroll
     for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
-        if (sp < S) mx[sp] = pp[sp * (a.d + 2)], l[sp] = pp[sp * (a.d + 2) + 1];
+        if (sp < S) mx[sp] = pp[sp * stride], l[sp] = pp[sp * stride + 1];
     float M = a.sinks[h];
 #pragma unroll
     for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
@@ -293,5 +300,5 @@ static void launch_attention_simt(cudaStream_t st, const attn_args &a, int n) {
 
 /* Partial buffer floats for a chunk of up to n tokens. */
 static inline int64_t attn_part_floats(int64_t n, int H, int d) {
-    return std::max<int64_t>(n, ATTN_MAX_SPLIT) * H * (d + 2);
+    return std::max<int64_t>(n, ATTN_MAX_SPLIT) * H * (ATTN_PART_HEAD + d);
 }
