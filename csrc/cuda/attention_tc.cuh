@@ -112,13 +112,23 @@ __device__ __forceinline__ void tca_load_keys(const attn_args &a, const attn_key
 }
 
 /* A 16-key step's softmax weights as the sum's A operand takes them: each
- * weight's two tf32 parts (hi, lo), split once by the softmax. */
-typedef uint2 tca_weights[TCA_ROWS][TCA_KT + 4];
+ * weight's two tf32 parts (split once, by the softmax), in fragment order:
+ * lane l's m16n8k8 A fragment of k8 step ks is hi[ks][l] (and lo[ks][l]),
+ * one 16-byte load into the four registers the mma reads (weights loaded
+ * in pairs had to be moved into them, a copy for each mma). */
+struct tca_weights {
+    uint4 hi[2][WARP], lo[2][WARP];
+};
 
-__device__ __forceinline__ uint2 tca_weight(float p) {
-    uint2 w;
-    tf32_split(p, w.x, w.y);
-    return w;
+/* The weight of head row r (< 16) and key k (< 16) of the step: A element
+ * (r, k % 8) of k8 step k / 8, which lane (r % 8) * 4 + k % 4 holds as its
+ * element r / 8 + 2 ((k % 8) / 4). */
+__device__ __forceinline__ void tca_put_weight(tca_weights &w, int r, int k, float p) {
+    uint32_t hi, lo;
+    tf32_split(p, hi, lo);
+    const int ks = k / 8, l = (r % 8) * 4 + k % 4, e = r / 8 + 2 * ((k % 8) / 4);
+    ((uint32_t *)&w.hi[ks][l])[e] = hi;
+    ((uint32_t *)&w.lo[ks][l])[e] = lo;
 }
 
 /* Which of a warp's n8 tiles of V are exact in tf32 (two products, else
@@ -168,11 +178,12 @@ template <int NTW, int TS, int LD>
 __device__ __forceinline__ void tca_pv_step(float (&acc)[NTW][4], const tca_weights &p, const float *alpha,
                                             const float *kv, int d0, int key_tf32, int g, int tg) {
     uint32_t phi[2][4], plo[2][4];
+    const int lane = 4 * g + tg;
 #pragma unroll
     for (int ks = 0; ks < 2; ks++) {
-        uint2 pv[4] = {p[g][8 * ks + tg], p[g + 8][8 * ks + tg], p[g][8 * ks + tg + 4], p[g + 8][8 * ks + tg + 4]};
-#pragma unroll
-        for (int i = 0; i < 4; i++) phi[ks][i] = pv[i].x, plo[ks][i] = pv[i].y;
+        const uint4 h = p.hi[ks][lane], l = p.lo[ks][lane];
+        phi[ks][0] = h.x, phi[ks][1] = h.y, phi[ks][2] = h.z, phi[ks][3] = h.w;
+        plo[ks][0] = l.x, plo[ks][1] = l.y, plo[ks][2] = l.z, plo[ks][3] = l.w;
     }
     float al0 = alpha[g], al1 = alpha[g + 8];
     switch (tca_exactness<NTW, TS>(d0, key_tf32)) {
@@ -384,8 +395,8 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
             float psum = p0 + p1;
 #pragma unroll
             for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
-            p_sh[r][j] = tca_weight(p0);
-            p_sh[r][j + 1] = tca_weight(p1);
+            tca_put_weight(p_sh, r, j, p0);
+            tca_put_weight(p_sh, r, j + 1, p1);
             __syncwarp();
             if (lane % 8 == 0) {
                 float alpha = expf(M - Mn);
@@ -545,8 +556,8 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
             if (st == 0) {
                 float p0 = j < nt ? expf(s0 - M0) : 0.0f, p1 = j + 1 < nt ? expf(s1 - M0) : 0.0f;
                 float psum = row_sum(p0 + p1);
-                p_sh[0][r][j] = tca_weight(p0);
-                p_sh[0][r][j + 1] = tca_weight(p1);
+                tca_put_weight(p_sh[0], r, j, p0);
+                tca_put_weight(p_sh[0], r, j + 1, p1);
                 if (lane % 8 == 0) alpha_row[0][r] = expf(M - M0), psum_row[r] = psum;
                 named_bar_arrive(7 + warp % 4, 2 * WARP);
             } else {
@@ -557,8 +568,8 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
                     M1 = fmaxf(M0, row_max(fmaxf(t0, t1)));
                     float p0 = j < n16 ? expf(t0 - M1) : 0.0f, p1 = j + 1 < n16 ? expf(t1 - M1) : 0.0f;
                     psum1 = row_sum(p0 + p1);
-                    p_sh[1][r][j] = tca_weight(p0);
-                    p_sh[1][r][j + 1] = tca_weight(p1);
+                    tca_put_weight(p_sh[1], r, j, p0);
+                    tca_put_weight(p_sh[1], r, j + 1, p1);
                 }
                 named_bar_sync(7 + warp % 4, 2 * WARP);
                 if (lane % 8 == 0) {
