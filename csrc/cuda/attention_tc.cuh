@@ -81,14 +81,20 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
 /* Key tile [k0, k0 + nt) of KT rows into kt (row stride LD) by cp.async, a
  * short tile repeating its last key (its weight is 0); kp holds the rows'
  * addresses. Begins with the barrier that ends the previous tile's reads of
- * kt and the weights, ends with the one after the copies land. */
+ * kt and the weights, ends with the one after the copies land. Thread
+ * i < KT's row address of the tile at k0: */
+template <int D, int KT>
+__device__ __forceinline__ const float *tca_key_of(const attn_args &a, const attn_keys &keys, int64_t k0) {
+    if (threadIdx.x >= KT || k0 >= keys.n_keys) return nullptr;
+    const int64_t nt = keys.n_keys - k0 < KT ? keys.n_keys - k0 : KT;
+    return (const float *)attn_key_row(a, keys, k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1), D).p;
+}
+
+/* key_row: this thread's row of the tile (threads < KT), from tca_key_of
+ * one tile ahead, so its read of the indexer's choice is not waited out here. */
 template <int D, int KT, int THREADS, int LD>
-__device__ __forceinline__ void tca_load_keys(const attn_args &a, const attn_keys &keys, int64_t k0, int nt,
-                                              const float **kp, float *kt) {
-    if (threadIdx.x < KT) {
-        int64_t r = k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1);
-        kp[threadIdx.x] = (const float *)attn_key_row(a, keys, r, D).p;
-    }
+__device__ __forceinline__ void tca_load_keys(const float *key_row, const float **kp, float *kt) {
+    if (threadIdx.x < KT) kp[threadIdx.x] = key_row;
     __syncthreads();   /* kp; the previous tile's reads of kt, p_sh, alpha_row */
     if constexpr (D % (4 * WARP) == 0) {
         /* a warp a row, 16 bytes a lane: the offsets are constants (the
@@ -361,9 +367,11 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
 #pragma unroll
     for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
+    const float *key_row = tca_key_of<D, TCA_KT>(a, keys, 0);
     for (int64_t k0 = 0; k0 < n_keys; k0 += TCA_KT) {
         int nt = n_keys - k0 < TCA_KT ? (int)(n_keys - k0) : TCA_KT;
-        tca_load_keys<D, TCA_KT, TCA_THREADS, LD>(a, keys, k0, nt, kp, kt);
+        tca_load_keys<D, TCA_KT, TCA_THREADS, LD>(key_row, kp, kt);
+        key_row = tca_key_of<D, TCA_KT>(a, keys, k0 + TCA_KT);   /* the next tile's, read while this one runs */
 
         /* scores: warp w takes keys 8 (w % 2).. over d half w / 2 */
         {
@@ -464,10 +472,12 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
 #pragma unroll
     for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
+    const float *key_row = tca_key_of<D, TCA8_KT>(a, keys, 0);
     for (int64_t k0 = 0; k0 < n_keys; k0 += TCA8_KT) {
         int nt = n_keys - k0 < TCA8_KT ? (int)(n_keys - k0) : TCA8_KT;
         int steps = nt > TCA_KT ? 2 : 1;   /* 16-key softmax steps (k_attention_tc's tiles) */
-        tca_load_keys<D, TCA8_KT, TCA8_THREADS, LD>(a, keys, k0, nt, kp, kt);
+        tca_load_keys<D, TCA8_KT, TCA8_THREADS, LD>(key_row, kp, kt);
+        key_row = tca_key_of<D, TCA8_KT>(a, keys, k0 + TCA8_KT);   /* the next tile's, read while this one runs */
 
         /* scores. Head sizes >= 256: warp w takes the 32 keys over d eighth
          * w (CH chains of 32); a d half's chains are added in order, as
