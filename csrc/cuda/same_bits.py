@@ -21,9 +21,10 @@ from ds4.testing import ModelConfig, write_model
 MODELS = {"mid": ModelConfig.mid(),
           "wide": ModelConfig.tiny(n_embd=1024, expert_ff=2048, q_lora_rank=2048, n_head=8, o_groups=4,
                                    o_lora_rank=2048, head_dim=512, indexer_dim=128),
-          # Flash's 4096-wide gate / up rows (16-byte aligned: k_expert_dp4a's 16-byte copies)
+          # Flash's 4096-wide gate / up rows (16-byte aligned: k_expert_dp4a's 16-byte copies) and
+          # its 64 RoPE dims (the qat modes' three-product score chains at the end of a d half)
           "flash_width": ModelConfig.tiny(n_embd=4096, expert_ff=2048, q_lora_rank=2048, n_head=8, o_groups=4,
-                                          o_lora_rank=2048, head_dim=512, indexer_dim=128)}
+                                          o_lora_rank=2048, head_dim=512, rope_dim=64, indexer_dim=128)}
 
 
 def run(tag, folder):
