@@ -80,9 +80,10 @@ for name, cfg in (('tiny', ModelConfig.tiny()), ('tiny_d512', ModelConfig.tiny(h
 print('sanitized run done')
 PY
     # each tool's whole report into $OUT (SAN_KERNEL: only the kernels whose names
-    # contain it); here its summary and first findings
+    # contain it; SAN_ARGS: more options, e.g. "--racecheck-report hazard" for each
+    # hazard's threads); here its summary and first findings
     for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do
-      timeout 240 compute-sanitizer --tool $tool --print-limit 50 ${SAN_KERNEL:+--kernel-name kns=$SAN_KERNEL} \
+      timeout 240 compute-sanitizer --tool $tool --print-limit 50 ${SAN_KERNEL:+--kernel-name kns=$SAN_KERNEL} $SAN_ARGS \
         python3 /tmp/short.py > $OUT/sanitize_$tool.log 2>&1
       grep -m 8 -E "Error|Race|Warning|hazard" $OUT/sanitize_$tool.log; tail -2 $OUT/sanitize_$tool.log
     done ;;
