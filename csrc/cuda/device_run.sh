@@ -24,6 +24,9 @@
 #              with execution counts).
 #              The bench decodes a warm-up token at position 0 first: a decode kernel's
 #              first launches (43 for a kernel every layer runs) are that token's
+#   race-probe racecheck on a probe kernel: a 3-warp block where warp 0 writes shared memory
+#              and warp 1 reads it after a 64-thread named barrier (bar.sync both sides, then
+#              bar.arrive for the writer): whether racecheck reports a correct hand-on
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
@@ -155,6 +158,33 @@ for values in rows[2:]:
         print(f"{v:7.2f} {n}")
 PY
     ;;
+  race-probe)
+    cat > /tmp/race_probe.cu <<'CU'
+#include <cstdio>
+template <bool ARRIVE>
+__global__ void hand_on(float *out) {
+    __shared__ float s[32];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (warp == 0) {
+        s[lane] = (float)lane;
+        if (ARRIVE) asm volatile("bar.arrive 1, 64;" ::: "memory");
+        else asm volatile("bar.sync 1, 64;" ::: "memory");
+    } else if (warp == 1) {
+        asm volatile("bar.sync 1, 64;" ::: "memory");
+        out[lane] = s[lane];
+    }
+    __syncthreads();
+}
+int main() {
+    float *out;
+    cudaMalloc(&out, 32 * sizeof(float));
+    hand_on<false><<<1, 96>>>(out);
+    hand_on<true><<<1, 96>>>(out);
+    printf("probe: %s\n", cudaGetErrorString(cudaDeviceSynchronize()));
+}
+CU
+    nvcc $ARCH -lineinfo -o /tmp/race_probe /tmp/race_probe.cu && \
+      compute-sanitizer --tool racecheck --racecheck-report analysis /tmp/race_probe 2>&1 | tail -12 ;;
   sass)
     # the SASS of the functions whose mangled names contain SASS_FUN (e.g.
     # "k_attention_tc8ILi512"), and each one's opcode counts (static, not executed)
