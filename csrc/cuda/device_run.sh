@@ -21,7 +21,8 @@
 #              regex, e.g. "k_expert_dp4a" or "k_attention(<|$)"; NCU_SKIP launches
 #              skipped, default 3) in a short qat-q8 bench at 2K: each one's duration,
 #              issue rate, instructions, top stall reasons, and $OUT/ncu_sass.csv (SASS
-#              with execution counts).
+#              with execution counts; csrc/cuda/ncu_sass.py reads it: instructions by opcode,
+#              stalls by reason, the heaviest waits).
 #              The bench decodes a warm-up token at position 0 first: a decode kernel's
 #              first launches (43 for a kernel every layer runs) are that token's
 #   race-probe racecheck on a probe kernel: a 3-warp block where warp 0 writes shared memory
@@ -139,6 +140,7 @@ PY
     ncu -i /tmp/ncu_one.ncu-rep --page details > $OUT/ncu_details.txt 2>&1
     ncu -i /tmp/ncu_one.ncu-rep --page source --print-source sass --csv > $OUT/ncu_sass.csv 2>&1
     ncu -i /tmp/ncu_one.ncu-rep --page raw --csv > $OUT/ncu_raw.csv 2>&1
+    python3 csrc/cuda/ncu_sass.py $OUT/ncu_sass.csv --top 3 --context 4
     grep -E "Duration|Issued Warp|Eligible Warps|Warp Cycles Per Issued|Issued Instructions  |Registers Per" \
       $OUT/ncu_details.txt
     python3 - "$OUT/ncu_raw.csv" <<'PY'
