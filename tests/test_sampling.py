@@ -40,13 +40,14 @@ def spec_sample(logits, rng, temperature, top_k, top_p, min_p):
             ids = ids[:top_k]
         w = np.exp((logits[ids] - lmax) / temperature)
         p = w / w.sum()
-        kept, mass = 0, 0.0
-        for i in range(len(ids)):
-            if i > 0 and p[i] < p[0] * min_p:
-                break
-            kept, mass = i + 1, mass + w[i]
-            if mass / w.sum() >= top_p:
-                break
+        # walk down the candidates: stop before the first (after the top)
+        # with p < p_top * min_p, or after the one where the running mass
+        # reaches top_p (cumsum: the running sum, one addition at a time)
+        below = np.flatnonzero(p[1:] < p[0] * min_p)
+        kept = 1 + below[0] if len(below) else len(ids)
+        reached = np.flatnonzero(np.cumsum(w) / w.sum() >= top_p)
+        if len(reached):
+            kept = min(kept, reached[0] + 1)
         ids, w = ids[:kept], w[:kept]
     r = rng.uniform() * w.sum()
     return int(ids[min(np.searchsorted(np.cumsum(w), r, side="right"), len(ids) - 1)])
@@ -67,6 +68,59 @@ def test_native_sampler_equals_spec_reference(params):
         logits = (rng.standard_normal(2000) * 3).astype(np.float32)
         logits[rng.integers(0, 2000, 5)] = -np.inf
         assert native.sample(logits) == spec_sample(logits, ref_rng, **params)
+
+
+FLASH_VOCAB = 129280
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05),   # the server's default
+    dict(temperature=0.7, top_k=0, top_p=0.95, min_p=0.05),
+    dict(temperature=1.0, top_k=0, top_p=0.95, min_p=0.0),   # a nucleus of thousands
+    dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.0),
+    dict(temperature=1.0, top_k=1024, top_p=1.0, min_p=0.0),
+])
+def test_native_sampler_equals_spec_reference_at_flash_vocab(params):
+    """The native sampler looks only at the candidates that can be drawn
+    (a heap of the best k, a min-p bound, a growing sorted prefix for top-p);
+    at Flash's vocabulary, with ties, infinities and NaNs among the logits,
+    it draws what sorting everything draws."""
+    rng = np.random.default_rng(3)
+    native = Sampler(seed=99, **params)
+    ref_rng = SpecRng(99)
+    for i in range(6):
+        logits = (rng.standard_normal(FLASH_VOCAB) * (3 if i % 2 else 1)).astype(np.float32)
+        if i >= 2:   # a tie across the top-k boundary and non-finite values
+            logits = np.round(logits, 1)
+            logits[rng.integers(0, FLASH_VOCAB, 50)] = np.nan
+            logits[rng.integers(0, FLASH_VOCAB, 50)] = -np.inf
+        for _ in range(3):
+            assert native.sample(logits) == spec_sample(logits, ref_rng, **params)
+
+
+def test_greedy_skips_nan_and_infinity_at_any_position():
+    logits = np.zeros(FLASH_VOCAB + 3, np.float32)   # not a multiple of the argmax's 8 lanes
+    logits[[5, 70000, FLASH_VOCAB + 2]] = [np.nan, np.inf, np.inf]
+    logits[[17, 90001]] = 2.5
+    assert Sampler(temperature=0).sample(logits) == 17
+    logits[:] = -np.inf
+    logits[FLASH_VOCAB + 1] = -1e30   # the only finite one, in the tail
+    assert Sampler(temperature=0).sample(logits) == FLASH_VOCAB + 1
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.0),
+    dict(temperature=1.0, min_p=0.05),
+    dict(temperature=0.7, top_p=0.95, min_p=0.05),
+    dict(temperature=0.7, top_k=40, min_p=0.0),
+], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_bench_sample_flash_vocab(benchmark, params):
+    """One draw from Flash's 129,280 logits (pytest-benchmark; skipped in the
+    default run): the sampler's share of a decoded token."""
+    logits = (np.random.default_rng(4).standard_normal(FLASH_VOCAB) * 3).astype(np.float32)
+    sampler = Sampler(seed=5, **params)
+    tok = benchmark(sampler.sample, logits)
+    assert 0 <= tok < FLASH_VOCAB and np.isfinite(logits[tok])
 
 
 def test_temperature_zero_is_first_argmax():
