@@ -78,11 +78,8 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
                  : "r"((uint32_t)__cvta_generic_to_shared(p)));
 }
 
-/* Key tile [k0, k0 + nt) of KT rows into kt (row stride LD) by cp.async, a
- * short tile repeating its last key (its weight is 0); kp holds the rows'
- * addresses. Begins with the barrier that ends the previous tile's reads of
- * kt and the weights, ends with the one after the copies land. Thread
- * i < KT's row address of the tile at k0: */
+/* Thread i < KT's row of the key tile at k0, a short tile repeating its
+ * last key (its weight is 0); nullptr past the keys. */
 template <int D, int KT>
 __device__ __forceinline__ const float *tca_key_of(const attn_args &a, const attn_keys &keys, int64_t k0) {
     if (threadIdx.x >= KT || k0 >= keys.n_keys) return nullptr;
@@ -90,8 +87,11 @@ __device__ __forceinline__ const float *tca_key_of(const attn_args &a, const att
     return (const float *)attn_key_row(a, keys, k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1), D).p;
 }
 
-/* key_row: this thread's row of the tile (threads < KT), from tca_key_of
- * one tile ahead, so its read of the indexer's choice is not waited out here. */
+/* A key tile of KT rows into kt (row stride LD) by cp.async; key_row is
+ * this thread's row (threads < KT), from tca_key_of one tile ahead, so its
+ * read of the indexer's choice is not waited out here; kp holds the rows'
+ * addresses. Begins with the barrier that ends the previous tile's reads of
+ * kt and the weights, ends with the one after the copies land. */
 template <int D, int KT, int THREADS, int LD>
 __device__ __forceinline__ void tca_load_keys(const float *key_row, const float **kp, float *kt) {
     if (threadIdx.x < KT) kp[threadIdx.x] = key_row;
