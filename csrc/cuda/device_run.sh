@@ -193,6 +193,8 @@ CU
     cuobjdump -sass ds4/_ds4_cuda.so > /tmp/all.sass 2>&1 || { tail -3 /tmp/all.sass; continue; }
     python3 - "${SASS_FUN:?set SASS_FUN}" "$OUT/sass.txt" <<'PY'
 import collections, re, sys
+sys.path.insert(0, "csrc/cuda")
+from ncu_sass import opcode
 want, out = sys.argv[1], sys.argv[2]
 funs, name = {}, None
 for line in open("/tmp/all.sass"):
@@ -205,8 +207,7 @@ for line in open("/tmp/all.sass"):
 with open(out, "w") as f:
     for name, ins in funs.items():
         f.write(f"Function : {name}\n" + "\n".join(ins) + "\n")
-        ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", l.split("*/", 1)[1].strip()).split()[0].split(".")[0]
-                                  for l in ins)
+        ops = collections.Counter(opcode(l.split("*/", 1)[1]) for l in ins)
         print(name, len(ins), "instructions:", ", ".join(f"{o} {c}" for o, c in ops.most_common(12)))
 if not funs:
     print(f"sass: no function matches {want}")
