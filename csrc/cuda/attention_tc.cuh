@@ -325,15 +325,28 @@ __device__ __forceinline__ void tca_score_chain32(float (&c)[4][4], const float 
 }
 
 /* A named barrier of n threads, the producer's earlier shared stores then
- * visible to the consumer. Both sides wait (bar.sync), though the producer
- * could only arrive: its next step is the block's barrier, where it waits
- * anyway. compute-sanitizer's racecheck takes neither as ordering: with
- * bar.arrive it also reported accesses the block's barriers order (619
- * hazards), with bar.sync only the hand-on pairs themselves (190: a write
- * by warp 5, the read by warp 6 after both passed barrier 5). */
+ * visible to the consumer. Both sides wait, though the producer could only
+ * arrive: its next step is the block's barrier, where it waits anyway.
+ * barrier.sync, not bar.sync (= barrier.sync.aligned, which a warp must
+ * reach converged): with the hand-ons as they are now written (one softmax
+ * barrier after both steps' branches), compute-sanitizer's synccheck found
+ * a warp's lanes not converged at both of k_attention_tc8's (1,600 reports;
+ * none with barrier.sync, which does not leave it to where the compiler
+ * puts a branch's reconvergence). */
 __device__ __forceinline__ void named_bar_sync(int id, int n) {
-    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+    asm volatile("barrier.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
 }
+
+/* compute-sanitizer's racecheck reports hazards that are not there once a
+ * kernel has passed a named barrier: device_run.sh's race-probe, a kernel
+ * of k_attention_tc8's hand-ons, gets a write-after-read between accesses a
+ * block barrier orders. A build with DS4_CUDA_HANDON_BLOCK_BARRIERS=1
+ * (device_run.sh's sanitize step makes one for racecheck) takes each
+ * hand-on at a block barrier instead: the same order, so the same bits,
+ * for a racecheck of everything else. */
+#ifndef DS4_CUDA_HANDON_BLOCK_BARRIERS
+#define DS4_CUDA_HANDON_BLOCK_BARRIERS 0
+#endif
 
 /* Grid: (head groups of 16, tokens). */
 template <int D>
@@ -507,24 +520,35 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
             for (int nt = 0; nt < 4; nt++)
 #pragma unroll
                 for (int i = 0; i < 4; i++) s[nt][i] = 0.0f;
-            if (q4 > 0) {
-                named_bar_sync(1 + 3 * half + q4 - 1, 2 * WARP);
+            /* this warp's turn: the running sums the warp before left, plus its chains */
+            auto add_chains = [&]() {
+                if (q4 > 0) {
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) {
+                        int k = 8 * nt + 2 * tg;
+                        s[nt][0] = sp[g][k], s[nt][1] = sp[g][k + 1], s[nt][2] = sp[g + 8][k], s[nt][3] = sp[g + 8][k + 1];
+                    }
+                }
 #pragma unroll
                 for (int nt = 0; nt < 4; nt++) {
                     int k = 8 * nt + 2 * tg;
-                    s[nt][0] = sp[g][k], s[nt][1] = sp[g][k + 1], s[nt][2] = sp[g + 8][k], s[nt][3] = sp[g + 8][k + 1];
+#pragma unroll
+                    for (int ch = 0; ch < CH; ch++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) s[nt][i] += c[ch][nt][i];
+                    sp[g][k] = s[nt][0], sp[g][k + 1] = s[nt][1], sp[g + 8][k] = s[nt][2], sp[g + 8][k + 1] = s[nt][3];
                 }
+            };
+#if DS4_CUDA_HANDON_BLOCK_BARRIERS
+            for (int turn = 0; turn < 4; turn++) {
+                if (turn == q4) add_chains();
+                if (turn < 3) __syncthreads();
             }
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                int k = 8 * nt + 2 * tg;
-#pragma unroll
-                for (int ch = 0; ch < CH; ch++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++) s[nt][i] += c[ch][nt][i];
-                sp[g][k] = s[nt][0], sp[g][k + 1] = s[nt][1], sp[g + 8][k] = s[nt][2], sp[g + 8][k + 1] = s[nt][3];
-            }
+#else
+            if (q4 > 0) named_bar_sync(1 + 3 * half + q4 - 1, 2 * WARP);
+            add_chains();
             if (q4 < 3) named_bar_sync(1 + 3 * half + q4, 2 * WARP);
+#endif
         } else {
             int kn = 8 * (warp % 4), dk = KH * (warp / 4);
             float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -565,35 +589,36 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
             const float M = m_row[r];
             const float s0 = score(0, j), s1 = score(0, j + 1);
             const float M0 = fmaxf(M, row_max(fmaxf(s0, s1)));
+            float M1 = M0, psum1 = 0.0f;
             if (st == 0) {
                 float p0 = j < nt ? expf(s0 - M0) : 0.0f, p1 = j + 1 < nt ? expf(s1 - M0) : 0.0f;
                 float psum = row_sum(p0 + p1);
                 tca_put_weight(p_sh[0], r, j, p0);
                 tca_put_weight(p_sh[0], r, j + 1, p1);
                 if (lane % 8 == 0) alpha_row[0][r] = expf(M - M0), psum_row[r] = psum;
-                named_bar_sync(7 + warp % 4, 2 * WARP);
-            } else {
-                float M1 = M0, psum1 = 0.0f;
+            } else if (steps == 2) {
+                const int n16 = nt - TCA_KT;
+                const float t0 = score(1, j), t1 = score(1, j + 1);
+                M1 = fmaxf(M0, row_max(fmaxf(t0, t1)));
+                float p0 = j < n16 ? expf(t0 - M1) : 0.0f, p1 = j + 1 < n16 ? expf(t1 - M1) : 0.0f;
+                psum1 = row_sum(p0 + p1);
+                tca_put_weight(p_sh[1], r, j, p0);
+                tca_put_weight(p_sh[1], r, j + 1, p1);
+            }
+#if DS4_CUDA_HANDON_BLOCK_BARRIERS
+            __syncthreads();
+#else
+            named_bar_sync(7 + warp % 4, 2 * WARP);
+#endif
+            if (st == 1 && lane % 8 == 0) {
+                float den = fmaf(den_row[r], alpha_row[0][r], psum_row[r]);
                 if (steps == 2) {
-                    const int n16 = nt - TCA_KT;
-                    const float t0 = score(1, j), t1 = score(1, j + 1);
-                    M1 = fmaxf(M0, row_max(fmaxf(t0, t1)));
-                    float p0 = j < n16 ? expf(t0 - M1) : 0.0f, p1 = j + 1 < n16 ? expf(t1 - M1) : 0.0f;
-                    psum1 = row_sum(p0 + p1);
-                    tca_put_weight(p_sh[1], r, j, p0);
-                    tca_put_weight(p_sh[1], r, j + 1, p1);
+                    float alpha1 = expf(M0 - M1);
+                    alpha_row[1][r] = alpha1;
+                    den = fmaf(den, alpha1, psum1);
                 }
-                named_bar_sync(7 + warp % 4, 2 * WARP);
-                if (lane % 8 == 0) {
-                    float den = fmaf(den_row[r], alpha_row[0][r], psum_row[r]);
-                    if (steps == 2) {
-                        float alpha1 = expf(M0 - M1);
-                        alpha_row[1][r] = alpha1;
-                        den = fmaf(den, alpha1, psum1);
-                    }
-                    den_row[r] = den;
-                    m_row[r] = M1;
-                }
+                den_row[r] = den;
+                m_row[r] = M1;
             }
         }
         __syncthreads();

@@ -5,7 +5,8 @@
 #   test       the GPU tests: tests/test_cuda.py and the CUDA product tests
 #   sanitize   compute-sanitizer memcheck, racecheck and synccheck (SAN_TOOLS) on a short run of
 #              the tiny model and of the tiny model at head size 512 (k_attention_tc8<512>), each
-#              numeric mode; whole reports in $OUT/sanitize_TOOL.log
+#              numeric mode; racecheck also on a build with DS4_CUDA_HANDON_BLOCK_BARRIERS=1;
+#              whole reports in $OUT/sanitize_TOOL[_blockbar].log
 #   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
 #              and against this build with each switch in SWITCHES (space-separated
 #              VAR=value) set
@@ -25,9 +26,9 @@
 #              stalls by reason, the heaviest waits).
 #              The bench decodes a warm-up token at position 0 first: a decode kernel's
 #              first launches (43 for a kernel every layer runs) are that token's
-#   race-probe racecheck on a probe kernel: a 3-warp block where warp 0 writes shared memory
-#              and warp 1 reads it after a 64-thread named barrier (bar.sync both sides, then
-#              bar.arrive for the writer): whether racecheck reports a correct hand-on
+#   race-probe racecheck on probe kernels of k_attention_tc8's named-barrier hand-on (two
+#              warps, then the scores' four-warp chain; the barrier id a constant or in a
+#              register): whether racecheck reports a correct hand-on
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
@@ -46,6 +47,11 @@ if [ -n "$OLD" ]; then
   ( cd "$OLD" && nvcc -O3 -std=c++17 $ARCH -Icsrc -shared -Xcompiler -fPIC,-fvisibility=hidden \
       csrc/cuda/*.cu -o /tmp/old.so > /tmp/old_build.log 2>&1 ) &
 fi
+case " $* " in *" sanitize "*)   # racecheck's build: the hand-ons at block barriers (attention_tc.cuh)
+  rm -f /tmp/race.so
+  nvcc -O3 -std=c++17 $ARCH -DDS4_CUDA_HANDON_BLOCK_BARRIERS=1 -Icsrc -shared -Xcompiler -fPIC,-fvisibility=hidden \
+    csrc/cuda/*.cu -o /tmp/race.so > /tmp/race_build.log 2>&1 & ;;
+esac
 { make build PYTHON=python3 && make cuda CUDA_ARCHS="$ARCH"; } > $OUT/build.log 2>&1 || { tail -30 $OUT/build.log; exit 1; }
 wait
 [ -n "$OLD" ] && { [ -f /tmp/old.so ] || { tail -20 /tmp/old_build.log; exit 1; }; }
@@ -86,10 +92,16 @@ PY
     # each tool's whole report into $OUT (SAN_KERNEL: only the kernels whose names
     # contain it; SAN_ARGS: more options, e.g. "--racecheck-report hazard" for each
     # hazard's threads); here its summary and first findings
+    # racecheck twice: this build (its false hazards after k_attention_tc8's named
+    # barriers: race-probe), then the one with those hand-ons at block barriers
     for tool in ${SAN_TOOLS:-memcheck racecheck synccheck}; do
-      timeout 240 compute-sanitizer --tool $tool --print-limit 50 ${SAN_KERNEL:+--kernel-name kns=$SAN_KERNEL} $SAN_ARGS \
-        python3 /tmp/short.py > $OUT/sanitize_$tool.log 2>&1
-      grep -m 8 -E "Error|Race|Warning|hazard" $OUT/sanitize_$tool.log; tail -2 $OUT/sanitize_$tool.log
+      for lib in "" $([ $tool = racecheck ] && echo /tmp/race.so); do
+        log=$OUT/sanitize_$tool${lib:+_blockbar}.log
+        echo "-- $tool ${lib:-(this build)}"
+        DS4_CUDA_LIB=$lib timeout 240 compute-sanitizer --tool $tool --print-limit 50 \
+          ${SAN_KERNEL:+--kernel-name kns=$SAN_KERNEL} $SAN_ARGS python3 /tmp/short.py > $log 2>&1
+        grep -m 8 -E "Error|Race|Warning|hazard" $log; tail -2 $log
+      done
     done ;;
   same-bits)
     SB="python3 csrc/cuda/same_bits.py"
@@ -161,32 +173,74 @@ for values in rows[2:]:
 PY
     ;;
   race-probe)
+    # racecheck on probe kernels of k_attention_tc8's hand-on (mode as argument):
+    # 0 two warps, barrier id a constant; 1 the same, the id in a register; 2 the scores'
+    # chain (256 threads, two halves of four warps, each adding to the running sums the
+    # one before left, ids 1 + 3 half + q4 in registers, four tiles between block
+    # barriers); 3 mode 2 with each id a constant (a switch)
     cat > /tmp/race_probe.cu <<'CU'
 #include <cstdio>
-template <bool ARRIVE>
-__global__ void hand_on(float *out) {
+#include <cstdlib>
+__device__ __forceinline__ void bar_reg(int id, int n) { asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void bar_const(int id) {
+    switch (id) {
+    case 1: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+    case 2: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+    case 3: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+    case 4: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+    case 5: asm volatile("bar.sync 5, 64;" ::: "memory"); break;
+    case 6: asm volatile("bar.sync 6, 64;" ::: "memory"); break;
+    }
+}
+__global__ void pair(float *out, int mode, int id) {
     __shared__ float s[32];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (warp == 0) {
         s[lane] = (float)lane;
-        if (ARRIVE) asm volatile("bar.arrive 1, 64;" ::: "memory");
-        else asm volatile("bar.sync 1, 64;" ::: "memory");
+        if (mode == 0) asm volatile("bar.sync 1, 64;" ::: "memory"); else bar_reg(id, 64);
     } else if (warp == 1) {
-        asm volatile("bar.sync 1, 64;" ::: "memory");
+        if (mode == 0) asm volatile("bar.sync 1, 64;" ::: "memory"); else bar_reg(id, 64);
         out[lane] = s[lane];
     }
     __syncthreads();
 }
-int main() {
+__global__ void chain(float *out, int mode) {
+    __shared__ float sp[2][16][33];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tg = lane % 4;
+    int half = warp / 4, q4 = warp % 4;
+    float total = 0.0f;
+    for (int tile = 0; tile < 4; tile++) {
+        float s[4] = {0, 0, 0, 0};
+        if (q4 > 0) {
+            if (mode == 2) bar_reg(1 + 3 * half + q4 - 1, 64); else bar_const(1 + 3 * half + q4 - 1);
+            for (int nt = 0; nt < 2; nt++) s[2 * nt] = sp[half][g][8 * nt + 2 * tg], s[2 * nt + 1] = sp[half][g + 8][8 * nt + 2 * tg];
+        }
+        for (int nt = 0; nt < 2; nt++) {
+            s[2 * nt] += warp + tile, s[2 * nt + 1] += lane;
+            sp[half][g][8 * nt + 2 * tg] = s[2 * nt], sp[half][g + 8][8 * nt + 2 * tg] = s[2 * nt + 1];
+        }
+        if (q4 < 3) { if (mode == 2) bar_reg(1 + 3 * half + q4, 64); else bar_const(1 + 3 * half + q4); }
+        __syncthreads();
+        total += sp[lane % 2][lane % 16][warp];
+        __syncthreads();
+    }
+    out[threadIdx.x] = total;
+}
+int main(int argc, char **argv) {
+    int mode = atoi(argv[1]);
     float *out;
-    cudaMalloc(&out, 32 * sizeof(float));
-    hand_on<false><<<1, 96>>>(out);
-    hand_on<true><<<1, 96>>>(out);
-    printf("probe: %s\n", cudaGetErrorString(cudaDeviceSynchronize()));
+    cudaMalloc(&out, 512 * sizeof(float));
+    if (mode < 2) pair<<<1, 96>>>(out, mode, 1);
+    else chain<<<2, 256>>>(out, mode);
+    printf("probe mode %d: %s\n", mode, cudaGetErrorString(cudaDeviceSynchronize()));
 }
 CU
-    nvcc $ARCH -lineinfo -o /tmp/race_probe /tmp/race_probe.cu && \
-      compute-sanitizer --tool racecheck --racecheck-report analysis /tmp/race_probe 2>&1 | tail -12 ;;
+    nvcc $ARCH -lineinfo -o /tmp/race_probe /tmp/race_probe.cu || continue
+    for mode in 0 1 2 3; do
+      compute-sanitizer --tool racecheck --racecheck-report hazard --print-limit 4 /tmp/race_probe $mode \
+        > $OUT/race_probe_$mode.log 2>&1
+      grep -m 2 -E "hazard|Race" $OUT/race_probe_$mode.log; tail -1 $OUT/race_probe_$mode.log
+    done ;;
   sass)
     # the SASS of the functions whose mangled names contain SASS_FUN (e.g.
     # "k_attention_tc8ILi512"), and each one's opcode counts (static, not executed)
