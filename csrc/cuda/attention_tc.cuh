@@ -239,8 +239,12 @@ __device__ __forceinline__ void tca_store(const attn_args &a, const float (&acc)
     }
 }
 
+/* Whether the 32-element score chain from column c has key elements exact
+ * in tf32 only (two products). */
+__device__ __forceinline__ bool tca_chain_exact(int c, int key_tf32) { return c + 32 <= key_tf32; }
+
 /* The end of a warp's leading chains (32 d elements each, from dk in a d
- * half of KH) whose key elements are all exact in tf32: [dk, dk + end). */
+ * half of KH) that tca_chain_exact takes: [dk, dk + end). */
 __device__ __forceinline__ int tca_exact_chains_end(int dk, int KH, int key_tf32) {
     int n = key_tf32 - dk;
     n = n < 0 ? 0 : n > KH ? KH : n;
@@ -348,6 +352,20 @@ __device__ __forceinline__ void named_bar_sync(int id, int n) {
 #define DS4_CUDA_HANDON_BLOCK_BARRIERS 0
 #endif
 
+/* The maximum and the sum over a head row's 8 lanes (the softmax's lane
+ * groups: lanes 8 i .. 8 i + 7), in one butterfly order. */
+__device__ __forceinline__ float tca_row_max(float x) {
+#pragma unroll
+    for (int o = 1; o < 8; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+__device__ __forceinline__ float tca_row_sum(float x) {
+#pragma unroll
+    for (int o = 1; o < 8; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
 /* Grid: (head groups of 16, tokens). */
 template <int D>
 __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
@@ -410,14 +428,9 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
             int r = 4 * warp + lane / 8, j = 2 * (lane % 8);
             float s0 = j < nt ? (s_part[0][r][j] + s_part[1][r][j]) * scale : -INFINITY;
             float s1 = j + 1 < nt ? (s_part[0][r][j + 1] + s_part[1][r][j + 1]) * scale : -INFINITY;
-            float tmax = fmaxf(s0, s1);
-#pragma unroll
-            for (int o = 1; o < 8; o *= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
-            float M = m_row[r], Mn = fmaxf(M, tmax);
+            float M = m_row[r], Mn = fmaxf(M, tca_row_max(fmaxf(s0, s1)));
             float p0 = j < nt ? expf(s0 - Mn) : 0.0f, p1 = j + 1 < nt ? expf(s1 - Mn) : 0.0f;
-            float psum = p0 + p1;
-#pragma unroll
-            for (int o = 1; o < 8; o *= 2) psum += __shfl_xor_sync(0xffffffffu, psum, o);
+            float psum = tca_row_sum(p0 + p1);
             tca_put_weight(p_sh, r, j, p0);
             tca_put_weight(p_sh, r, j + 1, p1);
             __syncwarp();
@@ -509,7 +522,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
             float c[CH][4][4];
 #pragma unroll
             for (int ch = 0; ch < CH; ch++) {
-                if (col + 32 * ch + 32 <= a.key_tf32)
+                if (tca_chain_exact(col + 32 * ch, a.key_tf32))
                     tca_score_chain32<true, LD>(c[ch], qa, kb, col + 32 * ch);
                 else
                     tca_score_chain32<false, LD>(c[ch], qa, kb, col + 32 * ch);
@@ -576,32 +589,22 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
                            ? (s_part[0][r][TCA_KT * step + k] + s_part[1][r][TCA_KT * step + k]) * scale
                            : -INFINITY;
             };
-            auto row_max = [&](float x) {
-#pragma unroll
-                for (int o = 1; o < 8; o *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-                return x;
-            };
-            auto row_sum = [&](float x) {
-#pragma unroll
-                for (int o = 1; o < 8; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-                return x;
-            };
             const float M = m_row[r];
             const float s0 = score(0, j), s1 = score(0, j + 1);
-            const float M0 = fmaxf(M, row_max(fmaxf(s0, s1)));
+            const float M0 = fmaxf(M, tca_row_max(fmaxf(s0, s1)));
             float M1 = M0, psum1 = 0.0f;
             if (st == 0) {
                 float p0 = j < nt ? expf(s0 - M0) : 0.0f, p1 = j + 1 < nt ? expf(s1 - M0) : 0.0f;
-                float psum = row_sum(p0 + p1);
+                float psum = tca_row_sum(p0 + p1);
                 tca_put_weight(p_sh[0], r, j, p0);
                 tca_put_weight(p_sh[0], r, j + 1, p1);
                 if (lane % 8 == 0) alpha_row[0][r] = expf(M - M0), psum_row[r] = psum;
             } else if (steps == 2) {
                 const int n16 = nt - TCA_KT;
                 const float t0 = score(1, j), t1 = score(1, j + 1);
-                M1 = fmaxf(M0, row_max(fmaxf(t0, t1)));
+                M1 = fmaxf(M0, tca_row_max(fmaxf(t0, t1)));
                 float p0 = j < n16 ? expf(t0 - M1) : 0.0f, p1 = j + 1 < n16 ? expf(t1 - M1) : 0.0f;
-                psum1 = row_sum(p0 + p1);
+                psum1 = tca_row_sum(p0 + p1);
                 tca_put_weight(p_sh[1], r, j, p0);
                 tca_put_weight(p_sh[1], r, j + 1, p1);
             }
