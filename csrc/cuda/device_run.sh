@@ -9,7 +9,7 @@
 #              whole reports in $OUT/sanitize_TOOL[_blockbar].log
 #   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
 #              and against this build with each switch in SWITCHES (space-separated
-#              VAR=value) set
+#              VAR=value) set, and each switch's run against OLD
 #   ab         same-call decode and prefill pairs at 2K / 4K (qat-q8): the OLD build,
 #              this build, and this build with each switch in SWITCHES set; PAIRS
 #              rounds (default 2)
@@ -114,6 +114,8 @@ PY
       for sw in $SWITCHES; do
         env $sw $SB run sw >/dev/null 2>&1
         echo "against $sw: $($SB compare new sw | tail -1)"; $SB compare new sw | grep DIFFER
+        # a switch back to the old kernels should give OLD's bits
+        [ -n "$OLD" ] && echo "$sw against OLD: $($SB compare sw old | tail -1)"
       done ) ;;
   ab)
     for i in $(seq ${PAIRS:-2}); do
