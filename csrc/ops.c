@@ -75,8 +75,9 @@ float ds4_dot(const float *a, const float *b, int64_t n) { return select_dot()(a
 /* ---- linear: blocks of W rows, each block applied to every token ----
  * A block of rows stays in cache while all tokens pass, so the weights
  * stream from memory once per call whatever the number of tokens. Each
- * (row, token) product uses the same fused kernel, so one token gives the
- * same bits as many. */
+ * (row, token) product uses the same fused kernel (float activations: its
+ * two-token twin for pairs of tokens, which gives each the same bits), so
+ * one token gives the same bits as many. */
 
 #define LINEAR_BLOCK_BYTES 32768
 
@@ -95,7 +96,18 @@ static void linear_task(void *ctx, int64_t begin, int64_t end, int thread) {
     for (int64_t b = begin; b < end; b++) {
         int64_t r0 = b * j->rows_per_block;
         int64_t r1 = r0 + j->rows_per_block < j->w.n_out ? r0 + j->rows_per_block : j->w.n_out;
-        for (int64_t t = 0; t < j->n_tok; t++) {
+        int64_t t = 0;
+        /* float activations: two tokens a row at a time (the row decoded once, the same bits) */
+        for (; !j->xq && t + 1 < j->n_tok; t += 2) {
+            float *y0 = j->y + t * j->y_stride, *y1 = y0 + j->y_stride;
+            const float *x0 = j->x + t * j->x_stride, *x1 = x0 + j->x_stride;
+            for (int64_t r = r0; r < r1; r++) {
+                float pair[2];
+                ds4_vec_dot2_f32(j->w.type, j->w.data + r * j->w.row_bytes, x0, x1, j->w.n_in, pair);
+                y0[r] = pair[0], y1[r] = pair[1];
+            }
+        }
+        for (; t < j->n_tok; t++) {
             float *yt = j->y + t * j->y_stride;
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *row = j->w.data + r * j->w.row_bytes;

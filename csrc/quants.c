@@ -594,6 +594,30 @@ float ds4_vec_dot_f32(int type, const void *w, const float *x, int64_t n) {
     return n ? pick_dot_f32(type)(w, x, n) : 0.0f;
 }
 
+int ds4_vec_dot2_f32(int type, const void *w, const float *x0, const float *x1, int64_t n, float *out) {
+    if (!valid_f32_args(type, n)) {
+        out[0] = out[1] = NAN;
+        return -1;
+    }
+    if (n == 0) {
+        out[0] = out[1] = 0.0f;
+        return 0;
+    }
+#ifdef DS4_HAVE_AVX2
+    if (ds4_simd_level() >= 1) {
+        ds4_dot2_f32_fn f = ds4_avx2_dot2_f32_kernel(type);
+        if (f) {
+            f(w, x0, x1, n, out);
+            return 0;
+        }
+    }
+#endif
+    const ds4_dot_f32_fn dot = pick_dot_f32(type);
+    out[0] = dot(w, x0, n);
+    out[1] = dot(w, x1, n);
+    return 0;
+}
+
 float ds4_vec_dot_q8_k(int type, const void *w, const void *xq, int64_t n) {
     if (!valid_q8k_args(type, n)) return NAN;
     return n ? pick_dot_q8k(type)(w, xq, n) : 0.0f;

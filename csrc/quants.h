@@ -93,6 +93,11 @@ float ds4_vec_dot_q8_0_q8_0_ref(const void *w_row, const void *x_q8_0, int64_t n
  * (ggml style). The reference is the scalar integer kernel. */
 float ds4_vec_dot_f32(int type, const void *w_row, const float *x, int64_t n);
 float ds4_vec_dot_f32_ref(int type, const void *w_row, const float *x, int64_t n);
+/* ds4_vec_dot_f32 of one row with two activation vectors: out[0] for x0,
+ * out[1] for x1, each the very bits ds4_vec_dot_f32 gives it (a prefill
+ * chunk's rows decoded once for two tokens). 0, or -1 (and NaNs) on bad
+ * arguments. */
+int ds4_vec_dot2_f32(int type, const void *w_row, const float *x0, const float *x1, int64_t n, float *out);
 float ds4_vec_dot_q8_k(int type, const void *w_row, const void *x_q8k, int64_t n);
 float ds4_vec_dot_q8_k_ref(int type, const void *w_row, const void *x_q8k, int64_t n);
 

@@ -263,6 +263,155 @@ ds4_dot_f32_fn ds4_avx2_dot_f32_kernel(int type) {
 }
 
 /* ======================================================================
+ * float32 activations, two tokens at once
+ *
+ * A prefill chunk multiplies each row by many tokens: these kernels decode
+ * a row's weights once for two of them. Each token's accumulators take the
+ * very operations (same weights, same order, same explicit FMAs; the build
+ * contracts nothing: -std=c11) its own kernel above gives it, so out[t] is
+ * the bits of that kernel on x_t.
+ * ====================================================================== */
+
+static TARGET void dot2_q8_0_f32(const void *w, const float *x0, const float *x1, int64_t n, float out[2]) {
+    const block_q8_0 *b = w;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK8_0; i++, x0 += QK8_0, x1 += QK8_0) {
+        const uint8_t *q = (const uint8_t *)b[i].qs;
+        __m256 w8[4];
+        for (int k = 0; k < 4; k++)
+            w8[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * k))));
+        const __m256 d = _mm256_set1_ps(f16(b[i].d));
+        __m256 s0 = _mm256_mul_ps(w8[0], _mm256_loadu_ps(x0)), s1 = _mm256_mul_ps(w8[1], _mm256_loadu_ps(x0 + 8));
+        __m256 t0 = _mm256_mul_ps(w8[0], _mm256_loadu_ps(x1)), t1 = _mm256_mul_ps(w8[1], _mm256_loadu_ps(x1 + 8));
+        s0 = _mm256_fmadd_ps(w8[2], _mm256_loadu_ps(x0 + 16), s0);
+        s1 = _mm256_fmadd_ps(w8[3], _mm256_loadu_ps(x0 + 24), s1);
+        t0 = _mm256_fmadd_ps(w8[2], _mm256_loadu_ps(x1 + 16), t0);
+        t1 = _mm256_fmadd_ps(w8[3], _mm256_loadu_ps(x1 + 24), t1);
+        acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), acc0);
+        acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(t0, t1), acc1);
+    }
+    out[0] = hsum_ps(acc0);
+    out[1] = hsum_ps(acc1);
+}
+
+static TARGET void dot2_q2_K_f32(const void *w, const float *x0, const float *x1, int64_t n, float out[2]) {
+    const block_q2_K *b = w;
+    const __m256 lvl = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m256 acc[2][4];
+    for (int t = 0; t < 2; t++)
+        for (int s = 0; s < 4; s++) acc[t][s] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++, x0 += QK_K, x1 += QK_K) {
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)b[i].scales);
+        const __m128i lo = _mm_and_si128(sc8, m4);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc8, 4), m4);
+        const __m256 vd = _mm256_set1_ps(f16(b[i].d));
+        const __m256 vm = _mm256_set1_ps(f16(b[i].dmin));
+        float dl[16] __attribute__((aligned(32))), ml[16] __attribute__((aligned(32)));
+        _mm256_store_ps(dl, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))));
+        _mm256_store_ps(dl + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))));
+        _mm256_store_ps(ml, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))));
+        _mm256_store_ps(ml + 8, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))));
+        for (int n2 = 0; n2 < 2; n2++) {
+            for (int h = 0; h < 2; h++) {
+                __m256 tab[4];
+                for (int s = 0; s < 4; s++) {
+                    const int j = 8 * n2 + 2 * s + h;
+                    tab[s] = _mm256_sub_ps(_mm256_mul_ps(_mm256_broadcast_ss(dl + j), lvl),
+                                           _mm256_broadcast_ss(ml + j));
+                }
+                const int xo = 128 * n2 + 16 * h;
+                const uint8_t *q = b[i].qs + 32 * n2 + 16 * h;
+                const __m256i qa = load_u8x8(q), qb = load_u8x8(q + 8);
+                for (int s = 0; s < 4; s++) {
+                    const __m256 wa = _mm256_permutevar_ps(tab[s], _mm256_srli_epi32(qa, 2 * s));
+                    const __m256 wb = _mm256_permutevar_ps(tab[s], _mm256_srli_epi32(qb, 2 * s));
+                    acc[0][s] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x0 + xo + 32 * s), acc[0][s]);
+                    acc[0][s] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x0 + xo + 32 * s + 8), acc[0][s]);
+                    acc[1][s] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x1 + xo + 32 * s), acc[1][s]);
+                    acc[1][s] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x1 + xo + 32 * s + 8), acc[1][s]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < 2; t++)
+        out[t] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
+}
+
+static TARGET void dot2_q4_K_f32(const void *w, const float *x0, const float *x1, int64_t n, float out[2]) {
+    const block_q4_K *b = w;
+    const __m256i m4 = _mm256_set1_epi32(0x0f);
+    __m256 acc[2][4];
+    for (int t = 0; t < 2; t++)
+        for (int k = 0; k < 4; k++) acc[t][k] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++, x0 += QK_K, x1 += QK_K) {
+        uint8_t scm[16];
+        q4k_unpack_scales(b[i].scales, scm);
+        float dl[8] __attribute__((aligned(32))), ml[8] __attribute__((aligned(32)));
+        _mm256_store_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16(b[i].d)), _mm256_cvtepi32_ps(load_u8x8(scm))));
+        _mm256_store_ps(ml, _mm256_mul_ps(_mm256_set1_ps(f16(b[i].dmin)), _mm256_cvtepi32_ps(load_u8x8(scm + 8))));
+        for (int c = 0; c < 4; c++) {
+            const __m256 d1 = _mm256_broadcast_ss(dl + 2 * c), m1 = _mm256_broadcast_ss(ml + 2 * c);
+            const __m256 d2 = _mm256_broadcast_ss(dl + 2 * c + 1), m2 = _mm256_broadcast_ss(ml + 2 * c + 1);
+            const uint8_t *q = b[i].qs + 32 * c;
+            const int xo = 64 * c;
+            for (int g = 0; g < 4; g += 2) {
+                const __m256i qv0 = load_u8x8(q + 8 * g), qv1 = load_u8x8(q + 8 * g + 8);
+                const __m256 wl0 = _mm256_fmsub_ps(d1, _mm256_cvtepi32_ps(_mm256_and_si256(qv0, m4)), m1);
+                const __m256 wh0 = _mm256_fmsub_ps(d2, _mm256_cvtepi32_ps(_mm256_srli_epi32(qv0, 4)), m2);
+                const __m256 wl1 = _mm256_fmsub_ps(d1, _mm256_cvtepi32_ps(_mm256_and_si256(qv1, m4)), m1);
+                const __m256 wh1 = _mm256_fmsub_ps(d2, _mm256_cvtepi32_ps(_mm256_srli_epi32(qv1, 4)), m2);
+                const float *xs[2] = {x0 + xo, x1 + xo};
+                for (int t = 0; t < 2; t++) {
+                    acc[t][0] = _mm256_fmadd_ps(wl0, _mm256_loadu_ps(xs[t] + 8 * g), acc[t][0]);
+                    acc[t][1] = _mm256_fmadd_ps(wh0, _mm256_loadu_ps(xs[t] + 32 + 8 * g), acc[t][1]);
+                    acc[t][2] = _mm256_fmadd_ps(wl1, _mm256_loadu_ps(xs[t] + 8 * g + 8), acc[t][2]);
+                    acc[t][3] = _mm256_fmadd_ps(wh1, _mm256_loadu_ps(xs[t] + 40 + 8 * g), acc[t][3]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < 2; t++)
+        out[t] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
+}
+
+static TARGET void dot2_iq2_xxs_f32(const void *w, const float *x0, const float *x1, int64_t n, float out[2]) {
+    const block_iq2_xxs *b = w;
+    __m256 acc[2][4];
+    for (int t = 0; t < 2; t++)
+        for (int k = 0; k < 4; k++) acc[t][k] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const float d = f16(b[i].d);
+        const uint8_t *qs = (const uint8_t *)b[i].qs;
+        for (int ib = 0; ib < QK_K / 32; ib++, x0 += 32, x1 += 32) {
+            const uint32_t a0 = rd_u32(qs + 8 * ib);
+            const uint32_t a1 = rd_u32(qs + 8 * ib + 4);
+            const __m256 db = _mm256_set1_ps(d * (0.5f + (float)(a1 >> 28)) * 0.25f);
+            __m256 wk[4];
+            for (int k = 0; k < 4; k++)
+                wk[k] = _mm256_xor_ps(_mm256_mul_ps(db, _mm256_load_ps(iq2_grid_f32[(a0 >> (8 * k)) & 0xff])),
+                                      _mm256_load_ps((const float *)iq2_sign_mask[(a1 >> (7 * k)) & 127]));
+            for (int k = 0; k < 4; k++) {
+                acc[0][k] = _mm256_fmadd_ps(wk[k], _mm256_loadu_ps(x0 + 8 * k), acc[0][k]);
+                acc[1][k] = _mm256_fmadd_ps(wk[k], _mm256_loadu_ps(x1 + 8 * k), acc[1][k]);
+            }
+        }
+    }
+    for (int t = 0; t < 2; t++)
+        out[t] = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[t][0], acc[t][1]), _mm256_add_ps(acc[t][2], acc[t][3])));
+}
+
+ds4_dot2_f32_fn ds4_avx2_dot2_f32_kernel(int type) {
+    switch (type) {
+    case DS4_TYPE_Q8_0: return dot2_q8_0_f32;
+    case DS4_TYPE_Q2_K: return dot2_q2_K_f32;
+    case DS4_TYPE_Q4_K: return dot2_q4_K_f32;
+    case DS4_TYPE_IQ2_XXS: return dot2_iq2_xxs_f32;
+    default: return NULL;
+    }
+}
+
+/* ======================================================================
  * Q8_K activations (integer dot products)
  *
  * Signed x signed int8 products use the maddubs idiom: |a| (unsigned) times

@@ -151,6 +151,9 @@ static inline void q4k_scale_min(int j, const uint8_t *s, uint8_t *sc, uint8_t *
  * the weight type's blocks, and of 256 for the q8_k kernels). */
 typedef float (*ds4_dot_f32_fn)(const void *w, const float *x, int64_t n);
 typedef float (*ds4_dot_q8k_fn)(const void *w, const void *xq, int64_t n);
+/* One row against two tokens' float activations: out[t] is ds4_dot_f32_fn's
+ * result for x_t, bit for bit. */
+typedef void (*ds4_dot2_f32_fn)(const void *w, const float *x0, const float *x1, int64_t n, float out[2]);
 
 /* -DDS4_NO_SIMD builds the portable scalar path only (as on non-x86 hosts). */
 #if !defined(DS4_NO_SIMD) && (defined(__x86_64__) || defined(__i386__)) && \
@@ -160,6 +163,7 @@ typedef float (*ds4_dot_q8k_fn)(const void *w, const void *xq, int64_t n);
 /* quants_avx2.c: NULL when the type has no AVX2 kernel. */
 ds4_dot_f32_fn ds4_avx2_dot_f32_kernel(int type);
 ds4_dot_q8k_fn ds4_avx2_dot_q8k_kernel(int type);
+ds4_dot2_f32_fn ds4_avx2_dot2_f32_kernel(int type);
 float ds4_avx2_dot_q8_0_q8_0(const void *w, const void *xq, int64_t n);
 #endif
 

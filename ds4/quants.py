@@ -12,7 +12,7 @@ from .native import ffi, lib
 
 __all__ = [
     "QuantError", "TYPES", "type_id", "type_name", "nbytes", "dequantize",
-    "quantize_q8_k", "vec_dot", "matvec", "simd_level", "simd_level_max",
+    "quantize_q8_k", "vec_dot", "vec_dot2", "matvec", "simd_level", "simd_level_max",
     "set_simd_level",
 ]
 
@@ -176,6 +176,27 @@ def vec_dot(qtype, row, x, activations: str = "f32", reference: bool = False) ->
         return float(fn(tid, _ptr(w), _ptr(xa), n))
     fn = lib.ds4_vec_dot_f32_ref if reference else lib.ds4_vec_dot_f32
     return float(fn(tid, _ptr(w), _ptr(xa, "float *"), n))
+
+
+def vec_dot2(qtype, row, x0, x1) -> tuple[float, float]:
+    """vec_dot of one row with two float32 activation vectors at once (the row
+    decoded once, as a prefill chunk multiplies it): each result the bits
+    vec_dot gives."""
+    tid = type_id(qtype)
+    _check_kernel_type(tid, False)
+    xa0, xa1 = _f32_vector(x0, "x0"), _f32_vector(x1, "x1")
+    if xa0.size != xa1.size:
+        raise QuantError(f"x0 and x1 differ in length ({xa0.size}, {xa1.size})")
+    n = xa0.size
+    w = _as_bytes(row, "row")
+    expect = nbytes(tid, n)
+    if w.size != expect:
+        raise QuantError(f"{_NAMES[tid]}: a row of {n} elements takes {expect} bytes, got {w.size}")
+    out = np.empty(2, np.float32)
+    if lib.ds4_vec_dot2_f32(tid, _ptr(w), _ptr(xa0, "float *"), _ptr(xa1, "float *"), n,
+                            _ptr(out, "float *")) != 0:
+        raise QuantError(f"native dot2 failed for {_NAMES[tid]}")  # pragma: no cover
+    return float(out[0]), float(out[1])
 
 
 def matvec(qtype, w, x, n_rows: int | None = None, activations: str = "f32",

@@ -411,6 +411,30 @@ def test_matvec_equals_per_row_dot(name, activations, level, simd):
     assert np.array_equal(y, per_row)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dot2_gives_each_token_the_bits_of_its_own_dot(name, level, simd):
+    """The two-token kernels (a prefill chunk's rows decoded once for two
+    tokens) must leave a token's result exactly what the one-token kernel
+    gives it, or a chunk's logits would depend on how its tokens pair up."""
+    simd(level)
+    for n in widths(name):
+        for seed in range(4):
+            rng = np.random.default_rng(seed * 104729 + n)
+            w = random_weights(rng, name, n, special=(seed % 2 == 1))
+            x0, x1 = (rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.uniform(-3, 3) for _ in range(2))
+            pair = np.array(q.vec_dot2(name, w, x0, x1), np.float32)
+            single = np.array([q.vec_dot(name, w, x0), q.vec_dot(name, w, x1)], np.float32)
+            assert np.array_equal(pair.view(np.uint32), single.view(np.uint32)) or \
+                np.array_equal(pair, single, equal_nan=True), (name, n, seed, pair, single)
+
+
+def test_dot2_rejects_activations_of_different_lengths():
+    w = np.zeros(q.nbytes("Q8_0", 64), np.uint8)
+    with pytest.raises(q.QuantError):
+        q.vec_dot2("Q8_0", w, np.zeros(64, np.float32), np.zeros(32, np.float32))
+
+
 def test_matvec_rows_computes_only_the_requested_range():
     rng = np.random.default_rng(13)
     n, rows = 512, 6
@@ -471,6 +495,9 @@ def test_kernels_never_read_past_the_row_or_the_activations(level, simd):
         wp, xp = ffi.cast("void *", w.ctypes.data), ffi.cast("float *", xf.ctypes.data)
         assert np.isfinite(lib.ds4_vec_dot_f32(tid, wp, xp, n))
         assert np.isfinite(lib.ds4_vec_dot_f32_ref(tid, wp, xp, n))
+        pair = np.empty(2, dtype=np.float32)   # both tokens' activations end at the guard page
+        assert lib.ds4_vec_dot2_f32(tid, wp, xp, xp, n, ffi.cast("float *", pair.ctypes.data)) == 0
+        assert np.isfinite(pair).all()
         if name in q.DOT_Q8_K_TYPES:
             nq = n // 256 * 256
             xq_src = q.quantize_q8_k(x_src[:nq])
