@@ -268,8 +268,8 @@ ds4_dot_f32_fn ds4_avx2_dot_f32_kernel(int type) {
  * A prefill chunk multiplies each row by many tokens: these kernels decode
  * a row's weights once for two of them. Each token's accumulators take the
  * very operations (same weights, same order, same explicit FMAs; the build
- * contracts nothing: -std=c11) its own kernel above gives it, so out[t] is
- * the bits of that kernel on x_t.
+ * fuses nothing else: -ffp-contract=off) its own kernel above gives it, so
+ * out[t] is the bits of that kernel on x_t.
  * ====================================================================== */
 
 static TARGET void dot2_q8_0_f32(const void *w, const float *x0, const float *x1, int64_t n, float out[2]) {

@@ -32,7 +32,10 @@ def cdef_source():
 
 
 def compile_args():
-    args = ["-O3", "-std=c11", "-D_GNU_SOURCE", "-pthread",
+    # -ffp-contract=off: no a * b + c fused unless the code says so (GCC's
+    # default at -std=c11, not clang's), so kernels that must give the same
+    # bits (quants_avx2.c's one- and two-token twins) do on every compiler
+    args = ["-O3", "-std=c11", "-ffp-contract=off", "-D_GNU_SOURCE", "-pthread",
             "-fvisibility=hidden", "-Wall", "-Wno-unused-function"]
     if os.environ.get("DS4_DEBUG_BUILD"):
         args += ["-O0", "-g", "-fsanitize=address,undefined",
