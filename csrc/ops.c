@@ -75,9 +75,9 @@ float ds4_dot(const float *a, const float *b, int64_t n) { return select_dot()(a
 /* ---- linear: blocks of W rows, each block applied to every token ----
  * A block of rows stays in cache while all tokens pass, so the weights
  * stream from memory once per call whatever the number of tokens. Each
- * (row, token) product uses the same fused kernel (float activations: its
- * two-token twin for pairs of tokens, which gives each the same bits), so
- * one token gives the same bits as many. */
+ * (row, token) product uses the same fused kernel (or its two-token twin
+ * for pairs of tokens, which gives each the same bits), so one token gives
+ * the same bits as many. */
 
 #define LINEAR_BLOCK_BYTES 32768
 
@@ -97,13 +97,22 @@ static void linear_task(void *ctx, int64_t begin, int64_t end, int thread) {
         int64_t r0 = b * j->rows_per_block;
         int64_t r1 = r0 + j->rows_per_block < j->w.n_out ? r0 + j->rows_per_block : j->w.n_out;
         int64_t t = 0;
-        /* float activations: two tokens a row at a time (the row decoded once, the same bits) */
-        for (; !j->xq && t + 1 < j->n_tok; t += 2) {
+        /* two tokens a row at a time (the row decoded once, the same bits) */
+        for (; t + 1 < j->n_tok; t += 2) {
             float *y0 = j->y + t * j->y_stride, *y1 = y0 + j->y_stride;
-            const float *x0 = j->x + t * j->x_stride, *x1 = x0 + j->x_stride;
             for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *row = j->w.data + r * j->w.row_bytes;
                 float pair[2];
-                ds4_vec_dot2_f32(j->w.type, j->w.data + r * j->w.row_bytes, x0, x1, j->w.n_in, pair);
+                if (!j->xq) {
+                    const float *x0 = j->x + t * j->x_stride;
+                    ds4_vec_dot2_f32(j->w.type, row, x0, x0 + j->x_stride, j->w.n_in, pair);
+                } else {
+                    const uint8_t *q0 = j->xq + t * j->x_stride;
+                    if (j->w.type == DS4_TYPE_Q8_0)
+                        ds4_vec_dot2_q8_0_q8_0(row, q0, q0 + j->x_stride, j->w.n_in, pair);
+                    else
+                        ds4_vec_dot2_q8_k(j->w.type, row, q0, q0 + j->x_stride, j->w.n_in, pair);
+                }
                 y0[r] = pair[0], y1[r] = pair[1];
             }
         }

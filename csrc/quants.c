@@ -631,6 +631,46 @@ float ds4_vec_dot_q8_0_q8_0(const void *w, const void *xq, int64_t n) {
     return dot_q8_0_q8_0_ref(w, xq, n);
 }
 
+int ds4_vec_dot2_q8_k(int type, const void *w, const void *xq0, const void *xq1, int64_t n, float *out) {
+    if (!valid_q8k_args(type, n)) {
+        out[0] = out[1] = NAN;
+        return -1;
+    }
+    if (n == 0) {
+        out[0] = out[1] = 0.0f;
+        return 0;
+    }
+#ifdef DS4_HAVE_AVX2
+    if (ds4_simd_level() >= 1) {
+        ds4_dot2_q8k_fn f = ds4_avx2_dot2_q8k_kernel(type);
+        if (f) {
+            f(w, xq0, xq1, n, out);
+            return 0;
+        }
+    }
+#endif
+    const ds4_dot_q8k_fn dot = pick_dot_q8k(type);
+    out[0] = dot(w, xq0, n);
+    out[1] = dot(w, xq1, n);
+    return 0;
+}
+
+int ds4_vec_dot2_q8_0_q8_0(const void *w, const void *xq0, const void *xq1, int64_t n, float *out) {
+    if (n < 0 || n % QK8_0) {
+        out[0] = out[1] = NAN;
+        return -1;
+    }
+#ifdef DS4_HAVE_AVX2
+    if (ds4_simd_level() >= 1) {
+        ds4_avx2_dot2_q8_0_q8_0(w, xq0, xq1, n, out);
+        return 0;
+    }
+#endif
+    out[0] = dot_q8_0_q8_0_ref(w, xq0, n);
+    out[1] = dot_q8_0_q8_0_ref(w, xq1, n);
+    return 0;
+}
+
 float ds4_vec_dot_q8_0_q8_0_ref(const void *w, const void *xq, int64_t n) {
     if (n < 0 || n % QK8_0) return NAN;
     return dot_q8_0_q8_0_ref(w, xq, n);

@@ -100,6 +100,10 @@ float ds4_vec_dot_f32_ref(int type, const void *w_row, const float *x, int64_t n
 int ds4_vec_dot2_f32(int type, const void *w_row, const float *x0, const float *x1, int64_t n, float *out);
 float ds4_vec_dot_q8_k(int type, const void *w_row, const void *x_q8k, int64_t n);
 float ds4_vec_dot_q8_k_ref(int type, const void *w_row, const void *x_q8k, int64_t n);
+/* The same two tokens at a time: out[t] the bits ds4_vec_dot_q8_k (and
+ * ds4_vec_dot_q8_0_q8_0) gives x_t. 0, or -1 (and NaNs) on bad arguments. */
+int ds4_vec_dot2_q8_k(int type, const void *w_row, const void *x0_q8k, const void *x1_q8k, int64_t n, float *out);
+int ds4_vec_dot2_q8_0_q8_0(const void *w_row, const void *x0_q8_0, const void *x1_q8_0, int64_t n, float *out);
 
 /* ---- matrix x vector ------------------------------------------------------
  * w: n_rows contiguous rows of n elements (row stride ds4_type_nbytes(type,

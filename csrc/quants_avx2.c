@@ -579,6 +579,148 @@ static TARGET float dot_iq2_xxs_q8_K(const void *w, const void *xq, int64_t n) {
     return 0.125f * hsum_ps(acc);
 }
 
+/* ---- the same, two tokens at once (a chunk's rows decoded once for two;
+ * each token's integer sums exact as above, its float steps the same
+ * operations in the same order: out[t] is the one-token kernel's bits) ---- */
+
+TARGET void ds4_avx2_dot2_q8_0_q8_0(const void *w, const void *xq0, const void *xq1, int64_t n, float out[2]) {
+    const block_q8_0 *b = w, *y[2] = {xq0, xq1};
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < n / QK8_0; i++) {
+        const __m256i qw = _mm256_loadu_si256((const __m256i *)b[i].qs), aw = _mm256_abs_epi8(qw);
+        const float dw = f16(b[i].d);
+        for (int t = 0; t < 2; t++) {
+            const __m256i qa = _mm256_loadu_si256((const __m256i *)y[t][i].qs);
+            const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(qa, qw)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * f16(y[t][i].d)), _mm256_cvtepi32_ps(p32), acc[t]);
+        }
+    }
+    out[0] = hsum_ps(acc[0]);
+    out[1] = hsum_ps(acc[1]);
+}
+
+static TARGET void dot2_q2_K_q8_K(const void *w, const void *xq0, const void *xq1, int64_t n, float out[2]) {
+    const block_q2_K *b = w;
+    const block_q8_K *y[2] = {xq0, xq1};
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m256i m3 = _mm256_set1_epi8(3);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, acc_m[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)b[i].scales);
+        const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), m4));
+        const __m256i scales16 = _mm256_cvtepu8_epi16(_mm_and_si128(sc8, m4));
+        const __m256i sc_half[2] = {
+            _mm256_broadcastsi128_si256(_mm256_castsi256_si128(scales16)),
+            _mm256_broadcastsi128_si256(_mm256_extracti128_si256(scales16, 1)),
+        };
+        __m256i sumi[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int t = 0; t < 2; t++) {
+            const float dmin = y[t][i].d * f16(b[i].dmin);
+            const __m256i pm = _mm256_madd_epi16(mins16, _mm256_loadu_si256((const __m256i *)y[t][i].bsums));
+            acc_m[t] = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), acc_m[t]);
+        }
+        for (int n2 = 0; n2 < 2; n2++) {
+            const __m256i q2bits = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * n2));
+            for (int s = 0; s < 4; s++) {
+                const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(q2bits, 2 * s), m3);
+                const __m256i sc = _mm256_shuffle_epi8(sc_half[n2],
+                                                       _mm256_load_si256((const __m256i *)q2k_scale_shuffle[s]));
+                for (int t = 0; t < 2; t++) {
+                    const __m256i q8 = _mm256_loadu_si256((const __m256i *)(y[t][i].qs + 128 * n2 + 32 * s));
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(sc, _mm256_maddubs_epi16(q2, q8)));
+                }
+            }
+        }
+        for (int t = 0; t < 2; t++) {
+            const float dall = y[t][i].d * f16(b[i].d);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dall), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < 2; t++) out[t] = hsum_ps(acc[t]) - hsum_ps(acc_m[t]);
+}
+
+static TARGET void dot2_q4_K_q8_K(const void *w, const void *xq0, const void *xq1, int64_t n, float out[2]) {
+    const block_q4_K *b = w;
+    const block_q8_K *y[2] = {xq0, xq1};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m128 acc_m[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        uint8_t scm[16]; /* 8 scales then 8 mins */
+        q4k_unpack_scales(b[i].scales, scm);
+        const __m256i sm16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)scm));
+        for (int t = 0; t < 2; t++) {
+            const float dmin = y[t][i].d * f16(b[i].dmin);
+            const __m256i bs = _mm256_loadu_si256((const __m256i *)y[t][i].bsums);
+            const __m128i bs_pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+            const __m128i pm = _mm_madd_epi16(_mm256_extracti128_si256(sm16, 1), bs_pairs);
+            acc_m[t] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(pm), acc_m[t]);
+        }
+        const __m256i scales = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(sm16));
+        __m256i sumi[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int c = 0; c < 4; c++) {
+            const __m256i sc_l = _mm256_shuffle_epi8(scales, _mm256_load_si256((const __m256i *)q4k_scale_shuffle[2 * c]));
+            const __m256i sc_h = _mm256_shuffle_epi8(scales, _mm256_load_si256((const __m256i *)q4k_scale_shuffle[2 * c + 1]));
+            const __m256i q4bits = _mm256_loadu_si256((const __m256i *)(b[i].qs + 32 * c));
+            const __m256i q4l = _mm256_and_si256(q4bits, m4);
+            const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            for (int t = 0; t < 2; t++) {
+                const __m256i q8l = _mm256_loadu_si256((const __m256i *)(y[t][i].qs + 64 * c));
+                const __m256i q8h = _mm256_loadu_si256((const __m256i *)(y[t][i].qs + 64 * c + 32));
+                const __m256i pl = _mm256_madd_epi16(sc_l, _mm256_maddubs_epi16(q4l, q8l));
+                const __m256i ph = _mm256_madd_epi16(sc_h, _mm256_maddubs_epi16(q4h, q8h));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+            }
+        }
+        for (int t = 0; t < 2; t++) {
+            const float d = y[t][i].d * f16(b[i].d);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < 2; t++) out[t] = hsum_ps(acc[t]) - hsum_ps128(acc_m[t]);
+}
+
+static TARGET void dot2_iq2_xxs_q8_K(const void *w, const void *xq0, const void *xq1, int64_t n, float out[2]) {
+    const block_iq2_xxs *b = w;
+    const block_q8_K *y[2] = {xq0, xq1};
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < n / QK_K; i++) {
+        const uint8_t *qs = (const uint8_t *)b[i].qs;
+        __m256i sumi[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int ib = 0; ib < QK_K / 32; ib++) {
+            const uint32_t a0 = rd_u32(qs + 8 * ib);
+            const uint32_t a1 = rd_u32(qs + 8 * ib + 4);
+            const __m256i grid = _mm256_set_epi64x(
+                (long long)iq2xxs_grid[a0 >> 24], (long long)iq2xxs_grid[(a0 >> 16) & 0xff],
+                (long long)iq2xxs_grid[(a0 >> 8) & 0xff], (long long)iq2xxs_grid[a0 & 0xff]);
+            const __m256i signs = _mm256_set_epi64x(
+                (long long)keven_signs_iq2xs[(a1 >> 21) & 127], (long long)keven_signs_iq2xs[(a1 >> 14) & 127],
+                (long long)keven_signs_iq2xs[(a1 >> 7) & 127], (long long)keven_signs_iq2xs[a1 & 127]);
+            const __m256i ls = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
+            for (int t = 0; t < 2; t++) {
+                const __m256i q8 = _mm256_loadu_si256((const __m256i *)(y[t][i].qs + 32 * ib));
+                const __m256i p16 = _mm256_maddubs_epi16(grid, _mm256_sign_epi8(q8, signs));
+                sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p16, ls));
+            }
+        }
+        for (int t = 0; t < 2; t++) {
+            const float d = f16(b[i].d) * y[t][i].d;
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < 2; t++) out[t] = 0.125f * hsum_ps(acc[t]);
+}
+
+ds4_dot2_q8k_fn ds4_avx2_dot2_q8k_kernel(int type) {
+    switch (type) {
+    case DS4_TYPE_Q2_K: return dot2_q2_K_q8_K;
+    case DS4_TYPE_Q4_K: return dot2_q4_K_q8_K;
+    case DS4_TYPE_IQ2_XXS: return dot2_iq2_xxs_q8_K;
+    default: return NULL;
+    }
+}
+
 ds4_dot_q8k_fn ds4_avx2_dot_q8k_kernel(int type) {
     switch (type) {
     case DS4_TYPE_Q8_0: return dot_q8_0_q8_K;

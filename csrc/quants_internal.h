@@ -154,6 +154,7 @@ typedef float (*ds4_dot_q8k_fn)(const void *w, const void *xq, int64_t n);
 /* One row against two tokens' float activations: out[t] is ds4_dot_f32_fn's
  * result for x_t, bit for bit. */
 typedef void (*ds4_dot2_f32_fn)(const void *w, const float *x0, const float *x1, int64_t n, float out[2]);
+typedef void (*ds4_dot2_q8k_fn)(const void *w, const void *xq0, const void *xq1, int64_t n, float out[2]);
 
 /* -DDS4_NO_SIMD builds the portable scalar path only (as on non-x86 hosts). */
 #if !defined(DS4_NO_SIMD) && (defined(__x86_64__) || defined(__i386__)) && \
@@ -165,6 +166,8 @@ ds4_dot_f32_fn ds4_avx2_dot_f32_kernel(int type);
 ds4_dot_q8k_fn ds4_avx2_dot_q8k_kernel(int type);
 ds4_dot2_f32_fn ds4_avx2_dot2_f32_kernel(int type);
 float ds4_avx2_dot_q8_0_q8_0(const void *w, const void *xq, int64_t n);
+ds4_dot2_q8k_fn ds4_avx2_dot2_q8k_kernel(int type);
+void ds4_avx2_dot2_q8_0_q8_0(const void *w, const void *xq0, const void *xq1, int64_t n, float out[2]);
 #endif
 
 #endif

@@ -178,23 +178,25 @@ def vec_dot(qtype, row, x, activations: str = "f32", reference: bool = False) ->
     return float(fn(tid, _ptr(w), _ptr(xa, "float *"), n))
 
 
-def vec_dot2(qtype, row, x0, x1) -> tuple[float, float]:
-    """vec_dot of one row with two float32 activation vectors at once (the row
-    decoded once, as a prefill chunk multiplies it): each result the bits
-    vec_dot gives."""
+def vec_dot2(qtype, row, x0, x1, activations: str = "f32") -> tuple[float, float]:
+    """vec_dot of one row with two activation vectors at once (the row decoded
+    once, as a prefill chunk multiplies it): each result the bits vec_dot
+    gives that vector (activations as vec_dot takes them)."""
     tid = type_id(qtype)
-    _check_kernel_type(tid, False)
-    xa0, xa1 = _f32_vector(x0, "x0"), _f32_vector(x1, "x1")
-    if xa0.size != xa1.size:
-        raise QuantError(f"x0 and x1 differ in length ({xa0.size}, {xa1.size})")
-    n = xa0.size
+    (xa0, n, is_q8k), (xa1, n1, _) = _activations(x0, activations), _activations(x1, activations)
+    _check_kernel_type(tid, is_q8k)
+    if n != n1:
+        raise QuantError(f"x0 and x1 differ in length ({n}, {n1})")
     w = _as_bytes(row, "row")
     expect = nbytes(tid, n)
     if w.size != expect:
         raise QuantError(f"{_NAMES[tid]}: a row of {n} elements takes {expect} bytes, got {w.size}")
     out = np.empty(2, np.float32)
-    if lib.ds4_vec_dot2_f32(tid, _ptr(w), _ptr(xa0, "float *"), _ptr(xa1, "float *"), n,
-                            _ptr(out, "float *")) != 0:
+    if is_q8k:
+        rc = lib.ds4_vec_dot2_q8_k(tid, _ptr(w), _ptr(xa0), _ptr(xa1), n, _ptr(out, "float *"))
+    else:
+        rc = lib.ds4_vec_dot2_f32(tid, _ptr(w), _ptr(xa0, "float *"), _ptr(xa1, "float *"), n, _ptr(out, "float *"))
+    if rc != 0:
         raise QuantError(f"native dot2 failed for {_NAMES[tid]}")  # pragma: no cover
     return float(out[0]), float(out[1])
 

@@ -411,22 +411,48 @@ def test_matvec_equals_per_row_dot(name, activations, level, simd):
     assert np.array_equal(y, per_row)
 
 
+def _same_bits(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.array_equal(a.view(np.uint32), b.view(np.uint32)) or np.array_equal(a, b, equal_nan=True)
+
+
 @pytest.mark.parametrize("level", LEVELS)
-@pytest.mark.parametrize("name", ALL_TYPES)
-def test_dot2_gives_each_token_the_bits_of_its_own_dot(name, level, simd):
+@pytest.mark.parametrize("name,activations",
+                         [(t, "f32") for t in ALL_TYPES] + [(t, "q8_k") for t in BLOCK_TYPES])
+def test_dot2_gives_each_token_the_bits_of_its_own_dot(name, activations, level, simd):
     """The two-token kernels (a prefill chunk's rows decoded once for two
     tokens) must leave a token's result exactly what the one-token kernel
     gives it, or a chunk's logits would depend on how its tokens pair up."""
     simd(level)
     for n in widths(name):
+        if activations == "q8_k" and n % 256:
+            continue
         for seed in range(4):
             rng = np.random.default_rng(seed * 104729 + n)
             w = random_weights(rng, name, n, special=(seed % 2 == 1))
             x0, x1 = (rng.standard_normal(n).astype(np.float32) * 10.0 ** rng.uniform(-3, 3) for _ in range(2))
-            pair = np.array(q.vec_dot2(name, w, x0, x1), np.float32)
-            single = np.array([q.vec_dot(name, w, x0), q.vec_dot(name, w, x1)], np.float32)
-            assert np.array_equal(pair.view(np.uint32), single.view(np.uint32)) or \
-                np.array_equal(pair, single, equal_nan=True), (name, n, seed, pair, single)
+            if activations == "q8_k":
+                x0, x1 = q.quantize_q8_k(x0), q.quantize_q8_k(x1)
+            pair = q.vec_dot2(name, w, x0, x1, activations=activations)
+            single = [q.vec_dot(name, w, x, activations=activations) for x in (x0, x1)]
+            assert _same_bits(pair, single), (name, n, seed, pair, single)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_dot2_q8_0_activations_give_each_token_its_own_bits(level, simd):
+    """The same for qat-q8's Q8_0 weights against Q8_0 activation blocks."""
+    simd(level)
+    for n in (32, 96, 1024, 8192):
+        for seed in range(4):
+            rng = np.random.default_rng(seed * 7919 + n)
+            w = np.ascontiguousarray(random_weights(rng, "Q8_0", n, special=(seed % 2 == 1)))
+            xq0, xq1 = (quantize_q8_0((rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32))
+                        for _ in range(2))
+            wp, p0, p1 = ffi.from_buffer(w), ffi.from_buffer(xq0), ffi.from_buffer(xq1)
+            pair = np.empty(2, np.float32)
+            assert lib.ds4_vec_dot2_q8_0_q8_0(wp, p0, p1, n, ffi.cast("float *", pair.ctypes.data)) == 0
+            single = [lib.ds4_vec_dot_q8_0_q8_0(wp, p, n) for p in (p0, p1)]
+            assert _same_bits(pair, single), (n, seed, pair, single)
 
 
 def test_dot2_rejects_activations_of_different_lengths():
@@ -507,6 +533,8 @@ def test_kernels_never_read_past_the_row_or_the_activations(level, simd):
             qp = ffi.cast("void *", xq.ctypes.data)
             assert np.isfinite(lib.ds4_vec_dot_q8_k(tid, wp, qp, nq))
             assert np.isfinite(lib.ds4_vec_dot_q8_k_ref(tid, wp, qp, nq))
+            assert lib.ds4_vec_dot2_q8_k(tid, wp, qp, qp, nq, ffi.cast("float *", pair.ctypes.data)) == 0
+            assert np.isfinite(pair).all()
     # The quantizer reads x only up to n.
     xg, mx = _guarded(256 * 4)
     xg.view(np.float32)[:] = rng.standard_normal(256)
