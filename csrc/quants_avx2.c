@@ -123,31 +123,41 @@ static TARGET float dot_q8_0_f32(const void *w, const float *x, int64_t n) {
  * Build that 4-entry table per sub-block (the exact dequantized values) in
  * each 128-bit lane and look the quants up with vpermilps, which reads only
  * the low 2 bits of each index: no masking needed after the shift. */
+
+/* dl[j] = d*sc_j and ml[j] = dmin*m_j of block b, as in the dequantizer. */
+static inline TARGET void q2k_levels(const block_q2_K *b, float dl[16], float ml[16]) {
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    const __m128i sc8 = _mm_loadu_si128((const __m128i *)b->scales);
+    const __m128i lo = _mm_and_si128(sc8, m4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc8, 4), m4);
+    const __m256 vd = _mm256_set1_ps(f16(b->d));
+    const __m256 vm = _mm256_set1_ps(f16(b->dmin));
+    _mm256_store_ps(dl, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))));
+    _mm256_store_ps(dl + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))));
+    _mm256_store_ps(ml, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))));
+    _mm256_store_ps(ml + 8, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))));
+}
+
+/* The four sub-blocks' weight tables of quarter (n2, h): tab[s] for the quants
+ * at shift 2 s. */
+static inline TARGET void q2k_tables(const float *dl, const float *ml, int n2, int h, __m256 tab[4]) {
+    const __m256 lvl = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
+    for (int s = 0; s < 4; s++) {
+        const int j = 8 * n2 + 2 * s + h;
+        tab[s] = _mm256_sub_ps(_mm256_mul_ps(_mm256_broadcast_ss(dl + j), lvl), _mm256_broadcast_ss(ml + j));
+    }
+}
+
 static TARGET float dot_q2_K_f32(const void *w, const float *x, int64_t n) {
     const block_q2_K *b = w;
-    const __m256 lvl = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
-    const __m128i m4 = _mm_set1_epi8(0x0f);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t i = 0; i < n / QK_K; i++, x += QK_K) {
-        /* dl[j] = d*sc_j and ml[j] = dmin*m_j as in the dequantizer. */
-        const __m128i sc8 = _mm_loadu_si128((const __m128i *)b[i].scales);
-        const __m128i lo = _mm_and_si128(sc8, m4);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc8, 4), m4);
-        const __m256 vd = _mm256_set1_ps(f16(b[i].d));
-        const __m256 vm = _mm256_set1_ps(f16(b[i].dmin));
         float dl[16] __attribute__((aligned(32))), ml[16] __attribute__((aligned(32)));
-        _mm256_store_ps(dl, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))));
-        _mm256_store_ps(dl + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))));
-        _mm256_store_ps(ml, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))));
-        _mm256_store_ps(ml + 8, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))));
+        q2k_levels(&b[i], dl, ml);
         for (int n2 = 0; n2 < 2; n2++) {
             for (int h = 0; h < 2; h++) {
                 __m256 tab[4];
-                for (int s = 0; s < 4; s++) {
-                    const int j = 8 * n2 + 2 * s + h;
-                    tab[s] = _mm256_sub_ps(_mm256_mul_ps(_mm256_broadcast_ss(dl + j), lvl),
-                                           _mm256_broadcast_ss(ml + j));
-                }
+                q2k_tables(dl, ml, n2, h, tab);
                 const float *xs = x + 128 * n2 + 16 * h;
                 const uint8_t *q = b[i].qs + 32 * n2 + 16 * h;
                 const __m256i qa = load_u8x8(q), qb = load_u8x8(q + 8);
@@ -177,6 +187,14 @@ static inline void q4k_unpack_scales(const uint8_t *s, uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
+/* dl[j] = d*sc_j and ml[j] = dmin*m_j of Q4_K block b. */
+static inline TARGET void q4k_levels(const block_q4_K *b, float dl[8], float ml[8]) {
+    uint8_t scm[16];
+    q4k_unpack_scales(b->scales, scm);
+    _mm256_store_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16(b->d)), _mm256_cvtepi32_ps(load_u8x8(scm))));
+    _mm256_store_ps(ml, _mm256_mul_ps(_mm256_set1_ps(f16(b->dmin)), _mm256_cvtepi32_ps(load_u8x8(scm + 8))));
+}
+
 /* Q4_K: weights (d*sc)*q - dmin*m (one FMA; differs from the exact
  * dequantized value by at most one rounding), times x. */
 static TARGET float dot_q4_K_f32(const void *w, const float *x, int64_t n) {
@@ -185,11 +203,8 @@ static TARGET float dot_q4_K_f32(const void *w, const float *x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
     for (int64_t i = 0; i < n / QK_K; i++, x += QK_K) {
-        uint8_t scm[16];
-        q4k_unpack_scales(b[i].scales, scm);
         float dl[8] __attribute__((aligned(32))), ml[8] __attribute__((aligned(32)));
-        _mm256_store_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16(b[i].d)), _mm256_cvtepi32_ps(load_u8x8(scm))));
-        _mm256_store_ps(ml, _mm256_mul_ps(_mm256_set1_ps(f16(b[i].dmin)), _mm256_cvtepi32_ps(load_u8x8(scm + 8))));
+        q4k_levels(&b[i], dl, ml);
         for (int c = 0; c < 4; c++) {
             const __m256 d1 = _mm256_broadcast_ss(dl + 2 * c), m1 = _mm256_broadcast_ss(ml + 2 * c);
             const __m256 d2 = _mm256_broadcast_ss(dl + 2 * c + 1), m2 = _mm256_broadcast_ss(ml + 2 * c + 1);
@@ -296,30 +311,16 @@ static TARGET void dot2_q8_0_f32(const void *w, const float *x0, const float *x1
 
 static TARGET void dot2_q2_K_f32(const void *w, const float *x0, const float *x1, int64_t n, float out[2]) {
     const block_q2_K *b = w;
-    const __m256 lvl = _mm256_setr_ps(0, 1, 2, 3, 0, 1, 2, 3);
-    const __m128i m4 = _mm_set1_epi8(0x0f);
     __m256 acc[2][4];
     for (int t = 0; t < 2; t++)
         for (int s = 0; s < 4; s++) acc[t][s] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n / QK_K; i++, x0 += QK_K, x1 += QK_K) {
-        const __m128i sc8 = _mm_loadu_si128((const __m128i *)b[i].scales);
-        const __m128i lo = _mm_and_si128(sc8, m4);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(sc8, 4), m4);
-        const __m256 vd = _mm256_set1_ps(f16(b[i].d));
-        const __m256 vm = _mm256_set1_ps(f16(b[i].dmin));
         float dl[16] __attribute__((aligned(32))), ml[16] __attribute__((aligned(32)));
-        _mm256_store_ps(dl, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo))));
-        _mm256_store_ps(dl + 8, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)))));
-        _mm256_store_ps(ml, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi))));
-        _mm256_store_ps(ml + 8, _mm256_mul_ps(vm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))));
+        q2k_levels(&b[i], dl, ml);
         for (int n2 = 0; n2 < 2; n2++) {
             for (int h = 0; h < 2; h++) {
                 __m256 tab[4];
-                for (int s = 0; s < 4; s++) {
-                    const int j = 8 * n2 + 2 * s + h;
-                    tab[s] = _mm256_sub_ps(_mm256_mul_ps(_mm256_broadcast_ss(dl + j), lvl),
-                                           _mm256_broadcast_ss(ml + j));
-                }
+                q2k_tables(dl, ml, n2, h, tab);
                 const int xo = 128 * n2 + 16 * h;
                 const uint8_t *q = b[i].qs + 32 * n2 + 16 * h;
                 const __m256i qa = load_u8x8(q), qb = load_u8x8(q + 8);
@@ -345,11 +346,8 @@ static TARGET void dot2_q4_K_f32(const void *w, const float *x0, const float *x1
     for (int t = 0; t < 2; t++)
         for (int k = 0; k < 4; k++) acc[t][k] = _mm256_setzero_ps();
     for (int64_t i = 0; i < n / QK_K; i++, x0 += QK_K, x1 += QK_K) {
-        uint8_t scm[16];
-        q4k_unpack_scales(b[i].scales, scm);
         float dl[8] __attribute__((aligned(32))), ml[8] __attribute__((aligned(32)));
-        _mm256_store_ps(dl, _mm256_mul_ps(_mm256_set1_ps(f16(b[i].d)), _mm256_cvtepi32_ps(load_u8x8(scm))));
-        _mm256_store_ps(ml, _mm256_mul_ps(_mm256_set1_ps(f16(b[i].dmin)), _mm256_cvtepi32_ps(load_u8x8(scm + 8))));
+        q4k_levels(&b[i], dl, ml);
         for (int c = 0; c < 4; c++) {
             const __m256 d1 = _mm256_broadcast_ss(dl + 2 * c), m1 = _mm256_broadcast_ss(ml + 2 * c);
             const __m256 d2 = _mm256_broadcast_ss(dl + 2 * c + 1), m2 = _mm256_broadcast_ss(ml + 2 * c + 1);
@@ -550,6 +548,19 @@ static TARGET float dot_q4_K_q8_K(const void *w, const void *xq, int64_t n) {
     return hsum_ps(acc) - hsum_ps128(acc_m);
 }
 
+/* IQ2_XXS: a 32-element group's four grid rows (bytes <= 43) and their
+ * signs as +1 / -1 bytes (keven_signs), from its two code words. */
+static inline TARGET __m256i iq2_grid_bytes(uint32_t a0) {
+    return _mm256_set_epi64x((long long)iq2xxs_grid[a0 >> 24], (long long)iq2xxs_grid[(a0 >> 16) & 0xff],
+                             (long long)iq2xxs_grid[(a0 >> 8) & 0xff], (long long)iq2xxs_grid[a0 & 0xff]);
+}
+
+static inline TARGET __m256i iq2_sign_bytes(uint32_t a1) {
+    return _mm256_set_epi64x((long long)keven_signs_iq2xs[(a1 >> 21) & 127],
+                             (long long)keven_signs_iq2xs[(a1 >> 14) & 127],
+                             (long long)keven_signs_iq2xs[(a1 >> 7) & 127], (long long)keven_signs_iq2xs[a1 & 127]);
+}
+
 /* IQ2_XXS: grid bytes (unsigned, <= 43) times q8 with the signs applied to
  * q8 (keven_signs bytes are +1 / -1); per sub-block times (2*ls+1). */
 static TARGET float dot_iq2_xxs_q8_K(const void *w, const void *xq, int64_t n) {
@@ -563,12 +574,7 @@ static TARGET float dot_iq2_xxs_q8_K(const void *w, const void *xq, int64_t n) {
         for (int ib = 0; ib < QK_K / 32; ib++) {
             const uint32_t a0 = rd_u32(qs + 8 * ib);
             const uint32_t a1 = rd_u32(qs + 8 * ib + 4);
-            const __m256i grid = _mm256_set_epi64x(
-                (long long)iq2xxs_grid[a0 >> 24], (long long)iq2xxs_grid[(a0 >> 16) & 0xff],
-                (long long)iq2xxs_grid[(a0 >> 8) & 0xff], (long long)iq2xxs_grid[a0 & 0xff]);
-            const __m256i signs = _mm256_set_epi64x(
-                (long long)keven_signs_iq2xs[(a1 >> 21) & 127], (long long)keven_signs_iq2xs[(a1 >> 14) & 127],
-                (long long)keven_signs_iq2xs[(a1 >> 7) & 127], (long long)keven_signs_iq2xs[a1 & 127]);
+            const __m256i grid = iq2_grid_bytes(a0), signs = iq2_sign_bytes(a1);
             const __m256i q8 = _mm256_loadu_si256((const __m256i *)(y[i].qs + 32 * ib));
             const __m256i p16 = _mm256_maddubs_epi16(grid, _mm256_sign_epi8(q8, signs));
             const __m256i ls = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
@@ -691,12 +697,7 @@ static TARGET void dot2_iq2_xxs_q8_K(const void *w, const void *xq0, const void 
         for (int ib = 0; ib < QK_K / 32; ib++) {
             const uint32_t a0 = rd_u32(qs + 8 * ib);
             const uint32_t a1 = rd_u32(qs + 8 * ib + 4);
-            const __m256i grid = _mm256_set_epi64x(
-                (long long)iq2xxs_grid[a0 >> 24], (long long)iq2xxs_grid[(a0 >> 16) & 0xff],
-                (long long)iq2xxs_grid[(a0 >> 8) & 0xff], (long long)iq2xxs_grid[a0 & 0xff]);
-            const __m256i signs = _mm256_set_epi64x(
-                (long long)keven_signs_iq2xs[(a1 >> 21) & 127], (long long)keven_signs_iq2xs[(a1 >> 14) & 127],
-                (long long)keven_signs_iq2xs[(a1 >> 7) & 127], (long long)keven_signs_iq2xs[a1 & 127]);
+            const __m256i grid = iq2_grid_bytes(a0), signs = iq2_sign_bytes(a1);
             const __m256i ls = _mm256_set1_epi16((short)(2 * (a1 >> 28) + 1));
             for (int t = 0; t < 2; t++) {
                 const __m256i q8 = _mm256_loadu_si256((const __m256i *)(y[t][i].qs + 32 * ib));
