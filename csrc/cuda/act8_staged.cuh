@@ -70,21 +70,35 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
     if (!lin_block_of(a, blockIdx.z, blk)) return;
     const int n_in = a.w.n_in, nb = n_in / 256;
 
+    /* This thread's copies, the same at every stage but for the stage's
+     * offset, so their index arithmetic is done once (rows) or once a token
+     * tile (x): the 16-byte chunk c16 of rows tid / 16 + 16 k (k < 8) and of
+     * tokens tid / 16 + 16 k (k < 4). */
+    const int c16 = tid % 16, rbase = r0 + tid / 16;
+
     for (int t0 = blk.p0 + blockIdx.y * Q8S_BN; t0 < blk.p1; t0 += gridDim.y * Q8S_BN) {
+        /* x's rows: their code offsets at stage 0 (no x row read again at each stage) */
+        int64_t xofs[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int t = tid / 16 + 16 * k, pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
+            xofs[k] = (a.xrow ? a.xrow[pt] : pt) * (int64_t)n_in + 16 * c16;
+        }
         /* stage b's loads into buffer u: 16 chunks of 16 bytes a row and a token */
         auto issue = [&](int b, int u) {
-            for (int i = tid; i < Q8S_BM * 16; i += Q8S_THREADS) {
-                int r = i / 16, c = i % 16;
-                const uint8_t *row = blk.w + (int64_t)min(r0 + r, a.w.n_out - 1) * a.w.row_bytes;
-                cp_async16(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c), row + 2 * (n_in / 32) + 256 * b + 16 * c);
-                if (c == 0) cp_async16(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int r = tid / 16 + 16 * k;
+                const uint8_t *row = blk.w + (int64_t)min(rbase + 16 * k, a.w.n_out - 1) * a.w.row_bytes;
+                cp_async16(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c16), row + 2 * (n_in / 32) + 256 * b + 16 * c16);
+                if (c16 == 0) cp_async16(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
             }
-            for (int i = tid; i < Q8S_BN * 16; i += Q8S_THREADS) {
-                int t = i / 16, c = i % 16;
-                int pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
-                int64_t xr = a.xrow ? a.xrow[pt] : pt;
-                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + xr * n_in + 256 * b + 16 * c);
-                if (c < 2) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c, a.q8d + xr * (n_in / 32) + 8 * b + 4 * c);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int t = tid / 16 + 16 * k;
+                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c16), a.q8 + xofs[k] + 256 * b);
+                /* xofs = x row x n_in + 16 c16, so (c16 < 2) xofs / 32 = x row x n_in / 32 */
+                if (c16 < 2) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c16, a.q8d + (xofs[k] / 32 + 8 * b + 4 * c16));
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
