@@ -70,21 +70,35 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
     if (!lin_block_of(a, blockIdx.z, blk)) return;
     const int n_in = a.w.n_in, nb = n_in / 256;
 
+    /* This thread's copies, the same at every stage but for the stage's
+     * offset, so their index arithmetic is done once (rows) or once a token
+     * tile (x): the 16-byte chunk c16 of rows tid / 16 + 16 k (k < 8) and of
+     * tokens tid / 16 + 16 k (k < 4). */
+    const int c16 = tid % 16, rbase = r0 + tid / 16;
+
     for (int t0 = blk.p0 + blockIdx.y * Q8S_BN; t0 < blk.p1; t0 += gridDim.y * Q8S_BN) {
+        /* x's rows: their code offsets at stage 0 (no x row read again at each stage) */
+        int64_t xofs[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            int t = tid / 16 + 16 * k, pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
+            xofs[k] = (a.xrow ? a.xrow[pt] : pt) * (int64_t)n_in + 16 * c16;
+        }
         /* stage b's loads into buffer u: 16 chunks of 16 bytes a row and a token */
         auto issue = [&](int b, int u) {
-            for (int i = tid; i < Q8S_BM * 16; i += Q8S_THREADS) {
-                int r = i / 16, c = i % 16;
-                const uint8_t *row = blk.w + (int64_t)min(r0 + r, a.w.n_out - 1) * a.w.row_bytes;
-                cp_async16(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c), row + 2 * (n_in / 32) + 256 * b + 16 * c);
-                if (c == 0) cp_async16(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                const int r = tid / 16 + 16 * k;
+                const uint8_t *row = blk.w + (int64_t)min(rbase + 16 * k, a.w.n_out - 1) * a.w.row_bytes;
+                cp_async16(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c16), row + 2 * (n_in / 32) + 256 * b + 16 * c16);
+                if (c16 == 0) cp_async16(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
             }
-            for (int i = tid; i < Q8S_BN * 16; i += Q8S_THREADS) {
-                int t = i / 16, c = i % 16;
-                int pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
-                int64_t xr = a.xrow ? a.xrow[pt] : pt;
-                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + xr * n_in + 256 * b + 16 * c);
-                if (c < 2) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c, a.q8d + xr * (n_in / 32) + 8 * b + 4 * c);
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int t = tid / 16 + 16 * k;
+                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c16), a.q8 + xofs[k] + 256 * b);
+                /* xofs = x row x n_in + 16 c16, so (c16 < 2) xofs / 32 = x row x n_in / 32 */
+                if (c16 < 2) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c16, a.q8d + (xofs[k] / 32 + 8 * b + 4 * c16));
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
@@ -201,7 +215,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t k2s_sh[];
     __shared__ uint64_t grid_sh[IQ2 ? 256 : 1];
-    __shared__ uint32_t xrow_sh[Q8S_BN];   /* the token tile's x rows (read, not held: registers) */
+    __shared__ uint32_t xrow_sh[Q8S_BN];   /* the token tile's x rows (each thread's four then held as xofs) */
     const int n_in = a.w.n_in, nb = n_in / 256;
     uint8_t *wq = k2s_sh;                                   /* [2][128][K2S_ROWB] code words (and scales) */
     uint8_t *xq = wq + 2 * Q8S_BM * K2S_ROWB;               /* [2][64][256] codes (q8s_at) */
@@ -227,31 +241,62 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
         }
     }
 
+    /* This thread's copies of the rows, the same at every stage but for the
+     * stage's offset (their index arithmetic, done again at each stage, was
+     * ~28% of a stage's instructions): IQ2_XXS the 8-byte chunk tid % 8 of
+     * rows tid / 8 + 32 k; Q2_K row tid % 128, code chunks 0-2 (warps 0-3)
+     * or chunk 3, the scale bytes and d | dmin (warps 4-7). Byte offsets in
+     * the expert's rows at stage 0. */
+    constexpr int WCOPIES = IQ2 ? 4 : 1;
+    uint32_t wofs[WCOPIES];
+#pragma unroll
+    for (int k = 0; k < WCOPIES; k++) {
+        const int r = IQ2 ? tid / 8 + 32 * k : tid % Q8S_BM;
+        wofs[k] = (uint32_t)(min(r0 + r, a.w.n_out - 1) * (int)a.w.row_bytes) +
+                  (IQ2 ? 2 * nb + 8 * (tid % 8) : 0);
+    }
+    /* and of x: the 16-byte chunk xc of tokens tid / 16 + 16 k (their rows
+     * set at each token tile) */
+    const int xc = tid % 16;
+
     for (int t0 = blk.p0 + blockIdx.y * Q8S_BN; t0 < blk.p1; t0 += gridDim.y * Q8S_BN) {
+        if (tid < Q8S_BN) {
+            int pt = t0 + tid < blk.p1 ? t0 + tid : blk.p1 - 1;   /* past the end: a real row, unused */
+            xrow_sh[tid] = a.xrow ? a.xrow[pt] : pt;
+        }
+        __syncthreads();   /* the previous token tile's last reads; grid_sh, xrow_sh */
+        uint32_t xofs[4];   /* x's code offsets (stage 0) of this thread's tokens */
+#pragma unroll
+        for (int k = 0; k < 4; k++) xofs[k] = xrow_sh[tid / 16 + 16 * k] * (uint32_t)n_in + 16 * xc;
+
         /* stage b's loads into buffer u (common.cuh's row layouts) */
         auto issue = [&](int b, int u) {
             uint8_t *wu = wq + (size_t)u * Q8S_BM * K2S_ROWB;
             if constexpr (IQ2) {
-                for (int i = tid; i < Q8S_BM * 8; i += Q8S_THREADS) {
-                    int r = i / 8, c = i % 8;
-                    cp_async8(wu + r * K2S_ROWB + 8 * c, wrow(r) + 2 * nb + 64 * b + 8 * c);
-                }
+#pragma unroll
+                for (int k = 0; k < 4; k++)
+                    cp_async8(wu + (tid / 8 + 32 * k) * K2S_ROWB + 8 * (tid % 8), blk.w + (wofs[k] + 64 * b));
             } else {   /* d | dmin (4 nb bytes), scales (16 nb), codes (64 nb) */
-                for (int i = tid; i < Q8S_BM * 5; i += Q8S_THREADS) {
-                    int r = i / 5, c = i % 5;
-                    const uint8_t *row = wrow(r);
-                    if (c < 4) cp_async16(wu + r * K2S_ROWB + 16 * c, row + 20 * nb + 64 * b + 16 * c);
-                    else cp_async16(wu + r * K2S_ROWB + 64, row + 4 * nb + 16 * b);
+                const int r = tid % Q8S_BM;
+                const uint8_t *row = blk.w + wofs[0];
+                uint8_t *dst = wu + r * K2S_ROWB;
+                if (tid < Q8S_BM) {
+#pragma unroll
+                    for (int c = 0; c < 3; c++) cp_async16(dst + 16 * c, row + (20 * nb + 64 * b + 16 * c));
+                } else {
+                    cp_async16(dst + 48, row + (20 * nb + 64 * b + 48));
+                    cp_async16(dst + 64, row + (4 * nb + 16 * b));
+                    cp_async4(wdm + u * Q8S_BM + r, row + 4 * b);
                 }
-                if (tid < Q8S_BM) cp_async4(wdm + u * Q8S_BM + tid, wrow(tid) + 4 * b);
             }
-            for (int i = tid; i < Q8S_BN * 16; i += Q8S_THREADS) {
-                int t = i / 16, c = i % 16;
-                uint32_t xr = xrow_sh[t];
-                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c), a.q8 + (xr * n_in + 256 * b + 16 * c));
-                if (c == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, a.q8d + (xr * (n_in / 32) + 8 * b));
-                if (!IQ2 && c < 4)
-                    cp_async16(xs + ((size_t)u * Q8S_BN + t) * 16 + 4 * c, a.q8s + (xr * (n_in / 16) + 16 * b + 4 * c));
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const int t = tid / 16 + 16 * k;
+                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, xc), a.q8 + (xofs[k] + 256 * b));
+                /* xofs = x row x n_in + 16 xc: the row's scales at xofs / 32 (xc 0), sums at xofs / 16 - xc */
+                if (xc == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, a.q8d + (xofs[k] / 32 + 8 * b));
+                if (!IQ2 && xc < 4)
+                    cp_async16(xs + ((size_t)u * Q8S_BN + t) * 16 + 4 * xc, a.q8s + (xofs[k] / 16 + 3 * xc + 16 * b));
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
@@ -262,11 +307,6 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
 
-        if (tid < Q8S_BN) {
-            int pt = t0 + tid < blk.p1 ? t0 + tid : blk.p1 - 1;   /* past the end: a real row, unused */
-            xrow_sh[tid] = a.xrow ? a.xrow[pt] : pt;
-        }
-        __syncthreads();   /* the previous token tile's last reads; grid_sh, xrow_sh */
         issue(0, 0);
         for (int b = 0; b < nb; b++) {
             int u = b & 1;
@@ -274,12 +314,11 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
             const uint8_t *wt = wq + (size_t)u * Q8S_BM * K2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
             const uint8_t *w0 = wt + wr * K2S_ROWB, *w1 = w0 + 8 * K2S_ROWB;
             int iacc[8][4];   /* the block's integer sums (Q2_K: read as floats off I2F_BIAS) */
-#pragma unroll
-            for (int j = 0; j < 8; j++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) iacc[j][c] = IQ2 ? 0 : I2F_BIAS_BITS;
-#pragma unroll 1
-            for (int s = 0; s < 8; s++) {
+            /* slice s's products into iacc. Q2_K's first slice starts them from
+             * I2F_BIAS in the product's own accumulator operand, not from 32 moves
+             * a block (IQ2_XXS starts from zeros: its first slice set apart
+             * spills) */
+            auto slice = [&](int s, bool first) {
                 uint2 a0, a1;
                 int m0 = 1, m1 = 1;
                 if constexpr (IQ2) {
@@ -301,19 +340,35 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
                         mma_s8_from(d, 0, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
                         iacc[j][0] += d[0] * m0, iacc[j][1] += d[1] * m0;
                         iacc[j][2] += d[2] * m1, iacc[j][3] += d[3] * m1;
+                    } else if (first) {
+                        mma_s8_from(iacc[j], I2F_BIAS_BITS, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
                     } else {
                         mma_s8(iacc[j], a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
                     }
                 }
+            };
+            if constexpr (IQ2) {
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) iacc[j][c] = 0;
+            } else {
+                slice(0, true);
             }
+#pragma unroll 1
+            for (int s = IQ2 ? 0 : 1; s < 8; s++) slice(s, false);
             /* the block's end: acc += x scale (d I - dmin M), as k_linear_q8x (IQ2_XXS: d / 8, no M) */
-            float d0, d1, n0 = 0, n1 = 0;
+            float d0, d1, n0 = 0, n1 = 0, b0 = 0, b1 = 0;
             uint32_t ma[4] = {0, 0, 0, 0};   /* Q2_K: the minimums' A fragment, rows wr, wr + 8 */
             if constexpr (IQ2) {
                 d0 = h2f_bits(wd[wr * nb + b]) * 0.125f, d1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
             } else {
                 uint32_t dm0 = wdm[u * Q8S_BM + wr], dm1 = wdm[u * Q8S_BM + wr + 8];
                 d0 = h2f_bits(dm0), n0 = h2f_bits(dm0 >> 16), d1 = h2f_bits(dm1), n1 = h2f_bits(dm1 >> 16);
+                /* -d I2F_BIAS, exact (d an fp16 value: 11 significant bits, the bias 2), so
+                 * fmaf(d, B + I, -d B) rounds d I once, as d * (B + I - B) did, without
+                 * the subtraction (a zero d I may come out +0 where that gave -0) */
+                b0 = -d0 * I2F_BIAS, b1 = -d1 * I2F_BIAS;
                 ma[0] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg));
                 ma[1] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg));
                 ma[2] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg + 8));
@@ -330,9 +385,13 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a) {
                 }
 #pragma unroll
                 for (int c = 0; c < 4; c++) {
-                    float sum = IQ2 ? (float)iacc[j][c] : __int_as_float(iacc[j][c]) - I2F_BIAS;
-                    float v = (c < 2 ? d0 : d1) * sum;
-                    if constexpr (!IQ2) v = fmaf(-(c < 2 ? n0 : n1), m4[c], v);
+                    float v;
+                    if constexpr (IQ2) {
+                        v = (c < 2 ? d0 : d1) * (float)iacc[j][c];
+                    } else {   /* d (B + I) - d B: d I in one rounding, d B exact (see b0 above) */
+                        v = fmaf(c < 2 ? d0 : d1, __int_as_float(iacc[j][c]), c < 2 ? b0 : b1);
+                        v = fmaf(-(c < 2 ? n0 : n1), m4[c], v);
+                    }
                     acc[j][c] = fmaf(c % 2 ? f1 : f0, v, acc[j][c]);
                 }
             }
