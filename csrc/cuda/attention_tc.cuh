@@ -526,8 +526,8 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     int64_t pos = *a.pos0 + t;
     const attn_keys keys = attn_keys_of(a, t, pos);
     /* this block's keys: all of them (a chunk), or split sp of S (a decode token) */
-    const int S = gridDim.z, sp = blockIdx.z;
-    const int64_t per = (keys.n_keys + S - 1) / S, k_begin = sp * per;
+    const int S = gridDim.z, split = blockIdx.z;
+    const int64_t per = (keys.n_keys + S - 1) / S, k_begin = split * per;
     const int64_t n_keys = k_begin + per < keys.n_keys ? k_begin + per : keys.n_keys;
 
     for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA8_THREADS) {
@@ -682,7 +682,7 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     if (S == 1)
         tca_store<D, NTW, 64>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
     else
-        tca_store_part<D, NTW, 64>(a, acc, m_row, den_row, t, h0, sp, 8 * warp, g, tg);
+        tca_store_part<D, NTW, 64>(a, acc, m_row, den_row, t, h0, split, 8 * warp, g, tg);
 }
 
 /* The shared-memory opt-in above 48 KB, once per head size. */
