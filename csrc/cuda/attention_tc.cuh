@@ -530,9 +530,11 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     const int64_t per = (keys.n_keys + S - 1) / S, k_begin = split * per;
     const int64_t n_keys = k_begin + per < keys.n_keys ? k_begin + per : keys.n_keys;
 
-    for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA8_THREADS) {
-        int r = i / D, c = i % D;
-        qf[r * LD + c] = h0 + r < a.H ? a.q[((int64_t)t * a.H + h0 + r) * D + c] : 0.0f;
+    /* Q, 16 bytes a load (a decode split's one key tile waits on these) */
+    for (int i = threadIdx.x; i < TCA_ROWS * D / 4; i += TCA8_THREADS) {
+        int r = i / (D / 4), c = 4 * (i % (D / 4));
+        *(float4 *)(qf + r * LD + c) = h0 + r < a.H ? *(const float4 *)(a.q + ((int64_t)t * a.H + h0 + r) * D + c)
+                                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     if (threadIdx.x < TCA_ROWS) m_row[threadIdx.x] = -INFINITY, den_row[threadIdx.x] = 0.0f;
     const float scale = 1.0f / sqrtf((float)D);
