@@ -218,10 +218,14 @@ __global__ void k_attention(attn_args a) {
 
 #define ATTN_THREADS 128
 
-/* Up to SMAX splits; a thread's PAIRS pairs of dims have their loads
- * issued with the splits' maxima (as many values in flight at either size). */
+/* Up to SMAX splits in blocks of combine_threads(SMAX); a thread's PAIRS
+ * pairs of dims have their loads issued with the splits' maxima (as many
+ * values in flight at either size: at 32 splits a thread has one pair and
+ * the block twice the threads, so a 512-dim head is still one round). */
+static constexpr int combine_threads(int smax) { return smax > 16 ? 2 * ATTN_THREADS : ATTN_THREADS; }
+
 template <int SMAX>
-__global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
+__global__ void __launch_bounds__(combine_threads(SMAX)) k_attn_combine(attn_args a) {
     constexpr int PAIRS = 32 / SMAX;
     pdl_begin();
     int t = blockIdx.y, h = blockIdx.x, S = a.splits;
@@ -288,8 +292,8 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
 }
 
 static void launch_attn_combine(cudaStream_t st, const attn_args &a, int n) {
-    if (a.splits <= 16) launch_k(k_attn_combine<16>, dim3(a.H, n), ATTN_THREADS, 0, st, a);
-    else launch_k(k_attn_combine<32>, dim3(a.H, n), ATTN_THREADS, 0, st, a);
+    if (a.splits <= 16) launch_k(k_attn_combine<16>, dim3(a.H, n), combine_threads(16), 0, st, a);
+    else launch_k(k_attn_combine<32>, dim3(a.H, n), combine_threads(32), 0, st, a);
 }
 
 /* k_attention for n tokens (a.splits set); d / 32 must be 1, 2, 4, 8 or 16
