@@ -148,9 +148,10 @@ def test_cuda_matches_cpu_prefill_decode_rewind_restore(model_pair, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["mid_q2", "wide_q2"])
 def test_cuda_decode_attention_on_tensor_cores_matches_k_attention(name, request, monkeypatch):
-    """A decode token's attention runs on k_attention_tc8 in 32 key splits
-    (head sizes >= 128: mid's 128, wide's 512); DS4_CUDA_NO_TCDECODE=1 (read
-    at each launch, so a new session's graph takes it) runs k_attention in 16.
+    """A decode token's attention on the layers with an indexer runs on
+    k_attention_tc8 in 32 key splits (head sizes >= 128: mid's 128, wide's
+    512); DS4_CUDA_NO_TCDECODE=1 (read at each launch, so a new session's graph
+    takes it) runs k_attention in 16 there too.
     The two sum in other orders, both in float32's precision: eight steps
     after a prompt agree far inside the CPU bar, and in argmax."""
     m = _cuda_model(request.getfixturevalue(name), 1024)

@@ -717,19 +717,24 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     }
 }
 
-/* A decode token on k_attention_tc8 (head sizes >= 128): its keys in
- * TCA8_DECODE_SPLITS blocks a group of 16 heads, each one 32-key tile at
- * 640 keys (a ratio-4 layer's window and choice), their partials then
- * combined as k_attention's. k_attention gave each of 64 heads a warp and
- * 40 keys: 24.7 us a ratio-4 layer at 0.23 instructions issued a
- * scheduler, its products one lane's FFMA chains and 5-shuffle sums a key.
- * DS4_CUDA_NO_TCDECODE=1 keeps k_attention (for A/B). */
+/* A decode token of a layer whose compressed rows the indexer chose (ratio
+ * 4: up to window + top_k keys, 640) on k_attention_tc8: its keys in
+ * TCA8_DECODE_SPLITS blocks a group of 16 heads, their partials then
+ * combined as k_attention's. There k_attention gave each of 64 heads a warp
+ * and 40 keys: 24.7 us at 0.23 instructions issued a scheduler, its products
+ * one lane's FFMA chains and 5-shuffle sums a key. The other layers (window
+ * and every ratio-128 row: 144 keys at 2K) stay on k_attention: there the
+ * tiles were mostly empty and their half-layers took 88.6 us against 78.0
+ * (the decode chain's trace, H200). DS4_CUDA_NO_TCDECODE=1 keeps k_attention
+ * everywhere (for A/B); DS4_CUDA_TCDECODE_SPLITS sets the split count. */
 #define TCA8_DECODE_SPLITS 32
 static_assert(TCA8_DECODE_SPLITS <= ATTN_MAX_SPLIT, "k_attn_combine's splits");
 
 static bool launch_attention_tc_decode(cudaStream_t st, attn_args a) {
-    if (a.d < 128 || !tca_fits(a.d) || getenv("DS4_CUDA_NO_TCDECODE")) return false;
-    a.splits = TCA8_DECODE_SPLITS;
+    if (!a.sel || a.d < 128 || !tca_fits(a.d) || getenv("DS4_CUDA_NO_TCDECODE")) return false;
+    const char *env = getenv("DS4_CUDA_TCDECODE_SPLITS");
+    a.splits = env ? atoi(env) : TCA8_DECODE_SPLITS;
+    if (a.splits < 1 || a.splits > ATTN_MAX_SPLIT) a.splits = TCA8_DECODE_SPLITS;
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), 1, (unsigned)a.splits);
     size_t shm8 = tca8_shared_bytes(a.d);
     switch (a.d) {
