@@ -725,16 +725,15 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
  * one lane's FFMA chains and 5-shuffle sums a key. The other layers (window
  * and every ratio-128 row: 144 keys at 2K) stay on k_attention: there the
  * tiles were mostly empty and their half-layers took 88.6 us against 78.0
- * (the decode chain's trace, H200). DS4_CUDA_NO_TCDECODE=1 keeps k_attention
- * everywhere (for A/B); DS4_CUDA_TCDECODE_SPLITS sets the split count. */
+ * (the decode chain's trace, H200). 32 splits: 16 (two tiles a block, half
+ * the blocks) decoded 1-2% slower. DS4_CUDA_NO_TCDECODE=1 keeps k_attention
+ * everywhere (for A/B). */
 #define TCA8_DECODE_SPLITS 32
 static_assert(TCA8_DECODE_SPLITS <= ATTN_MAX_SPLIT, "k_attn_combine's splits");
 
 static bool launch_attention_tc_decode(cudaStream_t st, attn_args a) {
     if (!a.sel || a.d < 128 || !tca_fits(a.d) || getenv("DS4_CUDA_NO_TCDECODE")) return false;
-    const char *env = getenv("DS4_CUDA_TCDECODE_SPLITS");
-    a.splits = env ? atoi(env) : TCA8_DECODE_SPLITS;
-    if (a.splits < 1 || a.splits > ATTN_MAX_SPLIT) a.splits = TCA8_DECODE_SPLITS;
+    a.splits = TCA8_DECODE_SPLITS;
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), 1, (unsigned)a.splits);
     size_t shm8 = tca8_shared_bytes(a.d);
     switch (a.d) {
