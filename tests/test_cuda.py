@@ -145,6 +145,34 @@ def test_cuda_matches_cpu_prefill_decode_rewind_restore(model_pair, tmp_path):
     t.check()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mid_q2", "wide_q2"])
+def test_cuda_decode_attention_on_tensor_cores_matches_k_attention(name, request, monkeypatch):
+    """A decode token's attention on the layers with an indexer runs on
+    k_attention_tc8 in 32 key splits (head sizes >= 128: mid's 128, wide's
+    512); DS4_CUDA_NO_TCDECODE=1 (read at each launch, so a new session's graph
+    takes it) runs k_attention in 16 there too.
+    The two sum in other orders, both in float32's precision: eight steps
+    after a prompt agree far inside the CPU bar, and in argmax."""
+    m = _cuda_model(request.getfixturevalue(name), 1024)
+    vocab = m.config.n_vocab
+    rng = np.random.default_rng(21)
+    prompt, steps = _ids(rng, MODELS[name], vocab), _ids(rng, 8, vocab)
+
+    def decode():
+        s = m.session(numerics="exact")
+        s.eval(prompt)
+        return np.stack([s.eval([tok]) for tok in steps])
+
+    tensor_cores = decode()
+    monkeypatch.setenv("DS4_CUDA_NO_TCDECODE", "1")
+    simt = decode()
+    rel = float((np.abs(tensor_cores - simt).max(axis=1) / np.abs(simt).max(axis=1)).max())
+    print(f"\n{name}: tensor-core decode against k_attention, max rel {rel:.2e}")
+    assert rel <= 1e-4
+    assert (tensor_cores.argmax(axis=1) == simt.argmax(axis=1)).all()
+
+
 # qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization
 # step now and then, and on these random models such steps compound: the CPU
 # engine's own scalar and SIMD kernels part ways (measured: max rel 1.6e-3 on

@@ -73,12 +73,13 @@ __device__ __forceinline__ float4 key_load4(const key_ref &k, int c, const kv_co
 
 #define ATTN_KT 16          /* key rows per shared tile */
 #define ATTN_PART_HEAD 4    /* a partial's max and denominator, padded so its values are 16-byte aligned */
-#define ATTN_MAX_SPLIT 16   /* splits of a decode token's keys */
+#define ATTN_MAX_SPLIT 32      /* splits of a decode token's keys, at most (attention_tc.cuh's) */
+#define ATTN_DECODE_SPLITS 16  /* k_attention's */
 
 /* Decode splits its token's keys so that it fills the GPU; a chunk of any
  * other length takes one split a token, so that a token's output does not
  * depend on the chunk it came in (a rewind re-evaluates in shorter chunks). */
-static inline int attn_splits(int n) { return n == 1 ? ATTN_MAX_SPLIT : 1; }
+static inline int attn_splits(int n) { return n == 1 ? ATTN_DECODE_SPLITS : 1; }
 
 /* The heads a block takes: 8 where the head count allows. */
 static inline int attn_heads_per_block(int H) {
@@ -217,8 +218,15 @@ __global__ void k_attention(attn_args a) {
 
 #define ATTN_THREADS 128
 
-#define COMBINE_PAIRS 2   /* a thread's pairs of dims, their loads issued with the splits' maxima */
-__global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
+/* Up to SMAX splits in blocks of combine_threads(SMAX); a thread's PAIRS
+ * pairs of dims have their loads issued with the splits' maxima (as many
+ * values in flight at either size: at 32 splits a thread has one pair and
+ * the block twice the threads, so a 512-dim head is still one round). */
+static constexpr int combine_threads(int smax) { return smax > 16 ? 2 * ATTN_THREADS : ATTN_THREADS; }
+
+template <int SMAX>
+__global__ void __launch_bounds__(combine_threads(SMAX)) k_attn_combine(attn_args a) {
+    constexpr int PAIRS = 32 / SMAX;
     pdl_begin();
     int t = blockIdx.y, h = blockIdx.x, S = a.splits;
     int64_t pos = *a.pos0 + t;
@@ -226,50 +234,50 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
     const float *pp = a.part + ((int64_t)t * a.H + h) * S * stride;
     float *og = a.o + ((int64_t)t * a.H + h) * a.d;
     const int r0 = a.d - a.rope_dim, pairs = a.d / 2;
-    /* every load of the block's first COMBINE_PAIRS pairs a thread goes out
+    /* every load of the block's first PAIRS pairs a thread goes out
      * at once (the splits' maxima and sums, their values, the RoPE
      * frequencies): one round of memory latency, not one for the maxima, one
      * for the values and one for the row read back by d_rope. The sums keep
      * split order. */
-    float mx[ATTN_MAX_SPLIT], l[ATTN_MAX_SPLIT], wsp[ATTN_MAX_SPLIT];
-    auto load_pairs = [&](int c0, float2 (&pv)[COMBINE_PAIRS][ATTN_MAX_SPLIT], float (&fr)[COMBINE_PAIRS]) {
+    float mx[SMAX], l[SMAX], wsp[SMAX];
+    auto load_pairs = [&](int c0, float2 (&pv)[PAIRS][SMAX], float (&fr)[PAIRS]) {
 #pragma unroll
-        for (int u = 0; u < COMBINE_PAIRS; u++) {
+        for (int u = 0; u < PAIRS; u++) {
             int c = c0 + u * blockDim.x;
             fr[u] = c < pairs && 2 * c >= r0 ? a.freqs[(2 * c - r0) / 2] : 0.0f;
 #pragma unroll
-            for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+            for (int sp = 0; sp < SMAX; sp++)
                 if (sp < S && c < pairs) pv[u][sp] = *(const float2 *)(pp + sp * stride + ATTN_PART_HEAD + 2 * c);
         }
     };
-    float2 pv[COMBINE_PAIRS][ATTN_MAX_SPLIT];
-    float fr[COMBINE_PAIRS];
+    float2 pv[PAIRS][SMAX];
+    float fr[PAIRS];
     load_pairs(threadIdx.x, pv, fr);
 #pragma unroll
-    for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+    for (int sp = 0; sp < SMAX; sp++)
         if (sp < S) mx[sp] = pp[sp * stride], l[sp] = pp[sp * stride + 1];
     float M = a.sinks[h];
 #pragma unroll
-    for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+    for (int sp = 0; sp < SMAX; sp++)
         if (sp < S) M = fmaxf(M, mx[sp]);
     float den = expf(a.sinks[h] - M);
 #pragma unroll
-    for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++) {
+    for (int sp = 0; sp < SMAX; sp++) {
         if (sp >= S) break;
         wsp[sp] = l[sp] > 0 ? expf(mx[sp] - M) : 0.0f;   /* an empty split has no keys */
         den += l[sp] * wsp[sp];
     }
     /* a thread a pair of dims (2 c, 2 c + 1), so the inverse RoPE of the
      * last rope_dim is done in registers (d_rope's expressions, sign -1) */
-    for (int c0 = threadIdx.x; c0 < pairs; c0 += COMBINE_PAIRS * blockDim.x) {
-        if (c0 != (int)threadIdx.x) load_pairs(c0, pv, fr);   /* rows over 2 COMBINE_PAIRS blockDim dims */
+    for (int c0 = threadIdx.x; c0 < pairs; c0 += PAIRS * blockDim.x) {
+        if (c0 != (int)threadIdx.x) load_pairs(c0, pv, fr);   /* rows over 2 PAIRS blockDim dims */
 #pragma unroll
-        for (int u = 0; u < COMBINE_PAIRS; u++) {
+        for (int u = 0; u < PAIRS; u++) {
             int c = c0 + u * blockDim.x;
             if (c >= pairs) break;
             float v0 = 0, v1 = 0;
 #pragma unroll
-            for (int sp = 0; sp < ATTN_MAX_SPLIT; sp++)
+            for (int sp = 0; sp < SMAX; sp++)
                 if (sp < S) v0 += pv[u][sp].x * wsp[sp], v1 += pv[u][sp].y * wsp[sp];
             float x0 = v0 / den, x1 = v1 / den;
             if (2 * c >= r0) {
@@ -281,6 +289,11 @@ __global__ void __launch_bounds__(ATTN_THREADS) k_attn_combine(attn_args a) {
             *(float2 *)(og + 2 * c) = make_float2(x0, x1);
         }
     }
+}
+
+static void launch_attn_combine(cudaStream_t st, const attn_args &a, int n) {
+    if (a.splits <= 16) launch_k(k_attn_combine<16>, dim3(a.H, n), combine_threads(16), 0, st, a);
+    else launch_k(k_attn_combine<32>, dim3(a.H, n), combine_threads(32), 0, st, a);
 }
 
 /* k_attention for n tokens (a.splits set); d / 32 must be 1, 2, 4, 8 or 16

@@ -78,13 +78,13 @@ __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
                  : "r"((uint32_t)__cvta_generic_to_shared(p)));
 }
 
-/* Thread i < KT's row of the key tile at k0, a short tile repeating its
- * last key (its weight is 0); nullptr past the keys. */
+/* Thread i < KT's row of the key tile at k0 of the keys before `end`, a
+ * short tile repeating its last key (its weight is 0); nullptr past them. */
 template <int D, int KT>
-__device__ __forceinline__ const float *tca_key_of(const attn_args &a, const attn_keys &keys, int64_t k0) {
-    if (threadIdx.x >= KT || k0 >= keys.n_keys) return nullptr;
-    const int64_t nt = keys.n_keys - k0 < KT ? keys.n_keys - k0 : KT;
-    return (const float *)attn_key_row(a, keys, k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1), D).p;
+__device__ __forceinline__ key_ref tca_key_of(const attn_args &a, const attn_keys &keys, int64_t k0, int64_t end) {
+    if (threadIdx.x >= KT || k0 >= end) return key_ref{nullptr, false};
+    const int64_t nt = end - k0 < KT ? end - k0 : KT;
+    return attn_key_row(a, keys, k0 + (threadIdx.x < nt ? threadIdx.x : nt - 1), D);
 }
 
 /* A key tile of KT rows into kt (row stride LD) by cp.async; key_row is
@@ -114,6 +114,28 @@ __device__ __forceinline__ void tca_load_keys(const float *key_row, const float 
         }
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+}
+
+/* tca_load_keys where some rows are compact (a decode token's compressed
+ * rows, kv_compact.cuh): a warp a row, each lane's four-dim groups decoded
+ * into kt (the very floats a float row holds). kp and kc hold the rows'
+ * addresses and whether each is compact. The same barriers. */
+template <int D, int KT, int THREADS, int LD>
+__device__ __forceinline__ void tca_load_keys_compact(const key_ref &key_row, const float **kp, bool *kc, float *kt,
+                                                      const kv_compact &L) {
+    static_assert(D % (4 * WARP) == 0, "a lane's four-dim groups at constant offsets");
+    if (threadIdx.x < KT) kp[threadIdx.x] = (const float *)key_row.p, kc[threadIdx.x] = key_row.compact;
+    __syncthreads();   /* kp, kc; the previous tile's reads of kt, p_sh, alpha_row */
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    for (int r = warp; r < KT; r += THREADS / WARP) {
+        const key_ref src{kp[r], kc[r]};
+        float4 v[D / (4 * WARP)];   /* every load of the row out before the first store */
+#pragma unroll
+        for (int k = 0; k < D / (4 * WARP); k++) v[k] = key_load4(src, lane + WARP * k, L);
+#pragma unroll
+        for (int k = 0; k < D / (4 * WARP); k++) *(float4 *)(kt + r * LD + 4 * (lane + WARP * k)) = v[k];
+    }
     __syncthreads();
 }
 
@@ -236,6 +258,24 @@ __device__ __forceinline__ void tca_store(const attn_args &a, const float (&acc)
             og[c] = x0;
             og[c + 1] = x1;
         }
+    }
+}
+
+/* A decode split's partial, as k_attention writes it for k_attn_combine:
+ * the maximum, the denominator and the weighted sum (not normalized), rows
+ * g, g + 8; d elements d0 + TS j + 2 tg, + 1. */
+template <int D, int NTW, int TS>
+__device__ __forceinline__ void tca_store_part(const attn_args &a, const float (&acc)[NTW][4], const float *m_row,
+                                               const float *den_row, int t, int h0, int sp, int d0, int g, int tg) {
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        int r = g + 8 * hh, h = h0 + r;
+        if (h >= a.H) continue;
+        float *pp = a.part + (((int64_t)t * a.H + h) * a.splits + sp) * (ATTN_PART_HEAD + D);
+#pragma unroll
+        for (int j = 0; j < NTW; j++)
+            *(float2 *)(pp + ATTN_PART_HEAD + d0 + TS * j + 2 * tg) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
+        if (d0 == 0 && tg == 0) pp[0] = m_row[r], pp[1] = den_row[r];
     }
 }
 
@@ -400,11 +440,11 @@ __global__ void __launch_bounds__(TCA_THREADS, 2) k_attention_tc(attn_args a) {
 #pragma unroll
     for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    const float *key_row = tca_key_of<D, TCA_KT>(a, keys, 0);
+    const float *key_row = (const float *)tca_key_of<D, TCA_KT>(a, keys, 0, n_keys).p;
     for (int64_t k0 = 0; k0 < n_keys; k0 += TCA_KT) {
         int nt = n_keys - k0 < TCA_KT ? (int)(n_keys - k0) : TCA_KT;
         tca_load_keys<D, TCA_KT, TCA_THREADS, LD>(key_row, kp, kt);
-        key_row = tca_key_of<D, TCA_KT>(a, keys, k0 + TCA_KT);   /* the next tile's, read while this one runs */
+        key_row = (const float *)tca_key_of<D, TCA_KT>(a, keys, k0 + TCA_KT, n_keys).p;   /* the next tile's, read while this one runs */
 
         /* scores: warp w takes keys 8 (w % 2).. over d half w / 2 */
         {
@@ -479,16 +519,22 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
     __shared__ tca_weights p_sh[2];                      /* each 16-key step's weights */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[2][TCA_ROWS], psum_row[TCA_ROWS];
     __shared__ const float *kp[TCA8_KT];
+    __shared__ bool kc[TCA8_KT];   /* compact rows (a decode token's) */
 
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane / 4, tg = lane % 4;
     int t = blockIdx.y, h0 = blockIdx.x * TCA_ROWS;
     int64_t pos = *a.pos0 + t;
     const attn_keys keys = attn_keys_of(a, t, pos);
-    const int64_t n_keys = keys.n_keys;
+    /* this block's keys: all of them (a chunk), or split sp of S (a decode token) */
+    const int S = gridDim.z, split = blockIdx.z;
+    const int64_t per = (keys.n_keys + S - 1) / S, k_begin = split * per;
+    const int64_t n_keys = k_begin + per < keys.n_keys ? k_begin + per : keys.n_keys;
 
-    for (int i = threadIdx.x; i < TCA_ROWS * D; i += TCA8_THREADS) {
-        int r = i / D, c = i % D;
-        qf[r * LD + c] = h0 + r < a.H ? a.q[((int64_t)t * a.H + h0 + r) * D + c] : 0.0f;
+    /* Q, 16 bytes a load (a decode split's one key tile waits on these) */
+    for (int i = threadIdx.x; i < TCA_ROWS * D / 4; i += TCA8_THREADS) {
+        int r = i / (D / 4), c = 4 * (i % (D / 4));
+        *(float4 *)(qf + r * LD + c) = h0 + r < a.H ? *(const float4 *)(a.q + ((int64_t)t * a.H + h0 + r) * D + c)
+                                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
     if (threadIdx.x < TCA_ROWS) m_row[threadIdx.x] = -INFINITY, den_row[threadIdx.x] = 0.0f;
     const float scale = 1.0f / sqrtf((float)D);
@@ -500,12 +546,15 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
 #pragma unroll
     for (int j = 0; j < NTW; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    const float *key_row = tca_key_of<D, TCA8_KT>(a, keys, 0);
-    for (int64_t k0 = 0; k0 < n_keys; k0 += TCA8_KT) {
+    key_ref key_row = tca_key_of<D, TCA8_KT>(a, keys, k_begin, n_keys);
+    for (int64_t k0 = k_begin; k0 < n_keys; k0 += TCA8_KT) {
         int nt = n_keys - k0 < TCA8_KT ? (int)(n_keys - k0) : TCA8_KT;
         int steps = nt > TCA_KT ? 2 : 1;   /* 16-key softmax steps (k_attention_tc's tiles) */
-        tca_load_keys<D, TCA8_KT, TCA8_THREADS, LD>(key_row, kp, kt);
-        key_row = tca_key_of<D, TCA8_KT>(a, keys, k0 + TCA8_KT);   /* the next tile's, read while this one runs */
+        if (a.rows8)
+            tca_load_keys_compact<D, TCA8_KT, TCA8_THREADS, LD>(key_row, kp, kc, kt, a.kv);
+        else
+            tca_load_keys<D, TCA8_KT, TCA8_THREADS, LD>((const float *)key_row.p, kp, kt);
+        key_row = tca_key_of<D, TCA8_KT>(a, keys, k0 + TCA8_KT, n_keys);   /* the next tile's, read while this one runs */
 
         /* scores. Head sizes >= 256: warp w takes the 32 keys over d eighth
          * w (CH chains of 32); a d half's chains are added in order, as
@@ -632,7 +681,10 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
                                  g, tg);
     }
     __syncthreads();
-    tca_store<D, NTW, 64>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
+    if (S == 1)
+        tca_store<D, NTW, 64>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
+    else
+        tca_store_part<D, NTW, 64>(a, acc, m_row, den_row, t, h0, split, 8 * warp, g, tg);
 }
 
 /* The shared-memory opt-in above 48 KB, once per head size. */
@@ -665,16 +717,46 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     }
 }
 
+/* A decode token of a layer whose compressed rows the indexer chose (ratio
+ * 4: up to window + top_k keys, 640) on k_attention_tc8: its keys in
+ * TCA8_DECODE_SPLITS blocks a group of 16 heads, their partials then
+ * combined as k_attention's. There k_attention gave each of 64 heads a warp
+ * and 40 keys: 24.7 us at 0.23 instructions issued a scheduler, its products
+ * one lane's FFMA chains and 5-shuffle sums a key. The other layers (window
+ * and every ratio-128 row: 144 keys at 2K) stay on k_attention: there the
+ * tiles were mostly empty and their half-layers took 88.6 us against 78.0
+ * (the decode chain's trace, H200). 32 splits: 16 (two tiles a block, half
+ * the blocks) decoded 1-2% slower. DS4_CUDA_NO_TCDECODE=1 keeps k_attention
+ * everywhere (for A/B). */
+#define TCA8_DECODE_SPLITS 32
+static_assert(TCA8_DECODE_SPLITS <= ATTN_MAX_SPLIT, "k_attn_combine's splits");
+
+static bool launch_attention_tc_decode(cudaStream_t st, attn_args a) {
+    if (!a.sel || a.d < 128 || !tca_fits(a.d) || getenv("DS4_CUDA_NO_TCDECODE")) return false;
+    a.splits = TCA8_DECODE_SPLITS;
+    dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), 1, (unsigned)a.splits);
+    size_t shm8 = tca8_shared_bytes(a.d);
+    switch (a.d) {
+    case 128: launch_k(k_attention_tc8<128>, grid, TCA8_THREADS, shm8, st, a); break;
+    case 256: launch_k(k_attention_tc8<256>, grid, TCA8_THREADS, shm8, st, a); break;
+    case 512: launch_k(k_attention_tc8<512>, grid, TCA8_THREADS, shm8, st, a); break;
+    default: return false;
+    }
+    launch_attn_combine(st, a, 1);
+    return true;
+}
+
 /* Attention for n tokens: a chunk on the tensor cores where the head size
  * allows and the rows are float (DS4_CUDA_NO_TCATTN=1 keeps k_attention, for
- * A/B); otherwise the
- * partials of k_attention, then their combination with the sink. */
+ * A/B), a decode token there too (above); otherwise the partials of
+ * k_attention, then their combination with the sink. */
 static void launch_attention(cudaStream_t st, attn_args a, int n) {
     a.splits = attn_splits(n);
     if (n > 1 && !a.rows8 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) {
         launch_attention_tc(st, a, n);
         return;
     }
+    if (n == 1 && launch_attention_tc_decode(st, a)) return;
     launch_attention_simt(st, a, n);
-    launch_k(k_attn_combine, dim3(a.H, n), ATTN_THREADS, 0, st, a);
+    launch_attn_combine(st, a, n);
 }
