@@ -43,6 +43,10 @@ class Row:
     gen_tps: float
     kvcache_bytes: int     # Session.kv_bytes at the frontier
     generated: list = field(default_factory=list, repr=False)   # the decoded ids
+    # each decoded token's seconds (the eval and the argmax): a mean above the
+    # median shows tokens that cost more than the rest (on CUDA every fourth,
+    # which completes the ratio-4 layers' compression windows)
+    gen_times: list = field(default_factory=list, repr=False)
 
     def csv(self):
         return (f"{self.ctx_tokens},{self.prefill_tokens},{self.prefill_tps:.2f},"
@@ -114,20 +118,23 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
                 progress(frontier, "prefill", min(start + step, len(todo)), len(todo))
         prefill_s = time.perf_counter() - t0
         kv = session.kv_bytes
-        generated = []
-        t0 = time.perf_counter()
+        generated, gen_times = [], []
+        t0 = t_prev = time.perf_counter()
         for i in range(gen_tokens):
             logits[eos] = -np.inf
             tok = int(np.argmax(logits))
             generated.append(tok)
             logits = session.eval([tok])
+            t_now = time.perf_counter()
+            gen_times.append(t_now - t_prev)
+            t_prev = t_now
             if progress:
                 progress(frontier, "decode", i + 1, gen_tokens)
         gen_s = time.perf_counter() - t0
         if frontier != points[-1]:
             session.rewind(frontier)
         yield Row(frontier, len(todo), len(todo) / max(prefill_s, 1e-9), gen_tokens,
-                  gen_tokens / max(gen_s, 1e-9), kv, generated)
+                  gen_tokens / max(gen_s, 1e-9), kv, generated, gen_times)
         previous = frontier
 
 
@@ -208,7 +215,16 @@ def batch_report(rows, db, bandwidth):
         lines.append(f"ctx {r.ctx_tokens:>7}: decode {r.gen_tps:8.2f} tok/s = {gbs:7.2f} GB/s, "
                      f"{100 * r.gen_tps / bound:5.1f}% of bound; prefill "
                      f"{r.prefill_tps * 2 * db.active_weights / 1e9:8.1f} GFLOP/s")
+        if r.gen_times:
+            lines.append("             " + token_times(r.gen_times))
     return lines
+
+
+def token_times(seconds):
+    """A decode's per-token times in ms: where the mean comes from."""
+    ms = 1e3 * np.asarray(seconds, dtype=np.float64)
+    return (f"token ms: median {np.median(ms):.3f}, mean {ms.mean():.3f}, "
+            f"p90 {np.percentile(ms, 90):.3f}, max {ms.max():.3f} (token {int(ms.argmax())})")
 
 
 # ---------------------------------------------------------------- synthetic model

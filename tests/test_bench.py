@@ -2,6 +2,7 @@
 import csv
 import io
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,26 @@ def test_batch_report_relates_decode_rate_to_the_copy_bound():
     lines = bench.batch_report([row], db, bandwidth=1e6)   # bound: 1e6 / 8000 = 125 tok/s
     assert "decode bound 125 tok/s" in lines[1]
     assert "40.0% of bound" in lines[2]
+
+
+def test_batch_report_shows_where_the_mean_token_time_comes_from():
+    db = bench.DecodeBytes(dense=6_000, routed=8_000, routed_share=0.25, table_rows=0,
+                           active_weights=1_000)
+    times = [0.007, 0.007, 0.007, 0.008] * 3   # every fourth token slower, as on CUDA
+    row = bench.Row(128, 128, 1000.0, len(times), 50.0, 1, gen_times=times)
+    line = bench.batch_report([row], db, bandwidth=1e6)[3]
+    ms = [1e3 * t for t in times]
+    p90 = statistics.quantiles(ms, n=10, method="inclusive")[-1]
+    assert (f"median {statistics.median(ms):.3f}, mean {statistics.mean(ms):.3f}, "
+            f"p90 {p90:.3f}, max {max(ms):.3f} (token 3)") in line
+
+
+def test_walk_times_each_decoded_token(tiny):
+    rows = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
+    for r in rows:
+        assert len(r.gen_times) == r.gen_tokens and min(r.gen_times) > 0
+        # the tokens' times add up to the decode the rate was measured over
+        assert sum(r.gen_times) <= r.gen_tokens / r.gen_tps * 1.0001
 
 
 def test_a_backend_without_a_bandwidth_probe_is_refused_by_name():
