@@ -14,8 +14,8 @@
 #              this build, and this build with each switch in SWITCHES set; PAIRS
 #              rounds (default 2)
 #   walk       the docs' walks (qat-q8 2K..16K by 2K, qat 2K and 16K) and the batch
-#              report (the copy bandwidth, the bound)
-#   chain      csrc/cuda/chain_profile.py: three decode steps at 2K on the chain
+#              report (the copy bandwidth, the bound, the per-token times)
+#   chain      csrc/cuda/chain_profile.py: four decode steps at 2K on the chain
 #   bench-mid  prefill/decode speed on the mid model (bench.py)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
 #   ncu        NCU_COUNT launches (default 1) of the kernels matching NCU_KERNEL (an ncu
@@ -131,7 +131,7 @@ PY
     timeout 120 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 \
       --ctx-max 2048 --gen-tokens 64 --batch-report 2>&1 | tail -4 ;;
   chain)
-    timeout 200 python3 csrc/cuda/chain_profile.py --steps 3 --trace $OUT/trace.json 2>&1 \
+    timeout 200 python3 csrc/cuda/chain_profile.py --steps 4 --trace $OUT/trace.json 2>&1 \
       | grep -v -i warn | tail -50 ;;
   bench-mid)
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
