@@ -43,9 +43,10 @@ class Row:
     gen_tps: float
     kvcache_bytes: int     # Session.kv_bytes at the frontier
     generated: list = field(default_factory=list, repr=False)   # the decoded ids
-    # each decoded token's seconds (the eval and the argmax): a mean above the
-    # median shows tokens that cost more than the rest (on CUDA every fourth,
-    # which completes the ratio-4 layers' compression windows)
+    # each decoded token's seconds (its argmax and eval, and the progress report
+    # before them; together the decode's time): a mean above the median shows
+    # tokens that cost more than the rest (on CUDA every fourth, which completes
+    # the ratio-4 layers' compression windows)
     gen_times: list = field(default_factory=list, repr=False)
 
     def csv(self):
