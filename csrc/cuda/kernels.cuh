@@ -974,36 +974,93 @@ struct comp_args {
     kv_compact kv;
 };
 
+/* The pooling's loads go out together: a thread's COMP_DIMS dims (all of a
+ * 512-dim row over 128 threads) and a window's positions COMP_BATCH at a
+ * time, each batch loaded before its first use; a window of at most
+ * COMP_BATCH positions (ratio 4's two halves: 8) is loaded once and kept in
+ * registers. Each thread had pooled its dims one after another, three passes
+ * of dependent global loads each (~100 loads in a row): a decode token that
+ * completes a ratio-4 window waited 44 us on its one block (58 us a layer
+ * with the indexer's, 1.2 ms every fourth token; the H200 trace). The same
+ * expressions in the same order for each dim: the same bits. */
+#define COMP_BATCH 8
+#define COMP_DIMS 4
+
+struct comp_window {
+    const comp_args &a;
+    int64_t w, first, last;
+    /* gamma (or kappa) of positions p0.. (consecutive: one ring division) at
+     * this thread's dims j0 + q blockDim (those < dim): ratio 4's earlier half
+     * (p < w m) takes the first dim values of the ring row, the later half
+     * the second */
+    __device__ __forceinline__ void load(float (&v)[COMP_DIMS][COMP_BATCH], int64_t p0, int j0, bool gamma) const {
+        int64_t slot = p0 % a.cap;
+#pragma unroll
+        for (int u = 0; u < COMP_BATCH; u++) {
+            if (p0 + u < last) {
+                const float *row = a.ring + (slot * 2 + gamma) * a.width +
+                                   ((a.coff == 2 && p0 + u >= w * a.m) ? a.dim : 0);
+#pragma unroll
+                for (int q = 0; q < COMP_DIMS; q++) {
+                    int j = j0 + q * (int)blockDim.x;
+                    if (j < a.dim) v[q][u] = row[j];
+                }
+            }
+            slot = slot + 1 == a.cap ? 0 : slot + 1;
+        }
+    }
+};
+
 __global__ void k_compress(comp_args a) {
     pdl_begin();
     int64_t w = *a.pos0 / a.m + blockIdx.x;
     if (w >= (*a.pos0 + a.n) / a.m) return;
     int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
     if (first < 0) first = w * a.m;
-    int64_t last = w * a.m + a.m;
+    const comp_window cw = {a, w, first, w * a.m + a.m};
+    const bool one_batch = cw.last - first <= COMP_BATCH;
     extern __shared__ float comp_row[];
     float *out = a.rows8 ? comp_row : a.rows + w * a.dim;
-    for (int j = threadIdx.x; j < a.dim; j += blockDim.x) {
-        float mx = -INFINITY;
-        for (int64_t p = first; p < last; p++) {
-            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
-            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
-            mx = fmaxf(mx, gamma[off + j]);
+    for (int j0 = threadIdx.x; j0 < a.dim; j0 += COMP_DIMS * blockDim.x) {
+        float g[COMP_DIMS][COMP_BATCH], k[COMP_DIMS][COMP_BATCH];
+        float mx[COMP_DIMS], sum[COMP_DIMS], acc[COMP_DIMS];
+#pragma unroll
+        for (int q = 0; q < COMP_DIMS; q++) mx[q] = -INFINITY, sum[q] = 0, acc[q] = 0;
+        /* the three passes over the window: the maximum, the sum of exponents,
+         * then the weighted kappa */
+        for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
+            cw.load(g, p0, j0, true);
+            if (one_batch) cw.load(k, p0, j0, false);
+#pragma unroll
+            for (int q = 0; q < COMP_DIMS; q++)
+#pragma unroll
+                for (int u = 0; u < COMP_BATCH; u++)
+                    if (p0 + u < cw.last) mx[q] = fmaxf(mx[q], g[q][u]);
         }
-        float sum = 0;
-        for (int64_t p = first; p < last; p++) {
-            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
-            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
-            sum += expf(gamma[off + j] - mx);
+        for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
+            if (!one_batch) cw.load(g, p0, j0, true);
+#pragma unroll
+            for (int q = 0; q < COMP_DIMS; q++)
+#pragma unroll
+                for (int u = 0; u < COMP_BATCH; u++)
+                    if (p0 + u < cw.last) sum[q] += expf(g[q][u] - mx[q]);
         }
-        float acc = 0;
-        for (int64_t p = first; p < last; p++) {
-            const float *kappa = a.ring + ((p % a.cap) * 2) * a.width;
-            const float *gamma = kappa + a.width;
-            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
-            acc += expf(gamma[off + j] - mx) / sum * kappa[off + j];
+        for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
+            if (!one_batch) {
+                cw.load(g, p0, j0, true);
+                cw.load(k, p0, j0, false);
+            }
+#pragma unroll
+            for (int q = 0; q < COMP_DIMS; q++)
+#pragma unroll
+                for (int u = 0; u < COMP_BATCH; u++)
+                    if (p0 + u < cw.last) acc[q] += expf(g[q][u] - mx[q]) / sum[q] * k[q][u];
         }
-        out[j] = acc;
+#pragma unroll
+        for (int q = 0; q < COMP_DIMS; q++) {
+            int j = j0 + q * (int)blockDim.x;
+            if (j < a.dim) out[j] = acc[q];
+        }
     }
     __syncthreads();
     d_rms(out, out, a.norm_w, a.dim, a.eps);
