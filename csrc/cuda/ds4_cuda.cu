@@ -1172,7 +1172,7 @@ static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
         launch_k(k_rows_warp, (unsigned)blocks_for(n_rows, ROWS_WARP_ROWS), ROWS_WARP_ROWS * WARP, 0, st, a, n_rows);
         return;
     }
-    launch_k(k_rows, (unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, 0, st, a);
+    launch_k(k_rows, (unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, rows_staged(a) ? a.dim * sizeof(float) : 0, st, a);
 }
 
 static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }

@@ -421,11 +421,19 @@ struct row_args {
     act8_pre a8;    /* qat-q8: y's codes for the one-token product that reads it (dim % 256 == 0) */
 };
 
+/* A normed row's later steps (RoPE, qat, scale, codes) read back what the
+ * earlier ones wrote: in shared memory when the row fits there (each was a
+ * round trip to L2 on a decode layer's q and kv paths), then copied to y
+ * with the last step's own thread mapping. The same steps, the same bits. */
+#define ROWS_STAGED_MAX 4096
+__host__ __device__ inline bool rows_staged(const row_args &a) { return a.norm && a.dim <= ROWS_STAGED_MAX; }
+
 __global__ void k_rows(row_args a) {
     pdl_begin();
+    extern __shared__ __align__(16) float rows_sh[];
     int r = blockIdx.x;
     const float *x = a.x + (int64_t)r * a.xs;
-    float *y = a.y + (int64_t)r * a.ys;
+    float *yg = a.y + (int64_t)r * a.ys, *y = rows_staged(a) ? rows_sh : yg;
     if (a.norm) {
         d_rms(y, x, a.norm_w, a.dim, a.eps);
     } else if (x != y) {
@@ -437,6 +445,8 @@ __global__ void k_rows(row_args a) {
     if (a.qat == QAT_FP4) d_qat_fp4(y, a.qat_len);
     if (a.scale != 1.0f)
         for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] *= a.scale;
+    if (y != yg)   /* each thread its own elements of the step before (or of a barrier's) */
+        for (int i = threadIdx.x; i < a.dim; i += blockDim.x) yg[i] = y[i];
     if (a.a8.q0.q || a.a8.qk.q) d_act8_row(y, a.dim, a.a8, (int64_t)r * a.dim);
 }
 
