@@ -1205,6 +1205,7 @@ __device__ __forceinline__ uint32_t d_block_scan(uint32_t v, uint32_t *ws, uint3
 }
 
 #define IDX_SEL_THREADS 512   /* >= 256: a thread per histogram bin */
+#define IDX_SEL_CACHE 8       /* a thread's keys held: 4,096 rows (16K tokens at ratio 4) */
 
 /* One block per token. A radix select over the score keys, a byte a pass
  * from the top, finds the key T of the top_k-th best row and how many rows
@@ -1227,14 +1228,34 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
     int *out = a.sel + (int64_t)t * a.top_k;
     __shared__ uint32_t hist[256], ws[WARP], s_prefix, s_rem;
     int lane = threadIdx.x % WARP;
+    /* the keys of rows threadIdx.x + j blockDim, j < IDX_SEL_CACHE, read once
+     * (every pass read them again from L2: five rounds a token); rows past
+     * them read at each pass. body(r0, key) for every row tile r0, in order. */
+    uint32_t kc[IDX_SEL_CACHE];
+#pragma unroll
+    for (int j = 0; j < IDX_SEL_CACHE; j++) {
+        int64_t r = (int64_t)j * blockDim.x + threadIdx.x;
+        kc[j] = r < n_rows ? d_desc_key(sc[r]) : 0;
+    }
+    auto for_rows = [&](auto &&body) {
+#pragma unroll
+        for (int j = 0; j < IDX_SEL_CACHE; j++) {
+            const int64_t r0 = (int64_t)j * blockDim.x;
+            if (r0 >= n_rows) return;
+            body(r0, kc[j]);
+        }
+        for (int64_t r0 = (int64_t)IDX_SEL_CACHE * blockDim.x; r0 < n_rows; r0 += blockDim.x) {
+            int64_t r = r0 + threadIdx.x;
+            body(r0, r < n_rows ? d_desc_key(sc[r]) : 0u);
+        }
+    };
     uint32_t prefix = 0, rem = (uint32_t)a.top_k;   /* rem: rank wanted among rows matching prefix */
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         uint32_t mask = shift == 24 ? 0 : 0xFFFFFFFFu << (shift + 8);
-        for (int64_t r0 = 0; r0 < n_rows; r0 += blockDim.x) {
+        for_rows([&](int64_t r0, uint32_t k) {
             int64_t r = r0 + threadIdx.x;
-            uint32_t k = r < n_rows ? d_desc_key(sc[r]) : 0;
             bool live = r < n_rows && (k & mask) == prefix;
             unsigned act = __ballot_sync(0xffffffffu, live);
             if (live) {
@@ -1243,7 +1264,7 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
                 unsigned peers = __match_any_sync(act, bin);
                 if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
             }
-        }
+        });
         __syncthreads();
         uint32_t c = threadIdx.x < 256 ? hist[threadIdx.x] : 0, tot;
         uint32_t before = d_block_scan(c, ws, &tot);
@@ -1256,19 +1277,16 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
         rem = s_rem;
     }
     uint32_t T = prefix, need = rem, base_gt = 0, base_eq = 0;
-    for (int64_t r0 = 0; r0 < n_rows; r0 += blockDim.x) {
+    for_rows([&](int64_t r0, uint32_t k) {
         int64_t r = r0 + threadIdx.x;
         uint32_t v = 0;   /* counts packed: key T rows << 16 | better rows */
-        if (r < n_rows) {
-            uint32_t k = d_desc_key(sc[r]);
-            v = k < T ? 1u : k == T ? 0x10000u : 0u;
-        }
+        if (r < n_rows) v = k < T ? 1u : k == T ? 0x10000u : 0u;
         uint32_t tot, before = d_block_scan(v, ws, &tot);
         uint32_t gt = base_gt + (before & 0xFFFFu), eq = base_eq + (before >> 16);
         if (v == 1u || (v && eq < need)) out[gt + (eq < need ? eq : need)] = (int)r;
         base_gt += tot & 0xFFFFu;
         base_eq += tot >> 16;
-    }
+    });
     if (threadIdx.x == 0) a.n_sel[t] = a.top_k;
 }
 
