@@ -1172,7 +1172,7 @@ static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
         launch_k(k_rows_warp, (unsigned)blocks_for(n_rows, ROWS_WARP_ROWS), ROWS_WARP_ROWS * WARP, 0, st, a, n_rows);
         return;
     }
-    launch_k(k_rows, (unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, 0, st, a);
+    launch_k(k_rows, (unsigned)n_rows, a.dim >= 4096 ? 1024 : 256, rows_staged(a) ? a.dim * sizeof(float) : 0, st, a);
 }
 
 static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }
@@ -1337,7 +1337,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
                      (const uint16_t *)L.comp_ape.data, (const uint16_t *)L.idx_comp_ape.data,
                      dl.raw, dl.kg, dl.idx_kg, g->dpos, dev_cap_raw(s), dev_cap_kg(s, ls), d, cw, iw2, m};
-    launch_k(k_state, n, 256, 0, st, sa);
+    launch_k(k_state, n, STATE_THREADS, 0, st, sa);
     if (m) {
         unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
         comp_args ca = {dl.kg, dev_cap_kg(s, ls), cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),

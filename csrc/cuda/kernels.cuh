@@ -421,11 +421,19 @@ struct row_args {
     act8_pre a8;    /* qat-q8: y's codes for the one-token product that reads it (dim % 256 == 0) */
 };
 
+/* A normed row's later steps (RoPE, qat, scale, codes) read back what the
+ * earlier ones wrote: in shared memory when the row fits there (each was a
+ * round trip to L2 on a decode layer's q and kv paths), then copied to y
+ * with the last step's own thread mapping. The same steps, the same bits. */
+#define ROWS_STAGED_MAX 4096
+__host__ __device__ inline bool rows_staged(const row_args &a) { return a.norm && a.dim <= ROWS_STAGED_MAX; }
+
 __global__ void k_rows(row_args a) {
     pdl_begin();
+    extern __shared__ __align__(16) float rows_sh[];
     int r = blockIdx.x;
     const float *x = a.x + (int64_t)r * a.xs;
-    float *y = a.y + (int64_t)r * a.ys;
+    float *yg = a.y + (int64_t)r * a.ys, *y = rows_staged(a) ? rows_sh : yg;
     if (a.norm) {
         d_rms(y, x, a.norm_w, a.dim, a.eps);
     } else if (x != y) {
@@ -437,6 +445,8 @@ __global__ void k_rows(row_args a) {
     if (a.qat == QAT_FP4) d_qat_fp4(y, a.qat_len);
     if (a.scale != 1.0f)
         for (int i = threadIdx.x; i < a.dim; i += blockDim.x) y[i] *= a.scale;
+    if (y != yg)   /* each thread its own elements of the step before (or of a barrier's) */
+        for (int i = threadIdx.x; i < a.dim; i += blockDim.x) yg[i] = y[i];
     if (a.a8.q0.q || a.a8.qk.q) d_act8_row(y, a.dim, a.a8, (int64_t)r * a.dim);
 }
 
@@ -930,27 +940,57 @@ struct state_args {
     int d, cw, iw2, m;
 };
 
-__global__ void k_state(state_args a) {
+/* A token's elements of the three rows are one index space, a thread's
+ * STATE_PER of them loaded before any is stored: the three loops this was
+ * (a store then the next load, which the compiler must take as possibly the
+ * same address) were ~12 dependent rounds of memory a thread, 5.7 us of each
+ * decode layer's chain (the H200 trace); Flash's 3,072 elements now go in one
+ * round of STATE_THREADS. The same values (src, or src + APE). */
+#define STATE_THREADS 1024
+#define STATE_PER 4
+
+__global__ void __launch_bounds__(STATE_THREADS) k_state(state_args a) {
     pdl_begin();
     int t = blockIdx.x;
     int64_t pos = *a.pos0 + t;
-    for (int k = threadIdx.x; k < a.d; k += blockDim.x)
-        a.raw[(pos % a.cap_raw) * a.d + k] = a.kv[(int64_t)t * a.d + k];
-    if (!a.m) return;
-    float *slot = a.kg_ring + (pos % a.cap_kg) * 2 * a.cw;
-    const float *src = a.kg + (int64_t)t * 2 * a.cw;
-    for (int k = threadIdx.x; k < 2 * a.cw; k += blockDim.x) {
-        float v = src[k];
-        if (k >= a.cw) v += __half2float(__ushort_as_half(a.ape[(pos % a.m) * a.cw + k - a.cw]));
-        slot[k] = v;
-    }
-    if (!a.ikg) return;
-    float *islot = a.ikg_ring + (pos % a.cap_kg) * 2 * a.iw2;
-    const float *isrc = a.ikg + (int64_t)t * 2 * a.iw2;
-    for (int k = threadIdx.x; k < 2 * a.iw2; k += blockDim.x) {
-        float v = isrc[k];
-        if (k >= a.iw2) v += __half2float(__ushort_as_half(a.iape[(pos % a.m) * a.iw2 + k - a.iw2]));
-        islot[k] = v;
+    const int n_kv = a.d, n_kg = a.m ? 2 * a.cw : 0, n_ikg = a.m && a.ikg ? 2 * a.iw2 : 0;
+    const int total = n_kv + n_kg + n_ikg;
+    float *raw = a.raw + (pos % a.cap_raw) * a.d;
+    float *kg_slot = n_kg ? a.kg_ring + (pos % a.cap_kg) * 2 * a.cw : NULL;
+    float *ikg_slot = n_ikg ? a.ikg_ring + (pos % a.cap_kg) * 2 * a.iw2 : NULL;
+    const int64_t ape_row = a.m ? pos % a.m : 0;
+    for (int i0 = threadIdx.x; i0 < total; i0 += STATE_PER * blockDim.x) {
+        /* the loads (an APE half kept raw: converting it here would wait on it) */
+        float v[STATE_PER];
+        uint16_t ape[STATE_PER];
+        bool add[STATE_PER];
+        float *dst[STATE_PER];
+#pragma unroll
+        for (int u = 0; u < STATE_PER; u++) {
+            int i = i0 + u * blockDim.x;
+            dst[u] = NULL, add[u] = false, ape[u] = 0;
+            if (i < n_kv) {
+                v[u] = a.kv[(int64_t)t * a.d + i];
+                dst[u] = raw + i;
+            } else if (i < n_kv + n_kg) {   /* kappa, then gamma + APE */
+                int k = i - n_kv;
+                v[u] = a.kg[(int64_t)t * 2 * a.cw + k];
+                if (k >= a.cw) ape[u] = a.ape[ape_row * a.cw + k - a.cw], add[u] = true;
+                dst[u] = kg_slot + k;
+            } else if (i < total) {
+                int k = i - n_kv - n_kg;
+                v[u] = a.ikg[(int64_t)t * 2 * a.iw2 + k];
+                if (k >= a.iw2) ape[u] = a.iape[ape_row * a.iw2 + k - a.iw2], add[u] = true;
+                dst[u] = ikg_slot + k;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < STATE_PER; u++) {
+            if (!dst[u]) continue;
+            float x = v[u];
+            if (add[u]) x += __half2float(__ushort_as_half(ape[u]));
+            *dst[u] = x;
+        }
     }
 }
 
@@ -974,36 +1014,93 @@ struct comp_args {
     kv_compact kv;
 };
 
+/* The pooling's loads go out together: a thread's COMP_DIMS dims (all of a
+ * 512-dim row over 128 threads) and a window's positions COMP_BATCH at a
+ * time, each batch loaded before its first use; a window of at most
+ * COMP_BATCH positions (ratio 4's two halves: 8) is loaded once and kept in
+ * registers. Each thread had pooled its dims one after another, three passes
+ * of dependent global loads each (~100 loads in a row): a decode token that
+ * completes a ratio-4 window waited 44 us on its one block (58 us a layer
+ * with the indexer's, 1.2 ms every fourth token; the H200 trace). The same
+ * expressions in the same order for each dim: the same bits. */
+#define COMP_BATCH 8
+#define COMP_DIMS 4
+
+struct comp_window {
+    const comp_args &a;
+    int64_t w, first, last;
+    /* gamma (or kappa) of positions p0.. (consecutive: one ring division) at
+     * this thread's dims j0 + q blockDim (those < dim): ratio 4's earlier half
+     * (p < w m) takes the first dim values of the ring row, the later half
+     * the second */
+    __device__ __forceinline__ void load(float (&v)[COMP_DIMS][COMP_BATCH], int64_t p0, int j0, bool gamma) const {
+        int64_t slot = p0 % a.cap;
+#pragma unroll
+        for (int u = 0; u < COMP_BATCH; u++) {
+            if (p0 + u < last) {
+                const float *row = a.ring + (slot * 2 + gamma) * a.width +
+                                   ((a.coff == 2 && p0 + u >= w * a.m) ? a.dim : 0);
+#pragma unroll
+                for (int q = 0; q < COMP_DIMS; q++) {
+                    int j = j0 + q * (int)blockDim.x;
+                    if (j < a.dim) v[q][u] = row[j];
+                }
+            }
+            slot = slot + 1 == a.cap ? 0 : slot + 1;
+        }
+    }
+};
+
 __global__ void k_compress(comp_args a) {
     pdl_begin();
     int64_t w = *a.pos0 / a.m + blockIdx.x;
     if (w >= (*a.pos0 + a.n) / a.m) return;
     int64_t first = a.coff == 2 ? (w - 1) * a.m : w * a.m;
     if (first < 0) first = w * a.m;
-    int64_t last = w * a.m + a.m;
+    const comp_window cw = {a, w, first, w * a.m + a.m};
+    const bool one_batch = cw.last - first <= COMP_BATCH;
     extern __shared__ float comp_row[];
     float *out = a.rows8 ? comp_row : a.rows + w * a.dim;
-    for (int j = threadIdx.x; j < a.dim; j += blockDim.x) {
-        float mx = -INFINITY;
-        for (int64_t p = first; p < last; p++) {
-            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
-            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
-            mx = fmaxf(mx, gamma[off + j]);
+    for (int j0 = threadIdx.x; j0 < a.dim; j0 += COMP_DIMS * blockDim.x) {
+        float g[COMP_DIMS][COMP_BATCH], k[COMP_DIMS][COMP_BATCH];
+        float mx[COMP_DIMS], sum[COMP_DIMS], acc[COMP_DIMS];
+#pragma unroll
+        for (int q = 0; q < COMP_DIMS; q++) mx[q] = -INFINITY, sum[q] = 0, acc[q] = 0;
+        /* the three passes over the window: the maximum, the sum of exponents,
+         * then the weighted kappa */
+        for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
+            cw.load(g, p0, j0, true);
+            if (one_batch) cw.load(k, p0, j0, false);
+#pragma unroll
+            for (int q = 0; q < COMP_DIMS; q++)
+#pragma unroll
+                for (int u = 0; u < COMP_BATCH; u++)
+                    if (p0 + u < cw.last) mx[q] = fmaxf(mx[q], g[q][u]);
         }
-        float sum = 0;
-        for (int64_t p = first; p < last; p++) {
-            const float *gamma = a.ring + ((p % a.cap) * 2 + 1) * a.width;
-            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
-            sum += expf(gamma[off + j] - mx);
+        for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
+            if (!one_batch) cw.load(g, p0, j0, true);
+#pragma unroll
+            for (int q = 0; q < COMP_DIMS; q++)
+#pragma unroll
+                for (int u = 0; u < COMP_BATCH; u++)
+                    if (p0 + u < cw.last) sum[q] += expf(g[q][u] - mx[q]);
         }
-        float acc = 0;
-        for (int64_t p = first; p < last; p++) {
-            const float *kappa = a.ring + ((p % a.cap) * 2) * a.width;
-            const float *gamma = kappa + a.width;
-            int off = (a.coff == 2 && p >= w * a.m) ? a.dim : 0;
-            acc += expf(gamma[off + j] - mx) / sum * kappa[off + j];
+        for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
+            if (!one_batch) {
+                cw.load(g, p0, j0, true);
+                cw.load(k, p0, j0, false);
+            }
+#pragma unroll
+            for (int q = 0; q < COMP_DIMS; q++)
+#pragma unroll
+                for (int u = 0; u < COMP_BATCH; u++)
+                    if (p0 + u < cw.last) acc[q] += expf(g[q][u] - mx[q]) / sum[q] * k[q][u];
         }
-        out[j] = acc;
+#pragma unroll
+        for (int q = 0; q < COMP_DIMS; q++) {
+            int j = j0 + q * (int)blockDim.x;
+            if (j < a.dim) out[j] = acc[q];
+        }
     }
     __syncthreads();
     d_rms(out, out, a.norm_w, a.dim, a.eps);
@@ -1108,6 +1205,7 @@ __device__ __forceinline__ uint32_t d_block_scan(uint32_t v, uint32_t *ws, uint3
 }
 
 #define IDX_SEL_THREADS 512   /* >= 256: a thread per histogram bin */
+#define IDX_SEL_CACHE 8       /* a thread's keys held: 4,096 rows (16K tokens at ratio 4) */
 
 /* One block per token. A radix select over the score keys, a byte a pass
  * from the top, finds the key T of the top_k-th best row and how many rows
@@ -1130,14 +1228,34 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
     int *out = a.sel + (int64_t)t * a.top_k;
     __shared__ uint32_t hist[256], ws[WARP], s_prefix, s_rem;
     int lane = threadIdx.x % WARP;
+    /* the keys of rows threadIdx.x + j blockDim, j < IDX_SEL_CACHE, read once
+     * (every pass read them again from L2: five rounds a token); rows past
+     * them read at each pass. body(r0, key) for every row tile r0, in order. */
+    uint32_t kc[IDX_SEL_CACHE];
+#pragma unroll
+    for (int j = 0; j < IDX_SEL_CACHE; j++) {
+        int64_t r = (int64_t)j * blockDim.x + threadIdx.x;
+        kc[j] = r < n_rows ? d_desc_key(sc[r]) : 0;
+    }
+    auto for_rows = [&](auto &&body) {
+#pragma unroll
+        for (int j = 0; j < IDX_SEL_CACHE; j++) {
+            const int64_t r0 = (int64_t)j * blockDim.x;
+            if (r0 >= n_rows) return;
+            body(r0, kc[j]);
+        }
+        for (int64_t r0 = (int64_t)IDX_SEL_CACHE * blockDim.x; r0 < n_rows; r0 += blockDim.x) {
+            int64_t r = r0 + threadIdx.x;
+            body(r0, r < n_rows ? d_desc_key(sc[r]) : 0u);
+        }
+    };
     uint32_t prefix = 0, rem = (uint32_t)a.top_k;   /* rem: rank wanted among rows matching prefix */
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
         uint32_t mask = shift == 24 ? 0 : 0xFFFFFFFFu << (shift + 8);
-        for (int64_t r0 = 0; r0 < n_rows; r0 += blockDim.x) {
+        for_rows([&](int64_t r0, uint32_t k) {
             int64_t r = r0 + threadIdx.x;
-            uint32_t k = r < n_rows ? d_desc_key(sc[r]) : 0;
             bool live = r < n_rows && (k & mask) == prefix;
             unsigned act = __ballot_sync(0xffffffffu, live);
             if (live) {
@@ -1146,7 +1264,7 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
                 unsigned peers = __match_any_sync(act, bin);
                 if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (uint32_t)__popc(peers));
             }
-        }
+        });
         __syncthreads();
         uint32_t c = threadIdx.x < 256 ? hist[threadIdx.x] : 0, tot;
         uint32_t before = d_block_scan(c, ws, &tot);
@@ -1159,19 +1277,16 @@ __global__ void __launch_bounds__(IDX_SEL_THREADS) k_idx_select(idx_args a) {
         rem = s_rem;
     }
     uint32_t T = prefix, need = rem, base_gt = 0, base_eq = 0;
-    for (int64_t r0 = 0; r0 < n_rows; r0 += blockDim.x) {
+    for_rows([&](int64_t r0, uint32_t k) {
         int64_t r = r0 + threadIdx.x;
         uint32_t v = 0;   /* counts packed: key T rows << 16 | better rows */
-        if (r < n_rows) {
-            uint32_t k = d_desc_key(sc[r]);
-            v = k < T ? 1u : k == T ? 0x10000u : 0u;
-        }
+        if (r < n_rows) v = k < T ? 1u : k == T ? 0x10000u : 0u;
         uint32_t tot, before = d_block_scan(v, ws, &tot);
         uint32_t gt = base_gt + (before & 0xFFFFu), eq = base_eq + (before >> 16);
         if (v == 1u || (v && eq < need)) out[gt + (eq < need ? eq : need)] = (int)r;
         base_gt += tot & 0xFFFFu;
         base_eq += tot >> 16;
-    }
+    });
     if (threadIdx.x == 0) a.n_sel[t] = a.top_k;
 }
 
