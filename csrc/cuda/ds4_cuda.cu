@@ -419,9 +419,13 @@ struct dsess {
      * On the kv stream: the attention's products that read only xn (kv,
      * compressor, indexer weights), forked at its start (kv_fork), joined
      * before the state writes (kv_join). On the hc stream: a decode token's
-     * HC mixer and Sinkhorn beside k_hc_pre_collapse (hc_controller). */
-    cudaStream_t side, kvs, hcs;
-    cudaEvent_t hc_fork, hc_join, sh_fork, sh_join, kv_fork, kv_join;
+     * HC mixer and Sinkhorn beside k_hc_pre_collapse (hc_controller). On the
+     * compressor stream (where the kv stream forks): the compressors' kv and
+     * gate, joined before the state writes (cp_join); on the indexer stream
+     * (the same): the indexer's weights, then its queries once the main
+     * stream has normed qr (qr_ready), joined before the scores (ix_join). */
+    cudaStream_t side, kvs, hcs, cps, ixs;
+    cudaEvent_t hc_fork, hc_join, sh_fork, sh_join, kv_fork, kv_join, cp_join, qr_ready, ix_join;
     dlayer *L;
     /* compressed rows stored compact (kv_compact.cuh): the qat modes, unless
      * DS4_CUDA_NO_COMPACT_KV=1; kv8 an attention row, kv4 an indexer row */
@@ -613,11 +617,14 @@ static void session_free(ds4_session *s) {
     cudaFree(g->idx_rows_f);
     cudaFree(g->rope_main);
     cudaFree(g->rope_comp);
-    for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join, g->kv_fork, g->kv_join})
+    for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join, g->kv_fork, g->kv_join, g->cp_join,
+                          g->qr_ready, g->ix_join})
         if (e) cudaEventDestroy(e);
     if (g->side) cudaStreamDestroy(g->side);
     if (g->kvs) cudaStreamDestroy(g->kvs);
     if (g->hcs) cudaStreamDestroy(g->hcs);
+    if (g->cps) cudaStreamDestroy(g->cps);
+    if (g->ixs) cudaStreamDestroy(g->ixs);
     if (g->st) cudaStreamDestroy(g->st);
     free(g);
     s->backend_state = NULL;
@@ -693,7 +700,10 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
     CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->kvs, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->hcs, cudaStreamNonBlocking), "stream");
-    for (cudaEvent_t *e : {&g->hc_fork, &g->hc_join, &g->sh_fork, &g->sh_join, &g->kv_fork, &g->kv_join})
+    CK(cudaStreamCreateWithFlags(&g->cps, cudaStreamNonBlocking), "stream");
+    CK(cudaStreamCreateWithFlags(&g->ixs, cudaStreamNonBlocking), "stream");
+    for (cudaEvent_t *e : {&g->hc_fork, &g->hc_join, &g->sh_fork, &g->sh_join, &g->kv_fork, &g->kv_join, &g->cp_join,
+                           &g->qr_ready, &g->ix_join})
         CK(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
     CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
@@ -952,6 +962,12 @@ static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
 /* qat-q8: the session whose forward is being enqueued (forward), NULL in
  * the other modes; its a8_* buffers take each quantized product's x. */
 static dsess *g_act8 = NULL;
+
+/* Whether a product on t takes x as it is (no k_act8 forms, which are one
+ * buffer a stream): every product outside qat-q8, float weights in it. */
+static bool plain_x(const ds4_tensor &t) {
+    return !g_act8 || !act8_rounds(dmat_of(t).type);
+}
 
 /* qat-q8, a quantized product: its x (rows of a.n_in, `parts` batch parts
  * at a.bx when a.bx != 0) through k_act8, and `a` pointed at the result: the
@@ -1273,9 +1289,21 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
      * expert: one-token steps, and chunks outside qat-q8. */
     bool fork = (n == 1 || !g_act8) && !getenv("DS4_CUDA_NO_KVFORK");
     cudaStream_t ks = fork ? g->kvs : st;
+    /* Where the kv stream forks, the compressors' products and the indexer's
+     * on streams of their own (products of float weights: no x forms to
+     * share), so none waits on another: in series on the kv stream they
+     * were the indexer layer's longest path to the state writes.
+     * DS4_CUDA_NO_ATTNFORK=1: all on the kv stream, as before. */
+    static const bool attn_fork = !getenv("DS4_CUDA_NO_ATTNFORK");
+    bool split = fork && attn_fork;
+    cudaStream_t cs = split && m && plain_x(L.comp_kv) && plain_x(L.comp_gate) &&
+                      (!ls->indexer || (plain_x(L.idx_comp_kv) && plain_x(L.idx_comp_gate))) ? g->cps : ks;
+    cudaStream_t is = split && ls->indexer && plain_x(L.idx_proj) && plain_x(L.idx_q_b) ? g->ixs : ks;
     if (fork) {
         cudaEventRecord(g->kv_fork, st);
         cudaStreamWaitEvent(g->kvs, g->kv_fork, 0);
+        if (cs != ks) cudaStreamWaitEvent(cs, g->kv_fork, 0);
+        if (is != ks) cudaStreamWaitEvent(is, g->kv_fork, 0);
     }
 
     /* KV path (§3.2) */
@@ -1293,15 +1321,16 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
 
     /* compressor and indexer projections of xn (§3.6, §3.7) */
     int cw = ls->coff * d, iw2 = 2 * dI;
-    if (m) linear_pair(ks, L.comp_kv, L.comp_gate, g->xn, D, n, g->kg, g->kg + cw, 2 * cw);
+    if (m) linear_pair(cs, L.comp_kv, L.comp_gate, g->xn, D, n, g->kg, g->kg + cw, 2 * cw);
     if (ls->indexer) {
-        linear_pair(ks, L.idx_comp_kv, L.idx_comp_gate, g->xn, D, n, g->ikg, g->ikg + iw2, 2 * iw2);
-        linear(ks, dmat_of(L.idx_proj), g->xn, D, n, g->iw, HI);
+        linear_pair(cs, L.idx_comp_kv, L.idx_comp_gate, g->xn, D, n, g->ikg, g->ikg + iw2, 2 * iw2);
+        linear(is, dmat_of(L.idx_proj), g->xn, D, n, g->iw, HI);
         r = rows_of(g->iw, g->iw, HI, HI);
         r.scale = 1.0f / sqrtf((float)HI);
-        run_rows(ks, r, n);
+        run_rows(is, r, n);
     }
     if (fork) cudaEventRecord(g->kv_join, g->kvs);
+    if (cs != ks) cudaEventRecord(g->cp_join, cs);
 
     /* query path (§3.1), and the indexer's queries from its low-rank q */
     linear(st, dmat_of(L.attn_q_a), g->xn, D, n, g->qr, QL);
@@ -1311,6 +1340,23 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     r.eps = cf->rms_eps;
     r.a8 = pre8_set(g, PRE8_QR, g->qr, n, QL, &g->qr8, NULL);   /* q_b's and the indexer's q_b's x */
     run_rows(st, r, n);
+    auto indexer_queries = [&](cudaStream_t qs) {
+        linear(qs, dmat_of(L.idx_q_b), g->qr, QL, n, g->iq, (int64_t)HI * dI);
+        row_args ir = rows_of(g->iq, g->iq, dI, dI);
+        ir.per_tok = HI;
+        ir.freqs = g->rope_comp;
+        ir.rope_dim = cf->rope_dim;
+        ir.pos0 = g->dpos;
+        ir.qat = qat ? QAT_FP4 : QAT_NONE;
+        ir.qat_len = dI;
+        run_rows(qs, ir, (int64_t)n * HI);
+    };
+    if (is != ks) {   /* beside q_b, once qr is normed */
+        cudaEventRecord(g->qr_ready, st);
+        cudaStreamWaitEvent(is, g->qr_ready, 0);
+        indexer_queries(is);
+        cudaEventRecord(g->ix_join, is);
+    }
     linear(st, dmat_of(L.attn_q_b), g->qr, QL, n, g->q, (int64_t)H * d);
     r = rows_of(g->q, g->q, d, d);
     r.per_tok = H;
@@ -1320,18 +1366,9 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     r.rope_dim = cf->rope_dim;
     r.pos0 = g->dpos;
     run_rows(st, r, (int64_t)n * H);
-    if (ls->indexer) {
-        linear(st, dmat_of(L.idx_q_b), g->qr, QL, n, g->iq, (int64_t)HI * dI);
-        r = rows_of(g->iq, g->iq, dI, dI);
-        r.per_tok = HI;
-        r.freqs = g->rope_comp;
-        r.rope_dim = cf->rope_dim;
-        r.pos0 = g->dpos;
-        r.qat = qat ? QAT_FP4 : QAT_NONE;
-        r.qat_len = dI;
-        run_rows(st, r, (int64_t)n * HI);
-    }
+    if (ls->indexer && is == ks) indexer_queries(st);
     if (fork) cudaStreamWaitEvent(st, g->kv_join, 0);
+    if (cs != ks) cudaStreamWaitEvent(st, g->cp_join, 0);
 
     /* window and compressor rings, then the windows this chunk completes */
     state_args sa = {g->kv, g->kg, ls->indexer ? g->ikg : NULL,
@@ -1364,6 +1401,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         rows = g->rows_f, idx_rows = g->idx_rows_f, rows8 = idx_rows8 = NULL;
     }
     if (ls->indexer) {
+        if (is != ks) cudaStreamWaitEvent(st, g->ix_join, 0);
         idx_args ia = {g->iq, g->iw, idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
                        max_cap_rows(s), m, HI, dI, cf->indexer_top_k, 0, idx_rows8, g->kv4};
         size_t shm = ((size_t)HI * (dI + 1) + 8 * HI + (idx_rows8 ? 8 * dI : 0)) * sizeof(float);
