@@ -1273,6 +1273,11 @@ static void hc_expand(ds4_session *s, dsess *g, int n, const moe_out &m) {
     std::swap(g->X, g->Xn);
 }
 
+/* k_compress's block: a thread a dim of the row, whole warps, at most COMP_MAX_THREADS */
+static int comp_threads(int dim) {
+    return std::min(COMP_MAX_THREADS, (dim + WARP - 1) / WARP * WARP);
+}
+
 static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n) {
     const ds4_config *cf = &s->model->cfg;
     const ds4_layer_state *ls = &s->layers[l];
@@ -1379,12 +1384,12 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         unsigned windows = (unsigned)(n / m + 1);   /* most a chunk of n can complete */
         comp_args ca = {dl.kg, dev_cap_kg(s, ls), cw, d, m, ls->coff, g->dpos, n, dl.rows, f32(L.comp_norm),
                         cf->rms_eps, g->rope_comp, cf->rope_dim, qat ? QAT_FP8 : QAT_NONE, dl.rows8, g->kv8};
-        launch_k(k_compress, windows, 128, g->compact ? d * sizeof(float) : 0, st, ca);
+        launch_k(k_compress, windows, comp_threads(d), g->compact ? d * sizeof(float) : 0, st, ca);
         if (ls->indexer) {
             comp_args ia = {dl.idx_kg, dev_cap_kg(s, ls), iw2, dI, m, 2, g->dpos, n, dl.idx_rows,
                             f32(L.idx_comp_norm), cf->rms_eps, g->rope_comp, cf->rope_dim,
                             qat ? QAT_FP4 : QAT_NONE, dl.idx_rows8, g->kv4};
-            launch_k(k_compress, windows, 128, g->compact ? dI * sizeof(float) : 0, st, ia);
+            launch_k(k_compress, windows, comp_threads(dI), g->compact ? dI * sizeof(float) : 0, st, ia);
         }
     }
     /* the rows the kernels below read: float, compact (one-token steps), or

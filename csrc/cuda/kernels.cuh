@@ -1014,38 +1014,35 @@ struct comp_args {
     kv_compact kv;
 };
 
-/* The pooling's loads go out together: a thread's COMP_DIMS dims (all of a
- * 512-dim row over 128 threads) and a window's positions COMP_BATCH at a
+/* The pooling's loads go out together: a window's positions COMP_BATCH at a
  * time, each batch loaded before its first use; a window of at most
  * COMP_BATCH positions (ratio 4's two halves: 8) is loaded once and kept in
  * registers. Each thread had pooled its dims one after another, three passes
  * of dependent global loads each (~100 loads in a row): a decode token that
  * completes a ratio-4 window waited 44 us on its one block (58 us a layer
- * with the indexer's, 1.2 ms every fourth token; the H200 trace). The same
- * expressions in the same order for each dim: the same bits. */
+ * with the indexer's, 1.2 ms every fourth token; the H200 trace).
+ * A thread a dim (COMP_THREADS up to 512, so a row's dims at once): with 4
+ * dims a thread over 128 the one block ran ~3,300 instructions a warp of
+ * straight code once, and ncu of a completing launch found it waiting on
+ * instruction fetch (24 us, 0.08 issued a scheduler, stall "no instruction"
+ * 6.7 of 13.9 cycles an instruction): code run once is fetched from L2 line
+ * by line, so it is kept short. The same expressions in the same order for
+ * each dim: the same bits. */
 #define COMP_BATCH 8
-#define COMP_DIMS 4
+#define COMP_MAX_THREADS 512
 
 struct comp_window {
     const comp_args &a;
     int64_t w, first, last;
     /* gamma (or kappa) of positions p0.. (consecutive: one ring division) at
-     * this thread's dims j0 + q blockDim (those < dim): ratio 4's earlier half
-     * (p < w m) takes the first dim values of the ring row, the later half
-     * the second */
-    __device__ __forceinline__ void load(float (&v)[COMP_DIMS][COMP_BATCH], int64_t p0, int j0, bool gamma) const {
+     * dim j: ratio 4's earlier half (p < w m) takes the first dim values of
+     * the ring row, the later half the second */
+    __device__ __forceinline__ void load(float (&v)[COMP_BATCH], int64_t p0, int j, bool gamma) const {
         int64_t slot = p0 % a.cap;
 #pragma unroll
         for (int u = 0; u < COMP_BATCH; u++) {
-            if (p0 + u < last) {
-                const float *row = a.ring + (slot * 2 + gamma) * a.width +
-                                   ((a.coff == 2 && p0 + u >= w * a.m) ? a.dim : 0);
-#pragma unroll
-                for (int q = 0; q < COMP_DIMS; q++) {
-                    int j = j0 + q * (int)blockDim.x;
-                    if (j < a.dim) v[q][u] = row[j];
-                }
-            }
+            if (p0 + u < last)
+                v[u] = a.ring[(slot * 2 + gamma) * a.width + ((a.coff == 2 && p0 + u >= w * a.m) ? a.dim : 0) + j];
             slot = slot + 1 == a.cap ? 0 : slot + 1;
         }
     }
@@ -1061,46 +1058,33 @@ __global__ void k_compress(comp_args a) {
     const bool one_batch = cw.last - first <= COMP_BATCH;
     extern __shared__ float comp_row[];
     float *out = a.rows8 ? comp_row : a.rows + w * a.dim;
-    for (int j0 = threadIdx.x; j0 < a.dim; j0 += COMP_DIMS * blockDim.x) {
-        float g[COMP_DIMS][COMP_BATCH], k[COMP_DIMS][COMP_BATCH];
-        float mx[COMP_DIMS], sum[COMP_DIMS], acc[COMP_DIMS];
-#pragma unroll
-        for (int q = 0; q < COMP_DIMS; q++) mx[q] = -INFINITY, sum[q] = 0, acc[q] = 0;
+    for (int j = threadIdx.x; j < a.dim; j += blockDim.x) {
+        float g[COMP_BATCH], k[COMP_BATCH], mx = -INFINITY, sum = 0, acc = 0;
         /* the three passes over the window: the maximum, the sum of exponents,
          * then the weighted kappa */
         for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
-            cw.load(g, p0, j0, true);
-            if (one_batch) cw.load(k, p0, j0, false);
+            cw.load(g, p0, j, true);
+            if (one_batch) cw.load(k, p0, j, false);
 #pragma unroll
-            for (int q = 0; q < COMP_DIMS; q++)
-#pragma unroll
-                for (int u = 0; u < COMP_BATCH; u++)
-                    if (p0 + u < cw.last) mx[q] = fmaxf(mx[q], g[q][u]);
+            for (int u = 0; u < COMP_BATCH; u++)
+                if (p0 + u < cw.last) mx = fmaxf(mx, g[u]);
         }
         for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
-            if (!one_batch) cw.load(g, p0, j0, true);
+            if (!one_batch) cw.load(g, p0, j, true);
 #pragma unroll
-            for (int q = 0; q < COMP_DIMS; q++)
-#pragma unroll
-                for (int u = 0; u < COMP_BATCH; u++)
-                    if (p0 + u < cw.last) sum[q] += expf(g[q][u] - mx[q]);
+            for (int u = 0; u < COMP_BATCH; u++)
+                if (p0 + u < cw.last) sum += expf(g[u] - mx);
         }
         for (int64_t p0 = first; p0 < cw.last; p0 += COMP_BATCH) {
             if (!one_batch) {
-                cw.load(g, p0, j0, true);
-                cw.load(k, p0, j0, false);
+                cw.load(g, p0, j, true);
+                cw.load(k, p0, j, false);
             }
 #pragma unroll
-            for (int q = 0; q < COMP_DIMS; q++)
-#pragma unroll
-                for (int u = 0; u < COMP_BATCH; u++)
-                    if (p0 + u < cw.last) acc[q] += expf(g[q][u] - mx[q]) / sum[q] * k[q][u];
+            for (int u = 0; u < COMP_BATCH; u++)
+                if (p0 + u < cw.last) acc += expf(g[u] - mx) / sum * k[u];
         }
-#pragma unroll
-        for (int q = 0; q < COMP_DIMS; q++) {
-            int j = j0 + q * (int)blockDim.x;
-            if (j < a.dim) out[j] = acc[q];
-        }
+        out[j] = acc;
     }
     __syncthreads();
     d_rms(out, out, a.norm_w, a.dim, a.eps);
