@@ -6,6 +6,8 @@ its executed count and warp-stall samples).
     python csrc/cuda/ncu_sass.py before.csv after.csv          # two, side by side
     python csrc/cuda/ncu_sass.py ncu_sass.csv --stall barrier --context 10
 
+A table of several launches (NCU_COUNT > 1) is read as that many launches, side
+by side.
 Prints the executed warp instructions by opcode, the stall samples by reason,
 and the instructions holding the most samples of one reason (a stall is
 sampled at the instruction that waits: after a barrier, the one behind it),
@@ -20,11 +22,24 @@ REASONS = ("barrier", "wait", "short_sb", "long_sb", "mio", "math", "selected", 
 
 
 def read(path):
-    """(kernel name, header, rows): the csv's first line names the kernel."""
+    """[(kernel name, header, rows)], a launch each: each launch's table starts
+    with a line naming its kernel, then the header."""
     with open(path, newline="") as f:
         lines = list(csv.reader(f))
-    kernel = lines[0][1] if lines and len(lines[0]) > 1 else "?"
-    return kernel, lines[1], lines[2:]
+    launches = []
+    for line in lines:
+        if line and line[0] == "Kernel Name":
+            launches.append([line[1] if len(line) > 1 else "?", None, []])
+        elif launches and launches[-1][1] is None:
+            launches[-1][1] = line
+        elif launches and len(line) == len(launches[-1][1]):
+            launches[-1][2].append(line)
+    # ncu's source page prints each launch's table twice: one copy each
+    unique = []
+    for x in launches:
+        if not unique or tuple(x) != unique[-1]:
+            unique.append(tuple(x))
+    return unique
 
 
 def number(text):
@@ -40,8 +55,8 @@ def opcode(source):
     return text.split()[0].split(".")[0] if text else "?"
 
 
-def summary(path):
-    kernel, head, rows = read(path)
+def summary(launch):
+    kernel, head, rows = launch
     col = {name: i for i, name in enumerate(head)}
     executed = collections.Counter()
     stalls = collections.Counter()
@@ -62,12 +77,12 @@ def show_counts(title, counters, top):
         print(f"  {k:18s} {cells}")
 
 
-def show_waits(path, reason, top, context):
-    _, head, rows = read(path)
+def show_waits(name, launch, reason, top, context):
+    _, head, rows = launch
     col = {name: i for i, name in enumerate(head)}
     key = col[f"stall_{reason}"]
     order = sorted(range(len(rows)), key=lambda i: -number(rows[i][key]))[:top]
-    print(f"\n{path}: the {top} instructions with the most {reason} samples")
+    print(f"\n{name}: the {top} instructions with the most {reason} samples")
     for i in order:
         if not number(rows[i][key]):
             break
@@ -85,13 +100,14 @@ def main():
     ap.add_argument("--top", type=int, default=5, help="instructions listed (and opcodes shown: 4x)")
     ap.add_argument("--context", type=int, default=6, help="instructions shown before each")
     args = ap.parse_args()
-    results = [summary(p) for p in args.files]
-    for p, (kernel, _, _) in zip(args.files, results):
-        print(f"{p}: {kernel}")
+    launches = [(f"{p} #{i + 1}", launch) for p in args.files for i, launch in enumerate(read(p))]
+    results = [summary(launch) for _, launch in launches]
+    for (name, _), (kernel, _, _) in zip(launches, results):
+        print(f"{name}: {kernel}")
     show_counts("warp instructions executed", [e for _, e, _ in results], 4 * args.top)
     show_counts("stall samples", [s for _, _, s in results], len(REASONS))
-    for p in args.files:
-        show_waits(p, args.stall, args.top, args.context)
+    for name, launch in launches:
+        show_waits(name, launch, args.stall, args.top, args.context)
 
 
 if __name__ == "__main__":
