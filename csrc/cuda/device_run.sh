@@ -16,6 +16,9 @@
 #   walk       the docs' walks (qat-q8 2K..16K by 2K, qat 2K and 16K) and the batch
 #              report (the copy bandwidth, the bound, the per-token times)
 #   chain      csrc/cuda/chain_profile.py: four decode steps at 2K on the chain
+#   chunk      csrc/cuda/chain_profile.py --chunk 2048: one qat-q8 prefill chunk after 2K,
+#              kernel by kernel (CUPTI), the chunk attention by layer kind; trace in
+#              $OUT/chunk_trace.json
 #   bench-mid  prefill/decode speed on the mid model (bench.py)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
 #   ncu        NCU_COUNT launches (default 1) of the kernels matching NCU_KERNEL (an ncu
@@ -133,6 +136,9 @@ PY
   chain)
     timeout 200 python3 csrc/cuda/chain_profile.py --steps 4 --trace $OUT/trace.json 2>&1 \
       | grep -v -i warn | tail -50 ;;
+  chunk)
+    timeout 200 python3 csrc/cuda/chain_profile.py --chunk 2048 --ctx 2048 --trace $OUT/chunk_trace.json 2>&1 \
+      | grep -v -i warn | tail -60 ;;
   bench-mid)
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
     timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
