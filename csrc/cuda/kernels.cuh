@@ -1021,13 +1021,15 @@ struct comp_args {
  * of dependent global loads each (~100 loads in a row): a decode token that
  * completes a ratio-4 window waited 44 us on its one block (58 us a layer
  * with the indexer's, 1.2 ms every fourth token; the H200 trace).
- * A thread a dim (COMP_THREADS up to 512, so a row's dims at once): with 4
+ * A thread a dim (up to COMP_MAX_THREADS, so a row's dims at once): with 4
  * dims a thread over 128 the one block ran ~3,300 instructions a warp of
- * straight code once, and ncu of a completing launch found it waiting on
- * instruction fetch (24 us, 0.08 issued a scheduler, stall "no instruction"
- * 6.7 of 13.9 cycles an instruction): code run once is fetched from L2 line
- * by line, so it is kept short. The same expressions in the same order for
- * each dim: the same bits. */
+ * straight code once, a warp alone on each scheduler, and ncu of a
+ * completing launch found it waiting on instruction fetch and on its own
+ * dependent steps (24 us, 0.08 issued a scheduler, stall "no instruction" 6.7
+ * of 13.9 cycles an instruction; ncu flushes caches first, but the chain
+ * trace had the same ~21 us). A quarter of the code a warp: the fourth
+ * token 7.28 -> 6.82 ms. The same expressions in the same order for each
+ * dim: the same bits. */
 #define COMP_BATCH 8
 #define COMP_MAX_THREADS 512
 
