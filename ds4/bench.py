@@ -6,10 +6,11 @@ one clamped to ctx_max). At each frontier only the newest interval is prefilled 
 timed, then exactly `gen_tokens` greedy tokens are decoded (EOS excluded, so every
 row decodes the same amount) and timed, then the session is rewound to the frontier
 (outside both timings) before the walk goes on. Before the first frontier one token is
-evaluated and rewound, untimed: a chunk as long as the walk's longest eval, then
-one token, so a backend's one-time set-up (CUDA sizes its chunk buffers to the chunk,
-then captures its decode graph, ~12 ms on an H200, again whenever the buffers grow)
-is charged to neither the first row's prefill nor its decode.
+evaluated and rewound, untimed: the backend's own chunk (the longest a forward call
+takes; shorter if no interval of the walk is that long), then one token, so a
+backend's one-time set-up (CUDA sizes its chunk buffers to the chunk, then captures
+its decode graph, ~12 ms on an H200, again whenever the buffers grow) is charged to
+neither the first row's prefill nor its decode.
 
 Everything goes through the public API (ds4.load, Session.eval/rewind/kv_bytes), so
 it measures any backend.
@@ -106,7 +107,7 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
     session = model.session(ctx)
     # the warm-up (module docstring), rewound
     longest = max(b - a for a, b in zip([0] + points, points))
-    session.eval(ids[:min(prefill_step(session), longest)])
+    session.eval(ids[:min(session.prefill_chunk, longest)])
     session.eval(ids[:1])
     session.rewind(0)
     previous = 0

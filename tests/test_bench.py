@@ -98,12 +98,13 @@ def test_walk_after_rewind_matches_a_fresh_prefill(tiny):
 
 
 def test_a_backends_one_time_setup_is_not_timed(tiny, monkeypatch):
-    """A session's first chunk longer than any before pays a set-up (CUDA sizes
-    its buffers) that also undoes the one-token set-up (the decode graph, which
-    points into them), paid by the next one-token eval; the walk does both
-    untimed before the first frontier, so the first row's rates are those of
-    the steps alone. A fake clock: 2 s for a buffer growth, 1 s for a graph
-    capture, 1 ms a token otherwise."""
+    """A session's first chunk longer than any before (evals are cut into
+    chunks of prefill_chunk) pays a set-up (CUDA sizes its buffers) that also
+    undoes the one-token set-up (the decode graph, which points into them),
+    paid by the next one-token eval; the walk does both untimed before the
+    first frontier, so the first row's rates are those of the steps alone. A
+    fake clock: 2 s for a buffer growth, 1 s for a graph capture, 1 ms a token
+    otherwise."""
     clock = [0.0]
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
 
@@ -114,8 +115,9 @@ def test_a_backends_one_time_setup_is_not_timed(tiny, monkeypatch):
         capacity, captured = 0, False
 
         def eval(self, ids):
-            if len(ids) > self.capacity:
-                self.capacity, self.captured = len(ids), False
+            chunk = min(len(ids), self.prefill_chunk)
+            if chunk > self.capacity:
+                self.capacity, self.captured = chunk, False
                 clock[0] += 2.0
             if len(ids) == 1 and not self.captured:
                 self.captured = True
