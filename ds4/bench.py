@@ -5,9 +5,9 @@ sequence is fed up to frontiers ctx_start, ctx_start + step, ..., ctx_max (the l
 one clamped to ctx_max). At each frontier only the newest interval is prefilled and
 timed, then exactly `gen_tokens` greedy tokens are decoded (EOS excluded, so every
 row decodes the same amount) and timed, then the session is rewound to the frontier
-(outside both timings) before the walk goes on. Before the first frontier one token is
-evaluated and rewound, untimed: the backend's own chunk (the longest a forward call
-takes; shorter if no interval of the walk is that long), then one token, so a
+(outside both timings) before the walk goes on. Before the first frontier the
+backend's own chunk (the longest a forward call takes; shorter if no interval of the
+walk is that long), then one token, are evaluated and rewound, untimed, so a
 backend's one-time set-up (CUDA sizes its chunk buffers to the chunk, then captures
 its decode graph, ~12 ms on an H200, again whenever the buffers grow) is charged to
 neither the first row's prefill nor its decode.

@@ -416,9 +416,8 @@ struct dsess {
     /* beside the main stream: the HC controllers' Sinkhorn, forked after the
      * mixer (hc_fork), joined before the expand (hc_join); the shared expert,
      * forked at the MoE's start (sh_fork), joined before the combine (sh_join).
-     * On the kv stream: the attention's products that read only xn (kv,
-     * compressor, indexer weights), forked at its start (kv_fork), joined
-     * before the state writes (kv_join). On the hc stream: a decode token's
+     * On the kv stream: the attention's kv product and its rows, forked at
+     * its start (kv_fork), joined before the state writes (kv_join). On the hc stream: a decode token's
      * HC mixer and Sinkhorn beside k_hc_pre_collapse (hc_controller). On the
      * compressor stream (where the kv stream forks): the compressors' kv and
      * gate, joined before the state writes (cp_join); on the indexer stream
@@ -1288,10 +1287,10 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     int qat = s->numerics != DS4_NUMERICS_EXACT;   /* qat and qat-q8 */
     const float *rope = m ? g->rope_comp : g->rope_main;
 
-    /* The products that read only xn (the normed input, hc_controller): kv,
-     * the compressors', the indexer weights; beside the query path on the kv
-     * stream (DS4_CUDA_NO_KVFORK=1: before it on the main one). As the shared
-     * expert: one-token steps, and chunks outside qat-q8. */
+    /* The kv product (it reads only xn, the normed input: hc_controller)
+     * beside the query path on the kv stream (DS4_CUDA_NO_KVFORK=1: before it
+     * on the main one). As the shared expert: one-token steps, and chunks
+     * outside qat-q8. */
     bool fork = (n == 1 || !g_act8) && !getenv("DS4_CUDA_NO_KVFORK");
     cudaStream_t ks = fork ? g->kvs : st;
     /* Where the kv stream forks, the compressors' products and the indexer's
