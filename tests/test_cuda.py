@@ -173,6 +173,35 @@ def test_cuda_decode_attention_on_tensor_cores_matches_k_attention(name, request
     assert (tensor_cores.argmax(axis=1) == simt.argmax(axis=1)).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("switch", ["DS4_CUDA_NO_ATTNFORK", "DS4_CUDA_NO_Q8CHUNKFORK"])
+@pytest.mark.parametrize("name", ["mid_q2", "wide_q2"])
+def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatch):
+    """The attention's compressor and indexer products on streams of their
+    own (decode tokens and chunks), a qat-q8 chunk's among them, change no
+    arithmetic: each switch (read at each enqueue, so a new session's graph
+    takes it) restores the one stream, and a prompt and eight steps then give
+    the same logits, bit for bit, in every numeric mode."""
+    m = _cuda_model(request.getfixturevalue(name), 1024)
+    vocab = m.config.n_vocab
+    rng = np.random.default_rng(23)
+    prompt, steps = _ids(rng, MODELS[name], vocab), _ids(rng, 8, vocab)
+
+    def run(numerics):
+        s = m.session(numerics=numerics)
+        chunk = s.eval(prompt, all_logits=True)
+        return chunk, np.stack([s.eval([tok]) for tok in steps])
+
+    for numerics in ("exact", "qat", "qat-q8"):
+        monkeypatch.delenv(switch, raising=False)
+        scheduled = run(numerics)
+        monkeypatch.setenv(switch, "1")
+        before = run(numerics)
+        monkeypatch.delenv(switch)
+        for part, a, b in zip(("chunk", "steps"), scheduled, before):
+            assert np.array_equal(a, b), f"{name} {numerics} {part}: {switch} changes the logits"
+
+
 # qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization
 # step now and then, and on these random models such steps compound: the CPU
 # engine's own scalar and SIMD kernels part ways (measured: max rel 1.6e-3 on

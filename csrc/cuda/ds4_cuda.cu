@@ -1296,19 +1296,22 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     /* Where the kv stream forks, the compressors' products and the indexer's
      * on streams of their own (products of float weights: no x forms to
      * share), so none waits on another: in series on the kv stream they
-     * were the indexer layer's longest path to the state writes.
-     * DS4_CUDA_NO_ATTNFORK=1: all on the kv stream, as before. */
-    static const bool attn_fork = !getenv("DS4_CUDA_NO_ATTNFORK");
-    bool split = fork && attn_fork;
+     * were the indexer layer's longest path to the state writes. A qat-q8
+     * chunk, which keeps its int8 products on the one stream (their x
+     * forms are one buffer), sends these beside them too: their grids of
+     * 32-256 blocks (n_out 64-1024) leave SMs idle. DS4_CUDA_NO_ATTNFORK=1:
+     * all on the kv stream (a qat-q8 chunk's one stream), as before;
+     * DS4_CUDA_NO_Q8CHUNKFORK=1: the qat-q8 chunk's alone. Both read at each
+     * enqueue (the tests'). */
+    bool split = !getenv("DS4_CUDA_NO_ATTNFORK") &&
+                 (fork || (g_act8 && n > 1 && !getenv("DS4_CUDA_NO_Q8CHUNKFORK")));
     cudaStream_t cs = split && m && plain_x(L.comp_kv) && plain_x(L.comp_gate) &&
                       (!ls->indexer || (plain_x(L.idx_comp_kv) && plain_x(L.idx_comp_gate))) ? g->cps : ks;
     cudaStream_t is = split && ls->indexer && plain_x(L.idx_proj) && plain_x(L.idx_q_b) ? g->ixs : ks;
-    if (fork) {
-        cudaEventRecord(g->kv_fork, st);
-        cudaStreamWaitEvent(g->kvs, g->kv_fork, 0);
-        if (cs != ks) cudaStreamWaitEvent(cs, g->kv_fork, 0);
-        if (is != ks) cudaStreamWaitEvent(is, g->kv_fork, 0);
-    }
+    if (fork || cs != ks || is != ks) cudaEventRecord(g->kv_fork, st);
+    if (fork) cudaStreamWaitEvent(g->kvs, g->kv_fork, 0);
+    if (cs != ks) cudaStreamWaitEvent(cs, g->kv_fork, 0);
+    if (is != ks) cudaStreamWaitEvent(is, g->kv_fork, 0);
 
     /* KV path (§3.2) */
     linear(ks, dmat_of(L.attn_kv), g->xn, D, n, g->kv, d);
