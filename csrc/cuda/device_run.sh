@@ -7,6 +7,10 @@
 #              the tiny model and of the tiny model at head size 512 (k_attention_tc8<512>), each
 #              numeric mode; racecheck also on a build with DS4_CUDA_HANDON_BLOCK_BARRIERS=1;
 #              whole reports in $OUT/sanitize_TOOL[_blockbar].log
+#   memcheck-wide  compute-sanitizer memcheck on qat-q8 prefill and decode of the 1024- and
+#              4096-wide models (k_expert_dp4a, the one-token Q8_0 products at Flash's row
+#              widths) and of the mid model (q_lora 256: the q norm writing q_b's codes); the
+#              tiny models of `sanitize` have no row of n_in a multiple of 1024
 #   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
 #              and against this build with each switch in SWITCHES (space-separated
 #              VAR=value) set, and each switch's run against OLD
@@ -106,6 +110,24 @@ PY
         grep -m 8 -E "Error|Race|Warning|hazard" $log; tail -2 $log
       done
     done ;;
+  memcheck-wide)
+    cat > /tmp/mc.py <<'PY'
+import ds4
+from ds4.testing import ModelConfig, write_model
+cfgs = [(f'w{w}', ModelConfig.tiny(n_embd=w, expert_ff=2048, q_lora_rank=2048, n_head=8, o_groups=4,
+                                   o_lora_rank=2048, head_dim=512, indexer_dim=128), 40, 4)
+        for w in (1024, 4096)] + [('mid', ModelConfig.mid(), 12, 2)]
+for name, cfg, prompt, steps in cfgs:
+    write_model(f'/tmp/mc_{name}.gguf', cfg, variant='q2', seed=3)
+    m = ds4.load(f'/tmp/mc_{name}.gguf', backend='cuda', ctx=256)
+    s = m.session(numerics='qat-q8')
+    s.eval(list(range(1, prompt)))
+    for t in range(steps): s.eval([t + 7])
+    del m
+print('sanitized run done')
+PY
+    timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/mc.py > $OUT/memcheck_wide.log 2>&1
+    grep -m 8 -E "Error|Warning" $OUT/memcheck_wide.log; tail -2 $OUT/memcheck_wide.log ;;
   same-bits)
     SB="python3 csrc/cuda/same_bits.py"
     ( export OUT=/tmp/same_bits; mkdir -p $OUT
