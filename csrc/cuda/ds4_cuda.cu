@@ -417,12 +417,13 @@ struct dsess {
      * mixer (hc_fork), joined before the expand (hc_join); the shared expert,
      * forked at the MoE's start (sh_fork), joined before the combine (sh_join).
      * On the kv stream: the attention's kv product and its rows, forked at
-     * its start (kv_fork), joined before the state writes (kv_join). On the hc stream: a decode token's
-     * HC mixer and Sinkhorn beside k_hc_pre_collapse (hc_controller). On the
-     * compressor stream (where the kv stream forks): the compressors' kv and
-     * gate, joined before the state writes (cp_join); on the indexer stream
-     * (the same): the indexer's weights, then its queries once the main
-     * stream has normed qr (qr_ready), joined before the scores (ix_join). */
+     * its start (kv_fork), joined before the state writes (kv_join). On the
+     * hc stream: a decode token's HC mixer and Sinkhorn beside
+     * k_hc_pre_collapse (hc_controller). On the compressor stream (where the
+     * kv stream forks, and in qat-q8 chunks): the compressors' kv and gate,
+     * joined before the state writes (cp_join); on the indexer stream (the
+     * same): the indexer's weights, then its queries once the main stream has
+     * normed qr (qr_ready), joined before the scores (ix_join). */
     cudaStream_t side, kvs, hcs, cps, ixs;
     cudaEvent_t hc_fork, hc_join, sh_fork, sh_join, kv_fork, kv_join, cp_join, qr_ready, ix_join;
     dlayer *L;
