@@ -332,7 +332,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
                  * spills) */
                 auto slice = [&](int s, bool first) {
                     uint2 a0, a1;
-                    int m0 = 1, m1 = 1;
+                    [[maybe_unused]] int m0 = 1, m1 = 1;   /* IQ2_XXS only */
                     if constexpr (IQ2) {
                         uint2 c0 = *(const uint2 *)(w0 + 8 * s), c1 = *(const uint2 *)(w1 + 8 * s);
                         a0 = iq2s_frag(c0, tg, grid_sh), a1 = iq2s_frag(c1, tg, grid_sh);
@@ -370,8 +370,9 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
 #pragma unroll 1
                 for (int s = IQ2 ? 0 : 1; s < 8; s++) slice(s, false);
                 /* the block's end: acc += x scale (d I - dmin M), as k_linear_q8x (IQ2_XXS: d / 8, no M) */
-                float d0, d1, n0 = 0, n1 = 0, b0 = 0, b1 = 0;
-                uint32_t ma[4] = {0, 0, 0, 0};   /* Q2_K: the minimums' A fragment, rows wr, wr + 8 */
+                float d0, d1;
+                [[maybe_unused]] float n0 = 0, n1 = 0, b0 = 0, b1 = 0;   /* Q2_K only, as ma and m4 */
+                [[maybe_unused]] uint32_t ma[4] = {0, 0, 0, 0};   /* Q2_K: the minimums' A fragment, rows wr, wr + 8 */
                 if constexpr (IQ2) {
                     d0 = h2f_bits(wd[wr * nb + b]) * 0.125f, d1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
                 } else {
@@ -390,7 +391,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
 #pragma unroll
                 for (int j = 0; j < FR; j++) {
                     float f0 = xdu[(8 * j + 2 * tg) * 4], f1 = xdu[(8 * j + 2 * tg + 1) * 4];
-                    float m4[4] = {0, 0, 0, 0};
+                    [[maybe_unused]] float m4[4] = {0, 0, 0, 0};
                     if constexpr (!IQ2) {   /* B: token 8 j + g's sums over sub-blocks 2 tg, 2 tg + 1, + 8 */
                         const float *xsr = xs + ((size_t)u * Q8S_BN + 8 * j + g) * 16 + 2 * tg;
                         mma_f16(m4, ma[0], ma[1], ma[2], ma[3], half_pair(xsr[0], xsr[1]), half_pair(xsr[8], xsr[9]));
