@@ -23,6 +23,9 @@
 #   chunk      csrc/cuda/chain_profile.py --chunk 2048: one qat-q8 prefill chunk after 2K,
 #              kernel by kernel (CUPTI), the chunk attention by layer kind; trace in
 #              $OUT/chunk_trace.json
+#   chunk-ab   the chunk step's profile for the OLD build, this build and this build with
+#              each switch in SWITCHES set (traces $OUT/chunk_{old,new,swN}.json), then
+#              csrc/cuda/chunk_diff.py: the kernels whose summed time differs most, side by side
 #   bench-mid  prefill/decode speed on the mid model (bench.py)
 #   profile-full  per-kernel times and DRAM bytes of one full-size decode step (ncu)
 #   ncu        NCU_COUNT launches (default 1) of the kernels matching NCU_KERNEL (an ncu
@@ -161,6 +164,18 @@ PY
   chunk)
     timeout 200 python3 csrc/cuda/chain_profile.py --chunk 2048 --ctx 2048 --trace $OUT/chunk_trace.json 2>&1 \
       | grep -v -i warn | tail -60 ;;
+  chunk-ab)
+    traces=()
+    run_chunk() {   # name, then VAR=value settings for the run
+      local name=$1; shift
+      env "$@" timeout 200 python3 csrc/cuda/chain_profile.py --chunk 2048 --ctx 2048 \
+        --trace $OUT/chunk_$name.json 2>&1 | grep -m 1 "a chunk of"
+      traces+=("$name=$OUT/chunk_$name.json")
+    }
+    [ -n "$OLD" ] && run_chunk old DS4_CUDA_LIB=/tmp/old.so
+    run_chunk new
+    n=0; for sw in $SWITCHES; do n=$((n + 1)); echo "sw$n: $sw"; run_chunk sw$n $sw; done
+    python3 csrc/cuda/chunk_diff.py "${traces[@]}" ;;
   bench-mid)
     python3 -m ds4.testing /tmp/mid.gguf --preset mid --variant q2 --seed 3 >/dev/null
     timeout 200 python3 csrc/cuda/bench.py /tmp/mid.gguf --ctx 4096 --prompt 2048 --decode 64 \
