@@ -159,21 +159,29 @@ def prefill_chunk(session, chunk, trace_path):
         chunk_report(json.load(f), len(chunk))
 
 
-def chunk_report(trace, n_tokens):
+def chunk_sums(trace):
+    """A chunk trace's kernels (by start), wall and summed durations (us), and
+    {"name grid block": [summed us, calls]}; kernels empty if CUPTI saw none."""
     kernels = sorted((e for e in trace["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    if not kernels:
-        print("no kernels traced (CUPTI saw none)")
-        return
-    wall = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
-    busy = sum(e["dur"] for e in kernels)
-    print(f"a chunk of {n_tokens} tokens: {len(kernels)} kernels, wall {wall / 1000:.1f} ms "
-          f"({n_tokens / wall * 1e6:.0f} tok/s), kernels' durations sum to {busy / 1000:.1f} ms")
     by = collections.defaultdict(lambda: [0.0, 0])
+    if not kernels:
+        return kernels, 0.0, 0.0, by
+    wall = max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
     for e in kernels:
-        a = e["args"]
+        a = e.get("args", {})
         key = f"{short(e['name'])} {a.get('grid')} {a.get('block')}"
         by[key][0] += e["dur"]
         by[key][1] += 1
+    return kernels, wall, sum(e["dur"] for e in kernels), by
+
+
+def chunk_report(trace, n_tokens):
+    kernels, wall, busy, by = chunk_sums(trace)
+    if not kernels:
+        print("no kernels traced (CUPTI saw none)")
+        return
+    print(f"a chunk of {n_tokens} tokens: {len(kernels)} kernels, wall {wall / 1000:.1f} ms "
+          f"({n_tokens / wall * 1e6:.0f} tok/s), kernels' durations sum to {busy / 1000:.1f} ms")
     print("\n     ms   % wall  calls  kernel grid block")
     for key, (d, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"{d / 1000:7.2f} {100 * d / wall:6.1f}% {c:6d}  {key}")

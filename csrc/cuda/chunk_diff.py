@@ -7,27 +7,21 @@ builds, or a build and its switch, profiled on the same chunk.
 
 A trace is chain_profile.py's (CUPTI kernel events, torch.profiler's JSON)."""
 import argparse
-import collections
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from chain_profile import short  # noqa: E402  (the kernel names chain_profile prints)
+from chain_profile import chunk_sums  # noqa: E402  (chain_profile's own sums and kernel names)
 
 
 def kernel_times(path):
     """(wall us, busy us, {name grid block: summed us}) of one chunk trace."""
     with open(path) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"]
-    if not events:
+        kernels, wall, busy, by = chunk_sums(json.load(f))
+    if not kernels:
         raise SystemExit(f"{path}: no kernel events (CUPTI saw none)")
-    wall = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
-    by = collections.defaultdict(float)
-    for e in events:
-        a = e.get("args", {})
-        by[f"{short(e['name'])} {a.get('grid')} {a.get('block')}"] += e["dur"]
-    return wall, sum(e["dur"] for e in events), by
+    return wall, busy, {k: v[0] for k, v in by.items()}
 
 
 def main():
