@@ -109,15 +109,21 @@ class Turn:
         finished = False
         interval = server.keepalive
         last = time.monotonic()
+        # asyncio.wait, not wait_for: before Python 3.12, wait_for returns an
+        # item that arrives as the handler is cancelled (client gone) and
+        # drops the cancellation, so the job ran to its end
+        getter = None
         try:
             while True:
                 wait = max(0.0, interval - (time.monotonic() - last))
-                try:
-                    ev = await asyncio.wait_for(queue.get(), wait)
-                except asyncio.TimeoutError:
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait((getter,), timeout=wait)
+                if not done:
                     last = time.monotonic()
                     yield KEEPALIVE
                     continue
+                ev, getter = getter.result(), None
                 kind = ev[0]
                 out = []
                 if kind == "prompt":
@@ -142,6 +148,8 @@ class Turn:
                 if out:
                     last = time.monotonic()
         finally:
+            if getter is not None:
+                getter.cancel()
             if not finished:
                 server.worker.withdraw(job)
 
