@@ -210,28 +210,193 @@ __device__ __forceinline__ uint32_t half_pair(float lo, float hi) {
     return *(uint32_t *)&h;
 }
 
-/* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_q8x.
- * skip: a tile's 8-token fragments past its last token are not multiplied
- * (a 2K chunk gives an expert ~48 of the tile's 64 tokens: a quarter of
- * each slice's products and their 2 s + 1 steps were of padding). The
- * fragment count is a compile-time constant of the tile's code, one copy
- * a count (1..8): a loop bound read at run time kept the compiler from
- * interleaving the fragments' loads and MMAs (8% slower at 8 of 8), and
- * two copies (6 and 8) gave 4,254 tok/s at 2K where eight gave 4,435. */
-template <int TYPE>
-__global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int skip) {
+/* What a tile's products need of the kernel, by value (k2s_tile) */
+struct k2s_tile_in {
+    const uint8_t *w;            /* the expert's rows */
+    const int8_t *q8;            /* x's codes, scales, sums */
+    const float *q8d, *q8s;
+    float *y;
+    int64_t ys;
+    int n_out, nb, r0, t0, p1;   /* the tile: rows r0.., tokens t0..p1 - 1 */
+    uint32_t wofs[4], xofs[4];   /* this thread's row and x offsets at stage 0 (k_linear_2bit) */
+};
+
+__shared__ uint64_t k2s_grid_sh[256];   /* IQ2_XXS's grid (at file scope: k2s_tile reads it) */
+
+/* The products of a tile's first FR token fragments, its rows' blocks
+ * staged through the double buffers. A function of its own a fragment
+ * count, not inlined: inlined into one kernel, the eight copies came out
+ * scheduled for fewer registers than each alone (the 8-fragment copy's
+ * B fragments loaded one or three instructions before their IMMA, against
+ * 3-14 in a kernel of that copy only: 1.42 ms a gate / up launch against
+ * 1.17, ncu). */
+template <int TYPE, int FR>
+__device__ __noinline__ void k2s_tile(const k2s_tile_in ti) {
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
-    pdl_begin();
     extern __shared__ __align__(16) uint8_t k2s_sh[];
-    __shared__ uint64_t grid_sh[IQ2 ? 256 : 1];
-    __shared__ uint32_t xrow_sh[Q8S_BN];   /* the token tile's x rows (each thread's four then held as xofs) */
-    const int n_in = a.w.n_in, nb = n_in / 256;
+    const int nb = ti.nb;
     uint8_t *wq = k2s_sh;                                   /* [2][128][K2S_ROWB] code words (and scales) */
     uint8_t *xq = wq + 2 * Q8S_BM * K2S_ROWB;               /* [2][64][256] codes (q8s_at) */
     float *xd = (float *)(xq + 2 * Q8S_BN * 256);           /* [2][64][4] scale of the block ([0]) */
     float *xs = xd + 2 * Q8S_BN * 4;                        /* Q2_K: [2][64][16] code sums a 16 */
     uint32_t *wdm = (uint32_t *)(xs + (IQ2 ? 0 : 2 * Q8S_BN * 16));   /* Q2_K: [2][128] d | dmin << 16 */
-    uint16_t *wd = (uint16_t *)wdm;                         /* IQ2_XXS: [128][nb] d */
+    uint16_t *wd = (uint16_t *)wdm;                         /* IQ2_XXS: [128][nb] d (k_linear_2bit's copy) */
+    const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    const int g = lane / 4, tg = lane % 4, wr = warp * 16 + g, xc = tid % 16;
+
+    /* stage b's loads into buffer u (common.cuh's row layouts) */
+    auto issue = [&](int b, int u) {
+        uint8_t *wu = wq + (size_t)u * Q8S_BM * K2S_ROWB;
+        if constexpr (IQ2) {
+#pragma unroll
+            for (int k = 0; k < 4; k++)
+                cp_async8(wu + (tid / 8 + 32 * k) * K2S_ROWB + 8 * (tid % 8), ti.w + (ti.wofs[k] + 64 * b));
+        } else {   /* d | dmin (4 nb bytes), scales (16 nb), codes (64 nb) */
+            const int r = tid % Q8S_BM;
+            const uint8_t *row = ti.w + ti.wofs[0];
+            uint8_t *dst = wu + r * K2S_ROWB;
+            if (tid < Q8S_BM) {
+#pragma unroll
+                for (int c = 0; c < 3; c++) cp_async16(dst + 16 * c, row + (20 * nb + 64 * b + 16 * c));
+            } else {
+                cp_async16(dst + 48, row + (20 * nb + 64 * b + 48));
+                cp_async16(dst + 64, row + (4 * nb + 16 * b));
+                cp_async4(wdm + u * Q8S_BM + r, row + 4 * b);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int t = tid / 16 + 16 * k;
+            cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, xc), ti.q8 + (ti.xofs[k] + 256 * b));
+            /* xofs = x row x n_in + 16 xc: the row's scales at xofs / 32 (xc 0), sums at xofs / 16 - xc */
+            if (xc == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, ti.q8d + (ti.xofs[k] / 32 + 8 * b));
+            if (!IQ2 && xc < 4)
+                cp_async16(xs + ((size_t)u * Q8S_BN + t) * 16 + 4 * xc, ti.q8s + (ti.xofs[k] / 16 + 3 * xc + 16 * b));
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+
+    float acc[8][4];   /* [token frag j][c]: rows wr, wr + 8 (c / 2) x tokens 8 j + 2 tg + c % 2 */
+#pragma unroll
+    for (int j = 0; j < FR; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
+
+    issue(0, 0);
+    for (int b = 0; b < nb; b++) {
+        int u = b & 1;
+        stage_turn(b, nb, issue);
+        const uint8_t *wt = wq + (size_t)u * Q8S_BM * K2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
+        const uint8_t *w0 = wt + wr * K2S_ROWB, *w1 = w0 + 8 * K2S_ROWB;
+        int iacc[8][4];   /* the block's integer sums (Q2_K: read as floats off I2F_BIAS) */
+        /* slice s's products into iacc. Q2_K's first slice starts them from
+         * I2F_BIAS in the product's own accumulator operand, not from 32 moves
+         * a block (IQ2_XXS starts from zeros: its first slice set apart
+         * spills) */
+        auto slice = [&](int s, bool first) {
+            uint2 a0, a1;
+            [[maybe_unused]] int m0 = 1, m1 = 1;   /* IQ2_XXS only */
+            if constexpr (IQ2) {
+                uint2 c0 = *(const uint2 *)(w0 + 8 * s), c1 = *(const uint2 *)(w1 + 8 * s);
+                a0 = iq2s_frag(c0, tg, k2s_grid_sh), a1 = iq2s_frag(c1, tg, k2s_grid_sh);
+                m0 = 2 * (int)(c0.y >> 28) + 1, m1 = 2 * (int)(c1.y >> 28) + 1;
+            } else {   /* slice s = 4 n + sh: codes at shift 2 sh of bytes 32 n ..; sub-block 8 n + 2 sh + tg / 2 */
+                int n = s / 4, sh = 2 * (s % 4), sb = 64 + 8 * n + s % 4 * 2 + tg / 2;
+                uint2 q0 = *(const uint2 *)(w0 + 32 * n + 8 * tg), q1 = *(const uint2 *)(w1 + 32 * n + 8 * tg);
+                uint32_t l0 = w0[sb] & 0xf, l1 = w1[sb] & 0xf;
+                a0 = make_uint2(((q0.x >> sh) & 0x03030303u) * l0, ((q0.y >> sh) & 0x03030303u) * l0);
+                a1 = make_uint2(((q1.x >> sh) & 0x03030303u) * l1, ((q1.y >> sh) & 0x03030303u) * l1);
+            }
+#pragma unroll
+            for (int j = 0; j < FR; j++) {
+                uint2 bf = q8s_frag(xt, 8 * j + g, s, tg);   /* B column g: token 8 j + g */
+                if constexpr (IQ2) {
+                    int d[4];
+                    mma_s8_from(d, 0, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
+                    iacc[j][0] += d[0] * m0, iacc[j][1] += d[1] * m0;
+                    iacc[j][2] += d[2] * m1, iacc[j][3] += d[3] * m1;
+                } else if (first) {
+                    mma_s8_from(iacc[j], I2F_BIAS_BITS, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
+                } else {
+                    mma_s8(iacc[j], a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
+                }
+            }
+        };
+        if constexpr (IQ2) {
+#pragma unroll
+            for (int j = 0; j < FR; j++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) iacc[j][c] = 0;
+        } else {
+            slice(0, true);
+        }
+#pragma unroll 1
+        for (int s = IQ2 ? 0 : 1; s < 8; s++) slice(s, false);
+        /* the block's end: acc += x scale (d I - dmin M), as k_linear_q8x (IQ2_XXS: d / 8, no M) */
+        float d0, d1;
+        [[maybe_unused]] float n0 = 0, n1 = 0, b0 = 0, b1 = 0;   /* Q2_K only, as ma and m4 */
+        [[maybe_unused]] uint32_t ma[4] = {0, 0, 0, 0};   /* Q2_K: the minimums' A fragment, rows wr, wr + 8 */
+        if constexpr (IQ2) {
+            d0 = h2f_bits(wd[wr * nb + b]) * 0.125f, d1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
+        } else {
+            uint32_t dm0 = wdm[u * Q8S_BM + wr], dm1 = wdm[u * Q8S_BM + wr + 8];
+            d0 = h2f_bits(dm0), n0 = h2f_bits(dm0 >> 16), d1 = h2f_bits(dm1), n1 = h2f_bits(dm1 >> 16);
+            /* -d I2F_BIAS, exact (d an fp16 value: 11 significant bits, the bias 2), so
+             * fmaf(d, B + I, -d B) rounds d I once, as d * (B + I - B) did, without
+             * the subtraction (a zero d I may come out +0 where that gave -0) */
+            b0 = -d0 * I2F_BIAS, b1 = -d1 * I2F_BIAS;
+            ma[0] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg));
+            ma[1] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg));
+            ma[2] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg + 8));
+            ma[3] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg + 8));
+        }
+        const float *xdu = xd + (size_t)u * Q8S_BN * 4;
+#pragma unroll
+        for (int j = 0; j < FR; j++) {
+            float f0 = xdu[(8 * j + 2 * tg) * 4], f1 = xdu[(8 * j + 2 * tg + 1) * 4];
+            [[maybe_unused]] float m4[4] = {0, 0, 0, 0};
+            if constexpr (!IQ2) {   /* B: token 8 j + g's sums over sub-blocks 2 tg, 2 tg + 1, + 8 */
+                const float *xsr = xs + ((size_t)u * Q8S_BN + 8 * j + g) * 16 + 2 * tg;
+                mma_f16(m4, ma[0], ma[1], ma[2], ma[3], half_pair(xsr[0], xsr[1]), half_pair(xsr[8], xsr[9]));
+            }
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                float v;
+                if constexpr (IQ2) {
+                    v = (c < 2 ? d0 : d1) * (float)iacc[j][c];
+                } else {   /* d (B + I) - d B: d I in one rounding, d B exact (see b0 above) */
+                    v = fmaf(c < 2 ? d0 : d1, __int_as_float(iacc[j][c]), c < 2 ? b0 : b1);
+                    v = fmaf(-(c < 2 ? n0 : n1), m4[c], v);
+                }
+                acc[j][c] = fmaf(c % 2 ? f1 : f0, v, acc[j][c]);
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < FR; j++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int r = ti.r0 + wr + 8 * (c / 2), p = ti.t0 + 8 * j + 2 * tg + c % 2;
+            if (r < ti.n_out && p < ti.p1) ti.y[(int64_t)p * ti.ys + r] = acc[j][c];
+        }
+}
+
+/* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_q8x.
+ * skip: a tile's 8-token fragments past its last token are not multiplied
+ * (a 2K chunk gives an expert ~48 of the tile's 64 tokens: a quarter of
+ * each slice's products and their 2 s + 1 steps were of padding). The
+ * fragment count is a compile-time constant of the tile's code (k2s_tile,
+ * one function a count 1..8): a loop bound read at run time kept the
+ * compiler from interleaving the fragments' loads and MMAs (8% slower at 8
+ * of 8), and two inlined copies (6 and 8) gave 4,254 tok/s at 2K where
+ * eight gave 4,435. */
+template <int TYPE>
+__global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int skip) {
+    constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
+    pdl_begin();
+    extern __shared__ __align__(16) uint8_t k2s_sh[];
+    __shared__ uint32_t xrow_sh[Q8S_BN];   /* the token tile's x rows (each thread's four then held as xofs) */
+    const int n_in = a.w.n_in, nb = n_in / 256;
 
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;
@@ -243,7 +408,9 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
     /* a row's offset in the expert's rows (< 2^31: 32-bit offsets keep the copies' registers few) */
     auto wrow = [&](int r) { return blk.w + (uint32_t)(min(r0 + r, a.w.n_out - 1) * (int)a.w.row_bytes); };
     if constexpr (IQ2) {
-        for (int i = tid; i < 256; i += Q8S_THREADS) grid_sh[i] = d_iq2_grid[i];
+        /* the rows' d of every block, past the buffers (k2s_tile's wd) */
+        uint16_t *wd = (uint16_t *)(k2s_sh + 2 * Q8S_BM * K2S_ROWB + 2 * Q8S_BN * (256 + 4 * sizeof(float)));
+        for (int i = tid; i < 256; i += Q8S_THREADS) k2s_grid_sh[i] = d_iq2_grid[i];
         for (int i = tid; i < Q8S_BM * (nb / 4); i += Q8S_THREADS) {   /* with the first stage's group */
             int r = i / (nb / 4), c = i % (nb / 4);
             cp_async8(wd + r * nb + 4 * c, wrow(r) + 8 * c);
@@ -278,155 +445,19 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
 #pragma unroll
         for (int k = 0; k < 4; k++) xofs[k] = xrow_sh[tid / 16 + 16 * k] * (uint32_t)n_in + 16 * xc;
 
-        /* stage b's loads into buffer u (common.cuh's row layouts) */
-        auto issue = [&](int b, int u) {
-            uint8_t *wu = wq + (size_t)u * Q8S_BM * K2S_ROWB;
-            if constexpr (IQ2) {
+        k2s_tile_in in{blk.w, a.q8, a.q8d, a.q8s, blk.y, a.ys, a.w.n_out, nb, r0, t0, blk.p1, {}, {}};
 #pragma unroll
-                for (int k = 0; k < 4; k++)
-                    cp_async8(wu + (tid / 8 + 32 * k) * K2S_ROWB + 8 * (tid % 8), blk.w + (wofs[k] + 64 * b));
-            } else {   /* d | dmin (4 nb bytes), scales (16 nb), codes (64 nb) */
-                const int r = tid % Q8S_BM;
-                const uint8_t *row = blk.w + wofs[0];
-                uint8_t *dst = wu + r * K2S_ROWB;
-                if (tid < Q8S_BM) {
-#pragma unroll
-                    for (int c = 0; c < 3; c++) cp_async16(dst + 16 * c, row + (20 * nb + 64 * b + 16 * c));
-                } else {
-                    cp_async16(dst + 48, row + (20 * nb + 64 * b + 48));
-                    cp_async16(dst + 64, row + (4 * nb + 16 * b));
-                    cp_async4(wdm + u * Q8S_BM + r, row + 4 * b);
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int t = tid / 16 + 16 * k;
-                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, xc), a.q8 + (xofs[k] + 256 * b));
-                /* xofs = x row x n_in + 16 xc: the row's scales at xofs / 32 (xc 0), sums at xofs / 16 - xc */
-                if (xc == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, a.q8d + (xofs[k] / 32 + 8 * b));
-                if (!IQ2 && xc < 4)
-                    cp_async16(xs + ((size_t)u * Q8S_BN + t) * 16 + 4 * xc, a.q8s + (xofs[k] / 16 + 3 * xc + 16 * b));
-            }
-            asm volatile("cp.async.commit_group;" ::: "memory");
-        };
-
-        /* the tile's products with its first FR token fragments (FR: std::integral_constant) */
-        auto tile = [&](auto fr) {
-            constexpr int FR = decltype(fr)::value;
-            float acc[8][4];   /* [token frag j][c]: rows wr, wr + 8 (c / 2) x tokens 8 j + 2 tg + c % 2 */
-#pragma unroll
-            for (int j = 0; j < FR; j++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
-
-            issue(0, 0);
-            for (int b = 0; b < nb; b++) {
-                int u = b & 1;
-                stage_turn(b, nb, issue);
-                const uint8_t *wt = wq + (size_t)u * Q8S_BM * K2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
-                const uint8_t *w0 = wt + wr * K2S_ROWB, *w1 = w0 + 8 * K2S_ROWB;
-                int iacc[8][4];   /* the block's integer sums (Q2_K: read as floats off I2F_BIAS) */
-                /* slice s's products into iacc. Q2_K's first slice starts them from
-                 * I2F_BIAS in the product's own accumulator operand, not from 32 moves
-                 * a block (IQ2_XXS starts from zeros: its first slice set apart
-                 * spills) */
-                auto slice = [&](int s, bool first) {
-                    uint2 a0, a1;
-                    [[maybe_unused]] int m0 = 1, m1 = 1;   /* IQ2_XXS only */
-                    if constexpr (IQ2) {
-                        uint2 c0 = *(const uint2 *)(w0 + 8 * s), c1 = *(const uint2 *)(w1 + 8 * s);
-                        a0 = iq2s_frag(c0, tg, grid_sh), a1 = iq2s_frag(c1, tg, grid_sh);
-                        m0 = 2 * (int)(c0.y >> 28) + 1, m1 = 2 * (int)(c1.y >> 28) + 1;
-                    } else {   /* slice s = 4 n + sh: codes at shift 2 sh of bytes 32 n ..; sub-block 8 n + 2 sh + tg / 2 */
-                        int n = s / 4, sh = 2 * (s % 4), sb = 64 + 8 * n + s % 4 * 2 + tg / 2;
-                        uint2 q0 = *(const uint2 *)(w0 + 32 * n + 8 * tg), q1 = *(const uint2 *)(w1 + 32 * n + 8 * tg);
-                        uint32_t l0 = w0[sb] & 0xf, l1 = w1[sb] & 0xf;
-                        a0 = make_uint2(((q0.x >> sh) & 0x03030303u) * l0, ((q0.y >> sh) & 0x03030303u) * l0);
-                        a1 = make_uint2(((q1.x >> sh) & 0x03030303u) * l1, ((q1.y >> sh) & 0x03030303u) * l1);
-                    }
-#pragma unroll
-                    for (int j = 0; j < FR; j++) {
-                        uint2 bf = q8s_frag(xt, 8 * j + g, s, tg);   /* B column g: token 8 j + g */
-                        if constexpr (IQ2) {
-                            int d[4];
-                            mma_s8_from(d, 0, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
-                            iacc[j][0] += d[0] * m0, iacc[j][1] += d[1] * m0;
-                            iacc[j][2] += d[2] * m1, iacc[j][3] += d[3] * m1;
-                        } else if (first) {
-                            mma_s8_from(iacc[j], I2F_BIAS_BITS, a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
-                        } else {
-                            mma_s8(iacc[j], a0.x, a1.x, a0.y, a1.y, bf.x, bf.y);
-                        }
-                    }
-                };
-                if constexpr (IQ2) {
-#pragma unroll
-                    for (int j = 0; j < FR; j++)
-#pragma unroll
-                        for (int c = 0; c < 4; c++) iacc[j][c] = 0;
-                } else {
-                    slice(0, true);
-                }
-#pragma unroll 1
-                for (int s = IQ2 ? 0 : 1; s < 8; s++) slice(s, false);
-                /* the block's end: acc += x scale (d I - dmin M), as k_linear_q8x (IQ2_XXS: d / 8, no M) */
-                float d0, d1;
-                [[maybe_unused]] float n0 = 0, n1 = 0, b0 = 0, b1 = 0;   /* Q2_K only, as ma and m4 */
-                [[maybe_unused]] uint32_t ma[4] = {0, 0, 0, 0};   /* Q2_K: the minimums' A fragment, rows wr, wr + 8 */
-                if constexpr (IQ2) {
-                    d0 = h2f_bits(wd[wr * nb + b]) * 0.125f, d1 = h2f_bits(wd[(wr + 8) * nb + b]) * 0.125f;
-                } else {
-                    uint32_t dm0 = wdm[u * Q8S_BM + wr], dm1 = wdm[u * Q8S_BM + wr + 8];
-                    d0 = h2f_bits(dm0), n0 = h2f_bits(dm0 >> 16), d1 = h2f_bits(dm1), n1 = h2f_bits(dm1 >> 16);
-                    /* -d I2F_BIAS, exact (d an fp16 value: 11 significant bits, the bias 2), so
-                     * fmaf(d, B + I, -d B) rounds d I once, as d * (B + I - B) did, without
-                     * the subtraction (a zero d I may come out +0 where that gave -0) */
-                    b0 = -d0 * I2F_BIAS, b1 = -d1 * I2F_BIAS;
-                    ma[0] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg));
-                    ma[1] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg));
-                    ma[2] = q2k_min_pair(*(const uint16_t *)(w0 + 64 + 2 * tg + 8));
-                    ma[3] = q2k_min_pair(*(const uint16_t *)(w1 + 64 + 2 * tg + 8));
-                }
-                const float *xdu = xd + (size_t)u * Q8S_BN * 4;
-#pragma unroll
-                for (int j = 0; j < FR; j++) {
-                    float f0 = xdu[(8 * j + 2 * tg) * 4], f1 = xdu[(8 * j + 2 * tg + 1) * 4];
-                    [[maybe_unused]] float m4[4] = {0, 0, 0, 0};
-                    if constexpr (!IQ2) {   /* B: token 8 j + g's sums over sub-blocks 2 tg, 2 tg + 1, + 8 */
-                        const float *xsr = xs + ((size_t)u * Q8S_BN + 8 * j + g) * 16 + 2 * tg;
-                        mma_f16(m4, ma[0], ma[1], ma[2], ma[3], half_pair(xsr[0], xsr[1]), half_pair(xsr[8], xsr[9]));
-                    }
-#pragma unroll
-                    for (int c = 0; c < 4; c++) {
-                        float v;
-                        if constexpr (IQ2) {
-                            v = (c < 2 ? d0 : d1) * (float)iacc[j][c];
-                        } else {   /* d (B + I) - d B: d I in one rounding, d B exact (see b0 above) */
-                            v = fmaf(c < 2 ? d0 : d1, __int_as_float(iacc[j][c]), c < 2 ? b0 : b1);
-                            v = fmaf(-(c < 2 ? n0 : n1), m4[c], v);
-                        }
-                        acc[j][c] = fmaf(c % 2 ? f1 : f0, v, acc[j][c]);
-                    }
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < FR; j++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    int r = r0 + wr + 8 * (c / 2), p = t0 + 8 * j + 2 * tg + c % 2;
-                    if (r < a.w.n_out && p < blk.p1) blk.y[(int64_t)p * a.ys + r] = acc[j][c];
-                }
-        };
+        for (int k = 0; k < 4; k++) in.wofs[k] = wofs[k < WCOPIES ? k : 0], in.xofs[k] = xofs[k];
         /* token fragments with a token (block-uniform) */
         switch (skip ? min(8, (blk.p1 - t0 + 7) / 8) : 8) {
-        case 1: tile(std::integral_constant<int, 1>{}); break;
-        case 2: tile(std::integral_constant<int, 2>{}); break;
-        case 3: tile(std::integral_constant<int, 3>{}); break;
-        case 4: tile(std::integral_constant<int, 4>{}); break;
-        case 5: tile(std::integral_constant<int, 5>{}); break;
-        case 6: tile(std::integral_constant<int, 6>{}); break;
-        case 7: tile(std::integral_constant<int, 7>{}); break;
-        default: tile(std::integral_constant<int, 8>{}); break;
+        case 1: k2s_tile<TYPE, 1>(in); break;
+        case 2: k2s_tile<TYPE, 2>(in); break;
+        case 3: k2s_tile<TYPE, 3>(in); break;
+        case 4: k2s_tile<TYPE, 4>(in); break;
+        case 5: k2s_tile<TYPE, 5>(in); break;
+        case 6: k2s_tile<TYPE, 6>(in); break;
+        case 7: k2s_tile<TYPE, 7>(in); break;
+        default: k2s_tile<TYPE, 8>(in); break;
         }
     }
 }
