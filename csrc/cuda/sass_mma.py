@@ -1,0 +1,93 @@
+"""How each tensor-core loop of a kernel was scheduled, from a cubin compiled
+here (no GPU): for every loop holding MMAs, its instruction count, NOPs, and
+for each MMA how many instructions before it the shared-memory load of its B
+operand was issued. A distance of 1-3 means the MMA waits on that load
+(short-scoreboard stalls in ncu); the twenty-fourth session found a 21%
+slower k_linear_2bit copy this way, its loads 1-3 before their IMMAs where
+the same code alone had them 3-14 before.
+
+    nvcc -O3 -std=c++17 -cubin -arch=sm_90 -Icsrc csrc/cuda/ds4_cuda.cu -o /tmp/k.cubin
+    python3 csrc/cuda/sass_mma.py /tmp/k.cubin k_linear_2bit
+
+Needs cuobjdump and nvdisasm on PATH (CUDA's, or the wheels
+nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm: their bin/ folders).
+"""
+import argparse
+import re
+import subprocess
+import sys
+
+INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+MMA_B = re.compile(r"\b[IH]MMA\S*\s+R\d+,\s*R\d+\S*,\s*(R\d+)")
+LOAD_DST = re.compile(r"\bLDS\S*\s+(R\d+),")
+
+
+def functions(cubin):
+    try:
+        out = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    except FileNotFoundError:
+        sys.exit("sass_mma.py: cuobjdump not on PATH (see this file's docstring)")
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"sass_mma.py: cuobjdump failed: {e.stderr.strip()}")
+    for part in re.split(r"\n\s+Function : ", out)[1:]:
+        name = part.split("\n", 1)[0].strip()
+        yield name, [(int(a, 16), text.strip()) for a, text in INSTR.findall(part)]
+
+
+def mma_loops(instrs):
+    """(start address, body) of each backward branch's loop that holds an MMA"""
+    index = {addr: i for i, (addr, _) in enumerate(instrs)}
+    for i, (addr, text) in enumerate(instrs):
+        m = BRANCH.search(text)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target < addr and target in index:
+            body = [t for _, t in instrs[index[target]:i + 1]]
+            if any(MMA_B.search(t) for t in body):
+                yield target, body
+
+
+def load_distances(body):
+    """for each MMA, instructions back (around the loop) to the load of its B operand"""
+    out = []
+    for k, text in enumerate(body):
+        m = MMA_B.search(text)
+        if not m:
+            continue
+        for d in range(1, len(body)):
+            ld = LOAD_DST.search(body[(k - d) % len(body)])
+            if ld and ld.group(1) == m.group(1):
+                out.append(d)
+                break
+        else:
+            out.append(None)   # B not loaded by LDS in the loop (held in registers)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("cubin")
+    ap.add_argument("function", help="a substring of the mangled names to show")
+    ap.add_argument("--max-loop", type=int, default=400, help="loops longer than this are left out (outer loops)")
+    args = ap.parse_args()
+    found = False
+    for name, instrs in functions(args.cubin):
+        if args.function not in name:
+            continue
+        found = True
+        print(f"{name}: {len(instrs)} instructions")
+        for start, body in mma_loops(instrs):
+            if len(body) > args.max_loop:
+                continue
+            dist = load_distances(body)
+            nops = sum(t.startswith("NOP") for t in body)
+            shown = ", ".join("-" if d is None else str(d) for d in dist)
+            print(f"  loop at {start:#x}: {len(body)} instructions, {nops} NOP, {len(dist)} MMA; B loaded {shown} before")
+    if not found:
+        sys.exit(f"sass_mma.py: no function matching {args.function!r} in {args.cubin}")
+
+
+if __name__ == "__main__":
+    main()
