@@ -16,8 +16,6 @@
  * one slice) then fall in distinct banks. */
 #pragma once
 
-#include <type_traits>
-
 #include "act8.cuh"
 
 #define Q8S_BM 128
@@ -398,10 +396,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
     __shared__ uint32_t xrow_sh[Q8S_BN];   /* the token tile's x rows (each thread's four then held as xofs) */
     const int n_in = a.w.n_in, nb = n_in / 256;
 
-    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
-    int g = lane / 4, tg = lane % 4;
-    const int wr = warp * 16 + g;   /* the lane's rows wr, wr + 8 of the block */
-    int r0 = blockIdx.x * Q8S_BM;
+    const int tid = threadIdx.x, r0 = blockIdx.x * Q8S_BM;
     lin_block blk;
     if (!lin_block_of(a, blockIdx.z, blk)) return;
     if (blk.p0 + blockIdx.y * Q8S_BN >= blk.p1) return;   /* no tile: no copies left in flight */
@@ -440,7 +435,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
             int pt = t0 + tid < blk.p1 ? t0 + tid : blk.p1 - 1;   /* past the end: a real row, unused */
             xrow_sh[tid] = a.xrow ? a.xrow[pt] : pt;
         }
-        __syncthreads();   /* the previous token tile's last reads; grid_sh, xrow_sh */
+        __syncthreads();   /* the previous token tile's last reads; k2s_grid_sh, xrow_sh */
         uint32_t xofs[4];   /* x's code offsets (stage 0) of this thread's tokens */
 #pragma unroll
         for (int k = 0; k < 4; k++) xofs[k] = xrow_sh[tid / 16 + 16 * k] * (uint32_t)n_in + 16 * xc;
