@@ -1,8 +1,8 @@
 """How each tensor-core loop of a kernel was scheduled, from a cubin compiled
 here (no GPU): for every loop holding MMAs, its instruction count, NOPs, and
-for each MMA how many instructions before it the shared-memory load of its B
-operand was issued. A distance of 1-3 means the MMA waits on that load
-(short-scoreboard stalls in ncu); the twenty-fourth session found a 21%
+for each MMA how many instructions before it the shared-memory load (LDS or
+ldmatrix) of its B operand was issued. A distance of 1-3 means the MMA waits
+on that load (short-scoreboard stalls in ncu); the twenty-fourth session found a 21%
 slower k_linear_2bit copy this way, its loads 1-3 before their IMMAs where
 the same code alone had them 3-14 before.
 
@@ -20,7 +20,7 @@ import sys
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
 MMA_B = re.compile(r"\b[IH]MMA\S*\s+R\d+,\s*R\d+\S*,\s*(R\d+)")
-LOAD_DST = re.compile(r"\bLDS\S*\s+(R\d+),")
+LOAD_DST = re.compile(r"\b(LDSM|LDS)(\S*)\s+R(\d+),")
 
 
 def functions(cubin):
@@ -49,6 +49,19 @@ def mma_loops(instrs):
                 yield target, body
 
 
+def loaded_registers(text):
+    """the registers a shared-memory load writes (LDS .64 / .128, ldmatrix .2 / .4: consecutive)"""
+    m = LOAD_DST.search(text)
+    if not m:
+        return range(0)
+    op, suffix, first = m.group(1), m.group(2), int(m.group(3))
+    if op == "LDSM":
+        count = 4 if suffix.endswith(".4") else 2 if suffix.endswith(".2") else 1
+    else:
+        count = 4 if ".128" in suffix else 2 if ".64" in suffix else 1
+    return range(first, first + count)
+
+
 def load_distances(body):
     """for each MMA, instructions back (around the loop) to the load of its B operand"""
     out = []
@@ -56,13 +69,13 @@ def load_distances(body):
         m = MMA_B.search(text)
         if not m:
             continue
+        reg = int(m.group(1)[1:])
         for d in range(1, len(body)):
-            ld = LOAD_DST.search(body[(k - d) % len(body)])
-            if ld and ld.group(1) == m.group(1):
+            if reg in loaded_registers(body[(k - d) % len(body)]):
                 out.append(d)
                 break
         else:
-            out.append(None)   # B not loaded by LDS in the loop (held in registers)
+            out.append(None)   # B not loaded from shared memory in the loop (held in registers)
     return out
 
 
