@@ -208,6 +208,19 @@ __device__ __forceinline__ uint32_t half_pair(float lo, float hi) {
     return *(uint32_t *)&h;
 }
 
+/* The dynamic shared memory's parts, as k2s_smem sizes them */
+struct k2s_parts {
+    uint8_t *wq;     /* [2][128][K2S_ROWB] code words (and scales) */
+    uint8_t *xq;     /* [2][64][256] codes (q8s_at) */
+    float *xd;       /* [2][64][4] scale of the block ([0]) */
+    float *xs;       /* Q2_K: [2][64][16] code sums a 16 */
+    uint32_t *wdm;   /* Q2_K: [2][128] d | dmin << 16 */
+    uint16_t *wd;    /* IQ2_XXS (there instead): [128][nb] d */
+    __device__ __forceinline__ k2s_parts(uint8_t *sh, bool iq2)
+        : wq(sh), xq(wq + 2 * Q8S_BM * K2S_ROWB), xd((float *)(xq + 2 * Q8S_BN * 256)), xs(xd + 2 * Q8S_BN * 4),
+          wdm((uint32_t *)(xs + (iq2 ? 0 : 2 * Q8S_BN * 16))), wd((uint16_t *)wdm) {}
+};
+
 /* What a tile's products need of the kernel, by value (k2s_tile) */
 struct k2s_tile_in {
     const uint8_t *w;            /* the expert's rows */
@@ -233,12 +246,11 @@ __device__ __noinline__ void k2s_tile(const k2s_tile_in ti) {
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
     extern __shared__ __align__(16) uint8_t k2s_sh[];
     const int nb = ti.nb;
-    uint8_t *wq = k2s_sh;                                   /* [2][128][K2S_ROWB] code words (and scales) */
-    uint8_t *xq = wq + 2 * Q8S_BM * K2S_ROWB;               /* [2][64][256] codes (q8s_at) */
-    float *xd = (float *)(xq + 2 * Q8S_BN * 256);           /* [2][64][4] scale of the block ([0]) */
-    float *xs = xd + 2 * Q8S_BN * 4;                        /* Q2_K: [2][64][16] code sums a 16 */
-    uint32_t *wdm = (uint32_t *)(xs + (IQ2 ? 0 : 2 * Q8S_BN * 16));   /* Q2_K: [2][128] d | dmin << 16 */
-    uint16_t *wd = (uint16_t *)wdm;                         /* IQ2_XXS: [128][nb] d (k_linear_2bit's copy) */
+    const k2s_parts sp(k2s_sh, IQ2);
+    uint8_t *wq = sp.wq, *xq = sp.xq;
+    float *xd = sp.xd, *xs = sp.xs;
+    uint32_t *wdm = sp.wdm;
+    const uint16_t *wd = sp.wd;   /* k_linear_2bit's copy */
     const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     const int g = lane / 4, tg = lane % 4, wr = warp * 16 + g, xc = tid % 16;
 
@@ -404,7 +416,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
     auto wrow = [&](int r) { return blk.w + (uint32_t)(min(r0 + r, a.w.n_out - 1) * (int)a.w.row_bytes); };
     if constexpr (IQ2) {
         /* the rows' d of every block, past the buffers (k2s_tile's wd) */
-        uint16_t *wd = (uint16_t *)(k2s_sh + 2 * Q8S_BM * K2S_ROWB + 2 * Q8S_BN * (256 + 4 * sizeof(float)));
+        uint16_t *wd = k2s_parts(k2s_sh, true).wd;
         for (int i = tid; i < 256; i += Q8S_THREADS) k2s_grid_sh[i] = d_iq2_grid[i];
         for (int i = tid; i < Q8S_BM * (nb / 4); i += Q8S_THREADS) {   /* with the first stage's group */
             int r = i / (nb / 4), c = i % (nb / 4);
