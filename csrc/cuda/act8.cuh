@@ -122,13 +122,21 @@ __device__ __forceinline__ void q8x_decode(const q8x_raw &r, int k, int q, uint2
 /* One 32-element slice of Q8_0 rows on a tile: acc += (A's codes . B's
  * codes) x row scale sr x token scale f, where both scales change every 32
  * (the exact integer sum read off the I2F_BIAS accumulator). */
-__device__ __forceinline__ void q8_slice_product(float (&acc)[4], const uint2 (&af)[2], uint2 b,
+__device__ __forceinline__ void q8_slice_product(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
                                                  const float (&sr)[2], float f0, float f1) {
     int d[4];
-    mma_s8_from(d, I2F_BIAS_BITS, af[0].x, af[1].x, af[0].y, af[1].y, b.x, b.y);
+    mma_s8_from(d, I2F_BIAS_BITS, a[0], a[1], a[2], a[3], b0, b1);
 #pragma unroll
     for (int c = 0; c < 4; c++)
         acc[c] = fmaf(__int_as_float(d[c]) - I2F_BIAS, sr[c / 2] * (c % 2 ? f1 : f0), acc[c]);
+}
+
+/* The same from a lane's 8 bytes of rows g and g + 8 (af[0], af[1]) and of
+ * column g (b): the MMA's k order permuted alike in A and B. */
+__device__ __forceinline__ void q8_slice_product(float (&acc)[4], const uint2 (&af)[2], uint2 b,
+                                                 const float (&sr)[2], float f0, float f1) {
+    const uint32_t a[4] = {af[0].x, af[1].x, af[0].y, af[1].y};
+    q8_slice_product(acc, a, b.x, b.y, sr, f0, f1);
 }
 
 /* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_mma.

@@ -49,6 +49,11 @@ __device__ __forceinline__ void stage_turn(int b, int nb, Issue &issue) {
     __syncthreads();
 }
 
+/* Byte offset of (row r, 16-byte chunk c) in k_linear_q8s's [rows][256]
+ * tiles: chunk c ^ (r & 7), so each 8-row phase of an ldmatrix (one chunk
+ * of 8 consecutive rows) falls in distinct banks. */
+__device__ __forceinline__ int q8s_ldsm_at(int r, int c) { return r * 256 + ((c ^ (r & 7)) << 4); }
+
 /* Dynamic shared memory: per buffer, the rows' codes and 8 fp16 scales, x's
  * codes and 8 float scales. */
 static constexpr size_t Q8S_SMEM = 2 * ((size_t)Q8S_BM * (256 + 16) + (size_t)Q8S_BN * (256 + 32));
@@ -57,10 +62,12 @@ static constexpr size_t Q8S_SMEM = 2 * ((size_t)Q8S_BM * (256 + 16) + (size_t)Q8
 __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t q8s_sh[];
-    uint8_t *wq = q8s_sh;                                  /* [2][128][256] codes */
-    uint8_t *wd = wq + 2 * Q8S_BM * 256;                   /* [2][128][8] fp16 scales */
-    uint8_t *xq = wd + 2 * Q8S_BM * 16;                    /* [2][64][256] codes */
-    float *xd = (float *)(xq + 2 * Q8S_BN * 256);          /* [2][64][8] scales */
+    /* shared-window addresses: [2][128][256] row codes, [2][128][8] fp16
+     * row scales, [2][64][256] x codes, [2][64][8] x scales */
+    const uint32_t wq = (uint32_t)__cvta_generic_to_shared(q8s_sh), wd = wq + 2 * Q8S_BM * 256,
+                   xq = wd + 2 * Q8S_BM * 16, xd = xq + 2 * Q8S_BN * 256;
+    const uint16_t *wd_p = (const uint16_t *)(q8s_sh + 2 * Q8S_BM * 256);
+    const float *xd_p = (const float *)(q8s_sh + 2 * Q8S_BM * (256 + 16) + 2 * Q8S_BN * 256);
 
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;
@@ -71,10 +78,24 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
     const int n_in = a.w.n_in, nb = n_in / 256;
 
     /* This thread's copies, the same at every stage but for the stage's
-     * offset, so their index arithmetic is done once (rows) or once a token
-     * tile (x): the 16-byte chunk c16 of rows tid / 16 + 16 k (k < 8) and of
-     * tokens tid / 16 + 16 k (k < 4). */
+     * offset: the 16-byte chunk c16 of rows tid / 16 + 16 k (k < 8) and of
+     * tokens tid / 16 + 16 k (k < 4), all of one swizzle (16 k keeps r & 7);
+     * then one scale chunk: threads 0-127 row tid's 8 fp16, threads 128-255
+     * half tid % 2 of token (tid - 128) / 2's 8 floats. */
     const int c16 = tid % 16, rbase = r0 + tid / 16;
+    const uint32_t copy_at = q8s_ldsm_at(tid / 16, c16);
+    const uint32_t row_bytes = (uint32_t)a.w.row_bytes;
+    const uint8_t *wcodes = blk.w + 2 * (n_in / 32) + 16 * c16;
+    const uint8_t *wscales = blk.w + (size_t)(uint32_t)min(r0 + tid, a.w.n_out - 1) * row_bytes;
+    const int xt = (tid - Q8S_BM) / 2;   /* threads 128-255: the token of their x scale copy */
+
+    /* ldmatrix addresses of lane l, at slice 0 (slice s: ^ s << 5, chunk 2 s
+     * of the swizzle's XOR): A, the warp's rows l % 8 + 8 (l / 8 % 2) (the
+     * MMA's a0-a3: rows g, g + 8 of the slice's first 16 bytes, then of its
+     * second, chunk + l / 16); B, its tokens l % 8 + 8 (l / 16) (tokens 0-7's
+     * two halves, then tokens 8-15's: two n8 fragments, chunk + l / 8 % 2). */
+    const uint32_t a_at = q8s_ldsm_at(wm * 32 + lane % 8 + 8 * (lane / 8 % 2), lane / 16);
+    const uint32_t b_at = q8s_ldsm_at(wn * 32 + lane % 8 + 8 * (lane / 16), lane / 8 % 2);
 
     for (int t0 = blk.p0 + blockIdx.y * Q8S_BN; t0 < blk.p1; t0 += gridDim.y * Q8S_BN) {
         /* x's rows: their code offsets at stage 0 (no x row read again at each stage) */
@@ -84,22 +105,26 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
             int t = tid / 16 + 16 * k, pt = t0 + t < blk.p1 ? t0 + t : blk.p1 - 1;   /* past the end: a real row, unused */
             xofs[k] = (a.xrow ? a.xrow[pt] : pt) * (int64_t)n_in + 16 * c16;
         }
+        const float *xscales = nullptr;
+        if (tid >= Q8S_BM) {
+            int pt = t0 + xt < blk.p1 ? t0 + xt : blk.p1 - 1;
+            xscales = a.q8d + (a.xrow ? a.xrow[pt] : pt) * (int64_t)(n_in / 32) + 4 * (tid % 2);
+        }
         /* stage b's loads into buffer u: 16 chunks of 16 bytes a row and a token */
         auto issue = [&](int b, int u) {
+            const uint8_t *codes = wcodes + 256 * b;
 #pragma unroll
             for (int k = 0; k < 8; k++) {
-                const int r = tid / 16 + 16 * k;
-                const uint8_t *row = blk.w + (int64_t)min(rbase + 16 * k, a.w.n_out - 1) * a.w.row_bytes;
-                cp_async16(wq + (size_t)u * Q8S_BM * 256 + q8s_at(r, c16), row + 2 * (n_in / 32) + 256 * b + 16 * c16);
-                if (c16 == 0) cp_async16(wd + ((size_t)u * Q8S_BM + r) * 16, row + 16 * b);
+                const uint32_t row = min(rbase + 16 * k, a.w.n_out - 1);   /* past the end: a real row, unused */
+                cp_async16_to(wq + u * (Q8S_BM * 256) + copy_at + k * (16 * 256), codes + (size_t)row * row_bytes);
             }
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int t = tid / 16 + 16 * k;
-                cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, c16), a.q8 + xofs[k] + 256 * b);
-                /* xofs = x row x n_in + 16 c16, so (c16 < 2) xofs / 32 = x row x n_in / 32 */
-                if (c16 < 2) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 8 + 4 * c16, a.q8d + (xofs[k] / 32 + 8 * b + 4 * c16));
-            }
+            for (int k = 0; k < 4; k++)
+                cp_async16_to(xq + u * (Q8S_BN * 256) + copy_at + k * (16 * 256), a.q8 + xofs[k] + 256 * b);
+            if (tid < Q8S_BM)
+                cp_async16_to(wd + (u * Q8S_BM + tid) * 16, wscales + 16 * b);
+            else
+                cp_async16_to(xd + ((u * Q8S_BN + xt) * 8 + 4 * (tid % 2)) * 4, xscales + 8 * b);
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
 
@@ -116,28 +141,27 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
         for (int b = 0; b < nb; b++) {
             int u = b & 1;
             stage_turn(b, nb, issue);
-            const uint8_t *at = wq + (size_t)u * Q8S_BM * 256, *bt = xq + (size_t)u * Q8S_BN * 256;
-            const uint16_t *wdu = (const uint16_t *)(wd + (size_t)u * Q8S_BM * 16);
-            const float *xdu = xd + (size_t)u * Q8S_BN * 8;
+            const uint32_t at = wq + u * (Q8S_BM * 256), bt = xq + u * (Q8S_BN * 256);
+            const uint16_t *wdu = wd_p + u * Q8S_BM * 8;
+            const float *xdu = xd_p + u * Q8S_BN * 8;
 #pragma unroll 2
             for (int s = 0; s < 8; s++) {
-                uint2 af[2][2];
+                uint32_t af[2][4], bf[2][4];   /* A: 16 rows each; B: tokens 0-15, 16-31 of the warp */
                 float sr[2][2];
 #pragma unroll
-                for (int i = 0; i < 2; i++)
+                for (int i = 0; i < 2; i++) {
+                    ldsm_x4_at(af[i], at + i * (16 * 256) + (a_at ^ (s << 5)));
+                    ldsm_x4_at(bf[i], bt + i * (16 * 256) + (b_at ^ (s << 5)));
 #pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        int r = wm * 32 + i * 16 + g + 8 * h;
-                        af[i][h] = q8s_frag(at, r, s, tg);
-                        sr[i][h] = h2f_bits(wdu[r * 8 + s]);
-                    }
+                    for (int h = 0; h < 2; h++) sr[i][h] = h2f_bits(wdu[(wm * 32 + i * 16 + g + 8 * h) * 8 + s]);
+                }
 #pragma unroll
                 for (int j = 0; j < 4; j++) {
                     int tb = wn * 32 + j * 8;
-                    uint2 bf = q8s_frag(bt, tb + g, s, tg);
                     float f0 = xdu[(tb + 2 * tg) * 8 + s], f1 = xdu[(tb + 2 * tg + 1) * 8 + s];
 #pragma unroll
-                    for (int i = 0; i < 2; i++) q8_slice_product(acc[i][j], af[i], bf, sr[i], f0, f1);
+                    for (int i = 0; i < 2; i++)
+                        q8_slice_product(acc[i][j], af[i], bf[j / 2][2 * (j % 2)], bf[j / 2][2 * (j % 2) + 1], sr[i], f0, f1);
                 }
             }
         }
