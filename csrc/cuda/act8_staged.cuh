@@ -11,9 +11,10 @@
  * into registers instead: 128 ms.)
  *
  * A block: 128 rows x 64 tokens, 8 warps of 32 x 32 (as k_linear_q8x).
- * Shared tiles are [rows][256] int8 with 16-byte chunk c of row r stored at
- * chunk c ^ (2 (r & 3)): a half warp's fragment loads (4 rows x 32 bytes of
- * one slice) then fall in distinct banks. */
+ * Shared tiles are [rows][256] int8 (q8s_ldsm_at's swizzle), read by
+ * ldmatrix straight into the MMA's register order: two 8-byte loads a row
+ * left rows g and g + 8 to be interleaved by four moves an MMA (~4.5 of its
+ * ~25 instructions, ncu). */
 #pragma once
 
 #include "act8.cuh"
@@ -25,7 +26,9 @@
 /* Rows it takes: Q8_0 of whole 256 blocks (16-byte aligned stages). */
 static inline bool q8s_fits(const dmat &w) { return w.type == DS4_TYPE_Q8_0 && w.n_in % 256 == 0; }
 
-/* Byte offset of (row r, 16-byte chunk c) in a swizzled [rows][256] tile. */
+/* Byte offset of (row r, 16-byte chunk c) in k_linear_2bit's [64][256] x
+ * tile: chunk c ^ (2 (r & 3)), so a half warp's 8-byte fragment loads (4
+ * rows x 32 bytes of one slice, q8s_frag) fall in distinct banks. */
 __device__ __forceinline__ int q8s_at(int r, int c) { return r * 256 + ((c ^ ((r & 3) << 1)) << 4); }
 
 /* A lane's 8 bytes of slice s (elements 8 tg ..) of row r. */
