@@ -1,6 +1,8 @@
 """csrc/cuda/sass_mma.py reads cuobjdump's SASS text: each MMA loop's distance
-from the shared-memory load of an MMA's B operand to the MMA. Checked here on
-hand-written SASS in cuobjdump's layout, so no CUDA tools are needed."""
+from the shared-memory load of an MMA's B operand to the MMA, its stall counts
+(the control bits' field) and the distance from each MMA to the first read of
+its result. Checked here on hand-written SASS in cuobjdump's layout, so no CUDA
+tools are needed."""
 import importlib.util
 from pathlib import Path
 
