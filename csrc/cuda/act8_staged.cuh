@@ -57,20 +57,21 @@ __device__ __forceinline__ void stage_turn(int b, int nb, Issue &issue) {
  * of 8 consecutive rows) falls in distinct banks. */
 __device__ __forceinline__ int q8s_ldsm_at(int r, int c) { return r * 256 + ((c ^ (r & 7)) << 4); }
 
-/* Dynamic shared memory: per buffer, the rows' codes and 8 fp16 scales, x's
- * codes and 8 float scales. */
-static constexpr size_t Q8S_SMEM = 2 * ((size_t)Q8S_BM * (256 + 16) + (size_t)Q8S_BN * (256 + 32));
+/* Dynamic shared memory: [2][128][256] row codes, [2][128][8] fp16 row
+ * scales, [2][64][256] x codes, [2][64][8] x scales (byte offsets). */
+static constexpr uint32_t Q8S_WD = 2 * Q8S_BM * 256, Q8S_XQ = Q8S_WD + 2 * Q8S_BM * 16,
+                          Q8S_XD = Q8S_XQ + 2 * Q8S_BN * 256;
+static constexpr size_t Q8S_SMEM = Q8S_XD + 2 * Q8S_BN * 32;
 
 /* Grid: (row tiles, token tiles, 1), as k_linear_q8x. */
 __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t q8s_sh[];
-    /* shared-window addresses: [2][128][256] row codes, [2][128][8] fp16
-     * row scales, [2][64][256] x codes, [2][64][8] x scales */
-    const uint32_t wq = (uint32_t)__cvta_generic_to_shared(q8s_sh), wd = wq + 2 * Q8S_BM * 256,
-                   xq = wd + 2 * Q8S_BM * 16, xd = xq + 2 * Q8S_BN * 256;
-    const uint16_t *wd_p = (const uint16_t *)(q8s_sh + 2 * Q8S_BM * 256);
-    const float *xd_p = (const float *)(q8s_sh + 2 * Q8S_BM * (256 + 16) + 2 * Q8S_BN * 256);
+    /* the parts' shared-window addresses (copies, ldmatrix) and the scales' pointers */
+    const uint32_t wq = (uint32_t)__cvta_generic_to_shared(q8s_sh), wd = wq + Q8S_WD, xq = wq + Q8S_XQ,
+                   xd = wq + Q8S_XD;
+    const uint16_t *wd_p = (const uint16_t *)(q8s_sh + Q8S_WD);
+    const float *xd_p = (const float *)(q8s_sh + Q8S_XD);
 
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;

@@ -73,9 +73,7 @@ __device__ __forceinline__ void mma_2xtf32(float d[4], const uint32_t ahi[4], co
  * pairs), lane l giving the address of row l % 8 of block l / 8: each lane
  * gets word tg of row g of each block, the m16n8k8 tf32 fragment places. */
 __device__ __forceinline__ void ldsm_x4_f32(uint32_t r[4], const float *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+    ldsm_x4_at(r, (uint32_t)__cvta_generic_to_shared(p));
 }
 
 /* Thread i < KT's row of the key tile at k0 of the keys before `end`, a

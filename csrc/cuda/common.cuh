@@ -62,22 +62,20 @@ __device__ __forceinline__ void prefetch_l2(const void *p) {
 }
 
 /* 16 bytes global -> shared, asynchronous (cp.async, L2 only): complete
- * after cp.async.wait_group / wait_all. */
-__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(dst)),
-                 "l"(src));
-}
-
-/* The same, the destination a shared-window address already (its arithmetic
- * done once, not a conversion a copy). */
+ * after cp.async.wait_group / wait_all. dst a shared-window address (its
+ * arithmetic done once by a caller, not a conversion a copy). */
 __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async16(void *dst, const void *src) {
+    cp_async16_to((uint32_t)__cvta_generic_to_shared(dst), src);
 }
 
 /* Four 8 x 16-byte matrices (ldmatrix .b16) from the shared-window address
  * lane l gives for row l % 8 of matrix l / 8: register k of a lane holds
  * bytes 4 (l % 4) .. + 3 of row l / 4 of matrix k. */
-__device__ __forceinline__ void ldsm_x4_at(uint32_t (&r)[4], uint32_t at) {
+__device__ __forceinline__ void ldsm_x4_at(uint32_t *r, uint32_t at) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(at));

@@ -50,9 +50,7 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], const 
 /* Four 8 x 8 bf16 matrices from shared memory, lane l giving the address of
  * row l % 8 of matrix l / 8; each lane gets its fragment pair of each. */
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const __nv_bfloat16 *p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"((uint32_t)__cvta_generic_to_shared(p)));
+    ldsm_x4_at(r, (uint32_t)__cvta_generic_to_shared(p));
 }
 
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
