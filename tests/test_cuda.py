@@ -373,6 +373,71 @@ def test_cuda_compact_kv_rows_are_lossless(model_pair, numerics, tmp_path, monke
     assert np.array_equal(restored.eval(more, all_logits=True), plain.eval(more, all_logits=True))
 
 
+# A child process that loads a model on CUDA with DS4_CUDA_SHARED_LIMIT set
+# (a fresh process: no kernel keeps a shared-memory opt-in from an earlier
+# load) and saves an exact-numerics prompt's logits and four decode steps'.
+SMALL_GPU_CHILD = r"""
+import sys
+import numpy as np
+import ds4
+path, out = sys.argv[1:]
+rng = np.random.default_rng(31)
+m = ds4.load(path, backend="cuda", ctx=1024)
+vocab = m.config.n_vocab
+prompt, steps = rng.integers(0, vocab, 48), rng.integers(0, vocab, 4)
+for numerics in ("exact", "qat-q8"):
+    s = m.session(numerics=numerics)
+    rows = [np.atleast_2d(s.eval(prompt, all_logits=True))] + [np.atleast_2d(s.eval([int(t)])) for t in steps]
+    np.save(f"{out}-{numerics}.npy", np.concatenate(rows))
+np.save(f"{out}-ids.npy", np.concatenate([prompt, steps]))
+"""
+
+
+def _run_with_shared_limit(path, limit, out):
+    import subprocess
+    import sys
+    from conftest import subprocess_env
+    env = subprocess_env()
+    env["DS4_CUDA_SHARED_LIMIT"] = str(limit)
+    return subprocess.run([sys.executable, "-c", SMALL_GPU_CHILD, str(path), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=str(out.parent))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("limit", [101376, 49152], ids=["99KB", "48KB"])
+def test_a_gpu_with_less_shared_memory_a_block_runs_the_smaller_kernels(wide_q2, limit, tmp_path):
+    """sm_86 / sm_89 GPUs give a block 99 KB of shared memory (101,376 bytes),
+    where the wide model's k_linear_q8s (104 KB), k_attention_tc8 at head
+    size 512 (105 KB with its static part), k_idx_score_tc at 128 (100 KB)
+    and k_expert_dp4a (197 KB) do not fit, and every GPU gives 48 KB without
+    the opt-in, where none of the chunk kernels of large tiles fits. At
+    either limit the model loads and runs on the kernels that fit, matching
+    the CPU."""
+    _cuda_model(wide_q2, 64)   # skips where there is no GPU
+    res = _run_with_shared_limit(wide_q2, limit, tmp_path / "small")
+    assert res.returncode == 0, res.stderr[-3000:]
+    ids = np.load(tmp_path / "small-ids.npy")
+    prompt, steps = ids[:48], ids[48:]
+    cpu = ds4.load(wide_q2, backend="cpu", ctx=1024)
+    s = cpu.session(numerics="exact")
+    ref = [np.atleast_2d(s.eval(prompt, all_logits=True))] + [np.atleast_2d(s.eval([int(t)])) for t in steps]
+    t = Tally(f"wide_q2/exact/shared limit {limit}")
+    t.add(np.concatenate(ref), np.load(tmp_path / "small-exact.npy"))
+    t.check()
+    assert np.isfinite(np.load(tmp_path / "small-qat-q8.npy")).all()
+
+
+@pytest.mark.gpu
+def test_a_gpu_without_the_indexers_shared_memory_is_a_clear_error(wide_q2, tmp_path):
+    """k_idx_score (a decode token's indexer scores where k_idx_score_tc does
+    not run) has no smaller kernel beside it: a GPU that cannot give it its
+    shared memory fails the load with the sizes, not at a launch."""
+    _cuda_model(wide_q2, 64)
+    res = _run_with_shared_limit(wide_q2, 4096, tmp_path / "tiny")
+    assert res.returncode != 0
+    assert "needs" in res.stderr and "bytes of shared memory a block" in res.stderr and "gives 4096" in res.stderr
+
+
 @pytest.mark.gpu
 def test_cuda_deep_rewind_replays_to_the_cpu_state(tiny_q2):
     cpu_m, gpu_m = ds4.load(tiny_q2, backend="cpu", ctx=1024), _cuda_model(tiny_q2, 1024)

@@ -23,8 +23,12 @@
 #define Q8S_BN 64
 #define Q8S_THREADS 256
 
+/* k_linear_q8s<2> / <3> got their shared memory (q8s_init; a GPU of 99 KB a
+ * block has neither: k_linear_q8x then) */
+static bool g_q8s_ok[2] = {false, false};
+
 /* Rows it takes: Q8_0 of whole 256 blocks (16-byte aligned stages). */
-static inline bool q8s_fits(const dmat &w) { return w.type == DS4_TYPE_Q8_0 && w.n_in % 256 == 0; }
+static inline bool q8s_fits(const dmat &w) { return g_q8s_ok[0] && w.type == DS4_TYPE_Q8_0 && w.n_in % 256 == 0; }
 
 /* Byte offset of (row r, 16-byte chunk c) in k_linear_2bit's [64][256] x
  * tile: chunk c ^ (2 (r & 3)), so a half warp's 8-byte fragment loads (4
@@ -199,14 +203,14 @@ __global__ void __launch_bounds__(Q8S_THREADS, NBUF == 2 ? 2 : 1) k_linear_q8s(l
     }
 }
 
-static cudaError_t q8s_init(void) {
-    cudaError_t e = allow_shared(cudaSuccess, k_linear_q8s<2>, q8s_layout<2>::SMEM);
-    return allow_shared(e, k_linear_q8s<3>, q8s_layout<3>::SMEM);
+static void q8s_init(void) {
+    g_q8s_ok[0] = allow_shared(k_linear_q8s<2>, q8s_layout<2>::SMEM);
+    g_q8s_ok[1] = allow_shared(k_linear_q8s<3>, q8s_layout<3>::SMEM);
 }
 
 static void launch_q8s(cudaStream_t st, dim3 grid, const lin_args &a) {
     static const bool one = getenv("DS4_CUDA_Q8S_ONE") != NULL;
-    if (one) launch_k(k_linear_q8s<3>, grid, Q8S_THREADS, q8s_layout<3>::SMEM, st, a);
+    if (one && g_q8s_ok[1]) launch_k(k_linear_q8s<3>, grid, Q8S_THREADS, q8s_layout<3>::SMEM, st, a);
     else launch_k(k_linear_q8s<2>, grid, Q8S_THREADS, q8s_layout<2>::SMEM, st, a);
 }
 
@@ -232,8 +236,10 @@ static void launch_q8s(cudaStream_t st, dim3 grid, const lin_args &a) {
 
 /* Rows of n_in % 1024 == 0: IQ2_XXS rows (66 bytes a block) are 8-byte
  * aligned and copied 8 bytes at a time, Q2_K rows (84) 16. */
+static bool g_k2s_ok[2] = {false, false};   /* IQ2_XXS's, Q2_K's kernel got its shared memory (k2s_init) */
+
 static inline bool k2s_fits(const dmat &w) {
-    return w.n_in % 1024 == 0 &&
+    return w.n_in % 1024 == 0 && g_k2s_ok[w.type == DS4_TYPE_Q2_K] &&
            ((w.type == DS4_TYPE_IQ2_XXS && w.n_in <= K2S_MAX_IN) || w.type == DS4_TYPE_Q2_K);
 }
 
@@ -545,9 +551,9 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
     }
 }
 
-static cudaError_t k2s_init(void) {
-    cudaError_t e = allow_shared(cudaSuccess, k_linear_2bit<DS4_TYPE_IQ2_XXS>, k2s_smem(DS4_TYPE_IQ2_XXS, K2S_MAX_IN));
-    return allow_shared(e, k_linear_2bit<DS4_TYPE_Q2_K>, k2s_smem(DS4_TYPE_Q2_K, 0));
+static void k2s_init(void) {
+    g_k2s_ok[0] = allow_shared(k_linear_2bit<DS4_TYPE_IQ2_XXS>, k2s_smem(DS4_TYPE_IQ2_XXS, K2S_MAX_IN));
+    g_k2s_ok[1] = allow_shared(k_linear_2bit<DS4_TYPE_Q2_K>, k2s_smem(DS4_TYPE_Q2_K, 0));
 }
 
 static void launch_k2s(cudaStream_t st, dim3 grid, const lin_args &a) {

@@ -685,25 +685,33 @@ __global__ void __launch_bounds__(TCA8_THREADS, 2) k_attention_tc8(attn_args a) 
         tca_store_part<D, NTW, 64>(a, acc, m_row, den_row, t, h0, split, 8 * warp, g, tg);
 }
 
+/* Head sizes (their bits: each a power of two) whose k_attention_tc /
+ * k_attention_tc8 got their shared memory: the others keep k_attention. */
+static int g_tca_sizes = 0, g_tca8_sizes = 0;
+
 /* The shared-memory opt-in above 48 KB, once per head size. */
-static cudaError_t attention_tc_init(void) {
-    cudaError_t e = allow_shared(cudaSuccess, k_attention_tc<64>, tca_shared_bytes(64));
-    e = allow_shared(e, k_attention_tc<128>, tca_shared_bytes(128));
-    e = allow_shared(e, k_attention_tc<256>, tca_shared_bytes(256));
-    e = allow_shared(e, k_attention_tc<512>, tca_shared_bytes(512));
-    e = allow_shared(e, k_attention_tc8<128>, tca8_shared_bytes(128));
-    e = allow_shared(e, k_attention_tc8<256>, tca8_shared_bytes(256));
-    return allow_shared(e, k_attention_tc8<512>, tca8_shared_bytes(512));
+static void attention_tc_init(void) {
+    g_tca_sizes = (allow_shared(k_attention_tc<64>, tca_shared_bytes(64)) ? 64 : 0) |
+                  (allow_shared(k_attention_tc<128>, tca_shared_bytes(128)) ? 128 : 0) |
+                  (allow_shared(k_attention_tc<256>, tca_shared_bytes(256)) ? 256 : 0) |
+                  (allow_shared(k_attention_tc<512>, tca_shared_bytes(512)) ? 512 : 0);
+    g_tca8_sizes = (allow_shared(k_attention_tc8<128>, tca8_shared_bytes(128)) ? 128 : 0) |
+                   (allow_shared(k_attention_tc8<256>, tca8_shared_bytes(256)) ? 256 : 0) |
+                   (allow_shared(k_attention_tc8<512>, tca8_shared_bytes(512)) ? 512 : 0);
 }
 
-static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
+/* A chunk's attention on the tensor cores: k_attention_tc8 where it runs
+ * (DS4_CUDA_NO_ATTN8=1 keeps k_attention_tc, for A/B), else k_attention_tc;
+ * false where neither has its shared memory for a.d. */
+static bool launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n);
-    if (a.d >= 128 && !getenv("DS4_CUDA_NO_ATTN8")) {
+    if (!tca_fits(a.d) || !((g_tca_sizes | g_tca8_sizes) & a.d)) return false;
+    if (a.d >= 128 && (g_tca8_sizes & a.d) && (!getenv("DS4_CUDA_NO_ATTN8") || !(g_tca_sizes & a.d))) {
         size_t shm8 = tca8_shared_bytes(a.d);
         switch (a.d) {
-        case 128: launch_k(k_attention_tc8<128>, grid, TCA8_THREADS, shm8, st, a); return;
-        case 256: launch_k(k_attention_tc8<256>, grid, TCA8_THREADS, shm8, st, a); return;
-        case 512: launch_k(k_attention_tc8<512>, grid, TCA8_THREADS, shm8, st, a); return;
+        case 128: launch_k(k_attention_tc8<128>, grid, TCA8_THREADS, shm8, st, a); return true;
+        case 256: launch_k(k_attention_tc8<256>, grid, TCA8_THREADS, shm8, st, a); return true;
+        case 512: launch_k(k_attention_tc8<512>, grid, TCA8_THREADS, shm8, st, a); return true;
         }
     }
     size_t shm = tca_shared_bytes(a.d);
@@ -713,6 +721,7 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     case 256: launch_k(k_attention_tc<256>, grid, TCA_THREADS, shm, st, a); break;
     case 512: launch_k(k_attention_tc<512>, grid, TCA_THREADS, shm, st, a); break;
     }
+    return true;
 }
 
 /* A decode token of a layer whose compressed rows the indexer chose (ratio
@@ -730,7 +739,8 @@ static void launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
 static_assert(TCA8_DECODE_SPLITS <= ATTN_MAX_SPLIT, "k_attn_combine's splits");
 
 static bool launch_attention_tc_decode(cudaStream_t st, attn_args a) {
-    if (!a.sel || a.d < 128 || !tca_fits(a.d) || getenv("DS4_CUDA_NO_TCDECODE")) return false;
+    if (!a.sel || a.d < 128 || !tca_fits(a.d) || !(g_tca8_sizes & a.d) || getenv("DS4_CUDA_NO_TCDECODE"))
+        return false;
     a.splits = TCA8_DECODE_SPLITS;
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), 1, (unsigned)a.splits);
     size_t shm8 = tca8_shared_bytes(a.d);
@@ -750,10 +760,7 @@ static bool launch_attention_tc_decode(cudaStream_t st, attn_args a) {
  * k_attention, then their combination with the sink. */
 static void launch_attention(cudaStream_t st, attn_args a, int n) {
     a.splits = attn_splits(n);
-    if (n > 1 && !a.rows8 && tca_fits(a.d) && !getenv("DS4_CUDA_NO_TCATTN")) {
-        launch_attention_tc(st, a, n);
-        return;
-    }
+    if (n > 1 && !a.rows8 && !getenv("DS4_CUDA_NO_TCATTN") && launch_attention_tc(st, a, n)) return;
     if (n == 1 && launch_attention_tc_decode(st, a)) return;
     launch_attention_simt(st, a, n);
     launch_attn_combine(st, a, n);

@@ -121,11 +121,30 @@ static int gpu_fill(K kernel, int threads, size_t shm) {
     return sms * (per_sm > 0 ? per_sm : 1);
 }
 
-/* kernel may take `bytes` of dynamic shared memory (the opt-in above 48 KB);
- * nothing after an earlier error e. */
+/* Shared memory a block may have on this GPU (its opt-in maximum: 227 KB
+ * on sm_90, 163 KB on sm_80, 99 KB on sm_86 / sm_89), set at load;
+ * DS4_CUDA_SHARED_LIMIT=bytes lowers it, so that an H200 runs the kernels a
+ * smaller GPU would (the tests'). */
+static size_t g_shared_limit = 48 * 1024;
+
+/* Lets kernel take `bytes` of dynamic shared memory (the opt-in above 48
+ * KB), if that and its static shared memory fit in g_shared_limit. False
+ * where they do not: the caller keeps a kernel of less shared memory, or
+ * names what the GPU lacks. A refusal leaves no error behind for the next
+ * cudaGetLastError. */
 template <typename K>
-static cudaError_t allow_shared(cudaError_t e, K kernel, size_t bytes) {
-    return e != cudaSuccess ? e : cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+static bool allow_shared(K kernel, size_t bytes) {
+    cudaFuncAttributes fa;
+    if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    if (bytes + fa.sharedSizeBytes > g_shared_limit) return false;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return true;
 }
 
 /* A matrix on the device: rows of n_in elements of `type`. */

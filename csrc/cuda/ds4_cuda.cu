@@ -321,16 +321,26 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     }
     CKG(cudaMalloc(&d->mem, total), "allocating the weights");
     CKG(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
-    CKG(allow_shared(cudaSuccess, k_idx_score,
-                     ((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) + 8 * m->cfg.indexer_heads) *
-                         sizeof(float)),
-        "indexer shared memory");
-    CKG(attention_tc_init(), "attention shared memory");
-    CKG(indexer_tc_init(), "indexer shared memory");
-    CKG(q8s_init(), "int8 product shared memory");
-    CKG(k2s_init(), "2-bit product shared memory");
-    CKG(few_rows_init(), "few-row product shared memory");
-    CKG(expert_dp4a_init(), "dp4a expert product shared memory");
+    g_shared_limit = prop.sharedMemPerBlockOptin;
+    if (const char *lim = getenv("DS4_CUDA_SHARED_LIMIT")) g_shared_limit = std::min(g_shared_limit, (size_t)atoll(lim));
+    {
+        /* the one kernel of large shared memory with no smaller one beside it */
+        size_t idx_bytes =
+            ((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) + 8 * m->cfg.indexer_heads) * sizeof(float);
+        if (!allow_shared(k_idx_score, idx_bytes)) {
+            snprintf(err, errlen,
+                     "the indexer (%d heads of %d) needs %zu bytes of shared memory a block; the %s gives %zu",
+                     m->cfg.indexer_heads, m->cfg.indexer_dim, idx_bytes, prop.name, g_shared_limit);
+            goto out;
+        }
+    }
+    /* the rest fall back to kernels of less shared memory where refused */
+    attention_tc_init();
+    indexer_tc_init();
+    q8s_init();
+    k2s_init();
+    few_rows_init();
+    expert_dp4a_init();
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {

@@ -319,11 +319,10 @@ __global__ void __launch_bounds__(XD_WARPS *WARP, 1) k_expert_dp4a(lin_args a, i
     }
 }
 
-static cudaError_t expert_dp4a_init(void) {
-    cudaError_t e = allow_shared(cudaSuccess, k_expert_dp4a<DS4_TYPE_IQ2_XXS>, XD_SMEM);
-    g_expert_dp4a_ok = allow_shared(e, k_expert_dp4a<DS4_TYPE_Q2_K>, XD_SMEM) == cudaSuccess;
-    (void)cudaGetLastError();   /* a GPU without the shared memory keeps the tensor-core kernel */
-    return cudaSuccess;
+/* A GPU without the shared memory keeps the tensor-core kernel. */
+static void expert_dp4a_init(void) {
+    g_expert_dp4a_ok = allow_shared(k_expert_dp4a<DS4_TYPE_IQ2_XXS>, XD_SMEM) &&
+                       allow_shared(k_expert_dp4a<DS4_TYPE_Q2_K>, XD_SMEM);
 }
 
 /* (a one-token product: one pair a slot) */

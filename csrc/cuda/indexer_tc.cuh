@@ -17,7 +17,10 @@
 #define ITC_RT 64        /* rows a tile */
 #define ITC_THREADS 256
 
-static inline bool itc_fits(int HI, int dI) { return HI <= ITC_HEADS && (dI == 32 || dI == 64 || dI == 128); }
+static int g_itc_sizes = 0;   /* row sizes (their bits) whose kernel got its shared memory (indexer_tc_init) */
+static inline bool itc_fits(int HI, int dI) {
+    return HI <= ITC_HEADS && (dI == 32 || dI == 64 || dI == 128) && (g_itc_sizes & dI);
+}
 
 /* Shared floats: the queries' two parts and a row tile, rows padded by 4
  * (a fragment's 8 rows x 4 columns in 32 banks). */
@@ -123,11 +126,12 @@ __global__ void __launch_bounds__(ITC_THREADS, 2) k_idx_score_tc(idx_args a) {
     }
 }
 
-/* The shared-memory opt-in above 48 KB, once per row size. */
-static cudaError_t indexer_tc_init(void) {
-    cudaError_t e = allow_shared(cudaSuccess, k_idx_score_tc<32>, itc_shared_bytes(32));
-    e = allow_shared(e, k_idx_score_tc<64>, itc_shared_bytes(64));
-    return allow_shared(e, k_idx_score_tc<128>, itc_shared_bytes(128));
+/* The shared-memory opt-in above 48 KB, once per row size (a size refused
+ * keeps k_idx_score). */
+static void indexer_tc_init(void) {
+    g_itc_sizes = (allow_shared(k_idx_score_tc<32>, itc_shared_bytes(32)) ? 32 : 0) |
+                  (allow_shared(k_idx_score_tc<64>, itc_shared_bytes(64)) ? 64 : 0) |
+                  (allow_shared(k_idx_score_tc<128>, itc_shared_bytes(128)) ? 128 : 0);
 }
 
 template <int DI>

@@ -29,8 +29,10 @@
 static constexpr size_t FR_SMEM = (size_t)FR_STAGES * (FR_W_BYTES + FR_X_BYTES) +
                                   (size_t)(2 * FR_BM + 3 * FR_BN) * FR_LD * 2;
 
+static bool g_few_rows_ok = false;   /* the GPU gives a block FR_SMEM (few_rows_init) */
+
 static inline bool few_rows_fits(const lin_args &a) {
-    return a.w.type == DS4_TYPE_F16 && !a.active && !a.xrow && a.w.n_out <= FR_BM && a.w.n_in % FR_BK == 0 &&
+    return g_few_rows_ok && a.w.type == DS4_TYPE_F16 && !a.active && !a.xrow && a.w.n_out <= FR_BM && a.w.n_in % FR_BK == 0 &&
            a.w.row_bytes % 16 == 0 && a.xs % 4 == 0;
 }
 
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     }
 }
 
-static cudaError_t few_rows_init(void) { return allow_shared(cudaSuccess, k_linear_few_rows, FR_SMEM); }
+static void few_rows_init(void) { g_few_rows_ok = allow_shared(k_linear_few_rows, FR_SMEM); }
 
 static void launch_few_rows(cudaStream_t st, const lin_args &a) {
     launch_k(k_linear_few_rows, dim3(1, (unsigned)((a.n_tok + FR_BN - 1) / FR_BN)), FR_THREADS, FR_SMEM, st, a);
