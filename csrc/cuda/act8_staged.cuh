@@ -23,12 +23,12 @@
 #define Q8S_BN 64
 #define Q8S_THREADS 256
 
-/* k_linear_q8s<2> / <3> got their shared memory (q8s_init; a GPU of 99 KB a
- * block has neither: k_linear_q8x then) */
-static bool g_q8s_ok[2] = {false, false};
+/* k_linear_q8s got its shared memory (q8s_init; a GPU of 99 KB a block
+ * does not give its 104 KB: k_linear_q8x then) */
+static bool g_q8s_ok = false;
 
 /* Rows it takes: Q8_0 of whole 256 blocks (16-byte aligned stages). */
-static inline bool q8s_fits(const dmat &w) { return g_q8s_ok[0] && w.type == DS4_TYPE_Q8_0 && w.n_in % 256 == 0; }
+static inline bool q8s_fits(const dmat &w) { return g_q8s_ok && w.type == DS4_TYPE_Q8_0 && w.n_in % 256 == 0; }
 
 /* Byte offset of (row r, 16-byte chunk c) in k_linear_2bit's [64][256] x
  * tile: chunk c ^ (2 (r & 3)), so a half warp's 8-byte fragment loads (4
@@ -56,47 +56,26 @@ __device__ __forceinline__ void stage_turn(int b, int nb, Issue &issue) {
     __syncthreads();
 }
 
-/* The same for a ring of three buffers, stages b + 1 and b + 2 in flight
- * while b multiplies (the loop issued stages 0 and 1 before it): stage b +
- * 2 goes into the buffer of b - 1. Past the last stage an empty group is
- * committed, so that "all but the newest two" is always stage b. */
-template <typename Issue>
-__device__ __forceinline__ void stage_turn3(int b, int nb, Issue &issue) {
-    __syncthreads();
-    if (b + 2 < nb) issue(b + 2, (b + 2) % 3);
-    else asm volatile("cp.async.commit_group;" ::: "memory");
-    asm volatile("cp.async.wait_group 2;" ::: "memory");
-    __syncthreads();
-}
-
 /* Byte offset of (row r, 16-byte chunk c) in k_linear_q8s's [rows][256]
  * tiles: chunk c ^ (r & 7), so each 8-row phase of an ldmatrix (one chunk
  * of 8 consecutive rows) falls in distinct banks. */
 __device__ __forceinline__ int q8s_ldsm_at(int r, int c) { return r * 256 + ((c ^ (r & 7)) << 4); }
 
-/* Dynamic shared memory of NBUF buffers: [NBUF][128][256] row codes,
- * [NBUF][128][8] fp16 row scales, [NBUF][64][256] x codes, [NBUF][64][8] x
- * scales (byte offsets). */
-template <int NBUF>
-struct q8s_layout {
-    static constexpr uint32_t WD = NBUF * Q8S_BM * 256, XQ = WD + NBUF * Q8S_BM * 16, XD = XQ + NBUF * Q8S_BN * 256;
-    static constexpr size_t SMEM = XD + NBUF * Q8S_BN * 32;
-};
+/* Dynamic shared memory: [2][128][256] row codes, [2][128][8] fp16 row
+ * scales, [2][64][256] x codes, [2][64][8] x scales (byte offsets). */
+static constexpr uint32_t Q8S_WD = 2 * Q8S_BM * 256, Q8S_XQ = Q8S_WD + 2 * Q8S_BM * 16,
+                          Q8S_XD = Q8S_XQ + 2 * Q8S_BN * 256;
+static constexpr size_t Q8S_SMEM = Q8S_XD + 2 * Q8S_BN * 32;
 
-/* Grid: (row tiles, token tiles, 1), as k_linear_q8x. NBUF 2: two blocks a
- * SM, double buffers; NBUF 3: one block a SM (160 KB) with two stages in
- * flight and the registers of a 256-thread block alone (DS4_CUDA_Q8S_ONE=1). */
-template <int NBUF>
-__global__ void __launch_bounds__(Q8S_THREADS, NBUF == 2 ? 2 : 1) k_linear_q8s(lin_args a) {
-    static_assert(NBUF == 2 || NBUF == 3, "k_linear_q8s: double buffers or a ring of three");
-    using L = q8s_layout<NBUF>;
+/* Grid: (row tiles, token tiles, 1), as k_linear_q8x. */
+__global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t q8s_sh[];
     /* the parts' shared-window addresses (copies, ldmatrix) and the scales' pointers */
-    const uint32_t wq = (uint32_t)__cvta_generic_to_shared(q8s_sh), wd = wq + L::WD, xq = wq + L::XQ,
-                   xd = wq + L::XD;
-    const uint16_t *wd_p = (const uint16_t *)(q8s_sh + L::WD);
-    const float *xd_p = (const float *)(q8s_sh + L::XD);
+    const uint32_t wq = (uint32_t)__cvta_generic_to_shared(q8s_sh), wd = wq + Q8S_WD, xq = wq + Q8S_XQ,
+                   xd = wq + Q8S_XD;
+    const uint16_t *wd_p = (const uint16_t *)(q8s_sh + Q8S_WD);
+    const float *xd_p = (const float *)(q8s_sh + Q8S_XD);
 
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;
@@ -167,14 +146,9 @@ __global__ void __launch_bounds__(Q8S_THREADS, NBUF == 2 ? 2 : 1) k_linear_q8s(l
 
         __syncthreads();   /* the previous token tile's last reads */
         issue(0, 0);
-        if constexpr (NBUF == 3) {
-            if (nb > 1) issue(1, 1);
-            else asm volatile("cp.async.commit_group;" ::: "memory");
-        }
         for (int b = 0; b < nb; b++) {
-            int u = NBUF == 2 ? b & 1 : b % 3;
-            if constexpr (NBUF == 2) stage_turn(b, nb, issue);
-            else stage_turn3(b, nb, issue);
+            int u = b & 1;
+            stage_turn(b, nb, issue);
             const uint32_t at = wq + u * (Q8S_BM * 256), bt = xq + u * (Q8S_BN * 256);
             const uint16_t *wdu = wd_p + u * Q8S_BM * 8;
             const float *xdu = xd_p + u * Q8S_BN * 8;
@@ -203,15 +177,10 @@ __global__ void __launch_bounds__(Q8S_THREADS, NBUF == 2 ? 2 : 1) k_linear_q8s(l
     }
 }
 
-static void q8s_init(void) {
-    g_q8s_ok[0] = allow_shared(k_linear_q8s<2>, q8s_layout<2>::SMEM);
-    g_q8s_ok[1] = allow_shared(k_linear_q8s<3>, q8s_layout<3>::SMEM);
-}
+static void q8s_init(void) { g_q8s_ok = allow_shared(k_linear_q8s, Q8S_SMEM); }
 
 static void launch_q8s(cudaStream_t st, dim3 grid, const lin_args &a) {
-    static const bool one = getenv("DS4_CUDA_Q8S_ONE") != NULL;
-    if (one && g_q8s_ok[1]) launch_k(k_linear_q8s<3>, grid, Q8S_THREADS, q8s_layout<3>::SMEM, st, a);
-    else launch_k(k_linear_q8s<2>, grid, Q8S_THREADS, q8s_layout<2>::SMEM, st, a);
+    launch_k(k_linear_q8s, grid, Q8S_THREADS, Q8S_SMEM, st, a);
 }
 
 /* ---- k_linear_2bit: the routed 2-bit rows of a qat-q8 chunk ----
@@ -234,10 +203,10 @@ static void launch_q8s(cudaStream_t st, dim3 grid, const lin_args &a) {
                                * (IQ2_XXS: padding): a fragment's 8 rows in distinct banks */
 #define K2S_MAX_IN 16384      /* IQ2_XXS: the rows' fp16 d stay in shared memory, n_in / 128 bytes a row */
 
-/* Rows of n_in % 1024 == 0: IQ2_XXS rows (66 bytes a block) are 8-byte
- * aligned and copied 8 bytes at a time, Q2_K rows (84) 16. */
 static bool g_k2s_ok[2] = {false, false};   /* IQ2_XXS's, Q2_K's kernel got its shared memory (k2s_init) */
 
+/* Rows of n_in % 1024 == 0: IQ2_XXS rows (66 bytes a block) are 8-byte
+ * aligned and copied 8 bytes at a time, Q2_K rows (84) 16. */
 static inline bool k2s_fits(const dmat &w) {
     return w.n_in % 1024 == 0 && g_k2s_ok[w.type == DS4_TYPE_Q2_K] &&
            ((w.type == DS4_TYPE_IQ2_XXS && w.n_in <= K2S_MAX_IN) || w.type == DS4_TYPE_Q2_K);
@@ -252,28 +221,14 @@ static size_t k2s_smem(int type, int n_in) {
     return 2 * buf + (iq2 ? (size_t)Q8S_BM * 2 * (n_in / 256) : 0);
 }
 
-/* IQ2_XXS's 128 sign patterns as byte masks: entry s7 (a code word's 7
- * sign bits; the eighth is their parity, as ksigns_iq2xs holds it) is
- * {0xff where the low word's byte is negated, the same for the high word,
- * then 1 where negated in each}, so a word's bytes are negated by one xor
- * and one add (no byte carries: no grid value is 0). Read by index from
- * shared memory: ~15 fewer instructions a slice than the masks built from
- * the bits at each use (negate_bytes). */
-struct iq2_sign_mask { uint32_t lo, hi, lo1, hi1; };
-
-__device__ __forceinline__ iq2_sign_mask iq2_sign_mask_of(uint32_t s7) {
-    uint32_t sg = s7 | ((__popc(s7) & 1u) << 7), one[2] = {0, 0};
-    for (int i = 0; i < 8; i++)
-        if (sg >> i & 1) one[i / 4] |= 1u << (8 * (i % 4));
-    return {one[0] * 0xffu, one[1] * 0xffu, one[0], one[1]};
-}
-
 /* A lane's 8 signed grid values of a row's slice: entry tg of the slice's
- * code word c (iq2_slice's values, int8_decode.cuh). */
-__device__ __forceinline__ uint2 iq2s_frag(uint2 c, int tg, const uint64_t *grid, const iq2_sign_mask *signs) {
+ * code word c. iq2_slice's values (int8_decode.cuh) without its sign table:
+ * the sign byte's eighth bit is the parity of its seven, as ksigns_iq2xs
+ * holds it, so no table is kept in this kernel's shared memory. */
+__device__ __forceinline__ uint2 iq2s_frag(uint2 c, int tg, const uint64_t *grid) {
     uint64_t gv = grid[(c.x >> (8 * tg)) & 0xff];
-    iq2_sign_mask m = signs[(c.y >> (7 * tg)) & 127];
-    return make_uint2(((uint32_t)gv ^ m.lo) + m.lo1, ((uint32_t)(gv >> 32) ^ m.hi) + m.hi1);
+    uint32_t s7 = (c.y >> (7 * tg)) & 127, sg = s7 | ((__popc(s7) & 1u) << 7);
+    return make_uint2(negate_bytes((uint32_t)gv, sg & 15), negate_bytes((uint32_t)(gv >> 32), sg >> 4));
 }
 
 /* Two sub-blocks' minimums (the high nibbles of two scale bytes) as an fp16 pair */
@@ -311,9 +266,7 @@ struct k2s_tile_in {
     uint32_t wofs[4], xofs[4];   /* this thread's row and x offsets at stage 0 (k_linear_2bit) */
 };
 
-/* IQ2_XXS's grid and sign masks (at file scope: k2s_tile reads them) */
-__shared__ uint64_t k2s_grid_sh[256];
-__shared__ iq2_sign_mask k2s_sign_sh[128];
+__shared__ uint64_t k2s_grid_sh[256];   /* IQ2_XXS's grid (at file scope: k2s_tile reads it) */
 
 /* The products of a tile's first FR token fragments, its rows' blocks
  * staged through the double buffers. A function of its own a fragment
@@ -389,7 +342,7 @@ __device__ __noinline__ void k2s_tile(const k2s_tile_in ti) {
             [[maybe_unused]] int m0 = 1, m1 = 1;   /* IQ2_XXS only */
             if constexpr (IQ2) {
                 uint2 c0 = *(const uint2 *)(w0 + 8 * s), c1 = *(const uint2 *)(w1 + 8 * s);
-                a0 = iq2s_frag(c0, tg, k2s_grid_sh, k2s_sign_sh), a1 = iq2s_frag(c1, tg, k2s_grid_sh, k2s_sign_sh);
+                a0 = iq2s_frag(c0, tg, k2s_grid_sh), a1 = iq2s_frag(c1, tg, k2s_grid_sh);
                 m0 = 2 * (int)(c0.y >> 28) + 1, m1 = 2 * (int)(c1.y >> 28) + 1;
             } else {   /* slice s = 4 n + sh: codes at shift 2 sh of bytes 32 n ..; sub-block 8 n + 2 sh + tg / 2 */
                 int n = s / 4, sh = 2 * (s % 4), sb = 64 + 8 * n + s % 4 * 2 + tg / 2;
@@ -499,7 +452,6 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
         /* the rows' d of every block, past the buffers (k2s_tile's wd) */
         uint16_t *wd = k2s_parts(k2s_sh, true).wd;
         for (int i = tid; i < 256; i += Q8S_THREADS) k2s_grid_sh[i] = d_iq2_grid[i];
-        if (tid < 128) k2s_sign_sh[tid] = iq2_sign_mask_of(tid);
         for (int i = tid; i < Q8S_BM * (nb / 4); i += Q8S_THREADS) {   /* with the first stage's group */
             int r = i / (nb / 4), c = i % (nb / 4);
             cp_async8(wd + r * nb + 4 * c, wrow(r) + 8 * c);
@@ -529,7 +481,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
             int pt = t0 + tid < blk.p1 ? t0 + tid : blk.p1 - 1;   /* past the end: a real row, unused */
             xrow_sh[tid] = a.xrow ? a.xrow[pt] : pt;
         }
-        __syncthreads();   /* the previous token tile's last reads; k2s_grid_sh, k2s_sign_sh, xrow_sh */
+        __syncthreads();   /* the previous token tile's last reads; k2s_grid_sh, xrow_sh */
         uint32_t xofs[4];   /* x's code offsets (stage 0) of this thread's tokens */
 #pragma unroll
         for (int k = 0; k < 4; k++) xofs[k] = xrow_sh[tid / 16 + 16 * k] * (uint32_t)n_in + 16 * xc;
