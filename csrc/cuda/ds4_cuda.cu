@@ -324,9 +324,12 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     g_shared_limit = prop.sharedMemPerBlockOptin;
     if (const char *lim = getenv("DS4_CUDA_SHARED_LIMIT")) g_shared_limit = std::min(g_shared_limit, (size_t)atoll(lim));
     {
-        /* the one kernel of large shared memory with no smaller one beside it */
-        size_t idx_bytes =
-            ((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) + 8 * m->cfg.indexer_heads) * sizeof(float);
+        /* the one kernel of large shared memory with no smaller one beside it,
+         * at its largest: compact rows add a decoded row tile (the launch's
+         * shm; an opt-in below what a launch asks fails that launch) */
+        size_t idx_bytes = ((size_t)m->cfg.indexer_heads * (m->cfg.indexer_dim + 1) + 8 * m->cfg.indexer_heads +
+                            8 * m->cfg.indexer_dim) *
+                           sizeof(float);
         if (!allow_shared(k_idx_score, idx_bytes)) {
             snprintf(err, errlen,
                      "the indexer (%d heads of %d) needs %zu bytes of shared memory a block; the %s gives %zu",
