@@ -936,7 +936,22 @@ static void launch_expert_mma1(cudaStream_t st, const lin_args &a, int slots, in
     }
 }
 
+/* A chunk product of float rows on k_linear_mma, in 64-row tiles where the
+ * 128-row grid would fill under half the GPU's two blocks an SM (the
+ * router's 256 rows x 32 token tiles: 64 blocks on 132 SMs); the same bits
+ * (DS4_CUDA_NO_MMA64=1, read at each launch, keeps 128: A/B, the tests). */
+static bool launch_mma_float(cudaStream_t st, dim3 grid, const lin_args &a) {
+    if (a.w.type != DS4_TYPE_F16 && a.w.type != DS4_TYPE_BF16) return false;
+    static const int fill = gpu_fill(k_linear_mma<DS4_TYPE_F16>, MM_THREADS, 0);
+    if (getenv("DS4_CUDA_NO_MMA64") || 2 * (int64_t)grid.x * grid.y * grid.z > fill) return false;
+    dim3 g64((unsigned)blocks_for(a.w.n_out, 64), grid.y, grid.z);
+    if (a.w.type == DS4_TYPE_F16) launch_k(k_linear_mma<DS4_TYPE_F16, 64>, g64, MM_THREADS, 0, st, a);
+    else launch_k(k_linear_mma<DS4_TYPE_BF16, 64>, g64, MM_THREADS, 0, st, a);
+    return true;
+}
+
 static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
+    if (launch_mma_float(st, grid, a)) return;
     switch (a.w.type) {
 #define CASE(T)                                                                  \
     case T: launch_k(k_linear_mma<T>, grid, MM_THREADS, 0, st, a); break;

@@ -181,20 +181,22 @@ __device__ __forceinline__ void split3(float a, float b, uint32_t &h, uint32_t &
     l = pack_bf16(a - f.x, b - f.y);
 }
 
-/* A warp's 32 rows x 32 tokens of a 128 x 64 block tile into y (rows past
- * n_out and tokens past the block's pairs dropped). C fragment: c0, c1 at
- * (row g, tokens 2tg, 2tg + 1), c2, c3 at row g + 8. */
-__device__ __forceinline__ void block_tile_store(const float (&acc)[2][4][4], const lin_block &blk,
+/* A warp's 32 rows x 8 J tokens of a block tile (128 x 64, J = 4; 64 x
+ * 64, J = 2) into y (rows past n_out and tokens past the block's pairs
+ * dropped). C fragment: c0, c1 at (row g, tokens 2tg, 2tg + 1), c2, c3 at
+ * row g + 8. */
+template <int J = 4>
+__device__ __forceinline__ void block_tile_store(const float (&acc)[2][J][4], const lin_block &blk,
                                                  const lin_args &a, int r0, int t0, int wm, int wn, int g,
                                                  int tg) {
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < J; j++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 int r = r0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
-                int p = t0 + wn * 32 + j * 8 + 2 * tg + (c & 1);
+                int p = t0 + wn * 8 * J + j * 8 + 2 * tg + (c & 1);
                 if (r < a.w.n_out && p < blk.p1) blk.y[(int64_t)p * a.ys + r] = acc[i][j][c];
             }
 }
@@ -202,24 +204,31 @@ __device__ __forceinline__ void block_tile_store(const float (&acc)[2][4][4], co
 /* Grid: (row tiles, token tiles, experts in use). Plain mode: tokens
  * 0..n_tok-1. Expert mode (a.active): blockIdx.z picks the expert, whose
  * grouped pairs are its tokens; the block walks them MM_BN at a time from
- * tile blockIdx.y, gridDim.y tiles apart. */
-template <int TYPE>
+ * tile blockIdx.y, gridDim.y tiles apart.
+ * BM: the block's rows, 128 (warps of 32 rows x 32 tokens) or 64 (32 rows x
+ * 16 tokens: twice the blocks for a matrix of few rows, whose 128-row grid
+ * left most SMs idle, as the router's 256 rows gave 64 blocks). Each
+ * output's products and sums are the same either way: the same bits. */
+template <int TYPE, int BM = MM_BM>
 __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
+    static_assert(BM == 128 || BM == 64, "k_linear_mma: 128- or 64-row tiles");
     pdl_begin();
     constexpr int BT = base_type(TYPE);
     constexpr bool FLOATW = BT == DS4_TYPE_F16 || BT == DS4_TYPE_BF16;
     constexpr bool WLO = BT == DS4_TYPE_F16;                  /* weights in two parts */
     constexpr bool MINS = BT == DS4_TYPE_Q2_K || BT == DS4_TYPE_Q4_K;
-    __shared__ __align__(16) __nv_bfloat16 wc[MM_BM * MM_LD], wl[WLO ? MM_BM * MM_LD : 8];
+    /* warps along the rows (8 / RW along the tokens); a warp's 8-token tiles (MM_BN over 8 / RW warps) */
+    constexpr int RW = BM / 32, J = RW;
+    __shared__ __align__(16) __nv_bfloat16 wc[BM * MM_LD], wl[WLO ? BM * MM_LD : 8];
     __shared__ __align__(16) __nv_bfloat16 xs[3][MM_BN * MM_LD];
-    __shared__ float scale_sh[MM_BM][MM_BK / 16], min_sh[MM_BM][MM_BK / 16];
+    __shared__ float scale_sh[BM][MM_BK / 16], min_sh[BM][MM_BK / 16];
     __shared__ float xsum[MM_BN][MM_BK / 16];
     __shared__ uint64_t grid_sh[BT == DS4_TYPE_IQ2_XXS ? 256 : 1];
     __shared__ uint8_t signs_sh[BT == DS4_TYPE_IQ2_XXS ? 128 : 1];
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;        /* the fragment's row group, thread in group */
-    int wm = warp % 4, wn = warp / 4;       /* the warp's 32 rows x 32 tokens */
-    int r0 = blockIdx.x * MM_BM;
+    int wm = warp % RW, wn = warp / RW;     /* the warp's 32 rows x 8 J tokens */
+    int r0 = blockIdx.x * BM;
     lin_block blk;
     if (!lin_block_of(a, blockIdx.z, blk)) return;
     const uint8_t *base = blk.w;
@@ -230,7 +239,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
         /* the first decode below comes after a barrier */
     }
     /* each thread's share of a slice: weight groups of 8 (row, k) at rows
-     * wr0 and wr0 + 64; one x group of 8 (token, k) */
+     * wr0 and (BM 128) wr0 + 64; one x group of 8 (token, k) */
     const int wr0 = tid / 4, wr1 = wr0 + 64, wk = (tid % 4) * 8;
     const uint8_t *wrow0 = base + (int64_t)min(r0 + wr0, a.w.n_out - 1) * a.w.row_bytes;
     const uint8_t *wrow1 = base + (int64_t)min(r0 + wr1, a.w.n_out - 1) * a.w.row_bytes;
@@ -239,18 +248,18 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
     for (int t0 = p0 + blockIdx.y * MM_BN; t0 < p1; t0 += gridDim.y * MM_BN) {
         int pt = t0 + xt < p1 ? t0 + xt : p1 - 1;   /* past the end: a real row, unused */
         const float *xrow = blk.x + (int64_t)(a.xrow ? a.xrow[pt] : pt) * a.xs;
-        float acc[2][4][4];
+        float acc[2][J][4];
 #pragma unroll
         for (int i = 0; i < 2; i++)
 #pragma unroll
-            for (int j = 0; j < 4; j++)
+            for (int j = 0; j < J; j++)
 #pragma unroll
                 for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
 
         raw8 q0, q1;
         float4 x0, x1;
         raw_load<TYPE>(wrow0, a.w.n_in, wk, q0);
-        raw_load<TYPE>(wrow1, a.w.n_in, wk, q1);
+        if constexpr (BM == 128) raw_load<TYPE>(wrow1, a.w.n_in, wk, q1);
         x0 = *(const float4 *)(xrow + xk);
         x1 = *(const float4 *)(xrow + xk + 4);
         __syncthreads();   /* the tables; the previous tile's last reads */
@@ -264,11 +273,13 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
                 if constexpr (WLO) *(uint4 *)&wl[wr0 * MM_LD + wk] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
                 scale_sh[wr0][wk / 16] = sc;   /* both groups of a 16 agree */
                 min_sh[wr0][wk / 16] = mn;
-                raw_decode<TYPE>(q1, k0 + wk, c, lo, sc, mn, grid_sh, signs_sh);
-                *(uint4 *)&wc[wr1 * MM_LD + wk] = make_uint4(c[0], c[1], c[2], c[3]);
-                if constexpr (WLO) *(uint4 *)&wl[wr1 * MM_LD + wk] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-                scale_sh[wr1][wk / 16] = sc;
-                min_sh[wr1][wk / 16] = mn;
+                if constexpr (BM == 128) {
+                    raw_decode<TYPE>(q1, k0 + wk, c, lo, sc, mn, grid_sh, signs_sh);
+                    *(uint4 *)&wc[wr1 * MM_LD + wk] = make_uint4(c[0], c[1], c[2], c[3]);
+                    if constexpr (WLO) *(uint4 *)&wl[wr1 * MM_LD + wk] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+                    scale_sh[wr1][wk / 16] = sc;
+                    min_sh[wr1][wk / 16] = mn;
+                }
                 uint32_t h[4], m[4], l[4];
                 split3(x0.x, x0.y, h[0], m[0], l[0]);
                 split3(x0.z, x0.w, h[1], m[1], l[1]);
@@ -286,7 +297,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
             __syncthreads();
             if (k0 + MM_BK < a.w.n_in) {   /* the next slice's loads, in flight while we multiply */
                 raw_load<TYPE>(wrow0, a.w.n_in, k0 + MM_BK + wk, q0);
-                raw_load<TYPE>(wrow1, a.w.n_in, k0 + MM_BK + wk, q1);
+                if constexpr (BM == 128) raw_load<TYPE>(wrow1, a.w.n_in, k0 + MM_BK + wk, q1);
                 x0 = *(const float4 *)(xrow + k0 + MM_BK + xk);
                 x1 = *(const float4 *)(xrow + k0 + MM_BK + xk + 4);
             }
@@ -310,9 +321,9 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
                     m_[i][1] = min_sh[r + 8][ks / 16];
                 }
 #pragma unroll
-                for (int jp = 0; jp < 2; jp++) {
+                for (int jp = 0; jp < J / 2; jp++) {
                     uint32_t bq[3][4];   /* [part]: b0, b1 of token tile 2 jp, then of 2 jp + 1 */
-                    const int tb = wn * 32 + (2 * jp + lane / 16) * 8 + lane % 8, kb = ks + 8 * ((lane / 8) % 2);
+                    const int tb = wn * 8 * J + (2 * jp + lane / 16) * 8 + lane % 8, kb = ks + 8 * ((lane / 8) % 2);
 #pragma unroll
                     for (int part = 0; part < 3; part++) ldsm_x4(bq[part], &xs[part][tb * MM_LD + kb]);
 #pragma unroll
@@ -323,8 +334,8 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
                         for (int part = 0; part < 3; part++) b[part][0] = bq[part][2 * jj], b[part][1] = bq[part][2 * jj + 1];
                         float xs0 = 0, xs1 = 0;   /* sums of x over this 16 for tokens 2tg, 2tg + 1 */
                         if constexpr (MINS) {
-                            xs0 = xsum[wn * 32 + j * 8 + 2 * tg][ks / 16];
-                            xs1 = xsum[wn * 32 + j * 8 + 2 * tg + 1][ks / 16];
+                            xs0 = xsum[wn * 8 * J + j * 8 + 2 * tg][ks / 16];
+                            xs1 = xsum[wn * 8 * J + j * 8 + 2 * tg + 1][ks / 16];
                         }
 #pragma unroll
                         for (int i = 0; i < 2; i++) {
@@ -360,7 +371,7 @@ __global__ void __launch_bounds__(MM_THREADS, 2) k_linear_mma(lin_args a) {
             }
             __syncthreads();
         }
-        block_tile_store(acc, blk, a, r0, t0, wm, wn, g, tg);
+        block_tile_store<J>(acc, blk, a, r0, t0, wm, wn, g, tg);
     }
 }
 
