@@ -411,10 +411,10 @@ def test_a_gpu_with_less_shared_memory_a_block_runs_the_smaller_kernels(wide_q2,
     """sm_86 / sm_89 GPUs give a block 99 KB of shared memory (101,376 bytes),
     where the wide model's k_linear_q8s (104 KB), k_attention_tc8 at head
     size 512 (105 KB with its static part), k_idx_score_tc at 128 (100 KB)
-    and k_expert_dp4a (197 KB) do not fit, and every GPU gives 48 KB without
-    the opt-in, where none of the chunk kernels of large tiles fits. At
-    either limit the model loads and runs on the kernels that fit, matching
-    the CPU."""
+    and k_expert_dp4a (197 KB) do not fit; every GPU gives 48 KB without the
+    opt-in, where the 2-bit chunk kernels (70-76 KB) and the tensor-core
+    attention at 512 do not either. At either limit the model loads and runs
+    on the kernels that fit, matching the CPU."""
     _cuda_model(wide_q2, 64)   # skips where there is no GPU
     res = _run_with_shared_limit(wide_q2, limit, tmp_path / "small")
     assert res.returncode == 0, res.stderr[-3000:]
