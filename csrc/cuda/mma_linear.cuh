@@ -1,10 +1,11 @@
 /* Prefill linear on the tensor cores: y[t][r] = sum_k W[r][k] x[t][k] for a
  * chunk of tokens, W in a block-quantized or 16-bit format.
  *
- * A block owns MM_BM weight rows x MM_BN tokens and walks the inputs MM_BK
- * at a time: its threads bring the slice's raw weight bytes and x into
- * registers one slice ahead (so the loads fly while the tensor cores work),
- * then decode them into shared memory, and the warps multiply the tiles with
+ * A block owns MM_BM weight rows (64 for float rows of small grids, below)
+ * x MM_BN tokens and walks the inputs MM_BK at a time: its threads bring the
+ * slice's raw weight bytes and x into registers one slice ahead (so the
+ * loads fly while the tensor cores work), then decode them into shared
+ * memory, and the warps multiply the tiles with
  * mma.sync m16n8k16 (bf16 in, fp32 accumulators).
  *
  * Precision: the CPU engine is float32, and issue 6 holds CUDA to 1e-3 of it
