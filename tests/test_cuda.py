@@ -4,10 +4,14 @@ backend), and how backend selection behaves without them.
 Agreement bar (issue 6): per position max|dlogit| / max|logit| <= 1e-3, and the
 argmax of both backends equal on >= 99.5% of the positions compared."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import ds4
+from conftest import subprocess_env
 from ds4.testing import ModelConfig, write_model
 
 REL_TOL = 1e-3
@@ -396,9 +400,6 @@ np.save(f"{out}-ids.npy", np.concatenate([prompt, steps]))
 
 
 def _run_with_shared_limit(path, limit, out):
-    import subprocess
-    import sys
-    from conftest import subprocess_env
     env = subprocess_env()
     env["DS4_CUDA_SHARED_LIMIT"] = str(limit)
     return subprocess.run([sys.executable, "-c", SMALL_GPU_CHILD, str(path), str(out)], env=env,

@@ -705,8 +705,10 @@ static void attention_tc_init(void) {
  * false where neither has its shared memory for a.d. */
 static bool launch_attention_tc(cudaStream_t st, const attn_args &a, int n) {
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n);
-    if (!tca_fits(a.d) || !((g_tca_sizes | g_tca8_sizes) & a.d)) return false;
-    if (a.d >= 128 && (g_tca8_sizes & a.d) && (!getenv("DS4_CUDA_NO_ATTN8") || !(g_tca_sizes & a.d))) {
+    /* the masks hold power-of-two sizes only: tca_fits first, so 192 is not 128 | 64 */
+    const bool tc = tca_fits(a.d) && (g_tca_sizes & a.d), tc8 = tca_fits(a.d) && (g_tca8_sizes & a.d);
+    if (!tc && !tc8) return false;
+    if (tc8 && !(tc && getenv("DS4_CUDA_NO_ATTN8"))) {
         size_t shm8 = tca8_shared_bytes(a.d);
         switch (a.d) {
         case 128: launch_k(k_attention_tc8<128>, grid, TCA8_THREADS, shm8, st, a); return true;
