@@ -10,7 +10,9 @@
 #   memcheck-wide  compute-sanitizer memcheck on qat-q8 prefill and decode of the 1024- and
 #              4096-wide models (k_expert_dp4a, the one-token Q8_0 products at Flash's row
 #              widths) and of the mid model (q_lora 256: the q norm writing q_b's codes); the
-#              tiny models of `sanitize` have no row of n_in a multiple of 1024
+#              tiny models of `sanitize` have no row of n_in a multiple of 1024. WIDE_TOOLS:
+#              other tools (e.g. "memcheck racecheck synccheck"), logs $OUT/TOOL_wide.log;
+#              WIDE_ENV: VAR=value settings for the run (e.g. DS4_CUDA_Q8RING_MIN=1)
 #   same-bits  csrc/cuda/same_bits.py: this build against the one in OLD (below),
 #              and against this build with each switch in SWITCHES (space-separated
 #              VAR=value) set, and each switch's run against OLD
@@ -129,8 +131,12 @@ for name, cfg, prompt, steps in cfgs:
     del m
 print('sanitized run done')
 PY
-    timeout 300 compute-sanitizer --tool memcheck --print-limit 20 python3 /tmp/mc.py > $OUT/memcheck_wide.log 2>&1
-    grep -m 8 -E "Error|Warning" $OUT/memcheck_wide.log; tail -2 $OUT/memcheck_wide.log ;;
+    for tool in ${WIDE_TOOLS:-memcheck}; do
+      echo "-- $tool ${WIDE_ENV}"
+      env $WIDE_ENV timeout 300 compute-sanitizer --tool $tool --print-limit 20 python3 /tmp/mc.py \
+        > $OUT/${tool}_wide.log 2>&1
+      grep -m 8 -E "Error|Warning|Race|hazard" $OUT/${tool}_wide.log; tail -2 $OUT/${tool}_wide.log
+    done ;;
   same-bits)
     SB="python3 csrc/cuda/same_bits.py"
     ( export OUT=/tmp/same_bits; mkdir -p $OUT
