@@ -210,44 +210,6 @@ def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatc
             assert np.array_equal(a, b), f"{name} {numerics} {part}: {switch} changes the logits"
 
 
-def _compute_capability():
-    """The first GPU's compute capability by nvidia-smi (0.0 where it cannot tell)."""
-    try:
-        res = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=60)
-        return float(res.stdout.split()[0])
-    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired):
-        return 0.0
-
-
-@pytest.mark.gpu
-def test_cuda_q8_ring_sums_the_one_token_q8_products_bit_for_bit(wide_q2, monkeypatch):
-    """k_q8_ring1 (sm_90: a qat-q8 token's large Q8_0 products streamed
-    through shared memory by bulk copies) adds the same terms in the same
-    order as k_q8_mma1. DS4_CUDA_Q8RING_MIN=1 sends every such product of the
-    wide model through it (by default only those of 4 stages an SM, which
-    Flash's q_b, output groups and wo_b are and the wide model's are not):
-    plain, paired on one x, and 4 output groups on their own x. A prompt and
-    eight steps give the same logits, bit for bit, as DS4_CUDA_NO_Q8RING=1."""
-    m = _cuda_model(wide_q2, 1024)
-    if _compute_capability() < 9.0:
-        pytest.skip("k_q8_ring1 runs on sm_90 and later only")
-    rng = np.random.default_rng(29)
-    prompt, steps = _ids(rng, MODELS["wide_q2"], m.config.n_vocab), _ids(rng, 8, m.config.n_vocab)
-
-    def run():
-        s = m.session(numerics="qat-q8")
-        s.eval(prompt)
-        return np.stack([s.eval([tok]) for tok in steps])
-
-    monkeypatch.setenv("DS4_CUDA_Q8RING_MIN", "1")
-    ring = run()
-    monkeypatch.setenv("DS4_CUDA_NO_Q8RING", "1")
-    tiles = run()
-    assert np.isfinite(ring).all()
-    assert np.array_equal(ring, tiles), "k_q8_ring1 and k_q8_mma1 differ"
-
-
 # qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization
 # step now and then, and on these random models such steps compound: the CPU
 # engine's own scalar and SIMD kernels part ways (measured: max rel 1.6e-3 on

@@ -72,13 +72,6 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src) {
     cp_async16_to((uint32_t)__cvta_generic_to_shared(dst), src);
 }
 
-/* The 8 bytes at shared address `addr`. */
-__device__ __forceinline__ uint2 lds64(uint32_t addr) {
-    uint2 v;
-    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
-    return v;
-}
-
 /* Four 8 x 16-byte matrices (ldmatrix .b16) from the shared-window address
  * lane l gives for row l % 8 of matrix l / 8: register k of a lane holds
  * bytes 4 (l % 4) .. + 3 of row l / 4 of matrix k. */

@@ -18,7 +18,6 @@
 #include "mma_few_rows.cuh"
 #include "kernels.cuh"
 #include "mma_linear.cuh"
-#include "q8_ring.cuh"
 
 extern "C" {
 #include "iq2_tables.h"
@@ -345,7 +344,6 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     k2s_init();
     few_rows_init();
     expert_dp4a_init();
-    q8_ring_init(prop.major);
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {
@@ -979,7 +977,6 @@ static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a, int parts) {
 }
 
 static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
-    if (launch_q8_ring1(st, a, parts)) return;   /* the large qat-q8 products */
     bool sl4 = q8_mma1_slices(a.w.n_in, parts) == 4;
     if (a.q8) {
         if (sl4) launch_q8_mma1_sl<4, true>(st, a, parts);

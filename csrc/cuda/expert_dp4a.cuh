@@ -62,6 +62,13 @@ static inline bool expert_dp4a_fits(const dmat &w) {
            ((w.type == DS4_TYPE_IQ2_XXS && w.n_in <= 4096) || (w.type == DS4_TYPE_Q2_K && w.n_in <= 2048));
 }
 
+/* The 8 bytes at shared address `addr`. */
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+    uint2 v;
+    asm("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+    return v;
+}
+
 /* v's bits from `from` up, moved to start at bit `to` (compile-time shifts). */
 template <int FROM, int TO>
 __device__ __forceinline__ uint32_t field_at(uint32_t v) {
