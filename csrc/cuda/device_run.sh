@@ -41,6 +41,8 @@
 #   race-probe racecheck on probe kernels of k_attention_tc8's named-barrier hand-on (two
 #              warps, then the scores' four-warp chain; the barrier id a constant or in a
 #              register): whether racecheck reports a correct hand-on
+#   tma-probe  csrc/cuda/probe/tma_probe.cu: how fast an SM's TMA takes raw bulk copies by
+#              size (the twenty-seventh session's ring), against plain 16-byte loads
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
@@ -292,6 +294,10 @@ CU
         > $OUT/race_probe_$mode.log 2>&1
       grep -m 2 -E "hazard|Race" $OUT/race_probe_$mode.log; tail -1 $OUT/race_probe_$mode.log
     done ;;
+  tma-probe)
+    # csrc/cuda/probe/tma_probe.cu: an SM's rate of raw bulk copies by copy size (one lane
+    # issuing or 32) against plain 16-byte loads; $OUT/tma_probe.txt
+    nvcc -O3 -std=c++17 $ARCH -o /tmp/tma_probe csrc/cuda/probe/tma_probe.cu && /tmp/tma_probe | tee $OUT/tma_probe.txt ;;
   sass)
     # the SASS of the functions whose mangled names contain SASS_FUN (e.g.
     # "k_attention_tc8ILi512"), and each one's opcode counts (static, not executed)
