@@ -43,6 +43,8 @@
 #              register): whether racecheck reports a correct hand-on
 #   tma-probe  csrc/cuda/probe/tma_probe.cu: how fast an SM's TMA takes raw bulk copies by
 #              size (the twenty-seventh session's ring), against plain 16-byte loads
+#   wgmma-probe  csrc/cuda/probe/wgmma_probe.cu: wgmma's no-swizzle descriptor layouts checked
+#              against the host, and the int8 peak of wgmma and of mma.sync
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
@@ -298,6 +300,11 @@ CU
     # csrc/cuda/probe/tma_probe.cu: an SM's rate of raw bulk copies by copy size (one lane
     # issuing or 32) against plain 16-byte loads; $OUT/tma_probe.txt
     nvcc -O3 -std=c++17 $ARCH -o /tmp/tma_probe csrc/cuda/probe/tma_probe.cu && /tmp/tma_probe | tee $OUT/tma_probe.txt ;;
+  wgmma-probe)
+    # csrc/cuda/probe/wgmma_probe.cu: which no-swizzle wgmma descriptor layout sums right, and
+    # the int8 peak of wgmma against mma.sync; $OUT/wgmma_probe.txt
+    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgmma_probe csrc/cuda/probe/wgmma_probe.cu \
+      && /tmp/wgmma_probe | tee $OUT/wgmma_probe.txt ;;
   sass)
     # the SASS of the functions whose mangled names contain SASS_FUN (e.g.
     # "k_attention_tc8ILi512"), and each one's opcode counts (static, not executed)
