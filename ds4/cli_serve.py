@@ -45,24 +45,29 @@ def open_kv_cache(directory, space_mb, model):
 def serve(model_path, backend, threads, numerics, warm_weights, host, port, ctx, kv_disk_dir,
           kv_disk_space_mb, cors, api_key, max_queue, max_body_mb, verbose, trace_path):
     """Serve the model over HTTP (OpenAI chat/completions/responses, Anthropic messages)."""
-    from .server import Server, load_engine, serve as run_server
+    from .server import Server, listen_sockets, load_engine, serve as run_server
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ds4: %(message)s")
-    engine = load_engine(model_path, ctx=ctx, backend=backend, threads=threads,
-                         warm_weights=warm_weights, numerics=numerics)
-    kv_cache = None
-    if kv_disk_dir:
-        kv_cache = open_kv_cache(kv_disk_dir, kv_disk_space_mb, engine.model)
-    trace = None
-    if trace_path:
-        from .server.trace import Trace
-        try:
-            trace = Trace(trace_path)
-        except OSError as exc:
-            raise Error(f"cannot open the trace file {trace_path}: {exc.strerror}") from None
-    server = Server(engine, max_queue=max_queue, kv_cache=kv_cache, api_key=api_key, cors=cors,
-                    max_body_mb=max_body_mb, trace=trace)
-    try:
-        run_server(server, host, port, log_fn=lambda s: click.echo(s, err=True))
+    try:   # the port first: a port in use fails now, not after the model's load
+        socks = listen_sockets(host, port)
     except OSError as exc:
         raise Error(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        engine = load_engine(model_path, ctx=ctx, backend=backend, threads=threads,
+                             warm_weights=warm_weights, numerics=numerics)
+        kv_cache = None
+        if kv_disk_dir:
+            kv_cache = open_kv_cache(kv_disk_dir, kv_disk_space_mb, engine.model)
+        trace = None
+        if trace_path:
+            from .server.trace import Trace
+            try:
+                trace = Trace(trace_path)
+            except OSError as exc:
+                raise Error(f"cannot open the trace file {trace_path}: {exc.strerror}") from None
+        server = Server(engine, max_queue=max_queue, kv_cache=kv_cache, api_key=api_key, cors=cors,
+                        max_body_mb=max_body_mb, trace=trace)
+        run_server(server, socks, host, log_fn=lambda s: click.echo(s, err=True))
+    finally:
+        for sock in socks:
+            sock.close()

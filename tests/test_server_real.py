@@ -110,3 +110,33 @@ def test_kv_disk_dir_that_cannot_be_made_is_a_one_line_error(tiny_q2, tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("ds4: ") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_serve_on_a_port_in_use_fails_at_once_before_loading_the_model(tmp_path):
+    """The port is taken before the model loads (minutes for Flash on a GPU):
+    with the port in use, even a model path that does not exist is never
+    reached; the error is one line naming the address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "ds4.cli", "serve", "-m", str(tmp_path / "absent.gguf"),
+                            "--port", str(port)], capture_output=True, text=True, env=subprocess_env(),
+                           timeout=120, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith(f"ds4: cannot listen on 127.0.0.1:{port}: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "absent.gguf" not in r.stderr
+
+
+def test_listen_sockets_put_every_address_of_a_host_on_one_port():
+    """`--port 0` on a host of several addresses (localhost: 127.0.0.1 and,
+    where configured, ::1) binds them all to the one ephemeral port that
+    `ds4 serve` then prints."""
+    from ds4.server import listen_sockets
+    socks = listen_sockets("localhost", 0)
+    try:
+        ports = {s.getsockname()[1] for s in socks}
+        assert len(socks) >= 1 and len(ports) == 1 and ports != {0}
+    finally:
+        for s in socks:
+            s.close()

@@ -23,8 +23,8 @@ single inference worker, queue and prefix reuse), engine.py (the engine seam:
 a ds4 Model, or scripted text for tests), requests.py (validation), sse.py,
 bench.py (overhead and queueing measurements).
 """
-from .app import Server, ServerThread, serve
+from .app import Server, ServerThread, listen_sockets, serve
 from .engine import MODEL_ID, ModelEngine, ScriptedEngine, load_engine
 
-__all__ = ["MODEL_ID", "ModelEngine", "ScriptedEngine", "Server", "ServerThread", "load_engine",
-           "serve"]
+__all__ = ["MODEL_ID", "ModelEngine", "ScriptedEngine", "Server", "ServerThread", "listen_sockets",
+           "load_engine", "serve"]

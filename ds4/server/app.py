@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -276,8 +277,39 @@ class ServerThread:
         self.stop()
 
 
-def serve(server, host="127.0.0.1", port=8080, log_fn=print):
-    """Serves until SIGINT/SIGTERM (the first one drains and saves; see worker.stop)."""
+def listen_sockets(host="127.0.0.1", port=8080):
+    """Listening TCP sockets for every address `host` resolves to (as aiohttp
+    would bind them): `ds4 serve` takes its port before it loads the model,
+    so a port in use fails at once, not after minutes of loading. Raises
+    OSError, with nothing left open."""
+    socks = []
+    try:
+        seen = set()
+        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE):
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if socks[1:]:   # every address on the first one's port (port 0: its ephemeral one)
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            sock.listen(128)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def serve(server, socks, host="127.0.0.1", log_fn=print):
+    """Serves on listen_sockets' sockets until SIGINT/SIGTERM (the first one
+    drains and saves; see worker.stop)."""
     app = server.make_app()
+    port = socks[0].getsockname()[1]
     log_fn(f"ds4: serving {MODEL_ID} on http://{host}:{port} (ctx {server.ctx})")
-    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=10, **_RUN_OPTIONS)
+    web.run_app(app, sock=socks, print=None, shutdown_timeout=10, **_RUN_OPTIONS)
