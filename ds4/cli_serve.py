@@ -48,7 +48,15 @@ def serve(model_path, backend, threads, numerics, warm_weights, host, port, ctx,
     from .server import Server, listen_sockets, load_engine, serve as run_server
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="ds4: %(message)s")
-    try:   # the port first: a port in use fails now, not after the model's load
+    # the port and the trace file first: either failing fails now, not after the model's load
+    trace = None
+    if trace_path:
+        from .server.trace import Trace
+        try:
+            trace = Trace(trace_path)
+        except OSError as exc:
+            raise Error(f"cannot open the trace file {trace_path}: {exc.strerror}") from None
+    try:
         socks = listen_sockets(host, port)
     except OSError as exc:
         raise Error(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -58,13 +66,6 @@ def serve(model_path, backend, threads, numerics, warm_weights, host, port, ctx,
         kv_cache = None
         if kv_disk_dir:
             kv_cache = open_kv_cache(kv_disk_dir, kv_disk_space_mb, engine.model)
-        trace = None
-        if trace_path:
-            from .server.trace import Trace
-            try:
-                trace = Trace(trace_path)
-            except OSError as exc:
-                raise Error(f"cannot open the trace file {trace_path}: {exc.strerror}") from None
         server = Server(engine, max_queue=max_queue, kv_cache=kv_cache, api_key=api_key, cors=cors,
                         max_body_mb=max_body_mb, trace=trace)
         run_server(server, socks, host, log_fn=lambda s: click.echo(s, err=True))

@@ -140,3 +140,13 @@ def test_listen_sockets_put_every_address_of_a_host_on_one_port():
     finally:
         for s in socks:
             s.close()
+
+
+def test_serve_with_a_trace_file_it_cannot_open_fails_before_loading_the_model(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ds4.cli", "serve", "-m", str(tmp_path / "absent.gguf"),
+                        "--trace", str(tmp_path / "no" / "such" / "dir" / "trace.log"),
+                        "--port", str(free_port())], capture_output=True, text=True, env=subprocess_env(),
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.startswith("ds4: cannot open the trace file ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "absent.gguf" not in r.stderr
