@@ -95,8 +95,28 @@ __device__ __forceinline__ void cp_async4(void *dst, const void *src) {
 static bool g_pdl_device = false;   /* sm_90+, not switched off (model_init) */
 static bool g_pdl = false;          /* this forward's launches (forward) */
 
+/* DS4_CUDA_CARVEOUT=percent (read at load; -1: unset): every kernel's
+ * preferred L1 / shared-memory split, set at its first launch. An SM runs
+ * blocks of one split at a time, so a kernel whose shared memory needs another
+ * split than its predecessor's waits for that SM to drain: this asks whether
+ * the decode chain pays for that between its kernels of small and large
+ * shared memory. */
+static int g_carveout = -1;
+
+template <typename K>
+static void carveout_once(K kernel) {
+    static const void *seen[512];   /* kernels given the split; launches are not concurrent */
+    static int n_seen = 0;
+    for (int i = 0; i < n_seen; i++)
+        if (seen[i] == (const void *)kernel) return;
+    if (n_seen < 512) seen[n_seen++] = (const void *)kernel;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, g_carveout) != cudaSuccess)
+        (void)cudaGetLastError();
+}
+
 template <typename... KArgs, typename... Args>
 static void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t shm, cudaStream_t st, Args... args) {
+    if (g_carveout >= 0) carveout_once(kernel);
     cudaLaunchAttribute attr;
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr.val.programmaticStreamSerializationAllowed = 1;

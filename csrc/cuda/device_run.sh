@@ -47,6 +47,7 @@
 #              against the host, and the int8 peak of wgmma and of mma.sync
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
+# SWITCHES: words VAR=value, or VAR=value+VAR2=value2 for settings taken together.
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
 #   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
@@ -150,7 +151,7 @@ PY
         echo "against OLD: $($SB compare new old | tail -1)"; $SB compare new old | grep DIFFER
       fi
       for sw in $SWITCHES; do
-        env $sw $SB run sw >/dev/null 2>&1
+        env ${sw//+/ } $SB run sw >/dev/null 2>&1
         echo "against $sw: $($SB compare new sw | tail -1)"; $SB compare new sw | grep DIFFER
         # a switch back to the old kernels should give OLD's bits
         [ -n "$OLD" ] && echo "$sw against OLD: $($SB compare sw old | tail -1)"
@@ -159,7 +160,7 @@ PY
     for i in $(seq ${PAIRS:-2}); do
       [ -n "$OLD" ] && bench old qat-q8 128 DS4_CUDA_LIB=/tmp/old.so
       bench new qat-q8 128
-      for sw in $SWITCHES; do bench "$sw" qat-q8 128 $sw; done
+      for sw in $SWITCHES; do bench "$sw" qat-q8 128 ${sw//+/ }; done
     done ;;
   walk)
     timeout 200 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics qat-q8 --ctx-start 2048 \
@@ -304,7 +305,10 @@ CU
     # csrc/cuda/probe/wgmma_probe.cu: which no-swizzle wgmma descriptor layout sums right, and
     # the int8 peak of wgmma against mma.sync; $OUT/wgmma_probe.txt
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/wgmma_probe csrc/cuda/probe/wgmma_probe.cu \
-      && /tmp/wgmma_probe | tee $OUT/wgmma_probe.txt ;;
+      && { /tmp/wgmma_probe | tee $OUT/wgmma_probe.txt
+           # a crash: where, by compute-sanitizer (its report beside the probe's)
+           [ "${PIPESTATUS[0]}" = 0 ] || compute-sanitizer --print-limit 4 /tmp/wgmma_probe 2>&1 \
+             | tee $OUT/wgmma_probe_sanitizer.txt | tail -40; } ;;
   sass)
     # the SASS of the functions whose mangled names contain SASS_FUN (e.g.
     # "k_attention_tc8ILi512"), and each one's opcode counts (static, not executed)

@@ -323,6 +323,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     CKG(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
     g_shared_limit = prop.sharedMemPerBlockOptin;
     if (const char *lim = getenv("DS4_CUDA_SHARED_LIMIT")) g_shared_limit = std::min(g_shared_limit, (size_t)atoll(lim));
+    if (const char *c = getenv("DS4_CUDA_CARVEOUT")) g_carveout = std::max(0, std::min(100, atoi(c)));
     {
         /* the one kernel of large shared memory with no smaller one beside it,
          * at its largest: compact rows add a decoded row tile (the launch's

@@ -127,7 +127,17 @@ __global__ void mma_peak(int iters, int *sink) {
     if (s == 0x12345678) sink[0] = s;
 }
 
+/* A failed call ends the probe with its name: a sticky error would make every
+ * later figure meaningless. */
+static void check(cudaError_t e, const char *what) {
+    if (e != cudaSuccess) {
+        printf("%s: %s\n", what, cudaGetErrorString(e));
+        exit(1);
+    }
+}
+
 int main() {
+    setvbuf(stdout, NULL, _IONBF, 0); /* piped to tee: keep each line if the probe dies */
     const int K = 256;
     std::vector<int8_t> A(64 * K), B(64 * K);
     srand(7);
@@ -142,18 +152,20 @@ int main() {
         }
     int8_t *dA, *dB;
     int *dC, *sink;
-    cudaMalloc(&dA, A.size());
-    cudaMalloc(&dB, B.size());
-    cudaMalloc(&dC, 64 * 64 * sizeof(int));
-    cudaMalloc(&sink, sizeof(int));
-    cudaMemcpy(dA, A.data(), A.size(), cudaMemcpyHostToDevice);
-    cudaMemcpy(dB, B.data(), B.size(), cudaMemcpyHostToDevice);
+    check(cudaMalloc(&dA, A.size()), "cudaMalloc A");
+    check(cudaMalloc(&dB, B.size()), "cudaMalloc B");
+    check(cudaMalloc(&dC, 64 * 64 * sizeof(int)), "cudaMalloc C");
+    check(cudaMalloc(&sink, sizeof(int)), "cudaMalloc sink");
+    check(cudaMemcpy(dA, A.data(), A.size(), cudaMemcpyHostToDevice), "copy A");
+    check(cudaMemcpy(dB, B.data(), B.size(), cudaMemcpyHostToDevice), "copy B");
+    printf("host reference done, operands on the GPU\n");
     for (int layout = 0; layout < 2; layout++)
         for (int swap = 0; swap < 2; swap++) {
             cudaMemset(dC, 0, 64 * 64 * sizeof(int));
             wgmma_check<<<1, 128>>>(dA, dB, K, dC, layout, swap);
             cudaError_t e = cudaDeviceSynchronize();
-            cudaMemcpy(got.data(), dC, got.size() * sizeof(int), cudaMemcpyDeviceToHost);
+            check(e, "wgmma_check");
+            check(cudaMemcpy(got.data(), dC, got.size() * sizeof(int), cudaMemcpyDeviceToHost), "copy C");
             int bad = 0, first = -1;
             for (int i = 0; i < 64 * 64; i++)
                 if (got[i] != ref[i]) bad++, first = first < 0 ? i : first;
