@@ -210,38 +210,6 @@ def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatc
             assert np.array_equal(a, b), f"{name} {numerics} {part}: {switch} changes the logits"
 
 
-@pytest.mark.gpu
-def test_cuda_q8_second_tile_through_shared_memory_keeps_every_bit(wide_q2, monkeypatch):
-    """k_q8_mma1's blocks copy their second 16-row tile into shared memory at
-    the start and read its fragments there (the later tiles from global
-    memory, as the first). DS4_CUDA_Q8_BLOCKS=8 (read at each launch) caps
-    its grid so that every one-token Q8_0 product of the wide model has
-    several tiles a block. In exact numerics (x split into parts in shared
-    memory, the stage after them) and qat-q8 (x as codes), a prompt and eight
-    steps give the same logits, bit for bit, with the stage, without it
-    (DS4_CUDA_NO_Q8STAGE=1) and on the uncapped grid."""
-    m = _cuda_model(wide_q2, 1024)
-    rng = np.random.default_rng(37)
-    prompt, steps = _ids(rng, MODELS["wide_q2"], m.config.n_vocab), _ids(rng, 8, m.config.n_vocab)
-
-    def run(numerics):
-        s = m.session(numerics=numerics)
-        s.eval(prompt)
-        return np.stack([s.eval([tok]) for tok in steps])
-
-    for numerics in ("exact", "qat-q8"):
-        uncapped = run(numerics)
-        monkeypatch.setenv("DS4_CUDA_Q8_BLOCKS", "8")
-        staged = run(numerics)
-        monkeypatch.setenv("DS4_CUDA_NO_Q8STAGE", "1")
-        unstaged = run(numerics)
-        monkeypatch.delenv("DS4_CUDA_Q8_BLOCKS")
-        monkeypatch.delenv("DS4_CUDA_NO_Q8STAGE")
-        assert np.isfinite(staged).all()
-        assert np.array_equal(staged, unstaged), f"{numerics}: the staged second tile changes the logits"
-        assert np.array_equal(staged, uncapped), f"{numerics}: the grid's size changes the logits"
-
-
 # qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization
 # step now and then, and on these random models such steps compound: the CPU
 # engine's own scalar and SIMD kernels part ways (measured: max rel 1.6e-3 on

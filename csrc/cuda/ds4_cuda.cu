@@ -345,7 +345,6 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     k2s_init();
     few_rows_init();
     expert_dp4a_init();
-    q8_stage_init();
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
     if (!synthetic) {
@@ -969,24 +968,12 @@ static void launch_mma(cudaStream_t st, dim3 grid, const lin_args &a) {
  * most one per 16-row tile. CODES: x as qat-q8's codes (a.q8), no x parts
  * in shared memory. */
 template <int SL, bool CODES>
-static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a0, int parts) {
-    static int fill[9], fill_staged[9];
-    lin_args a = a0;
+static void launch_q8_mma1_sl(cudaStream_t st, const lin_args &a, int parts) {
+    static int fill[9];
     int kwi = a.w.n_in / 1024, threads = a.w.n_in / 32 / SL * WARP;
-    size_t shm = CODES ? 0 : q8_mma1_smem(a.w.n_in), shm_staged = shm + q8_stage_bytes(a.w.n_in);
+    size_t shm = CODES ? 0 : q8_mma1_smem(a.w.n_in);
     if (!fill[kwi]) fill[kwi] = gpu_fill(k_q8_mma1<SL, CODES>, threads, shm);
     unsigned need = blocks_for(a.w.n_out, 16), cap = blocks_for(fill[kwi], parts);
-    if (const char *most = getenv("DS4_CUDA_Q8_BLOCKS"))   /* a smaller grid (tests: several tiles a block) */
-        cap = std::max(1u, std::min(cap, (unsigned)atoi(most)));
-    /* a block's second tile through shared memory where blocks have one, and
-     * that takes no block an SM away (DS4_CUDA_NO_Q8STAGE=1: never; read at
-     * each launch) */
-    a.stage2 = 0;
-    bool aligned = ((uintptr_t)a.w.data | (uintptr_t)a.bw) % 16 == 0;   /* cp.async's 16-byte pieces */
-    if (need > cap && aligned && g_q8_stage_ok && shm_staged <= g_shared_limit && !getenv("DS4_CUDA_NO_Q8STAGE")) {
-        if (!fill_staged[kwi]) fill_staged[kwi] = gpu_fill(k_q8_mma1<SL, CODES>, threads, shm_staged);
-        if (fill_staged[kwi] == fill[kwi]) a.stage2 = 1, shm = shm_staged;
-    }
     launch_k(k_q8_mma1<SL, CODES>, dim3(need < cap ? need : cap, parts), threads, shm, st, a);
 }
 

@@ -167,7 +167,7 @@ static inline bool q8_mma1_fits(const lin_args &a) {
 static inline int q8_mma1_slices(int n_in, int parts) { return n_in <= 4096 && parts <= 2 ? 4 : 8; }
 
 /* Shared bytes: the x parts and their scales. */
-__host__ __device__ inline size_t q8_mma1_smem(int n_in) { return (size_t)n_in * 4 + (size_t)n_in / 32 * 4; }
+static inline size_t q8_mma1_smem(int n_in) { return (size_t)n_in * 4 + (size_t)n_in / 32 * 4; }
 
 /* A warp's share of a 16-row tile: rows g and g + 8 of the lane's fragment,
  * SL Q8_0 blocks from kb0: the code words and the fp16 scales. */
@@ -198,59 +198,6 @@ __device__ __forceinline__ void q8_tile_load(const lin_args &a, const uint8_t *w
     }
 }
 
-/* ---- a block's second tile through shared memory ----
- * A block of k_q8_mma1 holds one tile in registers: it loads a tile, sums
- * it, then loads the next, so an SM's loads stop between its tiles (wo_b:
- * 256 tiles on 132 blocks, ~2 a block, 14.3 us where 36 MB at 4 TB/s is
- * 8.9). Where a block has a second tile, its 16 rows (contiguous in the
- * weights) are copied by cp.async into shared memory at the start, beside
- * the first tile's register loads, and read from there: the whole matrix
- * is in flight at once. Rows RS = row_bytes + 32 apart: a fragment read's 8
- * rows g fall in distinct bank windows (row_bytes is 64 or 0 mod 128). */
-static bool g_q8_stage_ok = false;   /* the kernels may have their stage bytes (q8_stage_init) */
-
-static inline size_t q8_stage_bytes(int n_in) { return 16 * ((size_t)n_in / 32 * 34 + 32); }
-
-/* The 8 bytes at shared address addr, read after the barrier before it. */
-__device__ __forceinline__ uint2 lds64_ordered(uint32_t addr) {
-    uint2 v;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
-    return v;
-}
-
-/* Tile `tile`'s rows (those below n_out) into stage by the block's threads. */
-__device__ __forceinline__ void q8_tile_stage(const lin_args &a, const uint8_t *w, int tile, uint32_t stage) {
-    const int rp = (int)(a.w.row_bytes / 16), rs = (int)a.w.row_bytes + 32;
-    const int rows = min(16, a.w.n_out - 16 * tile);
-    const uint8_t *base = w + (int64_t)16 * tile * a.w.row_bytes;
-    for (int p = threadIdx.x; p < rows * rp; p += blockDim.x) {
-        int r = p / rp, o = 16 * (p - r * rp);
-        cp_async16_to(stage + r * rs + o, base + (int64_t)r * a.w.row_bytes + o);
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-/* q8_tile_load's fragments from a staged tile (after its copies landed and a
- * barrier): the same bytes. */
-template <int SL>
-__device__ __forceinline__ void q8_tile_from_stage(const lin_args &a, uint32_t stage, int tile, int kb0,
-                                                   q8_tile_part<SL> &t) {
-    int g = threadIdx.x % WARP / 4, tg = threadIdx.x % 4, nb = a.w.n_in / 32, last = a.w.n_out - 1 - 16 * tile;
-    const int rs = (int)a.w.row_bytes + 32;
-    const uint32_t row0 = stage + min(g, last) * rs, row1 = stage + min(g + 8, last) * rs;
-#pragma unroll
-    for (int s = 0; s < SL; s++) {
-        t.q0[s] = lds64_ordered(row0 + 2 * nb + 32 * (kb0 + s) + 8 * tg);
-        t.q1[s] = lds64_ordered(row1 + 2 * nb + 32 * (kb0 + s) + 8 * tg);
-    }
-    uint2 v0 = lds64_ordered(row0 + 2 * kb0), v1 = lds64_ordered(row1 + 2 * kb0);
-    t.s0.x = v0.x, t.s0.y = v0.y, t.s1.x = v1.x, t.s1.y = v1.y;
-    if constexpr (SL == 8) {
-        uint2 w0 = lds64_ordered(row0 + 2 * kb0 + 8), w1 = lds64_ordered(row1 + 2 * kb0 + 8);
-        t.s0.z = w0.x, t.s0.w = w0.y, t.s1.z = w1.x, t.s1.w = w1.y;
-    }
-}
-
 /* fp16 scale s of the (up to) 8 in v */
 __device__ __forceinline__ float q8_scale_at(const uint4 &v, int s) {
     uint32_t w = s < 2 ? v.x : s < 4 ? v.y : s < 6 ? v.z : v.w;
@@ -274,16 +221,11 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
     int warp = threadIdx.x / WARP, tg = threadIdx.x % 4, kb0 = warp * SL;
     uint8_t *xq = x_parts_sh;
     float *xf = (float *)(x_parts_sh + (size_t)a.w.n_in * 4);
-    /* the second tile's stage: after x's parts where the block splits x */
-    const uint32_t stage = (uint32_t)__cvta_generic_to_shared(x_parts_sh) + (CODES ? 0 : (uint32_t)q8_mma1_smem(a.w.n_in));
     int tile = blockIdx.x;
     if (tile >= tiles) return;   /* the whole block */
-    /* a.stage2: the launch has the stage's bytes; -1: no staged tile */
-    const int second = a.stage2 && tile + (int)gridDim.x < tiles ? tile + (int)gridDim.x : -1;
-    if (second >= 0) q8_tile_stage(a, b.w, second, stage);   /* (first: no fragment registers live yet) */
     q8_tile_part<SL> t;
     q8_tile_load(a, b.w, tile, kb0, t);
-    if (a.early) pdl_begin();   /* the first tiles' weights in flight across the wait */
+    if (a.early) pdl_begin();   /* the first tile's weights in flight across the wait */
     x_codes xc;
     if constexpr (CODES) {   /* part p's codes at p n_in; one row for products that share x (a.bx == 0) */
         int64_t part = a.bx ? blockIdx.y : 0;
@@ -310,23 +252,11 @@ __global__ void __launch_bounds__(1024) k_q8_mma1(lin_args a) {
             acc1 = fmaf(t1, q8_scale_at(t.s1, s) * f, acc1);
         }
         int next = tile + gridDim.x;
-        if (next == second) {
-            asm volatile("cp.async.wait_all;" ::: "memory");
-            __syncthreads();
-            q8_tile_from_stage(a, stage, next, kb0, t);
-        } else if (next < tiles)
-            q8_tile_load(a, b.w, next, kb0, t);
+        if (next < tiles) q8_tile_load(a, b.w, next, kb0, t);
         tile_store(acc0, acc1, red, tile, n_out, b.y, next >= tiles);
         if (next >= tiles) break;
         tile = next;
     }
-}
-
-/* k_q8_mma1's opt-in for its largest stage (n_in 8192, x split). */
-static void q8_stage_init(void) {
-    size_t most = q8_mma1_smem(8192) + q8_stage_bytes(8192);
-    g_q8_stage_ok = allow_shared(k_q8_mma1<4, true>, most) && allow_shared(k_q8_mma1<8, true>, most) &&
-                    allow_shared(k_q8_mma1<4, false>, most) && allow_shared(k_q8_mma1<8, false>, most);
 }
 
 /* ---- routed experts' rows, IQ2_XXS and Q2_K ----

@@ -72,7 +72,6 @@ struct lin_args {
     const int8_t *q8;     /* qat-q8 int8 kernels: x as k_act8's int8 codes, [row][n_in] */
     const float *q8d, *q8s;   /* their code scales a 32, code sums a 16 */
     int early;            /* one-token plain products: weights loaded (or into L2) before the PDL wait */
-    int stage2;           /* k_q8_mma1: a block's second tile through shared memory (its launch has the bytes) */
 };
 
 #define LIN_WARPS 8
