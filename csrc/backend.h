@@ -16,7 +16,7 @@
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 8
+#define DS4_BACKEND_ABI 9
 
 struct ds4_model;
 struct ds4_session;
@@ -56,6 +56,14 @@ typedef struct ds4_backend {
      * CUDA one keeps qat sessions' compressed rows compact). NULL: float32,
      * as ds4_session_kv_bytes counts. */
     int64_t (*kv_bytes)(const struct ds4_session *s);
+    /* ds4_session_decode_greedy's steps: feed s->ids[s->n_tokens] and then
+     * each greedy choice (not `except`), n tokens, the choices into out (-1
+     * where no logit was finite: the tokens after it are not counted) and
+     * the last token's logits into logits. The core then appends the ids
+     * and counts the tokens. NULL, or DS4_BACKEND_UNAVAILABLE returned
+     * before any step: the core runs forward and an argmax a token. */
+    int (*decode_greedy)(struct ds4_session *s, int64_t n, int32_t except, int32_t *out, float *logits,
+                         char *err, size_t errlen);
 } ds4_backend;
 
 /* The symbol a backend library exports. */

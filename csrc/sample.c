@@ -27,14 +27,13 @@ float ds4_sampler_uniform(ds4_sampler *s) {
     return (float)(xorshift64star(s) >> 40) / 16777216.0f;
 }
 
-/* First index of the largest finite logit; -1 if none. The finiteness
- * test only where a logit beats the maximum so far (+inf does; NaN and
- * -inf never do). */
-static int32_t argmax(const float *logits, int64_t n) {
+/* The finiteness test only where a logit beats the maximum so far (+inf
+ * does; NaN and -inf never do). */
+int32_t ds4_argmax_except(const float *logits, int64_t n, int32_t except) {
     int32_t best = -1;
     float top = -INFINITY;
     for (int64_t i = 0; i < n; i++)
-        if (logits[i] > top && isfinite(logits[i])) top = logits[i], best = (int32_t)i;
+        if (logits[i] > top && isfinite(logits[i]) && i != except) top = logits[i], best = (int32_t)i;
     return best;
 }
 
@@ -183,7 +182,7 @@ static int32_t sample_sorted(ds4_sampler *s, const float *logits, int64_t n, int
 }
 
 int32_t ds4_sample(ds4_sampler *s, const float *logits, int64_t n) {
-    int32_t top = argmax(logits, n);
+    int32_t top = ds4_argmax_except(logits, n, -1);
     if (top < 0 || s->temperature <= 0) return top;
     if (s->top_k == 0 && s->top_p >= 1.0f) return sample_min_p(s, logits, n, top);
     return sample_sorted(s, logits, n, top);

@@ -18,6 +18,9 @@ void ds4_sampler_init(ds4_sampler *s, float temperature, int32_t top_k, float to
                       uint64_t seed);
 /* Next draw in [0, 1): the top 24 bits of the generator's output. */
 float ds4_sampler_uniform(ds4_sampler *s);
+/* The greedy choice: the first index of the largest finite logit other than
+ * `except` (-1: none excepted); -1 when there is none. */
+int32_t ds4_argmax_except(const float *logits, int64_t n, int32_t except);
 /* A token id from n logits; -1 when no logit is finite. */
 int32_t ds4_sample(ds4_sampler *s, const float *logits, int64_t n);
 

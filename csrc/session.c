@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "sample.h"
 #include "session_state.h"
 #include "weights.h"
 
@@ -158,6 +159,56 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logit
     else if (logits)
         memcpy(logits, s->logits, (size_t)cf->n_vocab * sizeof(float));
     s->logits_valid = 1;
+    return 0;
+}
+
+int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t except, int32_t *out,
+                              char *err, size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    if (n <= 0) {
+        snprintf(err, errlen, "no tokens to decode");
+        return -1;
+    }
+    if (n > s->ctx - s->n_tokens) {
+        snprintf(err, errlen, "context full: %lld tokens + %lld new exceed ctx %lld", (long long)s->n_tokens,
+                 (long long)n, (long long)s->ctx);
+        return -1;
+    }
+    if (first < 0 || first >= cf->n_vocab) {
+        snprintf(err, errlen, "token id %d is outside the vocabulary (0..%d)", first, cf->n_vocab - 1);
+        return -1;
+    }
+    const ds4_backend *b = ds4_model_backend(s->model);
+    const int64_t start = s->n_tokens;
+    s->ids[start] = first;
+    int rc = b->decode_greedy ? b->decode_greedy(s, n, except, out, s->logits, err, errlen) : DS4_BACKEND_UNAVAILABLE;
+    if (rc != DS4_BACKEND_UNAVAILABLE) {
+        /* the backend fed the chain itself; the ids it chose go into s->ids */
+        if (rc) {
+            s->logits_valid = 0;
+            return -1;
+        }
+        int64_t fed = n;
+        for (int64_t i = 0; i < n; i++)
+            if (out[i] < 0) {
+                fed = i + 1;
+                break;
+            }
+        memcpy(s->ids + start + 1, out, (size_t)(fed - 1) * sizeof *out);
+        s->n_tokens = start + fed;
+        s->logits_valid = fed == n;
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            int32_t id = i ? out[i - 1] : first;
+            if (ds4_session_eval(s, &id, 1, NULL, 0, err, errlen)) return -1;
+            out[i] = ds4_argmax_except(s->logits, cf->n_vocab, except);
+            if (out[i] < 0) break;
+        }
+    }
+    if (out[s->n_tokens - start - 1] < 0) {
+        snprintf(err, errlen, "no finite logit after token %lld", (long long)(s->n_tokens - 1));
+        return -1;
+    }
     return 0;
 }
 

@@ -34,6 +34,20 @@ const float *ds4_session_logits(const ds4_session *s);
 int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logits,
                      int all_logits, char *err, size_t errlen);
 
+/* Greedy decoding, n tokens: feeds `first`, then each time the greedy choice
+ * (ds4_argmax_except with `except`, e.g. the end-of-text id; -1 none) after
+ * the last token fed, until n are fed. out[i] receives the choice after the
+ * i-th token fed, so out[0..n-2] are the tokens fed after `first` and
+ * out[n-1] the next one (not fed). The same tokens and logits as eval and an
+ * argmax a token, but a backend may run the steps without the host between
+ * them (CUDA: the choice made on the device, one sync for all n). Returns 0,
+ * or -1 with a reason: a bad id or a full context leave the state as
+ * before, a backend failure as before or after the tokens fed before it; no
+ * finite logit after token i keeps the i + 1 tokens fed up to it (out[i] =
+ * -1). */
+int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t except, int32_t *out,
+                              char *err, size_t errlen);
+
 /* Keeps the first n tokens: the state becomes exactly what feeding those n
  * tokens gives. */
 int ds4_session_rewind(ds4_session *s, int64_t n, char *err, size_t errlen);

@@ -12,8 +12,14 @@ backend's one-time set-up (CUDA sizes its chunk buffers to the chunk, then captu
 its decode graph, ~12 ms on an H200, again whenever the buffers grow) is charged to
 neither the first row's prefill nor its decode.
 
-Everything goes through the public API (ds4.load, Session.eval/rewind/kv_bytes), so
-it measures any backend.
+The decode is Session.decode_greedy in pieces of DECODE_PIECE tokens (the choice
+after each token made by the backend: on CUDA on the GPU, the host reading the
+choices once a piece), what greedy generation runs; host_steps=True decodes by eval
+and the host's argmax a token instead, what sampled generation runs, with each
+token's own time.
+
+Everything goes through the public API (ds4.load, Session.eval/decode_greedy/rewind/
+kv_bytes), so it measures any backend.
 """
 import os
 import re
@@ -34,6 +40,9 @@ ROUTED_EXPERTS = re.compile(r"\.ffn_(gate|up|down)_exps\.")
 LOOKUP_TABLES = re.compile(r"^token_embd\.|_tid2eid\.")
 # Walk defaults, as in ds4-bench.
 CTX_START, CTX_MAX, STEP_INCR, GEN_TOKENS = 2048, 32768, 2048, 128
+# greedy tokens a decode_greedy call: the progress report's step, and the tokens
+# whose time is one mean in gen_times
+DECODE_PIECE = 16
 
 
 @dataclass
@@ -45,10 +54,11 @@ class Row:
     gen_tps: float
     kvcache_bytes: int     # Session.kv_bytes at the frontier
     generated: list = field(default_factory=list, repr=False)   # the decoded ids
-    # each decoded token's seconds (its argmax and eval, and the progress report
-    # before them; together the decode's time): a mean above the median shows
-    # tokens that cost more than the rest (on CUDA every fourth, which completes
-    # the ratio-4 layers' compression windows)
+    # each decoded token's seconds (together the decode's time): with host_steps
+    # its own argmax and eval (and the progress report before them), a mean above
+    # the median showing tokens that cost more than the rest (on CUDA every
+    # fourth, which completes the ratio-4 layers' compression windows); else
+    # its piece's mean
     gen_times: list = field(default_factory=list, repr=False)
 
     def csv(self):
@@ -96,7 +106,7 @@ def bench_tokens(tokenizer, n, text=None):
 
 
 def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
-         gen_tokens=GEN_TOKENS, ctx=None, text=None, progress=None):
+         gen_tokens=GEN_TOKENS, ctx=None, text=None, progress=None, host_steps=False):
     """Yields one Row per frontier. progress(frontier, stage, done, total) is called
     before the prefill and as prefill chunks and decoded tokens complete (stage
     "prefill" or "decode")."""
@@ -108,7 +118,11 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
     # the warm-up (module docstring), rewound
     longest = max(b - a for a, b in zip([0] + points, points))
     session.eval(ids[:min(session.prefill_chunk, longest)])
-    session.eval(ids[:1])
+    if host_steps:
+        session.eval(ids[:1])
+    else:
+        session.rewind(1)
+        session.decode_greedy(ids[1], 1, except_id=eos)   # (CUDA captures its greedy graph)
     session.rewind(0)
     previous = 0
     for frontier in points:
@@ -126,16 +140,30 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
         kv = session.kv_bytes
         generated, gen_times = [], []
         t0 = t_prev = time.perf_counter()
-        for i in range(gen_tokens):
+        if host_steps:
+            for i in range(gen_tokens):
+                logits[eos] = -np.inf
+                tok = int(np.argmax(logits))
+                generated.append(tok)
+                logits = session.eval([tok])
+                t_now = time.perf_counter()
+                gen_times.append(t_now - t_prev)
+                t_prev = t_now
+                if progress:
+                    progress(frontier, "decode", i + 1, gen_tokens)
+        else:
             logits[eos] = -np.inf
             tok = int(np.argmax(logits))
-            generated.append(tok)
-            logits = session.eval([tok])
-            t_now = time.perf_counter()
-            gen_times.append(t_now - t_prev)
-            t_prev = t_now
-            if progress:
-                progress(frontier, "decode", i + 1, gen_tokens)
+            while len(generated) < gen_tokens:
+                k = min(DECODE_PIECE, gen_tokens - len(generated))
+                choices = session.decode_greedy(tok, k, except_id=eos)
+                generated += [tok] + choices[:-1]
+                tok = choices[-1]
+                t_now = time.perf_counter()
+                gen_times += [(t_now - t_prev) / k] * k
+                t_prev = t_now
+                if progress:
+                    progress(frontier, "decode", len(generated), gen_tokens)
         gen_s = time.perf_counter() - t0
         if frontier != points[-1]:
             session.rewind(frontier)

@@ -76,10 +76,13 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
               help="Also write the CSV there ('-': CSV on stdout instead of the table).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw prefill and decode tok/s against context (PNG, needs matplotlib).")
+@click.option("--host-steps", is_flag=True,
+              help="Decode by eval and the host's argmax a token (sampled generation's path) "
+                   "instead of the backend's greedy steps.")
 @click.option("--batch-report", is_flag=True,
               help="Compare decode traffic with the device's measured copy bandwidth.")
 def bench_cmd(model_path, synthetic, backend, threads, numerics, prompt_file, ctx_start, ctx_max,
-              step_incr, gen_tokens, ctx, csv_path, plot_path, batch_report):
+              step_incr, gen_tokens, ctx, csv_path, plot_path, host_steps, batch_report):
     """Prefill and greedy-decode throughput as the context grows."""
     if synthetic and model_path:
         raise OneLineUsage("give -m MODEL or --synthetic, not both")
@@ -102,7 +105,7 @@ def bench_cmd(model_path, synthetic, backend, threads, numerics, prompt_file, ct
             if batch_report:
                 bench.bandwidth_probe(model)     # a missing probe fails before the walk
             rows = run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text,
-                            csv_path)
+                            csv_path, host_steps)
             report = None
             if batch_report:
                 click.echo("ds4: bench: measuring copy bandwidth", err=True)
@@ -132,7 +135,7 @@ def open_bench_model(model_path, synthetic, backend, ctx, threads, numerics, tmp
     return model
 
 
-def run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text, csv_path):
+def run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text, csv_path, host_steps=False):
     """Runs the walk, printing each row as it completes; returns the rows."""
     csv_file = None
     if csv_path and csv_path != "-":
@@ -152,7 +155,8 @@ def run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text, csv_pa
     rows = []
     try:
         for row in bench.walk(model, ctx_start=ctx_start, ctx_max=ctx_max, step_incr=step_incr,
-                              gen_tokens=gen_tokens, ctx=ctx, text=text, progress=progress):
+                              gen_tokens=gen_tokens, ctx=ctx, text=text, progress=progress,
+                              host_steps=host_steps):
             progress.end()
             rows.append(row)
             if to_stdout_csv:

@@ -74,6 +74,25 @@ class Session:
             raise Error(_err(err))
         return out
 
+    def decode_greedy(self, first, n, *, except_id=None):
+        """Feeds `first` and then n - 1 greedy choices (the first largest finite
+        logit, never `except_id`); returns the n choices, the last not fed. The
+        same tokens and logits as `eval` and an argmax a token; on CUDA the
+        steps follow one another on the GPU, the host reading the choices once."""
+        n = int(n)
+        if n <= 0:
+            raise ValueError("decode_greedy() needs n >= 1")
+        first = int(first)
+        if not 0 <= first < self._vocab:
+            raise ValueError(f"token ids must be in 0..{self._vocab - 1}")
+        except_id = -1 if except_id is None else int(except_id)
+        out = np.empty(n, np.int32)
+        err = ffi.new("char[512]")
+        if lib.ds4_session_decode_greedy(self._s, first, n, except_id, ffi.from_buffer("int32_t[]", out),
+                                         err, len(err)) != 0:
+            raise Error(_err(err))
+        return out.tolist()
+
     def rewind(self, n):
         """Keeps the first n tokens; the state is exactly that of feeding only them."""
         err = ffi.new("char[512]")

@@ -73,9 +73,11 @@ def test_csv_on_stdout_with_dash_and_a_short_walk_starts_at_ctx_max(tiny_q2):
     assert rows[0] == list(bench.CSV_COLUMNS) and [row[0] for row in rows[1:]] == ["32"]
 
 
-def test_decode_is_greedy_without_eos_and_repeats(tiny):
-    a = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
-    b = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
+@pytest.mark.parametrize("host_steps", [False, True], ids=["backend-steps", "host-steps"])
+def test_decode_is_greedy_without_eos_and_repeats(tiny, host_steps, monkeypatch):
+    monkeypatch.setattr(bench, "DECODE_PIECE", 3)   # pieces end inside the decode
+    a = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5, host_steps=host_steps))
+    b = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5, host_steps=host_steps))
     assert [r.generated for r in a] == [r.generated for r in b]
     # each decoded token is the argmax (EOS excluded) after the frontier and the tokens before
     ids = bench.bench_tokens(tiny.tokenizer, 40)
@@ -97,14 +99,15 @@ def test_walk_after_rewind_matches_a_fresh_prefill(tiny):
     assert rows[-1].generated == fresh[0].generated
 
 
-def test_a_backends_one_time_setup_is_not_timed(tiny, monkeypatch):
+@pytest.mark.parametrize("host_steps", [False, True], ids=["backend-steps", "host-steps"])
+def test_a_backends_one_time_setup_is_not_timed(tiny, host_steps, monkeypatch):
     """A session's first chunk longer than any before (evals are cut into
     chunks of prefill_chunk) pays a set-up (CUDA sizes its buffers) that also
-    undoes the one-token set-up (the decode graph, which points into them),
-    paid by the next one-token eval; the walk does both untimed before the
-    first frontier, so the first row's rates are those of the steps alone. A
-    fake clock: 2 s for a buffer growth, 1 s for a graph capture, 1 ms a token
-    otherwise."""
+    undoes the one-token set-ups (the decode and greedy graphs, which point
+    into them), paid by the next one-token eval or greedy step; the walk does
+    both untimed before the first frontier, so the first row's rates are
+    those of the steps alone. A fake clock: 2 s for a buffer growth, 1 s for a
+    graph capture, 1 ms a token otherwise."""
     clock = [0.0]
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
 
@@ -112,12 +115,12 @@ def test_a_backends_one_time_setup_is_not_timed(tiny, monkeypatch):
         prefill_chunk = 16
         kv_bytes = 0
 
-        capacity, captured = 0, False
+        capacity, captured, greedy_captured = 0, False, False
 
         def eval(self, ids):
             chunk = min(len(ids), self.prefill_chunk)
             if chunk > self.capacity:
-                self.capacity, self.captured = chunk, False
+                self.capacity, self.captured, self.greedy_captured = chunk, False, False
                 clock[0] += 2.0
             if len(ids) == 1 and not self.captured:
                 self.captured = True
@@ -125,11 +128,19 @@ def test_a_backends_one_time_setup_is_not_timed(tiny, monkeypatch):
             clock[0] += 1e-3 * len(ids)
             return np.zeros(tiny.config.n_vocab, dtype=np.float32)
 
+        def decode_greedy(self, first, n, except_id=None):
+            if not self.greedy_captured:
+                self.greedy_captured = True
+                clock[0] += 1.0
+            clock[0] += 1e-3 * n
+            return [0] * n
+
         def rewind(self, n):
             pass
 
     model = types.SimpleNamespace(tokenizer=tiny.tokenizer, session=lambda ctx: Session())
-    rows = list(bench.walk(model, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5))
+    rows = list(bench.walk(model, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5,
+                           host_steps=host_steps))
     assert [round(r.gen_tps) for r in rows] == [1000, 1000]
     assert [round(r.prefill_tps) for r in rows] == [1000, 1000]
 

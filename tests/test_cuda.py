@@ -458,6 +458,43 @@ def test_cuda_deep_rewind_replays_to_the_cpu_state(tiny_q2):
     t.check()
 
 
+def _greedy_by_eval(s, first, n, except_id):
+    choices, tok = [], first
+    for _ in range(n):
+        logits = s.eval([tok])
+        if except_id is not None:
+            logits[except_id] = -np.inf
+        tok = int(np.argmax(logits))
+        choices.append(tok)
+    return choices
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("numerics", ["exact", "qat-q8"])
+def test_cuda_greedy_steps_on_the_device_equal_eval_and_argmax_bit_for_bit(model_pair, numerics, monkeypatch):
+    """decode_greedy's graphs (id, position and choice kept on the GPU) against
+    the decode graph fed by the host: the same kernels, so the same tokens and
+    the same last logits, over steps that cross compressor boundaries; a second
+    call with another excepted id recaptures; DS4_CUDA_NO_GRAPH=1 (the core's
+    steps) agrees too."""
+    name, _, gpu_m = model_pair
+    vocab = gpu_m.config.n_vocab
+    prompt = _ids(np.random.default_rng(21), 20, vocab)
+    a, b = gpu_m.session(numerics=numerics), gpu_m.session(numerics=numerics)
+    first = int(np.argmax(a.eval(prompt)))
+    b.eval(prompt)
+    for except_id, n in ((first, 37), (None, 5)):
+        got = a.decode_greedy(first, n, except_id=except_id)
+        want = _greedy_by_eval(b, first, n, except_id)
+        assert got == want, f"{name}/{numerics}: choices differ"
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(a.logits, b.logits)
+        first = got[-1]
+    monkeypatch.setenv("DS4_CUDA_NO_GRAPH", "1")
+    assert a.decode_greedy(first, 3) == _greedy_by_eval(b, first, 3, None)
+    np.testing.assert_array_equal(a.logits, b.logits)
+
+
 @pytest.mark.gpu
 def test_cuda_synthetic_weights_give_finite_logits(tiny_q2):
     m = _cuda_model(tiny_q2, 256, synthetic=True)

@@ -329,3 +329,46 @@ def test_warm_reads_every_byte_of_tensor_data_and_reports_progress(tiny_q2):
         assert m.warm(lambda done, total: seen.append((done, total))) == data_bytes
     assert seen and seen[-1] == (data_bytes, data_bytes)
     assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+
+
+def _greedy_by_eval(s, first, n, except_id):
+    """decode_greedy's choices by eval and numpy's argmax, a token at a time."""
+    choices, tok = [], first
+    for _ in range(n):
+        logits = s.eval([tok])
+        if except_id is not None:
+            logits[except_id] = -np.inf
+        tok = int(np.argmax(logits))
+        choices.append(tok)
+    return choices
+
+
+@pytest.mark.parametrize("numerics", ["exact", "qat-q8"])
+def test_greedy_decode_feeds_the_same_tokens_and_logits_as_eval_and_argmax(tiny_q2, numerics):
+    with ds4.load(tiny_q2, numerics=numerics) as m:
+        a, b = m.session(ctx=64), m.session(ctx=64)
+        for s in (a, b):
+            s.eval(IDS[:5])
+        first = int(np.argmax(a.logits))
+        # except the choice eval makes after `first`, so that the exception shows
+        probe = m.session(ctx=64)
+        probe.eval(IDS[:5])
+        banned = _greedy_by_eval(probe, first, 1, None)[0]
+        got = a.decode_greedy(first, 9, except_id=banned)
+        want = _greedy_by_eval(b, first, 9, banned)
+        assert got == want and banned not in got
+        assert a.tokens == b.tokens == IDS[:5] + [first] + want[:-1]
+        np.testing.assert_array_equal(a.logits, b.logits)
+
+
+def test_greedy_decode_refuses_a_full_context_and_keeps_the_state(model):
+    s = model.session(ctx=8)
+    s.eval(IDS[:6])
+    with pytest.raises(ds4.Error, match="context full"):
+        s.decode_greedy(5, 3)
+    assert s.n_tokens == 6
+    with pytest.raises(ValueError, match="token ids"):
+        s.decode_greedy(model.config.n_vocab, 1)
+    with pytest.raises(ValueError, match="n >= 1"):
+        s.decode_greedy(5, 0)
+    assert s.tokens == IDS[:6]

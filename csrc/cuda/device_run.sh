@@ -47,7 +47,8 @@
 #              against the host, and the int8 peak of wgmma and of mma.sync
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
-# SWITCHES: words VAR=value, or VAR=value+VAR2=value2 for settings taken together.
+# SWITCHES: words VAR=value, or VAR=value+VAR2=value2 for settings taken together; in
+#   ab, a word --flag (e.g. --host-steps) is passed to ds4 bench instead.
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
 #   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
@@ -74,11 +75,12 @@ wait
 [ -n "$OLD" ] && { [ -f /tmp/old.so ] || { tail -20 /tmp/old_build.log; exit 1; }; }
 
 # bench TAG NUMERICS GEN [VAR=value ...]: prefill and decode tok/s at 2K and 4K
-bench() {
-  local tag=$1 num=$2 gen=$3
+bench() {   # tag, numerics, tokens, then VAR=value settings and --flags of ds4 bench
+  local tag=$1 num=$2 gen=$3 envs=() flags=()
   shift 3
-  env "$@" timeout 150 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics $num --ctx-start 2048 \
-    --ctx-max 4096 --step-incr 2048 --gen-tokens $gen --csv - 2>/dev/null \
+  for a in "$@"; do case $a in --*) flags+=("$a") ;; *) envs+=("$a") ;; esac; done
+  env "${envs[@]}" timeout 150 python3 -m ds4 bench --synthetic q2 --backend cuda --numerics $num --ctx-start 2048 \
+    --ctx-max 4096 --step-incr 2048 --gen-tokens $gen "${flags[@]}" --csv - 2>/dev/null \
     | awk -F, -v t="$tag" 'NR > 1 {p = p " " int($3); d = d " " sprintf("%.1f", $5)}
                            END {print t ": prefill" p " | decode" d}'
 }

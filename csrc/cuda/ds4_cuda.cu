@@ -13,6 +13,7 @@
 #include "act8_staged.cuh"
 #include "attention_tc.cuh"
 #include "expert_dp4a.cuh"
+#include "greedy.cuh"
 #include "indexer_tc.cuh"
 #include "int8_decode.cuh"
 #include "mma_few_rows.cuh"
@@ -466,11 +467,18 @@ struct dsess {
     int32_t *hids;
     float *hlogits;
     cudaGraphExec_t decode_graph;   /* one-token step with logits; NULL until captured */
+    /* decode_greedy: a step that takes its id and position from the step
+     * before it on the device and leaves its choice there (greedy.cuh);
+     * choices [GREEDY_PIECE] then the step count, their pinned copy */
+    cudaGraphExec_t greedy_graph;
+    int32_t *choices, *hchoices;
+    int32_t greedy_except;   /* the `except` greedy_graph was captured for */
 };
 
 static void drop_graph(dsess *g) {
     if (g->decode_graph) cudaGraphExecDestroy(g->decode_graph);
-    g->decode_graph = NULL;
+    if (g->greedy_graph) cudaGraphExecDestroy(g->greedy_graph);
+    g->decode_graph = g->greedy_graph = NULL;
 }
 
 static int64_t max_cap_rows(const ds4_session *s) {
@@ -616,6 +624,8 @@ static void session_free(ds4_session *s) {
     cudaFreeHost(g->hlogits);
     cudaFree(g->dpos);
     cudaFreeHost(g->hpos);
+    cudaFree(g->choices);
+    cudaFreeHost(g->hchoices);
     if (g->L)
         for (int l = 0; l < s->model->cfg.n_layer; l++) {
             cudaFree(g->L[l].raw);
@@ -721,6 +731,8 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
         CK(cudaEventCreateWithFlags(e, cudaEventDisableTiming), "event");
     CK(cudaMalloc(&g->dpos, 8), "position");
     CK(cudaHostAlloc(&g->hpos, 8, cudaHostAllocDefault), "position");
+    CK(cudaMalloc(&g->choices, (GREEDY_PIECE + 1) * sizeof(int32_t)), "greedy choices");
+    CK(cudaHostAlloc(&g->hchoices, (GREEDY_PIECE + 1) * sizeof(int32_t), cudaHostAllocDefault), "greedy choices");
     g->compact = s->numerics != DS4_NUMERICS_EXACT && kv8_fits(cf->head_dim, cf->rope_dim) &&
                  kv4_fits(cf->indexer_dim) && !getenv("DS4_CUDA_NO_COMPACT_KV");
     g->kv8 = kv8_layout(cf->head_dim, cf->rope_dim);
@@ -1548,14 +1560,19 @@ static moe_out moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
 }
 
 /* Every step of one chunk onto the stream, from the pinned position and ids
- * to the pinned logits of tokens t0.. (none when t0 < 0). */
-static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
+ * to the pinned logits of tokens t0.. (none when t0 < 0); or, for a greedy
+ * step (one token, greedy_except >= -1), from the position and id already on
+ * the device to the choice after it (k_greedy_next), the logits left there. */
+static void enqueue(ds4_session *s, dsess *g, int n, int t0, int greedy_except = -2) {
     const ds4_config *cf = &s->model->cfg;
     const dmodel *dm = (const dmodel *)s->model->backend_model;
     cudaStream_t st = g->st;
     int D = cf->n_embd, hc = cf->n_hc;
-    cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
-    cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
+    const bool greedy = greedy_except >= -1;
+    if (!greedy) {
+        cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
+        cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
+    }
     dmat E = dmat_of(dm->token_embd);
     memset(g->pre8, 0, sizeof g->pre8);
     launch_k(k_embed, dim3(blocks_for(D / 8, 128), n), 128, 0, st, E, g->ids, hc, D, g->X);
@@ -1578,7 +1595,11 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0) {
                                                  f32(dm->output_hc_base), f32(dm->output_hc_scale), hc, D,
                                                  cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x, g->x, c);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
-    cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
+    if (greedy)
+        launch_k(k_greedy_next, 1, GREEDY_THREADS, 0, st, (const float *)g->logits, cf->n_vocab, greedy_except,
+                 g->ids, g->dpos, g->choices, (int *)(g->choices + GREEDY_PIECE));
+    else
+        cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }
 
 static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, char *err,
@@ -1616,6 +1637,56 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     CK(cudaGetLastError(), "launching the forward pass");
     CK(cudaStreamSynchronize(g->st), "the forward pass");
     if (logits) memcpy(logits, g->hlogits, (size_t)(n - t0) * cf->n_vocab * 4);
+    return 0;
+}
+
+/* The backend's decode_greedy: the steps as greedy graphs back to back on
+ * the stream, the host reading the choices once a GREEDY_PIECE steps. The
+ * graph is captured for one `except` (a later call with another recaptures
+ * it). DS4_CUDA_NO_GRAPH=1: the core's steps (forward, the host's argmax). */
+static int decode_greedy(ds4_session *s, int64_t n, int32_t except, int32_t *out, float *logits, char *err,
+                         size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    dsess *g = (dsess *)s->backend_state;
+    const int64_t start = s->n_tokens;
+    if (getenv("DS4_CUDA_NO_GRAPH")) return DS4_BACKEND_UNAVAILABLE;   /* the core's steps */
+    if (ensure_chunk(s, g, 1, err, errlen) || ensure_logits(cf, g, 1, err, errlen)) return -1;
+    g_pdl = g_pdl_device;
+    g_act8 = s->numerics == DS4_NUMERICS_QAT_Q8 ? g : NULL;
+    if (g->greedy_graph && g->greedy_except != except) {
+        cudaGraphExecDestroy(g->greedy_graph);
+        g->greedy_graph = NULL;
+    }
+    if (!g->greedy_graph) {
+        cudaGraph_t graph;
+        CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
+        enqueue(s, g, 1, 0, except);
+        CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
+        cudaError_t e = cudaGraphInstantiate(&g->greedy_graph, graph, 0);
+        cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+            g->greedy_graph = NULL;
+            return cuda_fail(e, "graph instantiation", err, errlen);
+        }
+        g->greedy_except = except;
+    }
+    *g->hpos = start;
+    g->hids[0] = s->ids[start];
+    CK(cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, g->st), "the first position");
+    CK(cudaMemcpyAsync(g->ids, g->hids, 4, cudaMemcpyHostToDevice, g->st), "the first id");
+    for (int64_t done = 0; done < n;) {
+        int piece = (int)std::min<int64_t>(n - done, GREEDY_PIECE);
+        CK(cudaMemsetAsync(g->choices + GREEDY_PIECE, 0, sizeof(int32_t), g->st), "the step count");
+        for (int i = 0; i < piece; i++) CK(cudaGraphLaunch(g->greedy_graph, g->st), "launching a greedy step");
+        CK(cudaMemcpyAsync(g->hchoices, g->choices, (size_t)piece * sizeof(int32_t), cudaMemcpyDeviceToHost, g->st),
+           "reading the choices");
+        CK(cudaStreamSynchronize(g->st), "the greedy steps");
+        memcpy(out + done, g->hchoices, (size_t)piece * sizeof(int32_t));
+        for (int i = 0; i < piece; i++)
+            if (out[done + i] < 0) return 0;   /* the core counts the tokens up to it */
+        done += piece;
+    }
+    CK(cudaMemcpy(logits, g->logits, (size_t)cf->n_vocab * 4, cudaMemcpyDeviceToHost), "the last logits");
     return 0;
 }
 
@@ -1710,7 +1781,7 @@ static int64_t kv_bytes(const ds4_session *s) {
 static const ds4_backend CUDA_BACKEND = {
     DS4_BACKEND_ABI, "cuda",        CUDA_PREFILL_CHUNK,          model_init,     model_free,
     session_init,    session_free,  forward,       state_to_host,  state_from_host,
-    copy_bandwidth,  product,       kv_bytes,
+    copy_bandwidth,  product,       kv_bytes,      decode_greedy,
 };
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {

@@ -64,7 +64,8 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], uint32_t a0, uint32_t a1, ui
  * warpgroup. Core matrix (row group i, K half j) at i 256 + j 128 (layout 0)
  * or j 1024 + i 128 (layout 1); swap: the distances to the other fields. */
 __global__ void wgmma_check(const int8_t *A, const int8_t *B, int K, int *C, int layout, int swap) {
-    __shared__ __align__(1024) int8_t sa[64 * 32], sb[64 * 32];
+    /* 8 KB each: the swapped distances of layout 1 put row groups 1,024 apart */
+    __shared__ __align__(1024) int8_t sa[8192], sb[8192];
     const int t = threadIdx.x, row = t / 2, j = t % 2;
     const uint32_t kdist = layout ? 1024 : 128, mdist = layout ? 128 : 256;
     const uint32_t off = (layout ? j * 1024 + (row / 8) * 128 : (row / 8) * 256 + j * 128) + (row % 8) * 16;
