@@ -105,6 +105,7 @@ for name, cfg in (('tiny', ModelConfig.tiny()), ('tiny_d512', ModelConfig.tiny(h
         s.eval(list(range(1, 40)), all_logits=True)
         for t in range(5): s.eval([t + 7])
         s.rewind(30); s.eval([3, 4])
+        s.decode_greedy(9, 6, except_id=5)   # the greedy graphs (k_greedy_next)
     del m
 print('sanitized run done')
 PY
