@@ -10,6 +10,8 @@ from .chat import render_chat
 from .sampling import Sampler
 
 PREFILL_CHUNK = 512
+# greedy tokens fed ahead at once where the backend steps on its own (Stepper)
+GREEDY_PIECE = 16
 
 
 def prefill_step(session):
@@ -76,6 +78,67 @@ def prefill(session, ids, progress=None):
     return logits, len(todo)
 
 
+class Stepper:
+    """Draws a generation's tokens and feeds the accepted ones into the session.
+
+    ``draw(sampler)`` gives the next token, ``accept(tok)`` feeds the one
+    drawn, ``settle()`` ends the generation. A sampled token is fed by eval
+    and the next one drawn from its logits. With ``device_steps`` (a backend
+    that chains greedy steps on its own: CUDA) a greedily drawn token is fed
+    by Session.decode_greedy instead, which goes on feeding the greedy choices
+    after it, GREEDY_PIECE tokens in one call; the next greedy draws take
+    those. Where a sampled draw or the end comes first, the session goes back
+    to the accepted tokens: its state is always that of feeding exactly them,
+    and the tokens the same as drawing each from eval's logits."""
+
+    def __init__(self, session, logits, *, device_steps=False, piece=None):
+        self.session, self.logits = session, logits
+        self.device_steps, self.piece = device_steps, piece or GREEDY_PIECE
+        self.ahead = []      # greedy choices fed past the accepted tokens
+        self.next = None     # the greedy choice after the last token fed
+        self.drawn_fed = False
+        self.drawn_greedy = False
+
+    def draw(self, sampler):
+        self.drawn_greedy = sampler.greedy
+        if sampler.greedy and (self.ahead or self.next is not None):
+            self.drawn_fed = bool(self.ahead)
+            return self.ahead[0] if self.ahead else self.next
+        self._back_to_accepted()
+        self.drawn_fed = False
+        return sampler.sample(self.logits)
+
+    def accept(self, tok):
+        if self.drawn_fed:
+            self.ahead.pop(0)
+            self.drawn_fed = False
+        elif self.device_steps and self.drawn_greedy:
+            room = self.session.ctx - self.session.n_tokens
+            choices = self.session.decode_greedy(tok, max(1, min(self.piece, room)))
+            self.ahead, self.next = choices[:-1], choices[-1]
+            self.logits = None if self.ahead else self.session.logits
+        else:
+            self.ahead, self.next = [], None
+            self.logits = self.session.eval([tok])
+
+    def settle(self):
+        """Drops the greedy tokens fed past the accepted ones."""
+        if self.ahead:
+            self.session.rewind(self.session.n_tokens - len(self.ahead))
+            self.logits = None
+        self.ahead, self.next = [], None
+
+    def _back_to_accepted(self):
+        """Before a sampled draw: the accepted tokens' logits (the last of them
+        evaluated again where greedy tokens were fed past it)."""
+        if self.ahead:
+            n = self.session.n_tokens - len(self.ahead)
+            last = self.session.tokens[n - 1]
+            self.session.rewind(n - 1)
+            self.logits = self.session.eval([last])
+        self.ahead, self.next = [], None
+
+
 class StopMatcher:
     """Holds back text that could still become a stop sequence."""
 
@@ -101,17 +164,33 @@ class StopMatcher:
 
 
 def stream(session, tokenizer, ids, *, max_tokens=256, sampler=None, thinking=False,
-           stop=None, result=None, progress=None):
-    """Yields Pieces of the continuation of `ids`; fills `result` (a Generation)."""
+           stop=None, result=None, progress=None, device_steps=None):
+    """Yields Pieces of the continuation of `ids`; fills `result` (a Generation).
+    device_steps: greedy tokens by the backend's own steps (Stepper); by default
+    where the backend has them (CUDA)."""
+    if device_steps is None:
+        device_steps = getattr(session.model, "backend", "cpu") == "cuda"
     result = result if result is not None else Generation()
     sampler = sampler or Sampler()
     logits, result.prefilled_tokens = prefill(session, ids, progress)
     result.prompt_tokens = len(ids)
+    steps = Stepper(session, logits, device_steps=device_steps)
+    try:
+        yield from _continue(steps, tokenizer, max_tokens, sampler, thinking, stop, result)
+    finally:
+        steps.settle()
+
+
+def _continue(steps, tokenizer, max_tokens, sampler, thinking, stop, result):
     kind = "reasoning" if thinking else "answer"
     decoder = tokenizer.stream_decoder()
     stops = StopMatcher(stop)
+    pending = None
     for _ in range(max_tokens):
-        tok = sampler.sample(logits)
+        if pending is not None:
+            steps.accept(pending)
+            pending = None
+        tok = steps.draw(sampler)
         if tok == tokenizer.eos_id or tok < 0:
             result.finish_reason = "stop"
             break
@@ -137,7 +216,9 @@ def stream(session, tokenizer, ids, *, max_tokens=256, sampler=None, thinking=Fa
                 if stopped:
                     result.finish_reason = "stop"
                     return
-        logits = session.eval([tok])
+        pending = tok
+    if pending is not None:
+        steps.accept(pending)   # the last token joins the state, as every one before it
     tail = decoder.flush()
     if kind == "reasoning":
         if tail:

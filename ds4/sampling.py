@@ -12,6 +12,7 @@ class Sampler:
     def __init__(self, temperature=1.0, top_k=0, top_p=1.0, min_p=0.05, seed=None):
         if seed is None or seed <= 0:
             seed = time.time_ns() ^ id(self)
+        self.greedy = temperature <= 0   # the first largest finite logit (Session.decode_greedy's choice)
         self._s = ffi.new("ds4_sampler *")
         lib.ds4_sampler_init(self._s, float(temperature), int(top_k), float(top_p), float(min_p),
                              int(seed) & (2**64 - 1))

@@ -78,7 +78,9 @@ class Session:
         """Feeds `first` and then n - 1 greedy choices (the first largest finite
         logit, never `except_id`); returns the n choices, the last not fed. The
         same tokens and logits as `eval` and an argmax a token; on CUDA the
-        steps follow one another on the GPU, the host reading the choices once."""
+        steps follow one another on the GPU, the host reading the choices once.
+        Where no logit is finite the list ends early with -1, the tokens before
+        it fed."""
         n = int(n)
         if n <= 0:
             raise ValueError("decode_greedy() needs n >= 1")
@@ -88,9 +90,13 @@ class Session:
         except_id = -1 if except_id is None else int(except_id)
         out = np.empty(n, np.int32)
         err = ffi.new("char[512]")
+        n_before = self.n_tokens
         if lib.ds4_session_decode_greedy(self._s, first, n, except_id, ffi.from_buffer("int32_t[]", out),
                                          err, len(err)) != 0:
-            raise Error(_err(err))
+            fed = self.n_tokens - n_before
+            if fed == 0 or out[fed - 1] >= 0:
+                raise Error(_err(err))
+            return out[:fed].tolist()   # no finite logit after the last token fed
         return out.tolist()
 
     def rewind(self, n):

@@ -539,3 +539,22 @@ def test_cuda_copy_bandwidth_is_a_positive_rate(tiny_q2):
     m = _cuda_model(tiny_q2, 64)
     assert bench.copy_bandwidth(m) > 0
     assert ds4.model.copy_bandwidth(m, nbytes=1 << 20, repeats=2) > 0
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_generation_fed_ahead_equals_token_by_token(tiny_q2):
+    """generation.stream on CUDA (greedy tokens by the GPU's own steps, fed
+    ahead and rolled back at the end) against the same stream fed by eval."""
+    from ds4.generation import Generation, stream
+    from ds4.sampling import Sampler
+    m = _cuda_model(tiny_q2, 512)
+    runs = []
+    for device_steps in (True, False):
+        s, result = m.session(numerics="qat-q8"), Generation()
+        text = "".join(stream(s, m.tokenizer, list(range(3, 40)), max_tokens=45, sampler=Sampler(temperature=0),
+                              result=result, device_steps=device_steps))
+        runs.append((s, result.tokens, text))
+    (a, ta, xa), (b, tb, xb) = runs
+    assert (ta, xa) == (tb, xb) and len(ta) == 45
+    assert a.tokens == b.tokens == list(range(3, 40)) + ta
+    np.testing.assert_array_equal(a.eval([7]), b.eval([7]))

@@ -1,11 +1,13 @@
 """The engine seam: the one interface generation goes through.
 
-The worker drives an engine with four calls per request: ``prefill(ids)``
+The worker drives an engine with five calls per request: ``prefill(ids)``
 brings the live KV state to exactly ``ids`` (reusing the common prefix),
 ``sampler(params)`` makes a per-request sampler, ``next_token(sampler,
-greedy)`` samples from the current logits, and ``accept(token)`` evaluates a
-sampled token into the KV state. :class:`ModelEngine` does this on a ds4
-Model and one live Session; :class:`ScriptedEngine` emits scripted text as
+greedy)`` samples from the current logits, ``accept(token)`` evaluates a
+sampled token into the KV state, and ``finish()`` ends the reply (the state
+then holds exactly the accepted tokens). :class:`ModelEngine` does this on a
+ds4 Model and one live Session (greedy tokens on CUDA by the GPU's own steps,
+generation.Stepper); :class:`ScriptedEngine` emits scripted text as
 real token ids of the same tokenizer, so tests exercise the server's whole
 code path without running a model.
 """
@@ -16,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import Error
-from ..generation import PREFILL_CHUNK, common_prefix, prefill
+from ..generation import PREFILL_CHUNK, Stepper, common_prefix, prefill
 
 MODEL_ID = "deepseek-v4-flash"
 
@@ -45,7 +47,8 @@ class ModelEngine:
         self.session = model.session(self.ctx)
         self._Sampler = Sampler
         self._greedy = Sampler(temperature=0)
-        self._logits = None
+        self._device_steps = model.backend == "cuda"
+        self._steps = None   # the reply's Stepper, from its prefill's logits
 
     @property
     def tokens(self):
@@ -57,9 +60,10 @@ class ModelEngine:
         Cancelled between chunks. A disk KV cache prefills itself, pausing at
         its checkpoint lengths to save them exactly."""
         if kv_cache is not None:
-            self._logits, evaluated = kv_cache.prefill(self.session, ids, progress)
-            return evaluated
-        self._logits, evaluated = prefill(self.session, ids, progress)
+            logits, evaluated = kv_cache.prefill(self.session, ids, progress)
+        else:
+            logits, evaluated = prefill(self.session, ids, progress)
+        self._steps = Stepper(self.session, logits, device_steps=self._device_steps)
         return evaluated
 
     def sampler(self, params: SamplingParams):
@@ -67,15 +71,20 @@ class ModelEngine:
                              top_p=params.top_p, min_p=params.min_p, seed=params.seed)
 
     def next_token(self, sampler, greedy=False):
-        return (self._greedy if greedy else sampler).sample(self._logits)
+        return self._steps.draw(self._greedy if greedy else sampler)
 
     def accept(self, token):
-        self._logits = self.session.eval([token])
+        self._steps.accept(token)
+
+    def finish(self):
+        """The greedy tokens fed ahead of the accepted ones leave the state."""
+        if self._steps is not None:
+            self._steps.settle()
 
     def reset(self):
         """Drops the live state (after a failure left it unknown)."""
         self.session.rewind(0)
-        self._logits = None
+        self._steps = None
 
 
 class _ScriptedSession:
@@ -165,6 +174,9 @@ class ScriptedEngine:
 
     def accept(self, token):
         self.session.tokens.append(token)
+
+    def finish(self):
+        pass
 
     def reset(self):
         self.session.rewind(0)

@@ -225,7 +225,10 @@ class Worker:
             from .trace import mismatch_window
             cache = (f"cache: {source}, {len(ids)} prompt tokens, {len(ids) - prefilled} reused, "
                      f"{prefilled} evaluated\n{mismatch_window(eng.tokenizer, live, ids)}")
-        self._generate(job, ids, cache)
+        try:
+            self._generate(job, ids, cache)
+        finally:
+            eng.finish()
 
     def _generate(self, job, prompt_ids, cache=None):
         eng = self.engine

@@ -1,0 +1,100 @@
+"""generation.Stepper: greedy tokens fed ahead by Session.decode_greedy (the
+backend's own steps) give the tokens and the state of feeding each drawn token
+by eval. On the CPU decode_greedy runs the core's steps, the same contract the
+CUDA backend keeps (tests/test_cuda.py holds its steps to eval bit for bit)."""
+import numpy as np
+import pytest
+
+import ds4
+from ds4 import generation
+from ds4.generation import Generation, Stepper, stream
+from ds4.sampling import Sampler
+from ds4.server.engine import ModelEngine
+
+PROMPT = [5, 17, 400, 9, 1234, 88, 7]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_q2):
+    with ds4.load(tiny_q2, numerics="exact", ctx=256) as m:
+        yield m
+
+
+def _same_state(a, b):
+    """The two sessions hold the same tokens, and feeding one more gives the same bits."""
+    assert a.tokens == b.tokens
+    np.testing.assert_array_equal(a.eval([3]), b.eval([3]))
+
+
+def _generate(model, device_steps, **kw):
+    s = model.session()
+    result = Generation()
+    text = "".join(stream(s, model.tokenizer, PROMPT, sampler=Sampler(temperature=0), result=result,
+                          device_steps=device_steps, **kw))
+    return s, result, text
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3, 8, 21])
+def test_greedy_tokens_fed_ahead_equal_those_fed_one_by_one(model, max_tokens, monkeypatch):
+    monkeypatch.setattr(generation, "GREEDY_PIECE", 8)   # replies shorter, as long and longer than a piece
+    a, ra, ta = _generate(model, True, max_tokens=max_tokens)
+    b, rb, tb = _generate(model, False, max_tokens=max_tokens)
+    assert (ra.tokens, ta, ra.finish_reason) == (rb.tokens, tb, rb.finish_reason)
+    assert len(ra.tokens) == max_tokens
+    assert a.tokens == PROMPT + ra.tokens   # every drawn token fed, none of the ones fed ahead kept
+    _same_state(a, b)
+
+
+def test_a_stop_string_inside_a_piece_keeps_only_the_accepted_tokens(model, monkeypatch):
+    monkeypatch.setattr(generation, "GREEDY_PIECE", 8)
+    _, ref, text = _generate(model, False, max_tokens=20)
+    # a stop string that ends inside the reply: the token completing it is not fed
+    cut = len(model.tokenizer.decode(ref.tokens[:5]))
+    stop = text[cut - 2:cut] if cut >= 2 else text[:2]
+    assert stop
+    a, ra, ta = _generate(model, True, max_tokens=20, stop=[stop])
+    b, rb, tb = _generate(model, False, max_tokens=20, stop=[stop])
+    assert (ra.tokens, ta, ra.finish_reason) == (rb.tokens, tb, "stop")
+    assert len(ra.tokens) < 20
+    _same_state(a, b)
+
+
+def test_sampled_draws_between_greedy_ones_see_the_accepted_tokens(model, monkeypatch):
+    monkeypatch.setattr(generation, "GREEDY_PIECE", 4)
+    order = "gggsgggggsgg"   # a sampled draw where greedy tokens were fed ahead, and where not
+
+    def run(device_steps):
+        s = model.session()
+        steps = Stepper(s, s.eval(PROMPT), device_steps=device_steps)
+        samplers = {"g": Sampler(temperature=0), "s": Sampler(temperature=1.5, min_p=0, seed=11)}
+        drawn = []
+        for kind in order:
+            drawn.append(steps.draw(samplers[kind]))
+            steps.accept(drawn[-1])
+        steps.draw(samplers["g"])   # drawn, not accepted: it does not stay in the state
+        steps.settle()
+        return s, drawn
+
+    (a, da), (b, db) = run(True), run(False)
+    assert da == db
+    assert a.tokens == PROMPT + da
+    _same_state(a, b)
+
+
+def test_server_engine_leaves_exactly_the_accepted_tokens(model):
+    def run(device_steps):
+        eng = ModelEngine(model, ctx=256)
+        eng._device_steps = device_steps
+        eng.prefill(PROMPT)
+        greedy = eng.sampler(type("P", (), dict(temperature=0, top_k=0, top_p=1.0, min_p=0.05, seed=1))())
+        toks = []
+        for _ in range(11):
+            toks.append(eng.next_token(greedy))
+            eng.accept(toks[-1])
+        eng.next_token(greedy)
+        eng.finish()
+        return eng.session, toks
+
+    (a, ta), (b, tb) = run(True), run(False)
+    assert ta == tb and a.tokens == PROMPT + ta
+    _same_state(a, b)
