@@ -86,14 +86,16 @@ class Stepper:
     and the next one drawn from its logits. With ``device_steps`` (a backend
     that chains greedy steps on its own: CUDA) a greedily drawn token is fed
     by Session.decode_greedy instead, which goes on feeding the greedy choices
-    after it, GREEDY_PIECE tokens in one call; the next greedy draws take
-    those. Where a sampled draw or the end comes first, the session goes back
-    to the accepted tokens: its state is always that of feeding exactly them,
-    and the tokens the same as drawing each from eval's logits."""
+    after it, GREEDY_PIECE tokens in one call (no more than `max_tokens` draws
+    can take); the next greedy draws take those. Where a sampled draw or the
+    end comes first, the session goes back to the accepted tokens: its state
+    is always that of feeding exactly them, and the tokens the same as drawing
+    each from eval's logits."""
 
-    def __init__(self, session, logits, *, device_steps=False, piece=None):
+    def __init__(self, session, logits, *, device_steps=False, piece=None, max_tokens=None):
         self.session, self.logits = session, logits
         self.device_steps, self.piece = device_steps, piece or GREEDY_PIECE
+        self.left = max_tokens   # draws still to come (None: no limit)
         self.ahead = []      # greedy choices fed past the accepted tokens
         self.next = None     # the greedy choice after the last token fed
         self.drawn_fed = False
@@ -101,6 +103,8 @@ class Stepper:
 
     def draw(self, sampler):
         self.drawn_greedy = sampler.greedy
+        if self.left is not None:
+            self.left -= 1
         if sampler.greedy and (self.ahead or self.next is not None):
             self.drawn_fed = bool(self.ahead)
             return self.ahead[0] if self.ahead else self.next
@@ -113,8 +117,12 @@ class Stepper:
             self.ahead.pop(0)
             self.drawn_fed = False
         elif self.device_steps and self.drawn_greedy:
-            room = self.session.ctx - self.session.n_tokens
-            choices = self.session.decode_greedy(tok, max(1, min(self.piece, room)))
+            # tok, then as many choices as later draws can take (each of them
+            # is fed when accepted, the last one too)
+            k = min(self.piece, self.session.ctx - self.session.n_tokens)
+            if self.left is not None:
+                k = min(k, self.left + 1)
+            choices = self.session.decode_greedy(tok, max(1, k))
             self.ahead, self.next = choices[:-1], choices[-1]
             self.logits = None if self.ahead else self.session.logits
         else:
@@ -174,7 +182,7 @@ def stream(session, tokenizer, ids, *, max_tokens=256, sampler=None, thinking=Fa
     sampler = sampler or Sampler()
     logits, result.prefilled_tokens = prefill(session, ids, progress)
     result.prompt_tokens = len(ids)
-    steps = Stepper(session, logits, device_steps=device_steps)
+    steps = Stepper(session, logits, device_steps=device_steps, max_tokens=max_tokens)
     try:
         yield from _continue(steps, tokenizer, max_tokens, sampler, thinking, stop, result)
     finally:

@@ -98,3 +98,30 @@ def test_server_engine_leaves_exactly_the_accepted_tokens(model):
     (a, ta), (b, tb) = run(True), run(False)
     assert ta == tb and a.tokens == PROMPT + ta
     _same_state(a, b)
+
+
+class _CountingSession:
+    """A session whose decode_greedy calls are counted (everything else passes through)."""
+
+    def __init__(self, session):
+        self._s, self.fed_ahead = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def decode_greedy(self, first, n, **kw):
+        self.fed_ahead.append(n)
+        return self._s.decode_greedy(first, n, **kw)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 5, 20])
+def test_no_greedy_step_is_fed_ahead_past_the_last_draw(model, max_tokens, monkeypatch):
+    """A reply of max_tokens feeds exactly max_tokens tokens, not a piece more
+    (a one-token server reply must not pay for 16 steps)."""
+    monkeypatch.setattr(generation, "GREEDY_PIECE", 8)
+    s = _CountingSession(model.session())
+    result = Generation()
+    list(stream(s, model.tokenizer, PROMPT, max_tokens=max_tokens, sampler=Sampler(temperature=0),
+                result=result, device_steps=True))
+    assert len(result.tokens) == max_tokens and sum(s.fed_ahead) == max_tokens
+    assert s.tokens == PROMPT + result.tokens

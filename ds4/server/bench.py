@@ -96,6 +96,7 @@ def real_engine(path, n):
     for i in range(n + 5):
         t0 = time.perf_counter()
         engine.prefill(ids)        # re-evaluates the last prompt token, as the server does
+        engine.limit(1)
         engine.accept(engine.next_token(engine.sampler(SamplingParams(temperature=0))))
         if i >= 5:
             direct.append(time.perf_counter() - t0)

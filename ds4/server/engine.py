@@ -2,10 +2,11 @@
 
 The worker drives an engine with five calls per request: ``prefill(ids)``
 brings the live KV state to exactly ``ids`` (reusing the common prefix),
-``sampler(params)`` makes a per-request sampler, ``next_token(sampler,
-greedy)`` samples from the current logits, ``accept(token)`` evaluates a
-sampled token into the KV state, and ``finish()`` ends the reply (the state
-then holds exactly the accepted tokens). :class:`ModelEngine` does this on a
+``sampler(params)`` makes a per-request sampler, ``limit(n)`` says how many
+tokens the reply may draw, ``next_token(sampler, greedy)`` samples from the
+current logits, ``accept(token)`` evaluates a sampled token into the KV
+state, and ``finish()`` ends the reply (the state then holds exactly the
+accepted tokens). :class:`ModelEngine` does this on a
 ds4 Model and one live Session (greedy tokens on CUDA by the GPU's own steps,
 generation.Stepper); :class:`ScriptedEngine` emits scripted text as
 real token ids of the same tokenizer, so tests exercise the server's whole
@@ -69,6 +70,10 @@ class ModelEngine:
     def sampler(self, params: SamplingParams):
         return self._Sampler(temperature=params.temperature, top_k=params.top_k,
                              top_p=params.top_p, min_p=params.min_p, seed=params.seed)
+
+    def limit(self, max_tokens):
+        """At most max_tokens draws follow: no greedy step is fed ahead past them."""
+        self._steps.left = max_tokens
 
     def next_token(self, sampler, greedy=False):
         return self._steps.draw(self._greedy if greedy else sampler)
@@ -174,6 +179,9 @@ class ScriptedEngine:
 
     def accept(self, token):
         self.session.tokens.append(token)
+
+    def limit(self, max_tokens):
+        pass
 
     def finish(self):
         pass

@@ -234,6 +234,7 @@ class Worker:
         eng = self.engine
         tok_eos = eng.tokenizer.eos_id
         max_tokens = max(0, min(job.max_tokens, eng.ctx - len(prompt_ids)))
+        eng.limit(max_tokens)
         monitor = GenerationMonitor(thinking=job.thinking, tools=job.tools, prompt=job.text)
         stops = StopMatcher(job.stop)
         decoder = eng.tokenizer.stream_decoder()
