@@ -92,9 +92,9 @@ class Stepper:
     is always that of feeding exactly them, and the tokens the same as drawing
     each from eval's logits."""
 
-    def __init__(self, session, logits, *, device_steps=False, piece=None, max_tokens=None):
+    def __init__(self, session, logits, *, device_steps=False, max_tokens=None):
         self.session, self.logits = session, logits
-        self.device_steps, self.piece = device_steps, piece or GREEDY_PIECE
+        self.device_steps = device_steps
         self.left = max_tokens   # draws still to come (None: no limit)
         self.ahead = []      # greedy choices fed past the accepted tokens
         self.next = None     # the greedy choice after the last token fed
@@ -119,7 +119,7 @@ class Stepper:
         elif self.device_steps and self.drawn_greedy:
             # tok, then as many choices as later draws can take (each of them
             # is fed when accepted, the last one too)
-            k = min(self.piece, self.session.ctx - self.session.n_tokens)
+            k = min(GREEDY_PIECE, self.session.ctx - self.session.n_tokens)
             if self.left is not None:
                 k = min(k, self.left + 1)
             choices = self.session.decode_greedy(tok, max(1, k))

@@ -19,6 +19,20 @@ def subprocess_env():
     return env
 
 
+def greedy_by_eval(session, first, n, except_id):
+    """Session.decode_greedy's choices the plain way: eval a token, numpy's argmax
+    of its logits (except_id masked), n times from `first`."""
+    import numpy as np
+    choices, tok = [], first
+    for _ in range(n):
+        logits = session.eval([tok])
+        if except_id is not None:
+            logits[except_id] = -np.inf
+        tok = int(np.argmax(logits))
+        choices.append(tok)
+    return choices
+
+
 def default_sigint():
     """preexec_fn for a child a test interrupts: SIGINT at its default, so the
     child's Python installs its KeyboardInterrupt handler even where the test

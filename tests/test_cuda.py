@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ds4
-from conftest import subprocess_env
+from conftest import greedy_by_eval, subprocess_env
 from ds4.testing import ModelConfig, write_model
 
 REL_TOL = 1e-3
@@ -458,17 +458,6 @@ def test_cuda_deep_rewind_replays_to_the_cpu_state(tiny_q2):
     t.check()
 
 
-def _greedy_by_eval(s, first, n, except_id):
-    choices, tok = [], first
-    for _ in range(n):
-        logits = s.eval([tok])
-        if except_id is not None:
-            logits[except_id] = -np.inf
-        tok = int(np.argmax(logits))
-        choices.append(tok)
-    return choices
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("numerics", ["exact", "qat-q8"])
 def test_cuda_greedy_steps_on_the_device_equal_eval_and_argmax_bit_for_bit(model_pair, numerics, monkeypatch):
@@ -485,13 +474,13 @@ def test_cuda_greedy_steps_on_the_device_equal_eval_and_argmax_bit_for_bit(model
     b.eval(prompt)
     for except_id, n in ((first, 37), (None, 5)):
         got = a.decode_greedy(first, n, except_id=except_id)
-        want = _greedy_by_eval(b, first, n, except_id)
+        want = greedy_by_eval(b, first, n, except_id)
         assert got == want, f"{name}/{numerics}: choices differ"
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.logits, b.logits)
         first = got[-1]
     monkeypatch.setenv("DS4_CUDA_NO_GRAPH", "1")
-    assert a.decode_greedy(first, 3) == _greedy_by_eval(b, first, 3, None)
+    assert a.decode_greedy(first, 3) == greedy_by_eval(b, first, 3, None)
     np.testing.assert_array_equal(a.logits, b.logits)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ds4
+from conftest import greedy_by_eval
 
 
 @pytest.fixture(scope="module")
@@ -331,18 +332,6 @@ def test_warm_reads_every_byte_of_tensor_data_and_reports_progress(tiny_q2):
     assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
 
 
-def _greedy_by_eval(s, first, n, except_id):
-    """decode_greedy's choices by eval and numpy's argmax, a token at a time."""
-    choices, tok = [], first
-    for _ in range(n):
-        logits = s.eval([tok])
-        if except_id is not None:
-            logits[except_id] = -np.inf
-        tok = int(np.argmax(logits))
-        choices.append(tok)
-    return choices
-
-
 @pytest.mark.parametrize("numerics", ["exact", "qat-q8"])
 def test_greedy_decode_feeds_the_same_tokens_and_logits_as_eval_and_argmax(tiny_q2, numerics):
     with ds4.load(tiny_q2, numerics=numerics) as m:
@@ -353,9 +342,9 @@ def test_greedy_decode_feeds_the_same_tokens_and_logits_as_eval_and_argmax(tiny_
         # except the choice eval makes after `first`, so that the exception shows
         probe = m.session(ctx=64)
         probe.eval(IDS[:5])
-        banned = _greedy_by_eval(probe, first, 1, None)[0]
+        banned = greedy_by_eval(probe, first, 1, None)[0]
         got = a.decode_greedy(first, 9, except_id=banned)
-        want = _greedy_by_eval(b, first, 9, banned)
+        want = greedy_by_eval(b, first, 9, banned)
         assert got == want and banned not in got
         assert a.tokens == b.tokens == IDS[:5] + [first] + want[:-1]
         np.testing.assert_array_equal(a.logits, b.logits)

@@ -1602,6 +1602,23 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0, int greedy_except =
         cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }
 
+/* A one-token step captured as a graph into *exec (enqueue's greedy step
+ * where greedy_except >= -1, else the step with logits). */
+static int capture_step(ds4_session *s, dsess *g, cudaGraphExec_t *exec, int greedy_except, char *err,
+                        size_t errlen) {
+    cudaGraph_t graph;
+    CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
+    enqueue(s, g, 1, 0, greedy_except);
+    CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
+    cudaError_t e = cudaGraphInstantiate(exec, graph, 0);
+    cudaGraphDestroy(graph);
+    if (e != cudaSuccess) {
+        *exec = NULL;
+        return cuda_fail(e, "graph instantiation", err, errlen);
+    }
+    return 0;
+}
+
 static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, char *err,
                    size_t errlen) {
     const ds4_config *cf = &s->model->cfg;
@@ -1618,18 +1635,7 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
         /* decode: the whole step as one graph, captured on first use; it
          * reads the position and ids from the pinned buffers at replay */
-        if (!g->decode_graph) {
-            cudaGraph_t graph;
-            CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
-            enqueue(s, g, n, t0);
-            CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
-            cudaError_t e = cudaGraphInstantiate(&g->decode_graph, graph, 0);
-            cudaGraphDestroy(graph);
-            if (e != cudaSuccess) {
-                g->decode_graph = NULL;
-                return cuda_fail(e, "graph instantiation", err, errlen);
-            }
-        }
+        if (!g->decode_graph && capture_step(s, g, &g->decode_graph, -2, err, errlen)) return -1;
         CK(cudaGraphLaunch(g->decode_graph, g->st), "launching the decode graph");
     } else {
         enqueue(s, g, n, t0);
@@ -1658,16 +1664,7 @@ static int decode_greedy(ds4_session *s, int64_t n, int32_t except, int32_t *out
         g->greedy_graph = NULL;
     }
     if (!g->greedy_graph) {
-        cudaGraph_t graph;
-        CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
-        enqueue(s, g, 1, 0, except);
-        CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
-        cudaError_t e = cudaGraphInstantiate(&g->greedy_graph, graph, 0);
-        cudaGraphDestroy(graph);
-        if (e != cudaSuccess) {
-            g->greedy_graph = NULL;
-            return cuda_fail(e, "graph instantiation", err, errlen);
-        }
+        if (capture_step(s, g, &g->greedy_graph, except, err, errlen)) return -1;
         g->greedy_except = except;
     }
     *g->hpos = start;
