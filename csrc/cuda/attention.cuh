@@ -29,6 +29,9 @@ struct attn_args {
      * FP8 round trip: 4 significant bits), so k_attention_tc needs no low
      * part of them; 0 in exact mode */
     int key_tf32;
+    /* a qat chunk's bf16 key views (attention_bf16.cuh: the raw ring's
+     * slots, the compressed rows); NULL where the chunk reads the rows */
+    const uint16_t *view_raw, *view_rows;
 };
 
 /* The keys of token t at position pos (§3.9): its window's raw rows, then

@@ -11,6 +11,7 @@
 
 #include "act8.cuh"
 #include "act8_staged.cuh"
+#include "attention_bf16.cuh"
 #include "attention_tc.cuh"
 #include "expert_dp4a.cuh"
 #include "greedy.cuh"
@@ -450,6 +451,12 @@ struct dsess {
      * layer: the chunk kernels read each row many times, and a decode in
      * their tile loads cost them 5-10% of a chunk) */
     float *rows_f, *idx_rows_f;
+    /* a qat chunk's bf16 key views (attention_bf16.cuh), rebuilt each layer:
+     * the raw ring's slots, and the compressed rows (a compact session's in
+     * rows_f's memory, which its chunks then leave undecoded) */
+    uint16_t *view_raw, *view_rows;
+    bool view_rows_own;
+    int view_split;   /* a view row's dims in three parts (tcb_view_elems) */
     float *rope_main, *rope_comp;
     int64_t cap_n, cap_logits;   /* tokens the chunk buffers hold; logits rows */
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
@@ -639,6 +646,8 @@ static void session_free(ds4_session *s) {
     free(g->L);
     cudaFree(g->rows_f);
     cudaFree(g->idx_rows_f);
+    cudaFree(g->view_raw);
+    if (g->view_rows_own) cudaFree(g->view_rows);
     cudaFree(g->rope_main);
     cudaFree(g->rope_comp);
     for (cudaEvent_t e : {g->hc_fork, g->hc_join, g->sh_fork, g->sh_join, g->kv_fork, g->kv_join, g->cp_join,
@@ -743,6 +752,23 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
         if (dalloc(&g->rows_f, cap * cf->head_dim, err, errlen) ||
             dalloc(&g->idx_rows_f, max_cap_rows(s) * cf->indexer_dim, err, errlen))
             return -1;
+    }
+    /* the qat modes' RoPE dims in parts, exact mode's every dim (and the qat
+     * modes' where DS4_CUDA_NO_KEYTF32=1 at the session's start: a test's
+     * check that the other dims' one part holds them exactly) */
+    g->view_split = s->numerics != DS4_NUMERICS_EXACT && !getenv("DS4_CUDA_NO_KEYTF32") ? cf->rope_dim
+                                                                                        : cf->head_dim;
+    if (tcb_fits(cf->head_dim, g->view_split)) {
+        const int64_t row = 2 * tcb_view_elems(cf->head_dim, g->view_split);   /* bytes */
+        int64_t cap = 0;
+        for (int l = 0; l < cf->n_layer; l++) cap = std::max(cap, s->layers[l].ratio ? s->layers[l].cap_rows : 0);
+        if (dalloc_bytes((void **)&g->view_raw, dev_cap_raw(s) * row, err, errlen)) return -1;
+        if (g->compact && row <= 4 * cf->head_dim) {   /* in the float view's memory, unused beside it */
+            g->view_rows = (uint16_t *)g->rows_f;
+        } else if (cap) {
+            if (dalloc_bytes((void **)&g->view_rows, cap * row, err, errlen)) return -1;
+            g->view_rows_own = true;
+        }
     }
     for (int l = 0; l < cf->n_layer; l++) {
         state_sizes z = sizes_of(s, g, l);
@@ -1440,10 +1466,18 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
      * a chunk's float view of the compact ones */
     const float *rows = dl.rows, *idx_rows = dl.idx_rows;
     const uint8_t *rows8 = dl.rows8, *idx_rows8 = dl.idx_rows8;
+    const int key_tf32 = qat && !getenv("DS4_CUDA_NO_KEYTF32") ? d - cf->rope_dim : 0;
+    /* k_attention_bf16 where it runs: its views are made from the rows as
+     * they are (float or compact), so no float view of them */
+    const bool bf16_attn = n > 1 && g->view_raw && d - key_tf32 <= g->view_split && tcb_runs(d, g->view_split);
+    const int64_t n_rows = m ? (s->n_tokens + n) / m : 0;
+    const float *rows_in = dl.rows;
+    const uint8_t *rows8_in = g->compact ? dl.rows8 : NULL;
     if (m && g->compact && n > 1) {
-        unsigned written = (unsigned)((s->n_tokens + n) / m);
+        unsigned written = (unsigned)n_rows;
         if (written) {
-            launch_k(k_kv_decode, written, 128, 0, st, (const uint8_t *)dl.rows8, g->rows_f, d, g->kv8, 0);
+            if (!bf16_attn)
+                launch_k(k_kv_decode, written, 128, 0, st, (const uint8_t *)dl.rows8, g->rows_f, d, g->kv8, 0);
             if (ls->indexer)
                 launch_k(k_kv_decode, written, 128, 0, st, (const uint8_t *)dl.idx_rows8, g->idx_rows_f, dI, g->kv4, 1);
         }
@@ -1469,9 +1503,15 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     }
     attn_args aa = {g->q, g->o, g->attn_part, dl.raw, rows, f32(L.attn_sinks), rows8, g->kv8,
                     ls->indexer ? g->isel : NULL, g->n_isel, cf->indexer_top_k, g->dpos, dev_cap_raw(s),
-                    H, d, cf->sliding_window, m, cf->rope_dim, 0, rope,
-                    qat && !getenv("DS4_CUDA_NO_KEYTF32") ? d - cf->rope_dim : 0};
-    launch_attention(st, aa, n);
+                    H, d, cf->sliding_window, m, cf->rope_dim, 0, rope, key_tf32};
+    if (bf16_attn) {
+        aa.view_raw = g->view_raw, aa.view_rows = g->view_rows;
+        aa.key_tf32 = d - g->view_split;   /* the dims its views hold as one part */
+        const int64_t lo = std::max<int64_t>(0, s->n_tokens - cf->sliding_window + 1);
+        launch_attention_bf16(st, aa, n, lo, s->n_tokens + n - lo, rows_in, rows8_in, g->kv8, n_rows);
+    } else {
+        launch_attention(st, aa, n);
+    }
 
     /* grouped output projection (§3.10) */
     int G = cf->o_groups, per_group = H * d / G, r_o = cf->o_lora_rank;
