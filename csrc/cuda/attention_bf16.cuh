@@ -18,21 +18,18 @@
  * (X = D: six products a k16 step everywhere, and at D = 512 one block an
  * SM); it runs there too, since the tf32 kernels were found wrong on a
  * prompt (csrc/cuda/NOTES.md, the twenty-ninth session). A block takes 16
- * heads of one token, as k_attention_tc8, on W warps (16 where the shared
- * memory allows, else 8: tcb_warps), and 32-key tiles of the view,
+ * heads of one token, as k_attention_tc8, and 32-key tiles of the view,
  * double-buffered by cp.async: the next tile's copies run under this tile's
  * products.
- *  - Q lives in registers as each warp's A fragments of its D / W dims (three
+ *  - Q lives in registers as each warp's A fragments of its D / 8 dims (three
  *    parts), split once a block instead of once a tile;
- *  - scores: warp w the four n8 key tiles over its D / W dims, chains of at
+ *  - scores: warp w the four n8 key tiles over its D / 8 dims, chains of at
  *    most 32 dims from zero added by the CUDA cores (the tensor cores' own
- *    adds truncate); the W warps' partials summed in order by the softmax;
- *  - the softmax: 512 / W lanes a head row, one online step a 32-key tile;
- *  - O = O alpha + P V: warp w the n8 tiles at columns 8 w + 8 W j, two
- *    tiles' chains over the tile's keys side by side, V's fragments by
- *    ldmatrix.trans of the key tile;
- *  - the split dims' extra products (their mid and lo parts) only in the
- *    warps and steps that have them, behind warp-uniform branches.
+ *    adds truncate); the 8 warps' partials summed in order by the softmax;
+ *  - the softmax: 16 lanes a head row, one online step a 32-key tile;
+ *  - O = O alpha + P V: warp w the n8 tiles at columns 8 w + 64 j (each warp
+ *    one of the RoPE columns' tiles where R = 64), V's fragments by
+ *    ldmatrix.trans of the key tile.
  * Then k_attention_tc8's store: the sink, the normalization, inverse RoPE.
  * DS4_CUDA_NO_BF16ATTN=1 keeps k_attention_tc8 (for A/B). */
 #pragma once
@@ -42,6 +39,7 @@
 #include "attention_tc.cuh"
 
 #define TCB_KT 32        /* keys a tile */
+#define TCB_THREADS 256  /* 8 warps */
 #define TCB_SLD 40       /* s_part's row stride, floats: a half warp's float2 stores in distinct banks */
 #define TCB_PLD 40       /* the weights' row stride, bf16: ldmatrix's 8 rows in distinct banks */
 
@@ -84,10 +82,8 @@ __device__ __forceinline__ void bf16_split3_pair(float x0, float x1, uint32_t (&
     p[0] = h0 | h1 << 16, p[1] = m0 | m1 << 16, p[2] = l0 | l1 << 16;
 }
 
-/* Not volatile: the compiler may interleave independent products (an
- * accumulator's chain of three waits out each product's latency otherwise). */
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
                  "{%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
@@ -99,28 +95,23 @@ __device__ __forceinline__ void ldsm_x4_trans_at(uint32_t *r, uint32_t at) {
                  : "r"(at));
 }
 
-/* d += A B for A in three parts ([0] hi, [1] mid, [2] lo) and B's hi part,
- * into two accumulators (two n8 tiles of B) in turn, small products first. */
-__device__ __forceinline__ void mma_bf16_3x2(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[3][4],
-                                             const uint32_t (&b)[4]) {
-#pragma unroll
-    for (int k = 2; k >= 0; k--) {
-        mma_bf16(d0, a[k], b[0], b[1]);
-        mma_bf16(d1, a[k], b[2], b[3]);
-    }
+/* d += A B for A and B in three bf16 parts each ([0] hi, [1] mid, [2] lo),
+ * the products down to 2^-16 of hi hi, small ones first. */
+__device__ __forceinline__ void mma_bf16_6(float (&d)[4], const uint32_t (&a)[3][4], const uint32_t (&b0)[3],
+                                           const uint32_t (&b1)[3]) {
+    mma_bf16(d, a[1], b0[1], b1[1]);
+    mma_bf16(d, a[2], b0[0], b1[0]);
+    mma_bf16(d, a[0], b0[2], b1[2]);
+    mma_bf16(d, a[1], b0[0], b1[0]);
+    mma_bf16(d, a[0], b0[1], b1[1]);
+    mma_bf16(d, a[0], b0[0], b1[0]);
 }
 
-/* The products a split dim adds to those: A's mid and hi against B's mid,
- * A's hi against B's lo (bm, bl: two n8 tiles each, as b above). With the
- * three above, every product down to 2^-16 of hi hi. */
-__device__ __forceinline__ void mma_bf16_split_x2(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[3][4],
-                                                  const uint32_t (&bm)[4], const uint32_t (&bl)[4]) {
-    mma_bf16(d0, a[1], bm[0], bm[1]);
-    mma_bf16(d1, a[1], bm[2], bm[3]);
-    mma_bf16(d0, a[0], bl[0], bl[1]);
-    mma_bf16(d1, a[0], bl[2], bl[3]);
-    mma_bf16(d0, a[0], bm[0], bm[1]);
-    mma_bf16(d1, a[0], bm[2], bm[3]);
+/* d += A B for A in three parts and B exact in bf16 */
+__device__ __forceinline__ void mma_bf16_3(float (&d)[4], const uint32_t (&a)[3][4], uint32_t b0, uint32_t b1) {
+    mma_bf16(d, a[2], b0, b1);
+    mma_bf16(d, a[1], b0, b1);
+    mma_bf16(d, a[0], b0, b1);
 }
 
 /* Key rows into the bf16 view: row first + b (blocks b; modulo cap where
@@ -147,29 +138,15 @@ __global__ void k_key_view(const float *src, const uint8_t *src8, kv_compact L, 
     }
 }
 
-/* W warps a block: 16 where the shared memory allows (one block an SM, each
- * warp D / 16 dims of Q and D / 128 n8 tiles of O: half the registers of
- * 8 warps, so that two accumulators' products interleave), else 8 (two
- * blocks an SM at 128 registers, each product chain waiting out its
- * latency). */
-template <int W>
-struct tcb_warps {
-    static constexpr int THREADS = W * WARP, BLOCKS = W == 16 ? 1 : 2;
-};
-
-template <int D, int W>
-__global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k_attention_bf16(attn_args a) {
+template <int D>
+__global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) {
     pdl_begin();
-    constexpr int THREADS = W * WARP;
-    constexpr int DW = D / W;         /* Q's dims a warp, in the scores */
-    constexpr int STEPS = DW / 16;    /* their k16 steps */
-    constexpr int NTW = D / (8 * W);  /* n8 tiles of O a warp: columns 8 w + 8 W j */
-    constexpr int KPT = TCB_KT * TCA_ROWS / THREADS, LPR = TCB_KT / KPT;   /* the softmax: keys a thread, lanes a row */
-    static_assert(DW % 16 == 0 && NTW % 2 == 0 && (KPT == 1 || KPT == 2), "k_attention_bf16's shape");
+    constexpr int STEPS = D / 128;   /* k16 steps of a warp's D / 8 dims */
+    constexpr int NTW = D / 64;      /* n8 tiles of the sum a warp */
     /* dims [0, E) exact in bf16 (a.key_tf32), the X after them in three parts */
     const int E = a.key_tf32, X = D - E, VE = D + 2 * X, LDK = 2 * VE + 16;
     extern __shared__ __align__(16) uint8_t tcb_sh[];
-    __shared__ __align__(16) float s_part[W][TCA_ROWS][TCB_SLD];   /* each warp's partial scores */
+    __shared__ __align__(16) float s_part[8][TCA_ROWS][TCB_SLD];   /* each warp's partial scores */
     __shared__ __align__(16) uint16_t p_sh[3][TCA_ROWS][TCB_PLD];  /* the weights' parts */
     __shared__ float m_row[TCA_ROWS], den_row[TCA_ROWS], alpha_row[TCA_ROWS];
     __shared__ const uint8_t *kp[2][TCB_KT];   /* each tile's view rows */
@@ -181,23 +158,17 @@ __global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k
     const int n_keys = (int)keys.n_keys, n_raw = (int)keys.n_raw;   /* < 2^31: 32-bit index registers */
     const uint32_t tiles_at = (uint32_t)__cvta_generic_to_shared(tcb_sh);
 
-    /* key k's view row (past the last: the last, its weight 0); the window's
-     * slots from its first one's, wrapping once (n_raw <= the ring) */
-    const int64_t raw0 = keys.raw_first % a.cap_raw;
+    /* key k's view row (past the last: the last, its weight 0) */
     auto key_at = [&](int k) -> const uint8_t * {
         const int r = k < n_keys ? k : n_keys - 1;
-        if (r < n_raw) {
-            const int64_t slot = raw0 + r < a.cap_raw ? raw0 + r : raw0 + r - a.cap_raw;
-            return (const uint8_t *)(a.view_raw + slot * VE);
-        }
+        if (r < n_raw) return (const uint8_t *)(a.view_raw + (keys.raw_first + r) % a.cap_raw * VE);
         const int64_t row = keys.sel ? keys.sel[r - n_raw] : r - n_raw;
         return (const uint8_t *)(a.view_rows + row * VE);
     };
-    /* tile i's rows into buffer i % 2: warp w rows w, w + W, ..; 16 bytes a lane */
+    /* tile i's rows into buffer i % 2: warp w rows w, w + 8, ..; 16 bytes a lane */
     auto issue = [&](int i) {
         const uint32_t buf = tiles_at + (uint32_t)((i & 1) * TCB_KT * LDK);
-#pragma unroll
-        for (int r = warp; r < TCB_KT; r += W) {
+        for (int r = warp; r < TCB_KT; r += TCB_THREADS / WARP) {
             const uint8_t *src = kp[i & 1][r];
             for (int c = lane; c < VE / 8; c += WARP) cp_async16_to(buf + r * LDK + 16 * c, src + 16 * c);
         }
@@ -210,8 +181,8 @@ __global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k
     issue(0);
     const uint8_t *key_next = tid < TCB_KT ? key_at(TCB_KT + tid) : nullptr;
 
-    /* Q's A fragments of this warp's dims [dq, dq + DW), rows g, g + 8 */
-    const int dq = DW * warp;
+    /* Q's A fragments of this warp's dims [dq, dq + D / 8), rows g, g + 8 */
+    const int dq = (D / 8) * warp;
     uint32_t qf[STEPS][3][4];
 #pragma unroll
     for (int s = 0; s < STEPS; s++)
@@ -243,14 +214,11 @@ __global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k
 
         /* scores of the 32 keys over this warp's dims, a pair of n8 key
          * tiles at a time (keys 16 pr ..), both from one ldmatrix a part
-         * (lane l: key 16 pr + l % 8 + 8 (l / 16), dims + 8 (l / 8 % 2)), in
-         * chains of two k16 steps: every dim's hi part, and where a step's
-         * dims are split ones their mid and lo products */
+         * (lane l: key 16 pr + l % 8 + 8 (l / 16), dims + 8 (l / 8 % 2)) */
         {
             const uint32_t kr = tile + (uint32_t)((lane % 8 + 8 * (lane / 16)) * LDK + 2 * (8 * (lane / 8 % 2)));
 #pragma unroll
             for (int pr = 0; pr < 2; pr++) {
-                const uint32_t at = kr + 16 * pr * LDK;
                 float sc[2][4], ch[2][4];
 #pragma unroll
                 for (int n = 0; n < 2; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
@@ -261,14 +229,22 @@ __global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k
                         for (int n = 0; n < 2; n++) ch[n][0] = ch[n][1] = ch[n][2] = ch[n][3] = 0.0f;
                     }
                     const int col = dq + 16 * s;
+                    const uint32_t at = kr + 16 * pr * LDK;
                     uint32_t kb[4];   /* b0, b1 of tile 2 pr, then of tile 2 pr + 1 */
                     ldsm_x4_at(kb, at + 2 * col);
-                    mma_bf16_3x2(ch[0], ch[1], qf[s], kb);
-                    if (col >= E) {   /* warp-uniform */
+                    if (col < E) {
+#pragma unroll
+                        for (int n = 0; n < 2; n++) mma_bf16_3(ch[n], qf[s], kb[2 * n], kb[2 * n + 1]);
+                    } else {
                         uint32_t km[4], kl[4];
                         ldsm_x4_at(km, at + 2 * (D + col - E));
                         ldsm_x4_at(kl, at + 2 * (D + X + col - E));
-                        mma_bf16_split_x2(ch[0], ch[1], qf[s], km, kl);
+#pragma unroll
+                        for (int n = 0; n < 2; n++) {
+                            const uint32_t b0[3] = {kb[2 * n], km[2 * n], kl[2 * n]};
+                            const uint32_t b1[3] = {kb[2 * n + 1], km[2 * n + 1], kl[2 * n + 1]};
+                            mma_bf16_6(ch[n], qf[s], b0, b1);
+                        }
                     }
                     if (s % 2 == 1 || s == STEPS - 1) {
 #pragma unroll
@@ -287,46 +263,30 @@ __global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k
         }
         __syncthreads();
 
-        /* the online softmax step of the tile: head row r on LPR lanes, KPT
-         * keys from j (the W partials summed in order) */
+        /* the online softmax step of the tile: head row r on 16 lanes, keys j, j + 1 */
         {
-            const int r = tid / LPR, j = KPT * (tid % LPR);
-            float sv[KPT], pv[KPT];
+            const int r = tid / 16, j = 2 * (tid % 16);
+            float2 sum = *(const float2 *)&s_part[0][r][j];
 #pragma unroll
-            for (int e = 0; e < KPT; e++) sv[e] = s_part[0][r][j + e];
-#pragma unroll
-            for (int w = 1; w < W; w++)
-#pragma unroll
-                for (int e = 0; e < KPT; e++) sv[e] += s_part[w][r][j + e];
-            float mx = -INFINITY;
-#pragma unroll
-            for (int e = 0; e < KPT; e++) {
-                sv[e] = j + e < nt ? sv[e] * scale : -INFINITY;
-                mx = fmaxf(mx, sv[e]);
+            for (int w = 1; w < 8; w++) {
+                const float2 v = *(const float2 *)&s_part[w][r][j];
+                sum.x += v.x, sum.y += v.y;
             }
+            const float s0 = j < nt ? sum.x * scale : -INFINITY, s1 = j + 1 < nt ? sum.y * scale : -INFINITY;
+            float mx = fmaxf(s0, s1);
 #pragma unroll
-            for (int o = 1; o < LPR; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            for (int o = 1; o < 16; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
             const float M = m_row[r], M1 = fmaxf(M, mx);
-            float ps = 0.0f;
+            const float p0 = j < nt ? expf(s0 - M1) : 0.0f, p1 = j + 1 < nt ? expf(s1 - M1) : 0.0f;
+            float ps = p0 + p1;
 #pragma unroll
-            for (int e = 0; e < KPT; e++) {
-                pv[e] = j + e < nt ? expf(sv[e] - M1) : 0.0f;
-                ps += pv[e];
-            }
+            for (int o = 1; o < 16; o *= 2) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+            uint32_t pp[3];
+            bf16_split3_pair(p0, p1, pp);
 #pragma unroll
-            for (int o = 1; o < LPR; o *= 2) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-            if constexpr (KPT == 2) {
-                uint32_t pp[3];
-                bf16_split3_pair(pv[0], pv[1], pp);
-#pragma unroll
-                for (int k = 0; k < 3; k++) *(uint32_t *)&p_sh[k][r][j] = pp[k];
-            } else {
-                uint32_t hi, mid, lo;
-                bf16_split3(pv[0], hi, mid, lo);
-                p_sh[0][r][j] = (uint16_t)hi, p_sh[1][r][j] = (uint16_t)mid, p_sh[2][r][j] = (uint16_t)lo;
-            }
+            for (int k = 0; k < 3; k++) *(uint32_t *)&p_sh[k][r][j] = pp[k];
             __syncwarp();   /* the row's reads of m_row before its update */
-            if (tid % LPR == 0) {
+            if (tid % 16 == 0) {
                 const float alpha = expf(M - M1);
                 den_row[r] = fmaf(den_row[r], alpha, ps);
                 m_row[r] = M1;
@@ -335,83 +295,76 @@ __global__ void __launch_bounds__(tcb_warps<W>::THREADS, tcb_warps<W>::BLOCKS) k
         }
         __syncthreads();
 
-        /* O = O alpha + P V: the weights' A fragments (lane l: row l % 8 +
-         * 8 (l / 8 % 2), keys 16 ks + 8 (l / 16)); V's B fragments by
-         * ldmatrix.trans (lane l: key 16 ks + l % 8 + 8 (l / 8 % 2), of the
-         * pair's column c0 + 8 W (l / 16)); a pair of n8 tiles' chains over
-         * the tile's 32 keys side by side: every column's hi part, and where
-         * a column is a split one its mid and lo products */
+        /* O = O alpha + P V, a 16-key step at a time (the first rescales O
+         * by alpha in its fma, the second adds): the weights' A fragments
+         * (lane l: row l % 8 + 8 (l / 8 % 2), keys 16 ks + 8 (l / 16)); V's
+         * B fragments by ldmatrix.trans (lane l: key 16 ks + l % 8 +
+         * 8 (l / 8 % 2), of the pair's column c0 + 64 (l / 16)) */
         {
             const uint32_t p_at = (uint32_t)__cvta_generic_to_shared(&p_sh[0][0][0]) +
                                   2 * ((lane % 8 + 8 * (lane / 8 % 2)) * TCB_PLD + 8 * (lane / 16));
-            uint32_t pa[2][3][4];
-#pragma unroll
-            for (int ks = 0; ks < 2; ks++)
-#pragma unroll
-                for (int k = 0; k < 3; k++) ldsm_x4_at(pa[ks][k], p_at + 2 * (k * TCA_ROWS * TCB_PLD + 16 * ks));
             const float al0 = alpha_row[g], al1 = alpha_row[g + 8];
             const uint32_t vr = tile + (uint32_t)((lane % 8 + 8 * (lane / 8 % 2)) * LDK);
 #pragma unroll
-            for (int jp = 0; jp < NTW / 2; jp++) {
-                const int c0 = 8 * warp + 16 * W * jp;   /* tiles 2 jp, 2 jp + 1: columns c0, c0 + 8 W */
-                float d4[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            for (int ks = 0; ks < 2; ks++) {
+                uint32_t pa[3][4];
 #pragma unroll
-                for (int ks = 0; ks < 2; ks++) {
-                    uint32_t vb[4];   /* b0, b1 of column c0, then of c0 + 8 W */
-                    ldsm_x4_trans_at(vb, vr + 16 * ks * LDK + 2 * (c0 + 8 * W * (lane / 16)));
-                    mma_bf16_3x2(d4[0], d4[1], pa[ks], vb);
-                }
+                for (int k = 0; k < 3; k++) ldsm_x4_at(pa[k], p_at + 2 * (k * TCA_ROWS * TCB_PLD + 16 * ks));
 #pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    const int c = c0 + 8 * W * u;
-                    if (c >= E) {   /* warp-uniform: lanes 0-15 the mid part, 16-31 the lo */
+                for (int jp = 0; jp < NTW / 2; jp++) {
+                    const int c0 = 8 * warp + 128 * jp;   /* tiles 2 jp, 2 jp + 1: columns c0, c0 + 64 */
+                    uint32_t vb[4];   /* b0, b1 of column c0, then of c0 + 64 */
+                    ldsm_x4_trans_at(vb, vr + 16 * ks * LDK + 2 * (c0 + 64 * (lane / 16)));
 #pragma unroll
-                        for (int ks = 0; ks < 2; ks++) {
+                    for (int u = 0; u < 2; u++) {
+                        const int cu = c0 + 64 * u;
+                        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        if (cu < E) {
+                            mma_bf16_3(d4, pa, vb[2 * u], vb[2 * u + 1]);
+                        } else {   /* the split columns' mid and lo parts: lanes 0-15 mid, 16-31 lo */
                             uint32_t vml[4];
-                            ldsm_x4_trans_at(vml, vr + 16 * ks * LDK + 2 * (D + c - E + X * (lane / 16)));
-                            mma_bf16(d4[u], pa[ks][1], vml[0], vml[1]);
-                            mma_bf16(d4[u], pa[ks][0], vml[2], vml[3]);
-                            mma_bf16(d4[u], pa[ks][0], vml[0], vml[1]);
+                            ldsm_x4_trans_at(vml, vr + 16 * ks * LDK + 2 * (D + cu - E + X * (lane / 16)));
+                            const uint32_t b0[3] = {vb[2 * u], vml[0], vml[2]};
+                            const uint32_t b1[3] = {vb[2 * u + 1], vml[1], vml[3]};
+                            mma_bf16_6(d4, pa, b0, b1);
+                        }
+                        float(&o)[4] = acc[2 * jp + u];
+                        if (ks == 0) {
+                            o[0] = fmaf(o[0], al0, d4[0]);
+                            o[1] = fmaf(o[1], al0, d4[1]);
+                            o[2] = fmaf(o[2], al1, d4[2]);
+                            o[3] = fmaf(o[3], al1, d4[3]);
+                        } else {
+                            o[0] += d4[0], o[1] += d4[1], o[2] += d4[2], o[3] += d4[3];
                         }
                     }
-                    float(&o)[4] = acc[2 * jp + u];
-                    o[0] = fmaf(o[0], al0, d4[u][0]);
-                    o[1] = fmaf(o[1], al0, d4[u][1]);
-                    o[2] = fmaf(o[2], al1, d4[u][2]);
-                    o[3] = fmaf(o[3], al1, d4[u][3]);
                 }
             }
         }
     }
     __syncthreads();
-    tca_store<D, NTW, 8 * W>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
+    tca_store<D, NTW, 64>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
 }
 
 /* Whether a chunk takes k_attention_bf16 at head size d with `split` dims
- * in parts, and on how many warps a block (0: it does not): the sizes, and
- * the kernel's shared memory at them, 16 warps first (asked at each chunk's
- * layer, a few microseconds: models of other sizes and GPU limits may share
- * the process, and the opt-in is per kernel, not per model);
+ * in parts: the sizes, and the kernel's shared memory at them (asked at each
+ * chunk's layer, a few microseconds: models of other sizes and GPU limits
+ * may share the process, and the opt-in is per kernel, not per model);
  * DS4_CUDA_NO_BF16ATTN=1, read at each enqueue, keeps k_attention_tc8 (for
- * A/B), DS4_CUDA_BF16ATTN_WARPS=8 the 8-warp form. */
-static int tcb_runs(int d, int split) {
-    if (!tcb_fits(d, split) || getenv("DS4_CUDA_NO_BF16ATTN")) return 0;
-    const size_t shm = tcb_shared_bytes(d, split);
-    const char *w = getenv("DS4_CUDA_BF16ATTN_WARPS");
-    if (d >= 256 && !(w && atoi(w) == 8) &&
-        (d == 256 ? allow_shared(k_attention_bf16<256, 16>, shm) : allow_shared(k_attention_bf16<512, 16>, shm)))
-        return 16;
-    const bool w8 = d == 128   ? allow_shared(k_attention_bf16<128, 8>, shm)
-                    : d == 256 ? allow_shared(k_attention_bf16<256, 8>, shm)
-                               : allow_shared(k_attention_bf16<512, 8>, shm);
-    return w8 ? 8 : 0;
+ * A/B). */
+static bool tcb_runs(int d, int split) {
+    if (!tcb_fits(d, split) || getenv("DS4_CUDA_NO_BF16ATTN")) return false;
+    size_t shm = tcb_shared_bytes(d, split);
+    return d == 128   ? allow_shared(k_attention_bf16<128>, shm)
+           : d == 256 ? allow_shared(k_attention_bf16<256>, shm)
+                      : allow_shared(k_attention_bf16<512>, shm);
 }
 
-/* The chunk's key views, then its attention on `warps` warps a block
- * (tcb_runs): the raw ring's slots of positions lo .. lo + n_raw - 1 and
- * compressed rows 0 .. n_rows - 1 (float, or compact rows8) into
- * a.view_raw / a.view_rows, the last d - key_tf32 dims in parts. */
-static void launch_attention_bf16(cudaStream_t st, const attn_args &a, int n, int warps, int64_t lo, int64_t n_raw,
+/* The chunk's key views, then its attention: the raw ring's slots of
+ * positions lo .. lo + n_raw - 1 and compressed rows 0 .. n_rows - 1 (float,
+ * or compact rows8) into a.view_raw / a.view_rows, the last d - key_tf32
+ * dims in parts. */
+static void launch_attention_bf16(cudaStream_t st, const attn_args &a, int n, int64_t lo, int64_t n_raw,
                                   const float *rows, const uint8_t *rows8, const kv_compact &kv, int64_t n_rows) {
     const int threads = a.d / 4, split = a.d - a.key_tf32;
     launch_k(k_key_view, (unsigned)n_raw, threads, 0, st, a.raw, (const uint8_t *)nullptr, kv, lo, a.cap_raw,
@@ -420,15 +373,10 @@ static void launch_attention_bf16(cudaStream_t st, const attn_args &a, int n, in
         launch_k(k_key_view, (unsigned)n_rows, threads, 0, st, rows, rows8, kv, (int64_t)0, (int64_t)0,
                  (uint16_t *)a.view_rows, a.d, split);
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n);
-    const size_t shm = tcb_shared_bytes(a.d, split);
-    if (warps == 16) {
-        if (a.d == 256) launch_k(k_attention_bf16<256, 16>, grid, 16 * WARP, shm, st, a);
-        else launch_k(k_attention_bf16<512, 16>, grid, 16 * WARP, shm, st, a);
-        return;
-    }
+    size_t shm = tcb_shared_bytes(a.d, split);
     switch (a.d) {
-    case 128: launch_k(k_attention_bf16<128, 8>, grid, 8 * WARP, shm, st, a); break;
-    case 256: launch_k(k_attention_bf16<256, 8>, grid, 8 * WARP, shm, st, a); break;
-    case 512: launch_k(k_attention_bf16<512, 8>, grid, 8 * WARP, shm, st, a); break;
+    case 128: launch_k(k_attention_bf16<128>, grid, TCB_THREADS, shm, st, a); break;
+    case 256: launch_k(k_attention_bf16<256>, grid, TCB_THREADS, shm, st, a); break;
+    case 512: launch_k(k_attention_bf16<512>, grid, TCB_THREADS, shm, st, a); break;
     }
 }
