@@ -451,7 +451,7 @@ struct dsess {
      * layer: the chunk kernels read each row many times, and a decode in
      * their tile loads cost them 5-10% of a chunk) */
     float *rows_f, *idx_rows_f;
-    /* a qat chunk's bf16 key views (attention_bf16.cuh), rebuilt each layer:
+    /* a chunk's bf16 key views (attention_bf16.cuh), rebuilt each layer:
      * the raw ring's slots, and the compressed rows (a compact session's in
      * rows_f's memory, which its chunks then leave undecoded) */
     uint16_t *view_raw, *view_rows;
