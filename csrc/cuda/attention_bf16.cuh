@@ -34,9 +34,8 @@
  * DS4_CUDA_NO_BF16ATTN=1 keeps k_attention_tc8 (for A/B). */
 #pragma once
 
-#include <cuda_bf16.h>
-
 #include "attention_tc.cuh"
+#include "mma_linear.cuh"   /* mma_bf16, split3: k_linear_mma's bf16 products and three-part splits */
 
 #define TCB_KT 32        /* keys a tile */
 #define TCB_THREADS 256  /* 8 warps */
@@ -61,57 +60,29 @@ static inline size_t tcb_shared_bytes(int d, int split) {
     return (size_t)2 * TCB_KT * (2 * tcb_view_elems(d, split) + 16);
 }
 
-__device__ __forceinline__ uint32_t bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
-__device__ __forceinline__ float bf16_value(uint32_t b) { return __uint_as_float(b << 16); }
-
-/* x as three bf16 parts, x = hi + mid + lo to float's precision: each part
- * rounds what the ones before left, and that remainder is exact in float. */
-__device__ __forceinline__ void bf16_split3(float x, uint32_t &hi, uint32_t &mid, uint32_t &lo) {
-    hi = bf16_bits(x);
-    float r = x - bf16_value(hi);
-    mid = bf16_bits(r);
-    lo = bf16_bits(r - bf16_value(mid));
-}
-
-/* Two floats' parts packed as the bf16 pairs an mma fragment register holds
- * (the lower column in the low half). */
-__device__ __forceinline__ void bf16_split3_pair(float x0, float x1, uint32_t (&p)[3]) {
-    uint32_t h0, m0, l0, h1, m1, l1;
-    bf16_split3(x0, h0, m0, l0);
-    bf16_split3(x1, h1, m1, l1);
-    p[0] = h0 | h1 << 16, p[1] = m0 | m1 << 16, p[2] = l0 | l1 << 16;
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                 "{%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ void ldsm_x4_trans_at(uint32_t *r, uint32_t at) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(at));
 }
 
-/* d += A B for A and B in three bf16 parts each ([0] hi, [1] mid, [2] lo),
- * the products down to 2^-16 of hi hi, small ones first. */
-__device__ __forceinline__ void mma_bf16_6(float (&d)[4], const uint32_t (&a)[3][4], const uint32_t (&b0)[3],
-                                           const uint32_t (&b1)[3]) {
-    mma_bf16(d, a[1], b0[1], b1[1]);
-    mma_bf16(d, a[2], b0[0], b1[0]);
-    mma_bf16(d, a[0], b0[2], b1[2]);
-    mma_bf16(d, a[1], b0[0], b1[0]);
-    mma_bf16(d, a[0], b0[1], b1[1]);
-    mma_bf16(d, a[0], b0[0], b1[0]);
+/* d += A B for A and B in three bf16 parts each ([0] hi, [1] mid, [2] lo;
+ * b[k]: part k's fragment pair), the products down to 2^-16 of hi hi,
+ * small ones first. */
+__device__ __forceinline__ void mma_bf16_6(float (&d)[4], const uint32_t (&a)[3][4], const uint32_t (&b)[3][2]) {
+    mma_bf16(d, a[1], b[1]);
+    mma_bf16(d, a[2], b[0]);
+    mma_bf16(d, a[0], b[2]);
+    mma_bf16(d, a[1], b[0]);
+    mma_bf16(d, a[0], b[1]);
+    mma_bf16(d, a[0], b[0]);
 }
 
 /* d += A B for A in three parts and B exact in bf16 */
-__device__ __forceinline__ void mma_bf16_3(float (&d)[4], const uint32_t (&a)[3][4], uint32_t b0, uint32_t b1) {
-    mma_bf16(d, a[2], b0, b1);
-    mma_bf16(d, a[1], b0, b1);
-    mma_bf16(d, a[0], b0, b1);
+__device__ __forceinline__ void mma_bf16_3(float (&d)[4], const uint32_t (&a)[3][4], const uint32_t (&b)[2]) {
+    mma_bf16(d, a[2], b);
+    mma_bf16(d, a[1], b);
+    mma_bf16(d, a[0], b);
 }
 
 /* Key rows into the bf16 view: row first + b (blocks b; modulo cap where
@@ -128,8 +99,8 @@ __global__ void k_key_view(const float *src, const uint8_t *src8, kv_compact L, 
     for (int c = threadIdx.x; c < d / 4; c += blockDim.x) {
         float4 v = key_load4(row, c, L);
         uint32_t a[3], b[3];
-        bf16_split3_pair(v.x, v.y, a);
-        bf16_split3_pair(v.z, v.w, b);
+        split3(v.x, v.y, a[0], a[1], a[2]);
+        split3(v.z, v.w, b[0], b[1], b[2]);
         *(uint2 *)(out + 4 * c) = make_uint2(a[0], b[0]);
         if (4 * c >= exact) {
             *(uint2 *)(out + d + 4 * c - exact) = make_uint2(a[1], b[1]);
@@ -191,9 +162,7 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
             const int r = g + 8 * (i & 1), c = dq + 16 * s + 2 * tg + 8 * (i >> 1);
             const float2 v = h0 + r < a.H ? *(const float2 *)(a.q + ((int64_t)t * a.H + h0 + r) * D + c)
                                           : make_float2(0.0f, 0.0f);
-            uint32_t p[3];
-            bf16_split3_pair(v.x, v.y, p);
-            qf[s][0][i] = p[0], qf[s][1][i] = p[1], qf[s][2][i] = p[2];
+            split3(v.x, v.y, qf[s][0][i], qf[s][1][i], qf[s][2][i]);
         }
     const float scale = 1.0f / sqrtf((float)D);
 
@@ -234,16 +203,20 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
                     ldsm_x4_at(kb, at + 2 * col);
                     if (col < E) {
 #pragma unroll
-                        for (int n = 0; n < 2; n++) mma_bf16_3(ch[n], qf[s], kb[2 * n], kb[2 * n + 1]);
+                        for (int n = 0; n < 2; n++) {
+                            const uint32_t b[2] = {kb[2 * n], kb[2 * n + 1]};
+                            mma_bf16_3(ch[n], qf[s], b);
+                        }
                     } else {
                         uint32_t km[4], kl[4];
                         ldsm_x4_at(km, at + 2 * (D + col - E));
                         ldsm_x4_at(kl, at + 2 * (D + X + col - E));
 #pragma unroll
                         for (int n = 0; n < 2; n++) {
-                            const uint32_t b0[3] = {kb[2 * n], km[2 * n], kl[2 * n]};
-                            const uint32_t b1[3] = {kb[2 * n + 1], km[2 * n + 1], kl[2 * n + 1]};
-                            mma_bf16_6(ch[n], qf[s], b0, b1);
+                            const uint32_t b[3][2] = {{kb[2 * n], kb[2 * n + 1]},
+                                                      {km[2 * n], km[2 * n + 1]},
+                                                      {kl[2 * n], kl[2 * n + 1]}};
+                            mma_bf16_6(ch[n], qf[s], b);
                         }
                     }
                     if (s % 2 == 1 || s == STEPS - 1) {
@@ -282,7 +255,7 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
 #pragma unroll
             for (int o = 1; o < 16; o *= 2) ps += __shfl_xor_sync(0xffffffffu, ps, o);
             uint32_t pp[3];
-            bf16_split3_pair(p0, p1, pp);
+            split3(p0, p1, pp[0], pp[1], pp[2]);
 #pragma unroll
             for (int k = 0; k < 3; k++) *(uint32_t *)&p_sh[k][r][j] = pp[k];
             __syncwarp();   /* the row's reads of m_row before its update */
@@ -320,13 +293,13 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
                         const int cu = c0 + 64 * u;
                         float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                         if (cu < E) {
-                            mma_bf16_3(d4, pa, vb[2 * u], vb[2 * u + 1]);
+                            const uint32_t b[2] = {vb[2 * u], vb[2 * u + 1]};
+                            mma_bf16_3(d4, pa, b);
                         } else {   /* the split columns' mid and lo parts: lanes 0-15 mid, 16-31 lo */
                             uint32_t vml[4];
                             ldsm_x4_trans_at(vml, vr + 16 * ks * LDK + 2 * (D + cu - E + X * (lane / 16)));
-                            const uint32_t b0[3] = {vb[2 * u], vml[0], vml[2]};
-                            const uint32_t b1[3] = {vb[2 * u + 1], vml[1], vml[3]};
-                            mma_bf16_6(d4, pa, b0, b1);
+                            const uint32_t b[3][2] = {{vb[2 * u], vb[2 * u + 1]}, {vml[0], vml[1]}, {vml[2], vml[3]}};
+                            mma_bf16_6(d4, pa, b);
                         }
                         float(&o)[4] = acc[2 * jp + u];
                         if (ks == 0) {

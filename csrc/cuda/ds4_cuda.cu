@@ -1471,8 +1471,6 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
      * they are (float or compact), so no float view of them */
     const bool bf16_attn = n > 1 && g->view_raw && d - key_tf32 <= g->view_split && tcb_runs(d, g->view_split);
     const int64_t n_rows = m ? (s->n_tokens + n) / m : 0;
-    const float *rows_in = dl.rows;
-    const uint8_t *rows8_in = g->compact ? dl.rows8 : NULL;
     if (m && g->compact && n > 1) {
         unsigned written = (unsigned)n_rows;
         if (written) {
@@ -1508,7 +1506,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
         aa.view_raw = g->view_raw, aa.view_rows = g->view_rows;
         aa.key_tf32 = d - g->view_split;   /* the dims its views hold as one part */
         const int64_t lo = std::max<int64_t>(0, s->n_tokens - cf->sliding_window + 1);
-        launch_attention_bf16(st, aa, n, lo, s->n_tokens + n - lo, rows_in, rows8_in, g->kv8, n_rows);
+        launch_attention_bf16(st, aa, n, lo, s->n_tokens + n - lo, dl.rows, dl.rows8, g->kv8, n_rows);   /* as stored */
     } else {
         launch_attention(st, aa, n);
     }
