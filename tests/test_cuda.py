@@ -261,7 +261,7 @@ def test_cuda_qat_matches_cpu_over_the_first_positions(model_pair):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name,seed", [("mid_q2", 29), ("mid_q2", 14), ("wide_q2", 29)])
+@pytest.mark.parametrize("name,seed", [("mid_q2", 29), ("mid_q2", 20), ("wide_q2", 29)])
 def test_cuda_chunk_attention_on_bf16_matches_cpu_in_exact_mode(name, seed, request, monkeypatch):
     """A chunk's attention (head sizes 128-512) runs on bf16 tensor cores
     over bf16 views of its keys (k_attention_bf16: the dims exact in bf16 as
@@ -269,11 +269,15 @@ def test_cuda_chunk_attention_on_bf16_matches_cpu_in_exact_mode(name, seed, requ
     modes the FP8 roundings turn any change of summation order into whole
     steps on these models, so its arithmetic is checked in exact mode, where
     every key dim is in three parts: prompts of several key tiles a token
-    (mid: up to seven) match the CPU at 1e-4, where the tf32 kernels
-    (DS4_CUDA_NO_BF16ATTN=1, read at each enqueue) go wrong on mid from the
-    56th position of seed 14's prompt (max rel 0.3, the twenty-ninth
-    session's finding; seed 29's they get right), and the logits are not
-    the tf32 kernels' bits (the new kernel ran)."""
+    (mid: up to seven) match the CPU at 1e-4, and the logits are not the
+    tf32 kernels' bits (DS4_CUDA_NO_BF16ATTN=1, read at each enqueue: the new
+    kernel ran). mid's prompts have no near-tie in an expert top-k: the 6th
+    and 7th routing scores (transformers, float64) are >= 5.1e-6 apart,
+    relative, at every position and layer. Seed 14's prompt has one 3.1e-8
+    apart (mid's position 55): the tf32 kernels' scores (3xTF32, ~2^-21 of
+    |q| |k|) flip it and the logits part from there (0.25), the bf16 and
+    SIMT kernels happen not to; the twenty-ninth session took it for a tf32
+    fault."""
     path = request.getfixturevalue(name)
     gpu_m, cpu_m = _cuda_model(path, 1024), ds4.load(path, backend="cpu", ctx=1024)
     rng = np.random.default_rng(seed)
