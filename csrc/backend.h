@@ -12,11 +12,12 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "sample.h"
 #include "weights.h"
 
 /* Bumped whenever this table or the structs in weights.h / session_state.h
  * change, so a stale library is refused instead of misreading them. */
-#define DS4_BACKEND_ABI 9
+#define DS4_BACKEND_ABI 10
 
 struct ds4_model;
 struct ds4_session;
@@ -64,6 +65,13 @@ typedef struct ds4_backend {
      * before any step: the core runs forward and an argmax a token. */
     int (*decode_greedy)(struct ds4_session *s, int64_t n, int32_t except, int32_t *out, float *logits,
                          char *err, size_t errlen);
+    /* ds4_session_decode_sampled's steps, as decode_greedy's with each
+     * token drawn from the sampler's state (ds4_sample's draw, the same
+     * bits), the sampler's state after each draw into rngs. A backend takes
+     * the samplers it can (DS4_BACKEND_UNAVAILABLE before any step for the
+     * others: the core runs forward and ds4_sample a token). */
+    int (*decode_sampled)(struct ds4_session *s, int64_t n, const ds4_sampler *sampler, int32_t *out,
+                          uint64_t *rngs, float *logits, char *err, size_t errlen);
 } ds4_backend;
 
 /* The symbol a backend library exports. */

@@ -12,8 +12,8 @@
 #include "quants.h"
 #include "gguf.h"
 #include "model.h"
+#include "sample.h"
 #include "session.h"
 #include "qat.h"
-#include "sample.h"
 
 #endif

@@ -1,6 +1,8 @@
 /* Token sampling: temperature -> top-k -> min-p -> top-p, then a draw. */
 #include "sample.h"
 
+#include "sample_weight.h"
+
 #include <math.h>
 #include <stdlib.h>
 
@@ -84,7 +86,7 @@ static int64_t top_candidates(const float *logits, int64_t n, int64_t k, struct 
 }
 
 static double weight(const ds4_sampler *s, float logit, float lmax) {
-    return exp((logit - lmax) / s->temperature);
+    return ds4_sample_weight(logit, lmax, s->temperature);
 }
 
 /* The walk of §6 step 3 over c[0..m), descending, whose weights w the
@@ -115,8 +117,10 @@ static int32_t draw(ds4_sampler *s, const struct cand *c, const double *w, int64
 
 /* §6 step 4: one pass over the vocabulary in index order, keeping w >=
  * min_p. Only logits near enough the top can pass, so those below a bound
- * (with a margin: w itself decides) skip the exp; the same weights summed
- * in the same order as a pass computing every one. */
+ * (with a margin: w itself decides) skip the exp. The weights are summed
+ * as sample_weight.h's fixed-point integers, which any order sums to the
+ * same total, and the draw's point is taken in them: a GPU makes the same
+ * draw with its threads summing in their own order (cuda/sample.cuh). */
 static int32_t sample_min_p(ds4_sampler *s, const float *logits, int64_t n, int32_t top) {
     const float lmax = logits[top];
     float bound = -INFINITY;   /* rounded down from the double bound: it only skips less */
@@ -126,19 +130,20 @@ static int32_t sample_min_p(ds4_sampler *s, const float *logits, int64_t n, int3
         bound = (float)b;
         if ((double)bound > b) bound = nextafterf(bound, -INFINITY);
     }
-    double total = 0;
+    uint64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
         if (!(logits[i] >= bound) || !isfinite(logits[i])) continue;
         double w = weight(s, logits[i], lmax);
-        if (w >= s->min_p) total += w;
+        if (w >= s->min_p) total += ds4_sample_fixed(w);
     }
-    double r = ds4_sampler_uniform(s) * total, acc = 0;
+    const uint64_t r = ds4_sample_point((uint32_t)(xorshift64star(s) >> 40), total);
+    uint64_t acc = 0;
     int32_t last = top;
     for (int64_t i = 0; i < n; i++) {
         if (!(logits[i] >= bound) || !isfinite(logits[i])) continue;
         double w = weight(s, logits[i], lmax);
         if (w < s->min_p) continue;
-        acc += w;
+        acc += ds4_sample_fixed(w);
         last = (int32_t)i;
         if (r < acc) return (int32_t)i;
     }
@@ -179,6 +184,10 @@ static int32_t sample_sorted(ds4_sampler *s, const float *logits, int64_t n, int
         free(c), free(w);
         k = 4 * k < n ? 4 * k : n;
     }
+}
+
+int ds4_sampler_min_p_only(const ds4_sampler *s) {
+    return ds4_sampler_takes_min_p_only(s->temperature, s->top_k, s->top_p, s->min_p);
 }
 
 int32_t ds4_sample(ds4_sampler *s, const float *logits, int64_t n) {

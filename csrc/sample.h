@@ -21,6 +21,10 @@ float ds4_sampler_uniform(ds4_sampler *s);
 /* The greedy choice: the first index of the largest finite logit other than
  * `except` (-1: none excepted); -1 when there is none. */
 int32_t ds4_argmax_except(const float *logits, int64_t n, int32_t except);
+/* Whether draws keep only the tokens whose weight reaches min_p > 0 (§6
+ * step 4: top-k off, top-p 1, temperature > 0; the default sampler): few
+ * where the logits are peaked, the draws a GPU makes on its own. */
+int ds4_sampler_min_p_only(const ds4_sampler *s);
 /* A token id from n logits; -1 when no logit is finite. */
 int32_t ds4_sample(ds4_sampler *s, const float *logits, int64_t n);
 

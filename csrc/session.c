@@ -162,8 +162,11 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logit
     return 0;
 }
 
-int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t except, int32_t *out,
-                              char *err, size_t errlen) {
+/* decode_greedy's and decode_sampled's steps: a choice after each token fed
+ * (greedy with `except` where sampler is NULL, else a draw, its state into
+ * rngs), by the backend's own steps where it takes them. */
+static int decode_steps(ds4_session *s, int32_t first, int64_t n, int32_t except, ds4_sampler *sampler,
+                        int32_t *out, uint64_t *rngs, char *err, size_t errlen) {
     const ds4_config *cf = &s->model->cfg;
     if (n <= 0) {
         snprintf(err, errlen, "no tokens to decode");
@@ -181,7 +184,11 @@ int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t 
     const ds4_backend *b = ds4_model_backend(s->model);
     const int64_t start = s->n_tokens;
     s->ids[start] = first;
-    int rc = b->decode_greedy ? b->decode_greedy(s, n, except, out, s->logits, err, errlen) : DS4_BACKEND_UNAVAILABLE;
+    int rc = DS4_BACKEND_UNAVAILABLE;
+    if (!sampler && b->decode_greedy)
+        rc = b->decode_greedy(s, n, except, out, s->logits, err, errlen);
+    else if (sampler && b->decode_sampled)
+        rc = b->decode_sampled(s, n, sampler, out, rngs, s->logits, err, errlen);
     if (rc != DS4_BACKEND_UNAVAILABLE) {
         /* the backend fed the chain itself; the ids it chose go into s->ids */
         if (rc) {
@@ -197,11 +204,14 @@ int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t 
         memcpy(s->ids + start + 1, out, (size_t)(fed - 1) * sizeof *out);
         s->n_tokens = start + fed;
         s->logits_valid = fed == n;
+        if (sampler) sampler->rng = rngs[fed - 1];
     } else {
         for (int64_t i = 0; i < n; i++) {
             int32_t id = i ? out[i - 1] : first;
             if (ds4_session_eval(s, &id, 1, NULL, 0, err, errlen)) return -1;
-            out[i] = ds4_argmax_except(s->logits, cf->n_vocab, except);
+            out[i] = sampler ? ds4_sample(sampler, s->logits, cf->n_vocab)
+                             : ds4_argmax_except(s->logits, cf->n_vocab, except);
+            if (rngs) rngs[i] = sampler->rng;
             if (out[i] < 0) break;
         }
     }
@@ -210,6 +220,27 @@ int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t 
         return -1;
     }
     return 0;
+}
+
+int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t except, int32_t *out,
+                              char *err, size_t errlen) {
+    return decode_steps(s, first, n, except, NULL, out, NULL, err, errlen);
+}
+
+int ds4_session_decode_sampled(ds4_session *s, int32_t first, int64_t n, ds4_sampler *sampler, int32_t *out,
+                               uint64_t *rngs, char *err, size_t errlen) {
+    if (!sampler) {
+        snprintf(err, errlen, "no sampler");
+        return -1;
+    }
+    uint64_t *own = NULL;   /* the states a backend reports, where the caller wants none */
+    if (!rngs && n > 0 && !(rngs = own = malloc((size_t)n * sizeof *rngs))) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    int rc = decode_steps(s, first, n, -1, sampler, out, rngs, err, errlen);
+    free(own);
+    return rc;
 }
 
 int ds4_session_rewind(ds4_session *s, int64_t n, char *err, size_t errlen) {

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "model.h"
+#include "sample.h"
 
 enum ds4_numerics {
     DS4_NUMERICS_EXACT = 0,   /* pure float32, as transformers computes */
@@ -47,6 +48,15 @@ int ds4_session_eval(ds4_session *s, const int32_t *ids, int64_t n, float *logit
  * -1). */
 int ds4_session_decode_greedy(ds4_session *s, int32_t first, int64_t n, int32_t except, int32_t *out,
                               char *err, size_t errlen);
+
+/* Sampled decoding, n tokens: as ds4_session_decode_greedy with each choice
+ * drawn by ds4_sample(sampler, the logits after the last token fed), so
+ * the same tokens, logits and sampler state as eval and ds4_sample a token;
+ * rngs[i] (NULL: not wanted) receives the sampler's state after draw i,
+ * and the sampler is left after the last draw. A backend may draw on its
+ * own device (CUDA: min-p samplers, ds4_sampler_min_p_only). */
+int ds4_session_decode_sampled(ds4_session *s, int32_t first, int64_t n, ds4_sampler *sampler, int32_t *out,
+                               uint64_t *rngs, char *err, size_t errlen);
 
 /* Keeps the first n tokens: the state becomes exactly what feeding those n
  * tokens gives. */

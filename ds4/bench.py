@@ -15,8 +15,10 @@ neither the first row's prefill nor its decode.
 The decode is Session.decode_greedy in pieces of DECODE_PIECE tokens (the choice
 after each token made by the backend: on CUDA on the GPU, the host reading the
 choices once a piece), what greedy generation runs; host_steps=True decodes by eval
-and the host's argmax a token instead, what sampled generation runs, with each
-token's own time.
+and the host's argmax a token instead, with each token's own time. With a sampler
+(`ds4 bench --temperature`) the tokens are its draws instead: by decode_sampled
+(CUDA draws a min-p sampler's on the GPU), or with host_steps by eval and the
+host's draw a token.
 
 Everything goes through the public API (ds4.load, Session.eval/decode_greedy/rewind/
 kv_bytes), so it measures any backend.
@@ -106,10 +108,12 @@ def bench_tokens(tokenizer, n, text=None):
 
 
 def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
-         gen_tokens=GEN_TOKENS, ctx=None, text=None, progress=None, host_steps=False):
+         gen_tokens=GEN_TOKENS, ctx=None, text=None, progress=None, host_steps=False, sampler=None):
     """Yields one Row per frontier. progress(frontier, stage, done, total) is called
     before the prefill and as prefill chunks and decoded tokens complete (stage
-    "prefill" or "decode")."""
+    "prefill" or "decode"). sampler: a Sampler (temperature > 0) whose draws are
+    decoded instead of greedy choices (Session.decode_sampled, or with host_steps
+    eval and Sampler.sample a token), the end-of-text id drawn like any other."""
     points = frontiers(ctx_start, ctx_max, step_incr)
     ctx = session_ctx(ctx, ctx_max, gen_tokens)
     ids = bench_tokens(model.tokenizer, ctx_max, text)
@@ -120,6 +124,11 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
     session.eval(ids[:min(session.prefill_chunk, longest)])
     if host_steps:
         session.eval(ids[:1])
+    elif sampler is not None:
+        session.rewind(1)
+        before = sampler.state   # (CUDA captures its sampled graph; the draw is not the walk's)
+        session.decode_sampled(ids[1], 1, sampler)
+        sampler.state = before
     else:
         session.rewind(1)
         session.decode_greedy(ids[1], 1, except_id=eos)   # (CUDA captures its greedy graph)
@@ -142,8 +151,11 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
         t0 = t_prev = time.perf_counter()
         if host_steps:
             for i in range(gen_tokens):
-                logits[eos] = -np.inf
-                tok = int(np.argmax(logits))
+                if sampler is not None:
+                    tok = sampler.sample(logits)
+                else:
+                    logits[eos] = -np.inf
+                    tok = int(np.argmax(logits))
                 generated.append(tok)
                 logits = session.eval([tok])
                 t_now = time.perf_counter()
@@ -152,11 +164,20 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
                 if progress:
                     progress(frontier, "decode", i + 1, gen_tokens)
         else:
-            logits[eos] = -np.inf
-            tok = int(np.argmax(logits))
+            if sampler is not None:
+                tok = sampler.sample(logits)
+            else:
+                logits[eos] = -np.inf
+                tok = int(np.argmax(logits))
             while len(generated) < gen_tokens:
                 k = min(DECODE_PIECE, gen_tokens - len(generated))
-                choices = session.decode_greedy(tok, k, except_id=eos)
+                if sampler is not None:
+                    before = sampler.state
+                    choices, states = session.decode_sampled(tok, k, sampler)
+                    # the last draw is the next row's, not this one's: undone after the row
+                    drawn_state = states[-2] if k > 1 else before
+                else:
+                    choices = session.decode_greedy(tok, k, except_id=eos)
                 generated += [tok] + choices[:-1]
                 tok = choices[-1]
                 t_now = time.perf_counter()
@@ -165,6 +186,8 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
                 if progress:
                     progress(frontier, "decode", len(generated), gen_tokens)
         gen_s = time.perf_counter() - t0
+        if sampler is not None and not host_steps:
+            sampler.state = drawn_state
         if frontier != points[-1]:
             session.rewind(frontier)
         yield Row(frontier, len(todo), len(todo) / max(prefill_s, 1e-9), gen_tokens,

@@ -79,10 +79,13 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
 @click.option("--host-steps", is_flag=True,
               help="Decode by eval and the host's argmax a token (sampled generation's path) "
                    "instead of the backend's greedy steps.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Decode the draws of a sampler at this temperature (min_p 0.05, seed 1) "
+                   "instead of greedy choices; 0: greedy.")
 @click.option("--batch-report", is_flag=True,
               help="Compare decode traffic with the device's measured copy bandwidth.")
 def bench_cmd(model_path, synthetic, backend, threads, numerics, prompt_file, ctx_start, ctx_max,
-              step_incr, gen_tokens, ctx, csv_path, plot_path, host_steps, batch_report):
+              step_incr, gen_tokens, ctx, csv_path, plot_path, host_steps, temperature, batch_report):
     """Prefill and greedy-decode throughput as the context grows."""
     if synthetic and model_path:
         raise OneLineUsage("give -m MODEL or --synthetic, not both")
@@ -104,8 +107,12 @@ def bench_cmd(model_path, synthetic, backend, threads, numerics, prompt_file, ct
         with model:
             if batch_report:
                 bench.bandwidth_probe(model)     # a missing probe fails before the walk
+            sampler = None
+            if temperature > 0:
+                from .sampling import Sampler
+                sampler = Sampler(temperature=temperature, min_p=0.05, seed=1)
             rows = run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text,
-                            csv_path, host_steps)
+                            csv_path, host_steps, sampler)
             report = None
             if batch_report:
                 click.echo("ds4: bench: measuring copy bandwidth", err=True)
@@ -135,7 +142,8 @@ def open_bench_model(model_path, synthetic, backend, ctx, threads, numerics, tmp
     return model
 
 
-def run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text, csv_path, host_steps=False):
+def run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text, csv_path, host_steps=False,
+             sampler=None):
     """Runs the walk, printing each row as it completes; returns the rows."""
     csv_file = None
     if csv_path and csv_path != "-":
@@ -156,7 +164,7 @@ def run_walk(model, ctx_start, ctx_max, step_incr, gen_tokens, ctx, text, csv_pa
     try:
         for row in bench.walk(model, ctx_start=ctx_start, ctx_max=ctx_max, step_incr=step_incr,
                               gen_tokens=gen_tokens, ctx=ctx, text=text, progress=progress,
-                              host_steps=host_steps):
+                              host_steps=host_steps, sampler=sampler):
             progress.end()
             rows.append(row)
             if to_stdout_csv:

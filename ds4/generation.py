@@ -82,69 +82,99 @@ class Stepper:
     """Draws a generation's tokens and feeds the accepted ones into the session.
 
     ``draw(sampler)`` gives the next token, ``accept(tok)`` feeds the one
-    drawn, ``settle()`` ends the generation. A sampled token is fed by eval
-    and the next one drawn from its logits. With ``device_steps`` (a backend
-    that chains greedy steps on its own: CUDA) a greedily drawn token is fed
-    by Session.decode_greedy instead, which goes on feeding the greedy choices
-    after it, GREEDY_PIECE tokens in one call (no more than `max_tokens` draws
-    can take); the next greedy draws take those. Where a sampled draw or the
-    end comes first, the session goes back to the accepted tokens: its state
-    is always that of feeding exactly them, and the tokens the same as drawing
-    each from eval's logits."""
+    drawn, ``settle()`` ends the generation. A token is fed by eval and the
+    next one drawn from its logits. With ``device_steps`` (a backend that
+    chains steps on its own: CUDA) a token drawn greedily, or by a
+    min-p sampler (top_k 0, top_p 1, min_p > 0: the defaults), is fed by
+    Session.decode_greedy / decode_sampled instead, which goes on feeding the
+    choices that sampler would draw after it, GREEDY_PIECE tokens in one call
+    (no more than `max_tokens` draws can take); the next draws by that
+    sampler (any greedy one) take those, each setting the sampler's state to
+    what drawing it on the host leaves. Where another sampler's draw or the
+    end comes first, or a chained draw is drawn again before it is accepted,
+    the session goes back to the accepted tokens: its state is always that
+    of feeding exactly them, and the tokens and sampler states the same as
+    drawing each from eval's logits."""
 
     def __init__(self, session, logits, *, device_steps=False, max_tokens=None):
         self.session, self.logits = session, logits
         self.device_steps = device_steps
         self.left = max_tokens   # draws still to come (None: no limit)
-        self.ahead = []      # greedy choices fed past the accepted tokens
-        self.next = None     # the greedy choice after the last token fed
+        self.ahead = []      # the chain's choices fed past the accepted tokens
+        self.next = None     # its choice after the last token fed
+        self.chain = None    # the sampler whose draws they are (None: greedy choices)
+        self.states = []     # its state after each of ahead + [next]
         self.drawn_fed = False
-        self.drawn_greedy = False
+        self.drawn_by = None
+        self.drawn_from_chain = False   # a sampled chain's draw, not yet accepted
+
+    def _chain_draws_for(self, sampler):
+        if not (self.ahead or self.next is not None):
+            return False
+        if sampler.greedy:
+            return self.chain is None
+        return self.chain is sampler and not self.drawn_from_chain
 
     def draw(self, sampler):
-        self.drawn_greedy = sampler.greedy
         if self.left is not None:
             self.left -= 1
-        if sampler.greedy and (self.ahead or self.next is not None):
+        self.drawn_by = sampler
+        if self._chain_draws_for(sampler):
             self.drawn_fed = bool(self.ahead)
+            if self.chain is not None:
+                sampler.state = self.states[0]
+                self.drawn_from_chain = True
             return self.ahead[0] if self.ahead else self.next
         self._back_to_accepted()
         self.drawn_fed = False
         return sampler.sample(self.logits)
 
     def accept(self, tok):
+        sampler, self.drawn_from_chain = self.drawn_by, False
         if self.drawn_fed:
             self.ahead.pop(0)
+            if self.chain is not None:
+                self.states.pop(0)
             self.drawn_fed = False
-        elif self.device_steps and self.drawn_greedy:
+        elif self.device_steps and (sampler.greedy or sampler.min_p_only):
             # tok, then as many choices as later draws can take (each of them
             # is fed when accepted, the last one too)
             k = min(GREEDY_PIECE, self.session.ctx - self.session.n_tokens)
             if self.left is not None:
                 k = min(k, self.left + 1)
-            choices = self.session.decode_greedy(tok, max(1, k))
+            if sampler.greedy:
+                choices, self.chain, self.states = self.session.decode_greedy(tok, max(1, k)), None, []
+            else:
+                before = sampler.state   # none of the chain's draws is drawn yet
+                choices, self.states = self.session.decode_sampled(tok, max(1, k), sampler)
+                sampler.state, self.chain = before, sampler
             self.ahead, self.next = choices[:-1], choices[-1]
             self.logits = None if self.ahead else self.session.logits
         else:
-            self.ahead, self.next = [], None
+            self._drop_chain()
             self.logits = self.session.eval([tok])
 
     def settle(self):
-        """Drops the greedy tokens fed past the accepted ones."""
+        """Drops the chained tokens fed past the accepted ones."""
         if self.ahead:
             self.session.rewind(self.session.n_tokens - len(self.ahead))
             self.logits = None
-        self.ahead, self.next = [], None
+        self._drop_chain()
+
+    def _drop_chain(self):
+        self.ahead, self.next, self.chain, self.states = [], None, None, []
+        self.drawn_from_chain = False
 
     def _back_to_accepted(self):
-        """Before a sampled draw: the accepted tokens' logits (the last of them
-        evaluated again where greedy tokens were fed past it)."""
+        """Before a draw the chain does not make: the accepted tokens' logits
+        (the last of them evaluated again where chained tokens were fed past
+        it)."""
         if self.ahead:
             n = self.session.n_tokens - len(self.ahead)
             last = self.session.tokens[n - 1]
             self.session.rewind(n - 1)
             self.logits = self.session.eval([last])
-        self.ahead, self.next = [], None
+        self._drop_chain()
 
 
 class StopMatcher:

@@ -99,6 +99,35 @@ class Session:
             return out[:fed].tolist()   # no finite logit after the last token fed
         return out.tolist()
 
+    def decode_sampled(self, first, n, sampler):
+        """Feeds `first` and then n - 1 tokens drawn by `sampler` (a Sampler
+        with temperature > 0), each from the logits after the one before;
+        returns (the n draws, the last not fed; the sampler's state after
+        each). The same tokens, logits and states as `eval` and
+        Sampler.sample a token, and the sampler is left after the last draw;
+        on CUDA a min-p sampler (top_k 0, top_p 1, min_p > 0) draws on the GPU,
+        the host reading the draws once. Where no logit is finite the lists
+        end early with -1, the tokens before it fed."""
+        n = int(n)
+        if n <= 0:
+            raise ValueError("decode_sampled() needs n >= 1")
+        if sampler.greedy:
+            raise ValueError("decode_sampled() needs a sampler with temperature > 0 (decode_greedy otherwise)")
+        first = int(first)
+        if not 0 <= first < self._vocab:
+            raise ValueError(f"token ids must be in 0..{self._vocab - 1}")
+        out = np.empty(n, np.int32)
+        states = np.empty(n, np.uint64)
+        err = ffi.new("char[512]")
+        n_before = self.n_tokens
+        if lib.ds4_session_decode_sampled(self._s, first, n, sampler._s, ffi.from_buffer("int32_t[]", out),
+                                          ffi.from_buffer("uint64_t[]", states), err, len(err)) != 0:
+            fed = self.n_tokens - n_before
+            if fed == 0 or out[fed - 1] >= 0:
+                raise Error(_err(err))
+            return out[:fed].tolist(), states[:fed].tolist()   # no finite logit after the last token fed
+        return out.tolist(), states.tolist()
+
     def rewind(self, n):
         """Keeps the first n tokens; the state is exactly that of feeding only them."""
         err = ffi.new("char[512]")

@@ -91,6 +91,26 @@ def test_decode_is_greedy_without_eos_and_repeats(tiny, host_steps, monkeypatch)
             logits = s.eval([tok])
 
 
+@pytest.mark.parametrize("host_steps", [False, True], ids=["backend-steps", "host-steps"])
+def test_a_sampled_decode_is_the_samplers_draws(tiny, host_steps, monkeypatch):
+    """`ds4 bench --temperature`: each decoded token is the sampler's draw from
+    eval's logits after the tokens before (EOS drawn like any other), by
+    decode_sampled or, with host steps, by the host a token."""
+    from ds4.sampling import Sampler
+    monkeypatch.setattr(bench, "DECODE_PIECE", 3)
+    rows = list(bench.walk(tiny, ctx_start=20, ctx_max=40, step_incr=20, gen_tokens=5, host_steps=host_steps,
+                           sampler=Sampler(temperature=1.5, min_p=0.01, seed=4)))
+    ids = bench.bench_tokens(tiny.tokenizer, 40)
+    sampler = Sampler(temperature=1.5, min_p=0.01, seed=4)
+    s = tiny.session(64)
+    for row in rows:
+        s.rewind(0)
+        logits = s.eval(ids[:row.ctx_tokens])
+        for tok in row.generated:
+            assert tok == sampler.sample(logits)
+            logits = s.eval([tok])
+
+
 def test_walk_after_rewind_matches_a_fresh_prefill(tiny):
     """The rewind between frontiers leaves the state of feeding the prefix only,
     so the second frontier decodes what a fresh session fed the same prefix does."""

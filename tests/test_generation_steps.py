@@ -1,7 +1,8 @@
-"""generation.Stepper: greedy tokens fed ahead by Session.decode_greedy (the
-backend's own steps) give the tokens and the state of feeding each drawn token
-by eval. On the CPU decode_greedy runs the core's steps, the same contract the
-CUDA backend keeps (tests/test_cuda.py holds its steps to eval bit for bit)."""
+"""generation.Stepper: tokens fed ahead by Session.decode_greedy and
+decode_sampled (the backend's own steps) give the tokens, the state and the
+sampler states of feeding each drawn token by eval. On the CPU both run the
+core's steps, the same contract the CUDA backend keeps (tests/test_cuda.py
+holds its steps to eval and the host's draws bit for bit)."""
 import numpy as np
 import pytest
 
@@ -77,6 +78,52 @@ def test_sampled_draws_between_greedy_ones_see_the_accepted_tokens(model, monkey
 
     (a, da), (b, db) = run(True), run(False)
     assert da == db
+    assert a.tokens == PROMPT + da
+    _same_state(a, b)
+
+
+def test_decode_sampled_equals_eval_and_a_draw_a_token(model):
+    a, b = model.session(), model.session()
+    first = int(np.argmax(a.eval(PROMPT)))
+    b.eval(PROMPT)
+    sa, sb = Sampler(temperature=1.2, min_p=0.02, seed=7), Sampler(temperature=1.2, min_p=0.02, seed=7)
+    got, states = a.decode_sampled(first, 9, sa)
+    tok, want, want_states = first, [], []
+    for _ in range(9):
+        tok = sb.sample(b.eval([tok]))
+        want.append(tok)
+        want_states.append(sb.state)
+    assert (got, states) == (want, want_states)
+    assert sa.state == sb.state and a.tokens == PROMPT + [first] + got[:-1]
+    _same_state(a, b)
+
+
+def test_sampled_draws_fed_ahead_equal_those_drawn_one_by_one(model, monkeypatch):
+    """A min-p sampler's draws chained by decode_sampled: the same tokens, state
+    and sampler state as drawing each from eval's logits, also where another
+    sampler draws in between (greedy; top-k, which is not chained), and where
+    a chained draw is drawn again before it is accepted (a new draw, from the
+    state the first one left)."""
+    monkeypatch.setattr(generation, "GREEDY_PIECE", 4)
+
+    def run(device_steps):
+        s = model.session()
+        steps = Stepper(s, s.eval(PROMPT), device_steps=device_steps)
+        samplers = {"s": Sampler(temperature=1.5, min_p=0.02, seed=11), "g": Sampler(temperature=0),
+                    "k": Sampler(temperature=1.0, top_k=5, seed=3)}
+        drawn = []
+        for kind in "sssssssgssskssssss":
+            drawn.append(steps.draw(samplers[kind]))
+            steps.accept(drawn[-1])
+        steps.draw(samplers["s"])
+        drawn.append(steps.draw(samplers["s"]))
+        steps.accept(drawn[-1])
+        steps.draw(samplers["s"])   # drawn, not accepted: it does not stay in the state
+        steps.settle()
+        return s, drawn, samplers["s"].state
+
+    (a, da, ra), (b, db, rb) = run(True), run(False)
+    assert (da, ra) == (db, rb)
     assert a.tokens == PROMPT + da
     _same_state(a, b)
 

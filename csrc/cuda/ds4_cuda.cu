@@ -15,6 +15,7 @@
 #include "attention_tc.cuh"
 #include "expert_dp4a.cuh"
 #include "greedy.cuh"
+#include "sample.cuh"
 #include "indexer_tc.cuh"
 #include "int8_decode.cuh"
 #include "mma_few_rows.cuh"
@@ -480,12 +481,19 @@ struct dsess {
     cudaGraphExec_t greedy_graph;
     int32_t *choices, *hchoices;
     int32_t greedy_except;   /* the `except` greedy_graph was captured for */
+    /* decode_sampled: the same chain with k_sample_next's draw as the
+     * choice (sample.cuh); allocated at its first use: the sampler, the
+     * states after each draw, their pinned copies */
+    cudaGraphExec_t sampled_graph;
+    dsampler *sampler, *hsampler;
+    unsigned long long *rngs, *hrngs;
 };
 
 static void drop_graph(dsess *g) {
     if (g->decode_graph) cudaGraphExecDestroy(g->decode_graph);
     if (g->greedy_graph) cudaGraphExecDestroy(g->greedy_graph);
-    g->decode_graph = g->greedy_graph = NULL;
+    if (g->sampled_graph) cudaGraphExecDestroy(g->sampled_graph);
+    g->decode_graph = g->greedy_graph = g->sampled_graph = NULL;
 }
 
 static int64_t max_cap_rows(const ds4_session *s) {
@@ -633,6 +641,10 @@ static void session_free(ds4_session *s) {
     cudaFreeHost(g->hpos);
     cudaFree(g->choices);
     cudaFreeHost(g->hchoices);
+    cudaFree(g->sampler);
+    cudaFreeHost(g->hsampler);
+    cudaFree(g->rngs);
+    cudaFreeHost(g->hrngs);
     if (g->L)
         for (int l = 0; l < s->model->cfg.n_layer; l++) {
             cudaFree(g->L[l].raw);
@@ -1597,17 +1609,23 @@ static moe_out moe(ds4_session *s, dsess *g, const ds4_layer &L, int n) {
     return moe_out{};
 }
 
+/* enqueue's `choice`: the logits to the host, or a sampled draw (else a
+ * greedy choice, the id it must not be, -1 none) */
+#define STEP_LOGITS (-2)
+#define STEP_SAMPLED (-3)
+
 /* Every step of one chunk onto the stream, from the pinned position and ids
- * to the pinned logits of tokens t0.. (none when t0 < 0); or, for a greedy
- * step (one token, greedy_except >= -1), from the position and id already on
- * the device to the choice after it (k_greedy_next), the logits left there. */
-static void enqueue(ds4_session *s, dsess *g, int n, int t0, int greedy_except = -2) {
+ * to the pinned logits of tokens t0.. (none when t0 < 0); or, for a chained
+ * step (one token; choice >= -1: greedy, k_greedy_next; STEP_SAMPLED:
+ * k_sample_next), from the position and id already on the device to the
+ * choice after it, the logits left there. */
+static void enqueue(ds4_session *s, dsess *g, int n, int t0, int choice = STEP_LOGITS) {
     const ds4_config *cf = &s->model->cfg;
     const dmodel *dm = (const dmodel *)s->model->backend_model;
     cudaStream_t st = g->st;
     int D = cf->n_embd, hc = cf->n_hc;
-    const bool greedy = greedy_except >= -1;
-    if (!greedy) {
+    const bool greedy = choice >= -1, chained = greedy || choice == STEP_SAMPLED;
+    if (!chained) {
         cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, st);
         cudaMemcpyAsync(g->ids, g->hids, (size_t)n * 4, cudaMemcpyHostToDevice, st);
     }
@@ -1634,19 +1652,21 @@ static void enqueue(ds4_session *s, dsess *g, int n, int t0, int greedy_except =
                                                  cf->hc_eps, cf->rms_eps, f32(dm->output_norm), g->x, g->x, c);
     linear(st, dmat_of(dm->output), g->x, D, nn, g->logits, cf->n_vocab);
     if (greedy)
-        launch_k(k_greedy_next, 1, GREEDY_THREADS, 0, st, (const float *)g->logits, cf->n_vocab, greedy_except,
-                 g->ids, g->dpos, g->choices, (int *)(g->choices + GREEDY_PIECE));
+        launch_k(k_greedy_next, 1, GREEDY_THREADS, 0, st, (const float *)g->logits, cf->n_vocab, choice, g->ids,
+                 g->dpos, g->choices, (int *)(g->choices + GREEDY_PIECE));
+    else if (choice == STEP_SAMPLED)
+        launch_k(k_sample_next, 1, SAMPLE_THREADS, 0, st, (const float *)g->logits, cf->n_vocab, g->sampler, g->ids,
+                 g->dpos, g->choices, g->rngs, (int *)(g->choices + GREEDY_PIECE));
     else
         cudaMemcpyAsync(g->hlogits, g->logits, (size_t)nn * cf->n_vocab * 4, cudaMemcpyDeviceToHost, st);
 }
 
-/* A one-token step captured as a graph into *exec (enqueue's greedy step
- * where greedy_except >= -1, else the step with logits). */
-static int capture_step(ds4_session *s, dsess *g, cudaGraphExec_t *exec, int greedy_except, char *err,
-                        size_t errlen) {
+/* A one-token step captured as a graph into *exec (enqueue's step with
+ * `choice`). */
+static int capture_step(ds4_session *s, dsess *g, cudaGraphExec_t *exec, int choice, char *err, size_t errlen) {
     cudaGraph_t graph;
     CK(cudaStreamBeginCapture(g->st, cudaStreamCaptureModeThreadLocal), "graph capture");
-    enqueue(s, g, 1, 0, greedy_except);
+    enqueue(s, g, 1, 0, choice);
     CK(cudaStreamEndCapture(g->st, &graph), "graph capture");
     cudaError_t e = cudaGraphInstantiate(exec, graph, 0);
     cudaGraphDestroy(graph);
@@ -1673,7 +1693,7 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
         /* decode: the whole step as one graph, captured on first use; it
          * reads the position and ids from the pinned buffers at replay */
-        if (!g->decode_graph && capture_step(s, g, &g->decode_graph, -2, err, errlen)) return -1;
+        if (!g->decode_graph && capture_step(s, g, &g->decode_graph, STEP_LOGITS, err, errlen)) return -1;
         CK(cudaGraphLaunch(g->decode_graph, g->st), "launching the decode graph");
     } else {
         enqueue(s, g, n, t0);
@@ -1684,15 +1704,44 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     return 0;
 }
 
-/* The backend's decode_greedy: the steps as greedy graphs back to back on
- * the stream, the host reading the choices once a GREEDY_PIECE steps. The
- * graph is captured for one `except` (a later call with another recaptures
- * it). DS4_CUDA_NO_GRAPH=1: the core's steps (forward, the host's argmax). */
+/* The chained steps (greedy or sampled graphs) back to back on the stream
+ * from the session's next token, the host reading the choices (and the
+ * sampler's states: rngs non-NULL) once a GREEDY_PIECE steps. */
+static int run_chain(ds4_session *s, dsess *g, cudaGraphExec_t graph, int64_t n, int32_t *out, uint64_t *rngs,
+                     float *logits, char *err, size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    const int64_t start = s->n_tokens;
+    *g->hpos = start;
+    g->hids[0] = s->ids[start];
+    CK(cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, g->st), "the first position");
+    CK(cudaMemcpyAsync(g->ids, g->hids, 4, cudaMemcpyHostToDevice, g->st), "the first id");
+    for (int64_t done = 0; done < n;) {
+        int piece = (int)std::min<int64_t>(n - done, GREEDY_PIECE);
+        CK(cudaMemsetAsync(g->choices + GREEDY_PIECE, 0, sizeof(int32_t), g->st), "the step count");
+        for (int i = 0; i < piece; i++) CK(cudaGraphLaunch(graph, g->st), "launching a decode step");
+        CK(cudaMemcpyAsync(g->hchoices, g->choices, (size_t)piece * sizeof(int32_t), cudaMemcpyDeviceToHost, g->st),
+           "reading the choices");
+        if (rngs)
+            CK(cudaMemcpyAsync(g->hrngs, g->rngs, (size_t)piece * 8, cudaMemcpyDeviceToHost, g->st),
+               "reading the sampler's states");
+        CK(cudaStreamSynchronize(g->st), "the decode steps");
+        memcpy(out + done, g->hchoices, (size_t)piece * sizeof(int32_t));
+        if (rngs) memcpy(rngs + done, g->hrngs, (size_t)piece * 8);
+        for (int i = 0; i < piece; i++)
+            if (out[done + i] < 0) return 0;   /* the core counts the tokens up to it */
+        done += piece;
+    }
+    CK(cudaMemcpy(logits, g->logits, (size_t)cf->n_vocab * 4, cudaMemcpyDeviceToHost), "the last logits");
+    return 0;
+}
+
+/* The backend's decode_greedy: greedy graphs chained (run_chain). The graph
+ * is captured for one `except` (a later call with another recaptures it).
+ * DS4_CUDA_NO_GRAPH=1: the core's steps (forward, the host's argmax). */
 static int decode_greedy(ds4_session *s, int64_t n, int32_t except, int32_t *out, float *logits, char *err,
                          size_t errlen) {
     const ds4_config *cf = &s->model->cfg;
     dsess *g = (dsess *)s->backend_state;
-    const int64_t start = s->n_tokens;
     if (getenv("DS4_CUDA_NO_GRAPH")) return DS4_BACKEND_UNAVAILABLE;   /* the core's steps */
     if (ensure_chunk(s, g, 1, err, errlen) || ensure_logits(cf, g, 1, err, errlen)) return -1;
     g_pdl = g_pdl_device;
@@ -1705,24 +1754,34 @@ static int decode_greedy(ds4_session *s, int64_t n, int32_t except, int32_t *out
         if (capture_step(s, g, &g->greedy_graph, except, err, errlen)) return -1;
         g->greedy_except = except;
     }
-    *g->hpos = start;
-    g->hids[0] = s->ids[start];
-    CK(cudaMemcpyAsync(g->dpos, g->hpos, 8, cudaMemcpyHostToDevice, g->st), "the first position");
-    CK(cudaMemcpyAsync(g->ids, g->hids, 4, cudaMemcpyHostToDevice, g->st), "the first id");
-    for (int64_t done = 0; done < n;) {
-        int piece = (int)std::min<int64_t>(n - done, GREEDY_PIECE);
-        CK(cudaMemsetAsync(g->choices + GREEDY_PIECE, 0, sizeof(int32_t), g->st), "the step count");
-        for (int i = 0; i < piece; i++) CK(cudaGraphLaunch(g->greedy_graph, g->st), "launching a greedy step");
-        CK(cudaMemcpyAsync(g->hchoices, g->choices, (size_t)piece * sizeof(int32_t), cudaMemcpyDeviceToHost, g->st),
-           "reading the choices");
-        CK(cudaStreamSynchronize(g->st), "the greedy steps");
-        memcpy(out + done, g->hchoices, (size_t)piece * sizeof(int32_t));
-        for (int i = 0; i < piece; i++)
-            if (out[done + i] < 0) return 0;   /* the core counts the tokens up to it */
-        done += piece;
+    return run_chain(s, g, g->greedy_graph, n, out, NULL, logits, err, errlen);
+}
+
+/* The backend's decode_sampled: sampled graphs chained (run_chain), for
+ * min-p samplers (sample.cuh); the sampler's parameters and state go
+ * to the device before the steps, so one graph serves every sampler.
+ * Others, and DS4_CUDA_NO_GRAPH=1 or DS4_CUDA_NO_DEVICE_SAMPLE=1: the core's
+ * steps (forward, ds4_sample on the host). */
+static int decode_sampled(ds4_session *s, int64_t n, const ds4_sampler *sampler, int32_t *out, uint64_t *rngs,
+                          float *logits, char *err, size_t errlen) {
+    const ds4_config *cf = &s->model->cfg;
+    dsess *g = (dsess *)s->backend_state;
+    if (!ds4_sampler_takes_min_p_only(sampler->temperature, sampler->top_k, sampler->top_p, sampler->min_p) ||
+        getenv("DS4_CUDA_NO_GRAPH") || getenv("DS4_CUDA_NO_DEVICE_SAMPLE"))
+        return DS4_BACKEND_UNAVAILABLE;
+    if (ensure_chunk(s, g, 1, err, errlen) || ensure_logits(cf, g, 1, err, errlen)) return -1;
+    if (!g->sampler) {
+        CK(cudaMalloc(&g->sampler, sizeof(dsampler)), "the sampler");
+        CK(cudaHostAlloc(&g->hsampler, sizeof(dsampler), cudaHostAllocDefault), "the sampler");
+        CK(cudaMalloc(&g->rngs, GREEDY_PIECE * 8), "the sampler's states");
+        CK(cudaHostAlloc(&g->hrngs, GREEDY_PIECE * 8, cudaHostAllocDefault), "the sampler's states");
     }
-    CK(cudaMemcpy(logits, g->logits, (size_t)cf->n_vocab * 4, cudaMemcpyDeviceToHost), "the last logits");
-    return 0;
+    g_pdl = g_pdl_device;
+    g_act8 = s->numerics == DS4_NUMERICS_QAT_Q8 ? g : NULL;
+    if (!g->sampled_graph && capture_step(s, g, &g->sampled_graph, STEP_SAMPLED, err, errlen)) return -1;
+    *g->hsampler = dsampler{sampler->temperature, sampler->min_p, (unsigned long long)sampler->rng};
+    CK(cudaMemcpyAsync(g->sampler, g->hsampler, sizeof(dsampler), cudaMemcpyHostToDevice, g->st), "the sampler");
+    return run_chain(s, g, g->sampled_graph, n, out, rngs, logits, err, errlen);
 }
 
 /* ds4_model_product: one of the model's matrices on n rows of x, through
@@ -1816,7 +1875,7 @@ static int64_t kv_bytes(const ds4_session *s) {
 static const ds4_backend CUDA_BACKEND = {
     DS4_BACKEND_ABI, "cuda",        CUDA_PREFILL_CHUNK,          model_init,     model_free,
     session_init,    session_free,  forward,       state_to_host,  state_from_host,
-    copy_bandwidth,  product,       kv_bytes,      decode_greedy,
+    copy_bandwidth,  product,       kv_bytes,      decode_greedy, decode_sampled,
 };
 
 extern "C" __attribute__((visibility("default"))) const ds4_backend *ds4_backend_entry(void) {
