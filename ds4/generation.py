@@ -94,7 +94,10 @@ class Stepper:
     end comes first, or a chained draw is drawn again before it is accepted,
     the session goes back to the accepted tokens: its state is always that
     of feeding exactly them, and the tokens and sampler states the same as
-    drawing each from eval's logits."""
+    drawing each from eval's logits. A chain cut short that way halves the
+    next ones (a tool call's greedy structure and sampled strings take turns
+    every few tokens: whole pieces would be fed and dropped at each turn),
+    and a chain drawn to its end doubles them again, up to GREEDY_PIECE."""
 
     def __init__(self, session, logits, *, device_steps=False, max_tokens=None):
         self.session, self.logits = session, logits
@@ -107,6 +110,8 @@ class Stepper:
         self.drawn_fed = False
         self.drawn_by = None
         self.drawn_from_chain = False   # a sampled chain's draw, not yet accepted
+        self.length = GREEDY_PIECE   # the next chain's tokens (at most GREEDY_PIECE)
+        self.ran_out = False         # the chain's last choice drawn: it ran whole
 
     def _chain_draws_for(self, sampler):
         if not (self.ahead or self.next is not None):
@@ -124,6 +129,7 @@ class Stepper:
             if self.chain is not None:
                 sampler.state = self.states[0]
                 self.drawn_from_chain = True
+            self.ran_out = not self.ahead
             return self.ahead[0] if self.ahead else self.next
         self._back_to_accepted()
         self.drawn_fed = False
@@ -135,11 +141,16 @@ class Stepper:
             self.ahead.pop(0)
             if self.chain is not None:
                 self.states.pop(0)
+            if not self.ahead:   # every token fed is accepted: the session's last logits are the draws'
+                self.logits = self.session.logits
             self.drawn_fed = False
         elif self.device_steps and (sampler.greedy or sampler.min_p_only):
             # tok, then as many choices as later draws can take (each of them
             # is fed when accepted, the last one too)
-            k = min(GREEDY_PIECE, self.session.ctx - self.session.n_tokens)
+            if self.ran_out:
+                self.length *= 2
+            self.length = min(self.length, GREEDY_PIECE)
+            k = min(self.length, self.session.ctx - self.session.n_tokens)
             if self.left is not None:
                 k = min(k, self.left + 1)
             if sampler.greedy:
@@ -163,13 +174,14 @@ class Stepper:
 
     def _drop_chain(self):
         self.ahead, self.next, self.chain, self.states = [], None, None, []
-        self.drawn_from_chain = False
+        self.drawn_from_chain = self.ran_out = False
 
     def _back_to_accepted(self):
         """Before a draw the chain does not make: the accepted tokens' logits
         (the last of them evaluated again where chained tokens were fed past
         it)."""
         if self.ahead:
+            self.length = max(1, self.length // 2)   # cut short: shorter chains
             n = self.session.n_tokens - len(self.ahead)
             last = self.session.tokens[n - 1]
             self.session.rewind(n - 1)

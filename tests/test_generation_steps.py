@@ -128,6 +128,30 @@ def test_sampled_draws_fed_ahead_equal_those_drawn_one_by_one(model, monkeypatch
     _same_state(a, b)
 
 
+@pytest.mark.parametrize("first", ["g", "s"])
+def test_another_samplers_draw_after_a_chain_ran_out_sees_the_last_logits(model, first, monkeypatch):
+    """Every token a chain fed accepted, its last choice not: the next draw by
+    another sampler is made from the logits after the last accepted token (it
+    once got none, drew -1, and the reply ended there)."""
+    monkeypatch.setattr(generation, "GREEDY_PIECE", 4)
+
+    def run(device_steps):
+        s = model.session()
+        steps = Stepper(s, s.eval(PROMPT), device_steps=device_steps)
+        samplers = {"g": Sampler(temperature=0), "s": Sampler(temperature=1.5, min_p=0.02, seed=11),
+                    "k": Sampler(temperature=1.0, top_k=5, seed=3)}
+        drawn = []
+        for kind in first * 4 + "k":   # the first draw's token starts a chain of 4: 3 fed ahead
+            drawn.append(steps.draw(samplers[kind]))
+            steps.accept(drawn[-1])
+        steps.settle()
+        return s, drawn
+
+    (a, da), (b, db) = run(True), run(False)
+    assert da == db and min(da) >= 0
+    _same_state(a, b)
+
+
 def test_server_engine_leaves_exactly_the_accepted_tokens(model):
     def run(device_steps):
         eng = ModelEngine(model, ctx=256)
@@ -172,3 +196,51 @@ def test_no_greedy_step_is_fed_ahead_past_the_last_draw(model, max_tokens, monke
                 result=result, device_steps=True))
     assert len(result.tokens) == max_tokens and sum(s.fed_ahead) == max_tokens
     assert s.tokens == PROMPT + result.tokens
+
+
+class _FedCountingSession:
+    """A session counting every token its evals and chained steps feed."""
+
+    def __init__(self, session):
+        self._s, self.fed = session, 0
+
+    def __getattr__(self, name):
+        return getattr(self._s, name)
+
+    def eval(self, ids, **kw):
+        self.fed += len(ids)
+        return self._s.eval(ids, **kw)
+
+    def decode_greedy(self, first, n, **kw):
+        self.fed += n
+        return self._s.decode_greedy(first, n, **kw)
+
+    def decode_sampled(self, first, n, sampler):
+        self.fed += n
+        return self._s.decode_sampled(first, n, sampler)
+
+
+def test_samplers_taking_turns_shorten_the_chains(model):
+    """A tool call's greedy structure and sampled strings take turns every few
+    tokens: each turn cuts a chain, and the tokens it fed past the cut are
+    fed again. Chains halve at a cut (and double when drawn to their end), so
+    56 draws in 16 turns feed at most 2.5 tokens a draw (whole 16-token
+    chains fed 271), and the draws are those of eval a token."""
+    order = ("ssss" + "ggg") * 8
+    runs = []
+    for device_steps in (True, False):
+        s = _FedCountingSession(model.session())
+        steps = Stepper(s, s.eval(PROMPT), device_steps=device_steps)
+        s.fed = 0
+        samplers = {"s": Sampler(temperature=1.5, min_p=0.02, seed=11), "g": Sampler(temperature=0)}
+        drawn = []
+        for kind in order:
+            drawn.append(steps.draw(samplers[kind]))
+            steps.accept(drawn[-1])
+        steps.settle()
+        runs.append((s, drawn))
+    (a, da), (b, db) = runs
+    assert da == db and b.fed == len(order)
+    assert a.fed <= 2.5 * len(order), f"{a.fed} tokens fed for {len(order)} draws"
+    _same_state(a, b)
+
