@@ -319,19 +319,23 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
     tca_store<D, NTW, 64>(a, acc, m_row, den_row, t, h0, pos, 8 * warp, g, tg);
 }
 
-/* Whether a chunk takes k_attention_bf16 at head size d with `split` dims
- * in parts: the sizes, and the kernel's shared memory at them (asked at each
- * chunk's layer, a few microseconds: models of other sizes and GPU limits
- * may share the process, and the opt-in is per kernel, not per model);
- * DS4_CUDA_NO_BF16ATTN=1, read at each enqueue, keeps k_attention_tc8 (for
- * A/B). */
-static bool tcb_runs(int d, int split) {
-    if (!tcb_fits(d, split) || getenv("DS4_CUDA_NO_BF16ATTN")) return false;
+/* Whether k_attention_bf16 can run at head size d with `split` dims in
+ * parts: the sizes, and the kernel's shared memory at them (a session asks
+ * at its start, so that it allocates no views the kernel cannot use: 218 KB
+ * at exact mode's head size 512, more than an A100 gives). */
+static bool tcb_can_run(int d, int split) {
+    if (!tcb_fits(d, split)) return false;
     size_t shm = tcb_shared_bytes(d, split);
     return d == 128   ? allow_shared(k_attention_bf16<128>, shm)
            : d == 256 ? allow_shared(k_attention_bf16<256>, shm)
                       : allow_shared(k_attention_bf16<512>, shm);
 }
+
+/* Whether a chunk takes it (asked at each chunk's layer, a few
+ * microseconds: models of other sizes and GPU limits may share the process,
+ * and the opt-in is per kernel, not per model); DS4_CUDA_NO_BF16ATTN=1, read
+ * at each enqueue, keeps k_attention_tc8 (for A/B). */
+static bool tcb_runs(int d, int split) { return !getenv("DS4_CUDA_NO_BF16ATTN") && tcb_can_run(d, split); }
 
 /* The chunk's key views, then its attention: the raw ring's slots of
  * positions lo .. lo + n_raw - 1 and compressed rows 0 .. n_rows - 1 (float,

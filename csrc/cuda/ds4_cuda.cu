@@ -770,7 +770,7 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
      * check that the other dims' one part holds them exactly) */
     g->view_split = s->numerics != DS4_NUMERICS_EXACT && !getenv("DS4_CUDA_NO_KEYTF32") ? cf->rope_dim
                                                                                         : cf->head_dim;
-    if (tcb_fits(cf->head_dim, g->view_split)) {
+    if (tcb_can_run(cf->head_dim, g->view_split)) {
         const int64_t row = 2 * tcb_view_elems(cf->head_dim, g->view_split);   /* bytes */
         int64_t cap = 0;
         for (int l = 0; l < cf->n_layer; l++) cap = std::max(cap, s->layers[l].ratio ? s->layers[l].cap_rows : 0);
