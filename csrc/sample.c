@@ -85,8 +85,12 @@ static int64_t top_candidates(const float *logits, int64_t n, int64_t k, struct 
     return m;
 }
 
+/* The top-k / top-p draws' weight, by libm's exp: only the host makes
+ * them, and their top-p total takes every logit's weight (sample_weight.h's
+ * exp, a 13-step dependent chain, doubled that draw's time). The min-p draw
+ * takes ds4_sample_weight: a GPU makes it too. */
 static double weight(const ds4_sampler *s, float logit, float lmax) {
-    return ds4_sample_weight(logit, lmax, s->temperature);
+    return exp((logit - lmax) / s->temperature);
 }
 
 /* The walk of §6 step 3 over c[0..m), descending, whose weights w the
@@ -133,7 +137,7 @@ static int32_t sample_min_p(ds4_sampler *s, const float *logits, int64_t n, int3
     uint64_t total = 0;
     for (int64_t i = 0; i < n; i++) {
         if (!(logits[i] >= bound) || !isfinite(logits[i])) continue;
-        double w = weight(s, logits[i], lmax);
+        double w = ds4_sample_weight(logits[i], lmax, s->temperature);
         if (w >= s->min_p) total += ds4_sample_fixed(w);
     }
     const uint64_t r = ds4_sample_point((uint32_t)(xorshift64star(s) >> 40), total);
@@ -141,7 +145,7 @@ static int32_t sample_min_p(ds4_sampler *s, const float *logits, int64_t n, int3
     int32_t last = top;
     for (int64_t i = 0; i < n; i++) {
         if (!(logits[i] >= bound) || !isfinite(logits[i])) continue;
-        double w = weight(s, logits[i], lmax);
+        double w = ds4_sample_weight(logits[i], lmax, s->temperature);
         if (w < s->min_p) continue;
         acc += ds4_sample_fixed(w);
         last = (int32_t)i;
