@@ -152,17 +152,19 @@ def test_another_samplers_draw_after_a_chain_ran_out_sees_the_last_logits(model,
     _same_state(a, b)
 
 
-def test_server_engine_leaves_exactly_the_accepted_tokens(model):
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_server_engine_leaves_exactly_the_accepted_tokens(model, temperature):
     def run(device_steps):
         eng = ModelEngine(model, ctx=256)
         eng._device_steps = device_steps
         eng.prefill(PROMPT)
-        greedy = eng.sampler(type("P", (), dict(temperature=0, top_k=0, top_p=1.0, min_p=0.05, seed=1))())
+        sampler = eng.sampler(type("P", (), dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.05,
+                                                 seed=1))())
         toks = []
         for _ in range(11):
-            toks.append(eng.next_token(greedy))
+            toks.append(eng.next_token(sampler))
             eng.accept(toks[-1])
-        eng.next_token(greedy)
+        eng.next_token(sampler)
         eng.finish()
         return eng.session, toks
 
