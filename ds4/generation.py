@@ -148,7 +148,7 @@ class Stepper:
             # tok, then as many choices as later draws can take (each of them
             # is fed when accepted, the last one too)
             if self.ran_out:
-                self.length *= 2
+                self.length, self.ran_out = self.length * 2, False
             self.length = min(self.length, GREEDY_PIECE)
             k = min(self.length, self.session.ctx - self.session.n_tokens)
             if self.left is not None:
