@@ -73,6 +73,18 @@ def test_csv_on_stdout_with_dash_and_a_short_walk_starts_at_ctx_max(tiny_q2):
     assert rows[0] == list(bench.CSV_COLUMNS) and [row[0] for row in rows[1:]] == ["32"]
 
 
+def test_temperature_decodes_the_default_samplers_draws_from_the_cli(tiny_q2):
+    """`ds4 bench --temperature 1` decodes min-p 0.05 draws (seed 1): a row
+    for the frontier, and a negative temperature is a usage error."""
+    r = ds4_cli("bench", "-m", str(tiny_q2), "--ctx-max", "32", "--gen-tokens", "3", "--temperature", "1",
+                "--csv", "-")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.reader(io.StringIO(r.stdout)))
+    assert [row[0] for row in rows[1:]] == ["32"] and rows[1][3] == "3"
+    bad = ds4_cli("bench", "-m", str(tiny_q2), "--temperature", "-1")
+    assert bad.returncode == 2 and "temperature" in bad.stderr
+
+
 @pytest.mark.parametrize("host_steps", [False, True], ids=["backend-steps", "host-steps"])
 def test_decode_is_greedy_without_eos_and_repeats(tiny, host_steps, monkeypatch):
     monkeypatch.setattr(bench, "DECODE_PIECE", 3)   # pieces end inside the decode
