@@ -24,12 +24,13 @@ struct dsampler {
     unsigned long long rng;
 };
 
-__device__ __forceinline__ float dsampler_uniform(unsigned long long &x) {
+/* sample.c's xorshift64*: moves x on, returns its output */
+__device__ __forceinline__ unsigned long long dsampler_next(unsigned long long &x) {
     if (!x) x = 0x9E3779B97F4A7C15ull;   /* sample.c's guard */
     x ^= x >> 12;
     x ^= x << 25;
     x ^= x >> 27;
-    return (float)((x * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;   /* exact: < 2^24, over 2^24 */
+    return x * 0x2545F4914F6CDD1Dull;
 }
 
 /* One block. The greedy step's bookkeeping (greedy.cuh) with the draw as
@@ -96,8 +97,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample_next(const float *log
         if (b.i >= 0) {
             unsigned long long total = 0;
             for (int w = 0; w < WARPS; w++) total += warp_sum[w];
-            dsampler_uniform(x);   /* moves x on; the point takes its top 24 bits */
-            const unsigned long long r = ds4_sample_point((uint32_t)((x * 0x2545F4914F6CDD1Dull) >> 40), total);
+            const unsigned long long r = ds4_sample_point((uint32_t)(dsampler_next(x) >> 40), total);   /* top 24 bits */
             unsigned long long before = 0;
             for (int w = 0; w < WARPS; w++) {
                 if (r < before + warp_sum[w]) {
