@@ -20,8 +20,8 @@ and the host's argmax a token instead, with each token's own time. With a sample
 (CUDA draws a min-p sampler's on the GPU), or with host_steps by eval and the
 host's draw a token.
 
-Everything goes through the public API (ds4.load, Session.eval/decode_greedy/decode_sampled/rewind/
-kv_bytes), so it measures any backend.
+Everything goes through the public API (ds4.load, Session.eval/decode_greedy/
+decode_sampled/rewind/kv_bytes), so it measures any backend.
 """
 import os
 import re
