@@ -48,7 +48,8 @@
 #   sass       cuobjdump's SASS of the functions whose mangled names contain SASS_FUN, into
 #              $OUT/sass.txt, with each one's static opcode counts (no GPU time)
 # SWITCHES: words VAR=value, or VAR=value+VAR2=value2 for settings taken together; in
-#   ab, a word --flag (e.g. --host-steps) is passed to ds4 bench instead.
+#   ab, a word --flag (e.g. --host-steps; --temperature=1: sampled decode, the default
+#   sampler's draws on the GPU) is passed to ds4 bench instead.
 # OLD: a folder holding an older tree's csrc (here: `git archive REV csrc | tar -x
 # -C .devrun/old`, .devrun carried); it is built beside this one. Example:
 #   SWITCHES="DS4_CUDA_NO_ROUTE1=1" bash csrc/cuda/device_run.sh same-bits ab test
