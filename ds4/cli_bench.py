@@ -69,7 +69,7 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
 @click.option("--step-incr", default=bench.STEP_INCR, show_default=True,
               type=click.IntRange(min=1), help="Tokens between frontiers.")
 @click.option("--gen-tokens", default=bench.GEN_TOKENS, show_default=True,
-              type=click.IntRange(min=1), help="Greedy tokens decoded at each frontier.")
+              type=click.IntRange(min=1), help="Tokens decoded at each frontier.")
 @click.option("--ctx", default=None, type=click.IntRange(min=1),
               help="Session context (default: ctx-max + gen-tokens).")
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
@@ -77,8 +77,8 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Draw prefill and decode tok/s against context (PNG, needs matplotlib).")
 @click.option("--host-steps", is_flag=True,
-              help="Decode by eval and the host's argmax a token (sampled generation's path) "
-                   "instead of the backend's greedy steps.")
+              help="Decode by eval and the host's argmax (or draw) a token instead of the "
+                   "backend's own steps.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Decode the draws of a sampler at this temperature (min_p 0.05, seed 1) "
                    "instead of greedy choices; 0: greedy.")
@@ -86,7 +86,7 @@ TABLE = "{:>10} {:>10} {:>12} {:>8} {:>10} {:>14}"
               help="Compare decode traffic with the device's measured copy bandwidth.")
 def bench_cmd(model_path, synthetic, backend, threads, numerics, prompt_file, ctx_start, ctx_max,
               step_incr, gen_tokens, ctx, csv_path, plot_path, host_steps, temperature, batch_report):
-    """Prefill and greedy-decode throughput as the context grows."""
+    """Prefill and decode throughput as the context grows."""
     if synthetic and model_path:
         raise OneLineUsage("give -m MODEL or --synthetic, not both")
     if ctx_start is None:
