@@ -541,6 +541,16 @@ def test_cuda_deep_rewind_replays_to_the_cpu_state(tiny_q2):
     t.check()
 
 
+def _two_sessions_after_a_prompt(model, numerics, seed):
+    """Two sessions fed the same 20 random tokens, and the first's greedy
+    choice after them."""
+    prompt = _ids(np.random.default_rng(seed), 20, model.config.n_vocab)
+    a, b = model.session(numerics=numerics), model.session(numerics=numerics)
+    first = int(np.argmax(a.eval(prompt)))
+    b.eval(prompt)
+    return a, b, first
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("numerics", ["exact", "qat-q8"])
 def test_cuda_greedy_steps_on_the_device_equal_eval_and_argmax_bit_for_bit(model_pair, numerics, monkeypatch):
@@ -550,11 +560,7 @@ def test_cuda_greedy_steps_on_the_device_equal_eval_and_argmax_bit_for_bit(model
     call with another excepted id recaptures; DS4_CUDA_NO_GRAPH=1 (the core's
     steps) agrees too."""
     name, _, gpu_m = model_pair
-    vocab = gpu_m.config.n_vocab
-    prompt = _ids(np.random.default_rng(21), 20, vocab)
-    a, b = gpu_m.session(numerics=numerics), gpu_m.session(numerics=numerics)
-    first = int(np.argmax(a.eval(prompt)))
-    b.eval(prompt)
+    a, b, first = _two_sessions_after_a_prompt(gpu_m, numerics, 21)
     for except_id, n in ((first, 37), (None, 5)):
         got = a.decode_greedy(first, n, except_id=except_id)
         want = greedy_by_eval(b, first, n, except_id)
@@ -590,11 +596,7 @@ def test_cuda_sampled_steps_on_the_device_equal_eval_and_the_hosts_draw_bit_for_
     boundaries; DS4_CUDA_NO_DEVICE_SAMPLE=1 (the core's steps) agrees too."""
     from ds4.sampling import Sampler
     name, _, gpu_m = model_pair
-    vocab = gpu_m.config.n_vocab
-    prompt = _ids(np.random.default_rng(23), 20, vocab)
-    a, b = gpu_m.session(numerics=numerics), gpu_m.session(numerics=numerics)
-    first = int(np.argmax(a.eval(prompt)))
-    b.eval(prompt)
+    a, b, first = _two_sessions_after_a_prompt(gpu_m, numerics, 23)
     for seed, (temperature, min_p, n) in enumerate(((1.0, 0.05, 37), (0.3, 0.5, 5), (2.0, 1e-4, 9), (0.8, 0.05, 2))):
         sa, sb = (Sampler(temperature=temperature, min_p=min_p, seed=seed + 1) for _ in range(2))
         got, got_states = a.decode_sampled(first, n, sa)
