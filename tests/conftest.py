@@ -33,6 +33,18 @@ def greedy_by_eval(session, first, n, except_id):
     return choices
 
 
+def sampled_by_eval(session, sampler, first, n):
+    """Session.decode_sampled's draws the plain way: eval a token, the host's
+    draw from its logits, n times from `first`; the tokens and the sampler's
+    state after each."""
+    tok, toks, states = first, [], []
+    for _ in range(n):
+        tok = sampler.sample(session.eval([tok]))
+        toks.append(tok)
+        states.append(sampler.state)
+    return toks, states
+
+
 def default_sigint():
     """preexec_fn for a child a test interrupts: SIGINT at its default, so the
     child's Python installs its KeyboardInterrupt handler even where the test

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ds4
-from conftest import greedy_by_eval, subprocess_env
+from conftest import greedy_by_eval, sampled_by_eval, subprocess_env
 from ds4.testing import ModelConfig, write_model
 
 REL_TOL = 1e-3
@@ -571,17 +571,6 @@ def test_cuda_greedy_steps_on_the_device_equal_eval_and_argmax_bit_for_bit(model
     monkeypatch.setenv("DS4_CUDA_NO_GRAPH", "1")
     assert a.decode_greedy(first, 3) == greedy_by_eval(b, first, 3, None)
     np.testing.assert_array_equal(a.logits, b.logits)
-
-
-def sampled_by_eval(session, sampler, first, n):
-    """n draws, each from eval's logits after the token before: the tokens
-    and the sampler's state after each."""
-    tok, toks, states = first, [], []
-    for _ in range(n):
-        tok = sampler.sample(session.eval([tok]))
-        toks.append(tok)
-        states.append(sampler.state)
-    return toks, states
 
 
 @pytest.mark.gpu

@@ -12,6 +12,8 @@ from ds4.generation import Generation, Stepper, stream
 from ds4.sampling import Sampler
 from ds4.server.engine import ModelEngine
 
+from conftest import sampled_by_eval
+
 PROMPT = [5, 17, 400, 9, 1234, 88, 7]
 
 
@@ -88,12 +90,7 @@ def test_decode_sampled_equals_eval_and_a_draw_a_token(model):
     b.eval(PROMPT)
     sa, sb = Sampler(temperature=1.2, min_p=0.02, seed=7), Sampler(temperature=1.2, min_p=0.02, seed=7)
     got, states = a.decode_sampled(first, 9, sa)
-    tok, want, want_states = first, [], []
-    for _ in range(9):
-        tok = sb.sample(b.eval([tok]))
-        want.append(tok)
-        want_states.append(sb.state)
-    assert (got, states) == (want, want_states)
+    assert (got, states) == sampled_by_eval(b, sb, first, 9)
     assert sa.state == sb.state and a.tokens == PROMPT + [first] + got[:-1]
     _same_state(a, b)
 
