@@ -496,6 +496,13 @@ static void drop_graph(dsess *g) {
     g->decode_graph = g->greedy_graph = g->sampled_graph = NULL;
 }
 
+/* The most compressed attention rows a layer holds (0: no compressing layer). */
+static int64_t max_comp_rows(const ds4_session *s) {
+    int64_t c = 0;
+    for (int l = 0; l < s->model->cfg.n_layer; l++) c = std::max(c, s->layers[l].ratio ? s->layers[l].cap_rows : 0);
+    return c;
+}
+
 static int64_t max_cap_rows(const ds4_session *s) {
     int64_t c = 1;
     for (int l = 0; l < s->model->cfg.n_layer; l++)
@@ -758,10 +765,9 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
                  kv4_fits(cf->indexer_dim) && !getenv("DS4_CUDA_NO_COMPACT_KV");
     g->kv8 = kv8_layout(cf->head_dim, cf->rope_dim);
     g->kv4 = kv4_layout(cf->indexer_dim);
+    const int64_t comp_rows = max_comp_rows(s);
     if (g->compact) {
-        int64_t cap = 0;
-        for (int l = 0; l < cf->n_layer; l++) cap = std::max(cap, s->layers[l].ratio ? s->layers[l].cap_rows : 0);
-        if (dalloc(&g->rows_f, cap * cf->head_dim, err, errlen) ||
+        if (dalloc(&g->rows_f, comp_rows * cf->head_dim, err, errlen) ||
             dalloc(&g->idx_rows_f, max_cap_rows(s) * cf->indexer_dim, err, errlen))
             return -1;
     }
@@ -772,13 +778,11 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
                                                                                         : cf->head_dim;
     if (tcb_can_run(cf->head_dim, g->view_split)) {
         const int64_t row = 2 * tcb_view_elems(cf->head_dim, g->view_split);   /* bytes */
-        int64_t cap = 0;
-        for (int l = 0; l < cf->n_layer; l++) cap = std::max(cap, s->layers[l].ratio ? s->layers[l].cap_rows : 0);
         if (dalloc_bytes((void **)&g->view_raw, dev_cap_raw(s) * row, err, errlen)) return -1;
         if (g->compact && row <= 4 * cf->head_dim) {   /* in the float view's memory, unused beside it */
             g->view_rows = (uint16_t *)g->rows_f;
-        } else if (cap) {
-            if (dalloc_bytes((void **)&g->view_rows, cap * row, err, errlen)) return -1;
+        } else if (comp_rows) {
+            if (dalloc_bytes((void **)&g->view_rows, comp_rows * row, err, errlen)) return -1;
             g->view_rows_own = true;
         }
     }

@@ -22,15 +22,13 @@ __device__ __forceinline__ greedy_best greedy_pick(greedy_best a, greedy_best b)
     return (b.v > a.v || (b.v == a.v && b.i < a.i)) ? b : a;
 }
 
-/* One block. choices[*step] = the choice, then ++*step; the next step's id
- * (0 where there is no choice: its tokens are not counted) and position. */
-__global__ void __launch_bounds__(GREEDY_THREADS) k_greedy_next(const float *logits, int n, int except,
-                                                                int32_t *ids, int64_t *pos, int32_t *choices,
-                                                                int *step) {
-    pdl_begin();
-    __shared__ greedy_best warp_best[GREEDY_THREADS / WARP];
+/* The first largest finite logit of logits[0..n) other than `except`, in
+ * every thread of a block of THREADS (warp_best: THREADS / WARP entries of
+ * shared memory). */
+template <int THREADS>
+__device__ __forceinline__ greedy_best block_best(const float *logits, int n, int except, greedy_best *warp_best) {
     greedy_best b = {0.0f, -1};
-    for (int i = threadIdx.x; i < n; i += GREEDY_THREADS) {
+    for (int i = threadIdx.x; i < n; i += THREADS) {
         float v = logits[i];
         if (isfinite(v) && i != except && (b.i < 0 || v > b.v)) b = {v, i};   /* i rises: ties keep the first */
     }
@@ -41,8 +39,20 @@ __global__ void __launch_bounds__(GREEDY_THREADS) k_greedy_next(const float *log
     }
     if (threadIdx.x % WARP == 0) warp_best[threadIdx.x / WARP] = b;
     __syncthreads();
+    b = warp_best[0];
+    for (int w = 1; w < THREADS / WARP; w++) b = greedy_pick(b, warp_best[w]);
+    return b;
+}
+
+/* One block. choices[*step] = the choice, then ++*step; the next step's id
+ * (0 where there is no choice: its tokens are not counted) and position. */
+__global__ void __launch_bounds__(GREEDY_THREADS) k_greedy_next(const float *logits, int n, int except,
+                                                                int32_t *ids, int64_t *pos, int32_t *choices,
+                                                                int *step) {
+    pdl_begin();
+    __shared__ greedy_best warp_best[GREEDY_THREADS / WARP];
+    const greedy_best b = block_best<GREEDY_THREADS>(logits, n, except, warp_best);
     if (threadIdx.x == 0) {
-        for (int w = 1; w < GREEDY_THREADS / WARP; w++) b = greedy_pick(b, warp_best[w]);
         int k = *step;
         choices[k] = b.i;
         *step = k + 1;

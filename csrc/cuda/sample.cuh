@@ -47,21 +47,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) k_sample_next(const float *log
     __shared__ unsigned long long s_base, s_point;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
 
-    /* the top logit: ds4_argmax_except(logits, n, -1) */
-    greedy_best b = {0.0f, -1};
-    for (int i = threadIdx.x; i < n; i += SAMPLE_THREADS) {
-        const float v = logits[i];
-        if (isfinite(v) && (b.i < 0 || v > b.v)) b = {v, i};
-    }
-#pragma unroll
-    for (int o = WARP / 2; o; o /= 2) {
-        greedy_best other = {__shfl_xor_sync(0xffffffffu, b.v, o), __shfl_xor_sync(0xffffffffu, b.i, o)};
-        b = greedy_pick(b, other);
-    }
-    if (lane == 0) warp_best[warp] = b;
-    __syncthreads();
-    b = warp_best[0];
-    for (int w = 1; w < WARPS; w++) b = greedy_pick(b, warp_best[w]);
+    const greedy_best b = block_best<SAMPLE_THREADS>(logits, n, -1, warp_best);   /* ds4_argmax_except's top */
     const float T = sp->temperature, min_p = sp->min_p, lmax = b.v;
     const float y = T * logf(min_p);
     const float bound = lmax + y - (fabsf(y) * 1e-3f + 1e-5f);
