@@ -22,9 +22,9 @@
 #   walk       the docs' walks (qat-q8 2K..16K by 2K, qat 2K and 16K) and the batch
 #              report (the copy bandwidth, the bound, the per-token times)
 #   chain      csrc/cuda/chain_profile.py: four decode steps at 2K on the chain
-#   chunk      csrc/cuda/chain_profile.py --chunk 2048: one qat-q8 prefill chunk after 2K,
-#              kernel by kernel (CUPTI), the chunk attention by layer kind; trace in
-#              $OUT/chunk_trace.json
+#   chunk      csrc/cuda/chain_profile.py --chunk 2048: one qat-q8 prefill chunk after 2K
+#              (CHUNK_CTX tokens: e.g. 14336 for the chunk that ends at 16K), kernel by kernel
+#              (CUPTI), the chunk attention by layer kind; trace in $OUT/chunk_trace_CTX.json
 #   chunk-ab   the chunk step's profile for the OLD build, this build and this build with
 #              each switch in SWITCHES set (traces $OUT/chunk_{old,new,swN}.json), then
 #              csrc/cuda/chunk_diff.py: the kernels whose summed time differs most, side by side
@@ -177,8 +177,8 @@ PY
     timeout 200 python3 csrc/cuda/chain_profile.py --steps 4 --trace $OUT/trace.json 2>&1 \
       | grep -v -i warn | tail -50 ;;
   chunk)
-    timeout 200 python3 csrc/cuda/chain_profile.py --chunk 2048 --ctx 2048 --trace $OUT/chunk_trace.json 2>&1 \
-      | grep -v -i warn | tail -60 ;;
+    timeout 200 python3 csrc/cuda/chain_profile.py --chunk 2048 --ctx ${CHUNK_CTX:-2048} \
+      --trace $OUT/chunk_trace_${CHUNK_CTX:-2048}.json 2>&1 | grep -v -i warn | tail -60 ;;
   chunk-ab)
     traces=()
     run_chunk() {   # name, then VAR=value settings for the run
