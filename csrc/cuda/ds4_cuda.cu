@@ -1500,7 +1500,7 @@ static void attention(ds4_session *s, dsess *g, const ds4_layer &L, int l, int n
     if (ls->indexer) {
         if (is != ks) cudaStreamWaitEvent(st, g->ix_join, 0);
         idx_args ia = {g->iq, g->iw, idx_rows, g->iscores, g->isel, g->n_isel, g->dpos,
-                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k, 0, idx_rows8, g->kv4};
+                       max_cap_rows(s), m, HI, dI, cf->indexer_top_k, 0, idx_rows8, g->kv4, qat};
         size_t shm = ((size_t)HI * (dI + 1) + 8 * HI + (idx_rows8 ? 8 * dI : 0)) * sizeof(float);
         /* splits of >= 16 rows a warp, to ~256 blocks in all: a decode token
          * fills the GPU, a prefill chunk loads its queries once a token */

@@ -1111,6 +1111,7 @@ struct idx_args {
     int t0;          /* the slice's first token in the chunk (blockIdx.x counts from it) */
     const uint8_t *krows8;   /* compact rows (kv_compact.cuh) instead of krows; NULL: float */
     kv_compact kv;
+    int fp4;         /* qat: queries and rows are FP4 values times powers of two (Q2), exact in tf32 */
 };
 
 /* Grid (token, split): a warp scores one row, a lane one head at a time, the
