@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
 #pragma unroll 2
             for (int s = 0; s < 8; s++) {
                 uint32_t af[2][4], bf[2][4];   /* A: 16 rows each; B: tokens 0-15, 16-31 of the warp */
-                float sr[2][2];
+                float sr[2][2], f[4][2];       /* rows' scales [i][g, g + 8]; tokens' [j][2 tg, + 1] */
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
                     ldsm_x4_at(af[i], at + i * (16 * 256) + (a_at ^ (s << 5)));
@@ -164,13 +164,28 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_q8s(lin_args a) {
                     for (int h = 0; h < 2; h++) sr[i][h] = h2f_bits(wdu[(wm * 32 + i * 16 + g + 8 * h) * 8 + s]);
                 }
 #pragma unroll
-                for (int j = 0; j < 4; j++) {
-                    int tb = wn * 32 + j * 8;
-                    float f0 = xdu[(tb + 2 * tg) * 8 + s], f1 = xdu[(tb + 2 * tg + 1) * 8 + s];
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++) f[j][c] = xdu[(wn * 32 + j * 8 + 2 * tg + c) * 8 + s];
+                /* the slice's eight products first, then their float steps
+                 * (q8_slice_product's, in the same order a value): each
+                 * IMMA's latency under the next ones instead of before its
+                 * own float step */
+                int d[2][4][4];
+#pragma unroll
+                for (int j = 0; j < 4; j++)
 #pragma unroll
                     for (int i = 0; i < 2; i++)
-                        q8_slice_product(acc[i][j], af[i], bf[j / 2][2 * (j % 2)], bf[j / 2][2 * (j % 2) + 1], sr[i], f0, f1);
-                }
+                        mma_s8_from(d[i][j], I2F_BIAS_BITS, af[i][0], af[i][1], af[i][2], af[i][3],
+                                    bf[j / 2][2 * (j % 2)], bf[j / 2][2 * (j % 2) + 1]);
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int i = 0; i < 2; i++)
+#pragma unroll
+                        for (int c = 0; c < 4; c++)
+                            acc[i][j][c] = fmaf(__int_as_float(d[i][j][c]) - I2F_BIAS, sr[i][c / 2] * f[j][c % 2],
+                                                acc[i][j][c]);
             }
         }
         block_tile_store(acc, blk, a, r0, t0, wm, wn, g, tg);
