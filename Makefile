@@ -1,6 +1,6 @@
 PYTHON ?= python3
 NVCC ?= nvcc
-CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 CUDA_SRC := $(wildcard csrc/cuda/*.cu)
 BUILD_DIR ?= build
 

@@ -11,7 +11,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CUDA_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
+CUDA_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
 
 class BuildWithCuda(build_ext):

@@ -18,7 +18,6 @@
 #pragma once
 
 #include "act8.cuh"
-#include "wgmma_s8.cuh"
 
 #define Q8S_BM 128
 #define Q8S_BN 64
@@ -45,7 +44,7 @@ __device__ __forceinline__ uint2 q8s_frag(const uint8_t *tile, int r, int s, int
  * done with stage b - 1 (whose buffer the next copies reuse), stage b + 1's
  * copies go out (issue(b + 1, its buffer)); on return stage b's bytes have
  * landed, from every thread's copies. */
-template <bool ASYNC_READS = false, typename Issue>
+template <typename Issue>
 __device__ __forceinline__ void stage_turn(int b, int nb, Issue &issue) {
     __syncthreads();
     if (b + 1 < nb) {
@@ -54,9 +53,6 @@ __device__ __forceinline__ void stage_turn(int b, int nb, Issue &issue) {
     } else {
         asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
-    /* ASYNC_READS: wgmma reads the stage through the async proxy, which
-     * sees this thread's landed copies only after this fence */
-    if constexpr (ASYNC_READS) wg_proxy_fence();
     __syncthreads();
 }
 
@@ -283,16 +279,7 @@ struct k2s_tile_in {
     int64_t ys;
     int n_out, nb, r0, t0, p1;   /* the tile: rows r0.., tokens t0..p1 - 1 */
     uint32_t wofs[4], xofs[4];   /* this thread's row and x offsets at stage 0 (k_linear_2bit) */
-    uint32_t xofs_wg;            /* the warpgroup form's: its token's codes, its two words of a slice */
 };
-
-/* The warpgroup form's x tile (per buffer): x's codes as wgmma's B, 8-token
- * x 16-byte core matrices, chunk c of the stage (16 k) for tokens 8 i .. at
- * c K2W_LEAD + i 128. The MMA's k order within a 32-k slice is k2s_tile's
- * (a lane's 8 A bytes are elements 8 tg .. of the slice; mma's k 4 tg .. and
- * 16 + 4 tg ..): so word w of a slice's 32 bytes goes to chunk 2 s + w % 2,
- * word w / 2 of the token's 16 bytes there. */
-#define K2W_LEAD 1024
 
 __shared__ uint64_t k2s_grid_sh[256];   /* IQ2_XXS's grid (at file scope: k2s_tile reads it) */
 
@@ -303,8 +290,8 @@ __shared__ uint64_t k2s_grid_sh[256];   /* IQ2_XXS's grid (at file scope: k2s_ti
  * B fragments loaded one or three instructions before their IMMA, against
  * 3-14 in a kernel of that copy only: 1.42 ms a gate / up launch against
  * 1.17, ncu). */
-template <int TYPE, int FR, bool WG>
-__device__ __forceinline__ void k2s_tile_body(const k2s_tile_in &ti) {
+template <int TYPE, int FR>
+__device__ __noinline__ void k2s_tile(const k2s_tile_in ti) {
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
     extern __shared__ __align__(16) uint8_t k2s_sh[];
     const int nb = ti.nb;
@@ -336,18 +323,10 @@ __device__ __forceinline__ void k2s_tile_body(const k2s_tile_in &ti) {
                 cp_async4(wdm + u * Q8S_BM + r, row + 4 * b);
             }
         }
-        if constexpr (WG) {   /* 4-byte copies: token 8 warp + lane % 8, words 2 (lane / 8) + q of each slice */
-            const uint32_t at = u * (Q8S_BN * 256) + warp * 128 + (lane % 8) * 16 + (lane / 8) * 4;
-#pragma unroll
-            for (int k = 0; k < 16; k++) {
-                const int sl = k % 8, q = k / 8;
-                cp_async4(xq + at + (2 * sl + q) * K2W_LEAD, ti.q8 + (ti.xofs_wg + 256 * b + 32 * sl + 4 * q));
-            }
-        }
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             const int t = tid / 16 + 16 * k;
-            if constexpr (!WG) cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, xc), ti.q8 + (ti.xofs[k] + 256 * b));
+            cp_async16(xq + (size_t)u * Q8S_BN * 256 + q8s_at(t, xc), ti.q8 + (ti.xofs[k] + 256 * b));
             /* xofs = x row x n_in + 16 xc: the row's scales at xofs / 32 (xc 0), sums at xofs / 16 - xc */
             if (xc == 0) cp_async16(xd + ((size_t)u * Q8S_BN + t) * 4, ti.q8d + (ti.xofs[k] / 32 + 8 * b));
             if (!IQ2 && xc < 4)
@@ -365,7 +344,7 @@ __device__ __forceinline__ void k2s_tile_body(const k2s_tile_in &ti) {
     issue(0, 0);
     for (int b = 0; b < nb; b++) {
         int u = b & 1;
-        stage_turn<WG>(b, nb, issue);
+        stage_turn(b, nb, issue);
         const uint8_t *wt = wq + (size_t)u * Q8S_BM * K2S_ROWB, *xt = xq + (size_t)u * Q8S_BN * 256;
         const uint8_t *w0 = wt + wr * K2S_ROWB, *w1 = w0 + 8 * K2S_ROWB;
         int iacc[8][4];   /* the block's integer sums (Q2_K: read as floats off I2F_BIAS) */
@@ -402,73 +381,16 @@ __device__ __forceinline__ void k2s_tile_body(const k2s_tile_in &ti) {
                 }
             }
         };
-        if constexpr (WG) {
-            /* the warpgroup form: each slice one wgmma of the warpgroup's 64
-             * rows x 8 FR tokens, its B straight from the x tile; the next
-             * slice's A decoded while it runs. IQ2_XXS: each slice's sums
-             * from zero into dd, then times 2 s + 1 into iacc; Q2_K: the
-             * block's sums in iacc from zero (the float step below reads them
-             * as integers, not off I2F_BIAS) */
-            const uint32_t xb = (uint32_t)__cvta_generic_to_shared(xt);
-            uint2 a0, a1;
-            int m0, m1;
-            auto decode = [&](int s, uint2 &r0, uint2 &r1, int &n0, int &n1) {
-                if constexpr (IQ2) {
-                    uint2 c0 = *(const uint2 *)(w0 + 8 * s), c1 = *(const uint2 *)(w1 + 8 * s);
-                    r0 = iq2s_frag(c0, tg, k2s_grid_sh), r1 = iq2s_frag(c1, tg, k2s_grid_sh);
-                    n0 = 2 * (int)(c0.y >> 28) + 1, n1 = 2 * (int)(c1.y >> 28) + 1;
-                } else {
-                    int n = s / 4, sh = 2 * (s % 4), sb = 64 + 8 * n + s % 4 * 2 + tg / 2;
-                    uint2 q0 = *(const uint2 *)(w0 + 32 * n + 8 * tg), q1 = *(const uint2 *)(w1 + 32 * n + 8 * tg);
-                    uint32_t l0 = w0[sb] & 0xf, l1 = w1[sb] & 0xf;
-                    r0 = make_uint2(((q0.x >> sh) & 0x03030303u) * l0, ((q0.y >> sh) & 0x03030303u) * l0);
-                    r1 = make_uint2(((q1.x >> sh) & 0x03030303u) * l1, ((q1.y >> sh) & 0x03030303u) * l1);
-                    n0 = n1 = 1;
-                }
-            };
-            [[maybe_unused]] int dd[8][4];   /* (fragments past FR up to wg_frags(FR): padding tokens) */
-#pragma unroll
-            for (int j = 0; j < wg_frags(FR); j++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) iacc[j][c] = dd[j][c] = 0;
-            decode(0, a0, a1, m0, m1);
-#pragma unroll 1
-            for (int s = 0; s < 8; s++) {
-                const uint64_t desc = wg_desc(xb + 2 * s * K2W_LEAD, K2W_LEAD, 128);
-                wg_fence();
-                if constexpr (IQ2) wgmma_s8<wg_frags(FR)>(dd, a0.x, a1.x, a0.y, a1.y, desc, 0);
-                else wgmma_s8<wg_frags(FR)>(iacc, a0.x, a1.x, a0.y, a1.y, desc, s > 0);
-                wg_commit();
-                uint2 n0 = a0, n1 = a1;
-                int nm0 = m0, nm1 = m1;
-                if (s < 7) decode(s + 1, n0, n1, nm0, nm1);
-                wg_wait<0>();
-                wg_hold(a0.x), wg_hold(a0.y), wg_hold(a1.x), wg_hold(a1.y);
-#pragma unroll
-                for (int j = 0; j < FR; j++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) {
-                        if constexpr (IQ2) {
-                            wg_hold(dd[j][c]);
-                            iacc[j][c] += dd[j][c] * (c < 2 ? m0 : m1);
-                        } else {
-                            wg_hold(iacc[j][c]);
-                        }
-                    }
-                a0 = n0, a1 = n1, m0 = nm0, m1 = nm1;
-            }
-        } else if constexpr (IQ2) {
+        if constexpr (IQ2) {
 #pragma unroll
             for (int j = 0; j < FR; j++)
 #pragma unroll
                 for (int c = 0; c < 4; c++) iacc[j][c] = 0;
-#pragma unroll 1
-            for (int s = 0; s < 8; s++) slice(s, false);
         } else {
             slice(0, true);
-#pragma unroll 1
-            for (int s = 1; s < 8; s++) slice(s, false);
         }
+#pragma unroll 1
+        for (int s = IQ2 ? 0 : 1; s < 8; s++) slice(s, false);
         /* the block's end: acc += x scale (d I - dmin M), as k_linear_q8x (IQ2_XXS: d / 8, no M) */
         float d0, d1;
         [[maybe_unused]] float n0 = 0, n1 = 0, b0 = 0, b1 = 0;   /* Q2_K only, as ma and m4 */
@@ -502,8 +424,7 @@ __device__ __forceinline__ void k2s_tile_body(const k2s_tile_in &ti) {
                 if constexpr (IQ2) {
                     v = (c < 2 ? d0 : d1) * (float)iacc[j][c];
                 } else {   /* d (B + I) - d B: d I in one rounding, d B exact (see b0 above) */
-                    if constexpr (WG) v = (c < 2 ? d0 : d1) * (float)iacc[j][c];   /* the same d I */
-                    else v = fmaf(c < 2 ? d0 : d1, __int_as_float(iacc[j][c]), c < 2 ? b0 : b1);
+                    v = fmaf(c < 2 ? d0 : d1, __int_as_float(iacc[j][c]), c < 2 ? b0 : b1);
                     v = fmaf(-(c < 2 ? n0 : n1), m4[c], v);
                 }
                 acc[j][c] = fmaf(c % 2 ? f1 : f0, v, acc[j][c]);
@@ -519,18 +440,6 @@ __device__ __forceinline__ void k2s_tile_body(const k2s_tile_in &ti) {
         }
 }
 
-template <int TYPE, int FR>
-__device__ __noinline__ void k2s_tile(const k2s_tile_in ti) {
-    k2s_tile_body<TYPE, FR, false>(ti);
-}
-
-/* The warpgroup form's tile: inlined, since a wgmma pipeline may not cross
- * a call (ptxas serializes every wgmma of a kernel that calls a function). */
-template <int TYPE, int FR>
-__device__ __forceinline__ void k2s_tile_wg(const k2s_tile_in &ti) {
-    k2s_tile_body<TYPE, FR, true>(ti);
-}
-
 /* Grid: (row tiles, token tiles, experts in use or 1), as k_linear_q8x.
  * skip: a tile's 8-token fragments past its last token are not multiplied
  * (a 2K chunk gives an expert ~48 of the tile's 64 tokens: a quarter of
@@ -540,7 +449,7 @@ __device__ __forceinline__ void k2s_tile_wg(const k2s_tile_in &ti) {
  * compiler from interleaving the fragments' loads and MMAs (8% slower at 8
  * of 8), and two inlined copies (6 and 8) gave 4,254 tok/s at 2K where
  * eight gave 4,435. */
-template <int TYPE, bool WG = false>
+template <int TYPE>
 __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int skip) {
     constexpr bool IQ2 = TYPE == DS4_TYPE_IQ2_XXS;
     pdl_begin();
@@ -592,63 +501,32 @@ __global__ void __launch_bounds__(Q8S_THREADS, 2) k_linear_2bit(lin_args a, int 
 #pragma unroll
         for (int k = 0; k < 4; k++) xofs[k] = xrow_sh[tid / 16 + 16 * k] * (uint32_t)n_in + 16 * xc;
 
-        k2s_tile_in in{blk.w, a.q8, a.q8d, a.q8s, blk.y, a.ys, a.w.n_out, nb, r0, t0, blk.p1, {}, {}, 0};
+        k2s_tile_in in{blk.w, a.q8, a.q8d, a.q8s, blk.y, a.ys, a.w.n_out, nb, r0, t0, blk.p1, {}, {}};
 #pragma unroll
         for (int k = 0; k < 4; k++) in.wofs[k] = wofs[k < WCOPIES ? k : 0], in.xofs[k] = xofs[k];
-        if constexpr (WG) in.xofs_wg = xrow_sh[8 * (tid / WARP) + tid % 8] * (uint32_t)n_in + 8 * (tid % WARP / 8);
         /* token fragments with a token (block-uniform) */
         switch (skip ? min(8, (blk.p1 - t0 + 7) / 8) : 8) {
-        case 1: if constexpr (WG) k2s_tile_wg<TYPE, 1>(in); else k2s_tile<TYPE, 1>(in); break;
-        case 2: if constexpr (WG) k2s_tile_wg<TYPE, 2>(in); else k2s_tile<TYPE, 2>(in); break;
-        case 3: if constexpr (WG) k2s_tile_wg<TYPE, 3>(in); else k2s_tile<TYPE, 3>(in); break;
-        case 4: if constexpr (WG) k2s_tile_wg<TYPE, 4>(in); else k2s_tile<TYPE, 4>(in); break;
-        case 5: if constexpr (WG) k2s_tile_wg<TYPE, 5>(in); else k2s_tile<TYPE, 5>(in); break;
-        case 6: if constexpr (WG) k2s_tile_wg<TYPE, 6>(in); else k2s_tile<TYPE, 6>(in); break;
-        case 7: if constexpr (WG) k2s_tile_wg<TYPE, 7>(in); else k2s_tile<TYPE, 7>(in); break;
-        default: if constexpr (WG) k2s_tile_wg<TYPE, 8>(in); else k2s_tile<TYPE, 8>(in); break;
+        case 1: k2s_tile<TYPE, 1>(in); break;
+        case 2: k2s_tile<TYPE, 2>(in); break;
+        case 3: k2s_tile<TYPE, 3>(in); break;
+        case 4: k2s_tile<TYPE, 4>(in); break;
+        case 5: k2s_tile<TYPE, 5>(in); break;
+        case 6: k2s_tile<TYPE, 6>(in); break;
+        case 7: k2s_tile<TYPE, 7>(in); break;
+        default: k2s_tile<TYPE, 8>(in); break;
         }
     }
 }
 
-/* Whether this library holds the warpgroup form's code (an sm_90a build on
- * an sm_90 GPU): what one thread of k_wg_built writes. */
-__global__ void k_wg_built(int *out) {
-#ifdef DS4_WGMMA
-    *out = 1;
-#else
-    *out = 0;
-#endif
-}
-
-static bool g_k2s_wg = false;   /* both warpgroup kernels built and given their shared memory */
-
 static void k2s_init(void) {
     g_k2s_ok[0] = allow_shared(k_linear_2bit<DS4_TYPE_IQ2_XXS>, k2s_smem(DS4_TYPE_IQ2_XXS, K2S_MAX_IN));
     g_k2s_ok[1] = allow_shared(k_linear_2bit<DS4_TYPE_Q2_K>, k2s_smem(DS4_TYPE_Q2_K, 0));
-    int *d = nullptr, built = 0;
-    if (cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
-        k_wg_built<<<1, 1>>>(d);
-        if (cudaMemcpy(&built, d, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) built = 0;
-        cudaFree(d);
-    }
-    (void)cudaGetLastError();
-    g_k2s_wg = built && g_k2s_ok[0] && g_k2s_ok[1] &&
-               allow_shared(k_linear_2bit<DS4_TYPE_IQ2_XXS, true>, k2s_smem(DS4_TYPE_IQ2_XXS, K2S_MAX_IN)) &&
-               allow_shared(k_linear_2bit<DS4_TYPE_Q2_K, true>, k2s_smem(DS4_TYPE_Q2_K, 0));
 }
 
-/* DS4_CUDA_K2S_WGMMA=1: the warpgroup form where built (read at each
- * enqueue: A/B, the tests) */
 static void launch_k2s(cudaStream_t st, dim3 grid, const lin_args &a) {
     size_t sh = k2s_smem(a.w.type, a.w.n_in);
     /* DS4_CUDA_NO_TOKSKIP=1: every fragment multiplied (read at each enqueue, the tests') */
     int skip = !getenv("DS4_CUDA_NO_TOKSKIP");
-    bool wg = g_k2s_wg && getenv("DS4_CUDA_K2S_WGMMA");
-    if (a.w.type == DS4_TYPE_IQ2_XXS) {
-        if (wg) launch_k(k_linear_2bit<DS4_TYPE_IQ2_XXS, true>, grid, Q8S_THREADS, sh, st, a, skip);
-        else launch_k(k_linear_2bit<DS4_TYPE_IQ2_XXS>, grid, Q8S_THREADS, sh, st, a, skip);
-    } else {
-        if (wg) launch_k(k_linear_2bit<DS4_TYPE_Q2_K, true>, grid, Q8S_THREADS, sh, st, a, skip);
-        else launch_k(k_linear_2bit<DS4_TYPE_Q2_K>, grid, Q8S_THREADS, sh, st, a, skip);
-    }
+    if (a.w.type == DS4_TYPE_IQ2_XXS) launch_k(k_linear_2bit<DS4_TYPE_IQ2_XXS>, grid, Q8S_THREADS, sh, st, a, skip);
+    else launch_k(k_linear_2bit<DS4_TYPE_Q2_K>, grid, Q8S_THREADS, sh, st, a, skip);
 }

@@ -59,7 +59,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-ARCH="-gencode arch=compute_90a,code=sm_90a${LINEINFO:+ -lineinfo}"   # LINEINFO=1: the sanitizer's findings by source line
+ARCH="-gencode arch=compute_90,code=sm_90${LINEINFO:+ -lineinfo}"   # LINEINFO=1: the sanitizer's findings by source line
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ -n "$OLD" ]; then
   rm -f /tmp/old.so   # a warm machine's earlier build would hide a failed one
