@@ -24,8 +24,9 @@ static inline bool itc_fits(int HI, int dI) {
     return HI <= ITC_HEADS && (dI == 32 || dI == 64 || dI == 128) && (g_itc_sizes & dI);
 }
 
-/* Shared floats: the queries' two parts and a row tile, rows padded by 4
- * (a fragment's 8 rows x 4 columns in 32 banks). */
+/* Shared floats: the queries' two parts and a row tile (the FP4 form over
+ * float rows: one part and two tiles), rows padded by 4 (a fragment's 8
+ * rows x 4 columns in 32 banks). */
 static inline size_t itc_shared_bytes(int dI) { return (size_t)(2 * ITC_HEADS + ITC_RT) * (dI + 4) * sizeof(float); }
 
 /* Grid: (the slice's tokens (idx_args.t0 + blockIdx.x), row splits).
