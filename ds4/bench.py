@@ -118,6 +118,13 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
     ctx = session_ctx(ctx, ctx_max, gen_tokens)
     ids = bench_tokens(model.tokenizer, ctx_max, text)
     eos = model.tokenizer.eos_id
+
+    def choose(logits):   # a frontier's first token, and each token of the host's steps
+        if sampler is not None:
+            return sampler.sample(logits)
+        logits[eos] = -np.inf
+        return int(np.argmax(logits))
+
     session = model.session(ctx)
     # the warm-up (module docstring), rewound
     longest = max(b - a for a, b in zip([0] + points, points))
@@ -151,11 +158,7 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
         t0 = t_prev = time.perf_counter()
         if host_steps:
             for i in range(gen_tokens):
-                if sampler is not None:
-                    tok = sampler.sample(logits)
-                else:
-                    logits[eos] = -np.inf
-                    tok = int(np.argmax(logits))
+                tok = choose(logits)
                 generated.append(tok)
                 logits = session.eval([tok])
                 t_now = time.perf_counter()
@@ -164,11 +167,7 @@ def walk(model, *, ctx_start=CTX_START, ctx_max=CTX_MAX, step_incr=STEP_INCR,
                 if progress:
                     progress(frontier, "decode", i + 1, gen_tokens)
         else:
-            if sampler is not None:
-                tok = sampler.sample(logits)
-            else:
-                logits[eos] = -np.inf
-                tok = int(np.argmax(logits))
+            tok = choose(logits)
             while len(generated) < gen_tokens:
                 k = min(DECODE_PIECE, gen_tokens - len(generated))
                 if sampler is not None:

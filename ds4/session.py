@@ -81,23 +81,9 @@ class Session:
         steps follow one another on the GPU, the host reading the choices once.
         Where no logit is finite the list ends early with -1, the tokens before
         it fed."""
-        n = int(n)
-        if n <= 0:
-            raise ValueError("decode_greedy() needs n >= 1")
-        first = int(first)
-        if not 0 <= first < self._vocab:
-            raise ValueError(f"token ids must be in 0..{self._vocab - 1}")
         except_id = -1 if except_id is None else int(except_id)
-        out = np.empty(n, np.int32)
-        err = ffi.new("char[512]")
-        n_before = self.n_tokens
-        if lib.ds4_session_decode_greedy(self._s, first, n, except_id, ffi.from_buffer("int32_t[]", out),
-                                         err, len(err)) != 0:
-            fed = self.n_tokens - n_before
-            if fed == 0 or out[fed - 1] >= 0:
-                raise Error(_err(err))
-            return out[:fed].tolist()   # no finite logit after the last token fed
-        return out.tolist()
+        return self._decode_steps("decode_greedy", first, n, lambda first, n, out, err: lib.ds4_session_decode_greedy(
+            self._s, first, n, except_id, ffi.from_buffer("int32_t[]", out), err, len(err)))
 
     def decode_sampled(self, first, n, sampler):
         """Feeds `first` and then n - 1 tokens drawn by `sampler` (a Sampler
@@ -108,25 +94,33 @@ class Session:
         on CUDA a min-p sampler (top_k 0, top_p 1, min_p > 0) draws on the GPU,
         the host reading the draws once. Where no logit is finite the lists
         end early with -1, the tokens before it fed."""
-        n = int(n)
-        if n <= 0:
-            raise ValueError("decode_sampled() needs n >= 1")
         if sampler.greedy:
             raise ValueError("decode_sampled() needs a sampler with temperature > 0 (decode_greedy otherwise)")
+        states = np.empty(max(int(n), 0), np.uint64)
+        toks = self._decode_steps("decode_sampled", first, n, lambda first, n, out, err: lib.ds4_session_decode_sampled(
+            self._s, first, n, sampler._s, ffi.from_buffer("int32_t[]", out), ffi.from_buffer("uint64_t[]", states),
+            err, len(err)))
+        return toks, states[:len(toks)].tolist()
+
+    def _decode_steps(self, name, first, n, call):
+        """decode_greedy's and decode_sampled's checks and result: call(first,
+        n, out, err) runs the native steps into out; the choices made (cut at
+        a -1 where no logit was finite after a token fed)."""
+        n = int(n)
+        if n <= 0:
+            raise ValueError(f"{name}() needs n >= 1")
         first = int(first)
         if not 0 <= first < self._vocab:
             raise ValueError(f"token ids must be in 0..{self._vocab - 1}")
         out = np.empty(n, np.int32)
-        states = np.empty(n, np.uint64)
         err = ffi.new("char[512]")
         n_before = self.n_tokens
-        if lib.ds4_session_decode_sampled(self._s, first, n, sampler._s, ffi.from_buffer("int32_t[]", out),
-                                          ffi.from_buffer("uint64_t[]", states), err, len(err)) != 0:
+        if call(first, n, out, err) != 0:
             fed = self.n_tokens - n_before
             if fed == 0 or out[fed - 1] >= 0:
                 raise Error(_err(err))
-            return out[:fed].tolist(), states[:fed].tolist()   # no finite logit after the last token fed
-        return out.tolist(), states.tolist()
+            return out[:fed].tolist()   # no finite logit after the last token fed
+        return out.tolist()
 
     def rewind(self, n):
         """Keeps the first n tokens; the state is exactly that of feeding only them."""
