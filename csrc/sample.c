@@ -18,11 +18,8 @@ void ds4_sampler_init(ds4_sampler *s, float temperature, int32_t top_k, float to
 }
 
 static uint64_t xorshift64star(ds4_sampler *s) {
-    if (!s->rng) s->rng = 0x9E3779B97F4A7C15ull;
-    s->rng ^= s->rng >> 12;
-    s->rng ^= s->rng << 25;
-    s->rng ^= s->rng >> 27;
-    return s->rng * 0x2545F4914F6CDD1Dull;
+    s->rng = ds4_sample_rng_next(s->rng);
+    return ds4_sample_rng_out(s->rng);
 }
 
 float ds4_sampler_uniform(ds4_sampler *s) {

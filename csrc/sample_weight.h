@@ -84,6 +84,19 @@ static inline DS4_HOST_DEVICE uint64_t ds4_sample_point(uint32_t u24, uint64_t t
     return (uint64_t)u24 * hi + (((uint64_t)u24 * lo) >> 24);
 }
 
+/* The sampler's xorshift64*: the state after x (a zero x, never a state,
+ * taken as the default seed) and a state's output, whose top 24 bits make a
+ * draw's uniform number. */
+static inline DS4_HOST_DEVICE uint64_t ds4_sample_rng_next(uint64_t x) {
+    if (!x) x = 0x9E3779B97F4A7C15ull;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    return x;
+}
+
+static inline DS4_HOST_DEVICE uint64_t ds4_sample_rng_out(uint64_t state) { return state * 0x2545F4914F6CDD1Dull; }
+
 /* ds4_sampler_min_p_only (sample.h) where a backend library, which does
  * not link the core, needs it. */
 static inline int ds4_sampler_takes_min_p_only(float temperature, int32_t top_k, float top_p, float min_p) {

@@ -24,13 +24,10 @@ struct dsampler {
     unsigned long long rng;
 };
 
-/* sample.c's xorshift64*: moves x on, returns its output */
+/* sample.c's xorshift64* (sample_weight.h's): moves x on, returns its output */
 __device__ __forceinline__ unsigned long long dsampler_next(unsigned long long &x) {
-    if (!x) x = 0x9E3779B97F4A7C15ull;   /* sample.c's guard */
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    return x * 0x2545F4914F6CDD1Dull;
+    x = ds4_sample_rng_next(x);
+    return ds4_sample_rng_out(x);
 }
 
 /* One block. The greedy step's bookkeeping (greedy.cuh) with the draw as
