@@ -118,6 +118,8 @@ static const ds4_tensor *matrix_named(const ds4_model *m, int layer, const char 
         {"ffn_gate_exps", &L->ffn_gate_exps}, {"ffn_up_exps", &L->ffn_up_exps},
         {"ffn_down_exps", &L->ffn_down_exps}, {"ffn_gate_shexp", &L->ffn_gate_shexp},
         {"ffn_up_shexp", &L->ffn_up_shexp}, {"ffn_down_shexp", &L->ffn_down_shexp},
+        {"ffn_gate_inp", &L->ffn_gate_inp}, {"comp_kv", &L->comp_kv}, {"comp_gate", &L->comp_gate},
+        {"idx_q_b", &L->idx_q_b}, {"idx_proj", &L->idx_proj}, {"idx_comp_kv", &L->idx_comp_kv},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
         if (strcmp(name, table[i].name) == 0) return table[i].t->data ? table[i].t : NULL;

@@ -43,7 +43,14 @@ MATRICES = [(0, "attn_q_a", "blk.0.attn_q_a.weight", 0, 1, False),
             (1, "ffn_gate_exps", "blk.1.ffn_gate_exps.weight", 3, 1, False),
             (2, "ffn_down_exps", "blk.2.ffn_down_exps.weight", 5, 1, False),
             (1, "attn_output_a", "blk.1.attn_output_a.weight", 0, 4, False),
-            (2, "attn_q_b", "blk.2.attn_q_b.weight", 0, 2, True)]
+            (2, "attn_q_b", "blk.2.attn_q_b.weight", 0, 2, True),
+            # F16: the compressor's kv rows, the indexer's queries (x of
+            # q_lora_rank), the indexer compressor's 64 rows (a 64-row tile),
+            # and the compressor's kv rows as a pair on one x
+            (4, "comp_kv", "blk.4.attn_compressor_kv.weight", 0, 1, False),
+            (4, "idx_q_b", "blk.4.indexer.attn_q_b.weight", 0, 1, False),
+            (4, "idx_comp_kv", "blk.4.indexer_compressor_kv.weight", 0, 1, False),
+            (4, "comp_kv", "blk.4.attn_compressor_kv.weight", 0, 2, True)]
 
 
 def act8_reference(x, gguf_type):
@@ -78,7 +85,9 @@ def check_products(model, path, n, numerics):
                                    ffi.from_buffer("float[]", x), n, ffi.from_buffer("float[]", y),
                                    err, len(err))
         assert rc == 0, ffi.string(err).decode()
-        xin = x if numerics == "exact" else act8_reference(x, weight_type(path, tensor))
+        wtype = weight_type(path, tensor)
+        rounds = numerics != "exact" and wtype != GGMLQuantizationType.F16   # qat-q8 rounds no F16 product's x
+        xin = act8_reference(x, wtype) if rounds else x
         xin = xin.astype(np.float64).reshape(n, x_parts, n_in)
         stretch = n_out // parts   # stretch p of W's rows on x part p (or on the one x)
         ref = np.concatenate([xin[:, 0 if shared else p] @ w[p * stretch:(p + 1) * stretch].astype(np.float64).T

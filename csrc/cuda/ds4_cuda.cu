@@ -18,6 +18,7 @@
 #include "sample.cuh"
 #include "indexer_tc.cuh"
 #include "int8_decode.cuh"
+#include "mma_f16.cuh"
 #include "mma_few_rows.cuh"
 #include "kernels.cuh"
 #include "mma_linear.cuh"
@@ -347,6 +348,7 @@ static int model_init(ds4_model *m, int synthetic, ds4_progress_fn progress, voi
     q8s_init();
     k2s_init();
     few_rows_init();
+    f16s_init();
     expert_dp4a_init();
     CKG(cudaMemcpyToSymbol(d_iq2_grid, iq2xxs_grid, sizeof iq2xxs_grid), "tables");
     CKG(cudaMemcpyToSymbol(d_iq2_signs, ksigns_iq2xs, sizeof ksigns_iq2xs), "tables");
@@ -428,6 +430,15 @@ struct pre8_entry {
     act8_pre c;
 };
 
+/* Chunk products of F16 rows: x's fp16 parts (k_f16_parts), a buffer for
+ * each stream such products run on at once (main, kv, compressor,
+ * indexer); f16x_for finds a stream's. */
+#define F16X_STREAMS 4
+struct f16x_bufs {
+    cudaStream_t st[F16X_STREAMS];
+    f16x x[F16X_STREAMS];
+};
+
 struct dsess {
     cudaStream_t st;
     /* beside the main stream: the HC controllers' Sinkhorn, forked after the
@@ -463,6 +474,7 @@ struct dsess {
     float *X, *Xn, *u, *mix, *post, *comb, *x, *xn, *qr, *q, *kv, *kg, *ikg, *iq, *iw, *o, *low, *y,
         *router, *sel_w, *ex_g, *ex_u, *ex_y, *sh_g, *sh_u, *sh_y, *iscores, *attn_part, *logits;
     act8_bufs a8, a8_side, a8_kv;   /* the main stream's products', the side and kv streams' */
+    f16x_bufs f16;
     /* codes written by producers (pre8): xn's Q8_0 and Q8_K forms (also the
      * output head's x), qr's, the routed and the shared SwiGLU's */
     act8_bufs xn8[2], qr8, ex8, sh8;
@@ -526,6 +538,8 @@ static void free_chunk(dsess *g) {
                     g->a8.q, g->a8.d, g->a8.s, g->a8_side.xr, g->a8_side.q, g->a8_side.d, g->a8_side.s,
                     g->a8_kv.xr, g->a8_kv.q, g->a8_kv.d, g->a8_kv.s};
     for (void *b : bufs) cudaFree(b);
+    for (f16x &b : g->f16.x) cudaFree(b.p), cudaFree(b.inv);
+    memset(&g->f16, 0, sizeof g->f16);
     for (act8_bufs *b : {&g->xn8[0], &g->xn8[1], &g->qr8, &g->ex8, &g->sh8}) {
         cudaFree(b->q), cudaFree(b->d), cudaFree(b->s);
         *b = act8_bufs{};
@@ -569,6 +583,9 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         a8_side = std::max(D, Fs);
         a8_kv = D;
     }
+    /* F16 chunk products' x parts: the widest x of one (rows of D: the
+     * compressors', the indexer's weights, the router; q_b's QL) */
+    int64_t f16w = c > 1 ? c * std::max<int64_t>(D, cf->q_lora_rank) : 0;
     /* the producers' codes (one-token steps, qat-q8) */
     int64_t p8_xn = a8 ? D : 0, p8_qr = a8 ? cf->q_lora_rank : 0, p8_ex = a8 ? k * F : 0, p8_sh = a8 ? Fs : 0;
     struct {
@@ -605,6 +622,10 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
         {(void **)&g->qr8.q, p8_qr}, {(void **)&g->qr8.d, p8_qr / 32 * 4}, {(void **)&g->qr8.s, p8_qr / 16 * 4},
         {(void **)&g->ex8.q, p8_ex}, {(void **)&g->ex8.d, p8_ex / 32 * 4}, {(void **)&g->ex8.s, p8_ex / 16 * 4},
         {(void **)&g->sh8.q, p8_sh}, {(void **)&g->sh8.d, p8_sh / 32 * 4}, {(void **)&g->sh8.s, p8_sh / 16 * 4},
+        {(void **)&g->f16.x[0].p, f16w * 6}, {(void **)&g->f16.x[0].inv, c * 4},
+        {(void **)&g->f16.x[1].p, f16w * 6}, {(void **)&g->f16.x[1].inv, c * 4},
+        {(void **)&g->f16.x[2].p, f16w * 6}, {(void **)&g->f16.x[2].inv, c * 4},
+        {(void **)&g->f16.x[3].p, f16w * 6}, {(void **)&g->f16.x[3].inv, c * 4},
     };
     for (auto &b : a) {
         cudaError_t e = cudaMalloc(b.p, (size_t)std::max<int64_t>(b.bytes, 4));
@@ -619,6 +640,11 @@ static int ensure_chunk(ds4_session *s, dsess *g, int64_t n, char *err, size_t e
     if (e != cudaSuccess) {
         free_chunk(g);
         return cuda_fail(e, "pinned ids", err, errlen);
+    }
+    const cudaStream_t f16_streams[F16X_STREAMS] = {g->st, g->kvs, g->cps, g->ixs};
+    for (int i = 0; i < F16X_STREAMS; i++) {
+        g->f16.st[i] = f16_streams[i];
+        g->f16.x[i].cap = f16w, g->f16.x[i].rows = c;
     }
     g->cap_n = c;
     return 0;
@@ -1046,6 +1072,26 @@ static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
  * the other modes; its a8_* buffers take each quantized product's x. */
 static dsess *g_act8 = NULL;
 
+/* The x-part buffers of the session whose forward is being enqueued
+ * (forward, product): chunk products of F16 rows (k_linear_f16s). */
+static f16x_bufs *g_f16x = NULL;
+
+static const f16x *f16x_for(cudaStream_t st) {
+    for (int i = 0; g_f16x && i < F16X_STREAMS; i++)
+        if (g_f16x->st[i] == st) return &g_f16x->x[i];
+    return NULL;
+}
+
+/* The x-part buffer of a chunk product k_linear_f16s takes on stream st,
+ * else NULL (DS4_CUDA_NO_F16S=1, read at each launch: k_linear_mma, for
+ * A/B and the tests). */
+static const f16x *f16s_buffer(cudaStream_t st, const lin_args &a, int n) {
+    const f16x *xp = f16x_for(st);
+    bool on = n > 1 && f16s_fits(a) && f16s_holds(xp, a, n) && !getenv("DS4_CUDA_NO_MMA") &&
+              !getenv("DS4_CUDA_NO_F16S");
+    return on ? xp : NULL;
+}
+
 /* Whether a product on t takes x as it is (no k_act8 forms, which are one
  * buffer a stream): every product outside qat-q8, float weights in it. */
 static bool plain_x(const ds4_tensor &t) {
@@ -1131,7 +1177,8 @@ static void launch_q8x(cudaStream_t st, dim3 grid, const lin_args &a) {
  * rows staged in shared memory (up to the 48 KB a launch gets without
  * opting in); the rest one token per row pass. Chunks: in qat-q8, int8
  * tiles (act8.cuh, act8_staged.cuh); F16 matrices of at most 32 rows (the
- * HC mixers) split over tokens only (mma_few_rows.cuh); other tensor-core
+ * HC mixers) split over tokens only (mma_few_rows.cuh), other F16 ones on
+ * fp16 tensor cores (mma_f16.cuh); other tensor-core
  * tiles (mma_linear.cuh), or 8 tokens a pass where a matrix's n_in does not
  * fit them. */
 static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
@@ -1162,6 +1209,8 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
     else if (slots == 1 && few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS"))
         launch_few_rows(st, a);
+    else if (const f16x *xp = f16s_buffer(st, a, n))
+        launch_f16s(st, a, n, slots, *xp);
     else if (mma_fits(a.w) && !getenv("DS4_CUDA_NO_MMA"))
         launch_mma(st, dim3(blocks_for(a.w.n_out, MM_BM),
                             mma_token_tiles(n, a.n_tok, slots, a.active != NULL), slots), a);
@@ -1188,12 +1237,18 @@ static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
 }
 
 /* nb products of one shape: weights w.data + b * bw bytes on x + b * bx into
- * y + b * by; one launch for a token, a product at a time for a chunk. */
+ * y + b * by; one launch for a token, a product at a time for a chunk (but
+ * F16 rows on one x: one k_linear_f16s launch). */
 static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const float *x, int64_t bx,
                            int64_t xs, int n, float *y, int64_t by, int64_t ys) {
     if (n == 1) {
         lin_args a = {w, 0, x, xs, y, ys, 1, NULL, NULL, NULL, bw, bx, by, 0, 0};
         launch_batch(st, a, nb);
+        return;
+    }
+    lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL, bw, bx, by, 0, 0};
+    if (const f16x *xp = f16s_buffer(st, a, n)) {
+        launch_f16s(st, a, n, nb, *xp);   /* F16 rows on one x: its parts once for all nb */
         return;
     }
     for (int b = 0; b < nb; b++) {
@@ -1693,6 +1748,7 @@ static int forward(ds4_session *s, int64_t n64, float *logits, int all_logits, c
     memcpy(g->hids, s->ids + s->n_tokens, (size_t)n * 4);
     g_pdl = g_pdl_device && n == 1;
     g_act8 = s->numerics == DS4_NUMERICS_QAT_Q8 ? g : NULL;
+    g_f16x = &g->f16;
     /* the hc_expand swaps leave X where it started: 2 per layer */
     if (n == 1 && logits && !getenv("DS4_CUDA_NO_GRAPH")) {
         /* decode: the whole step as one graph, captured on first use; it
@@ -1826,12 +1882,16 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int part
     CKG(cudaMalloc(&active, (size_t)E * 4), "experts");
     CKG(cudaMalloc(&offs, (size_t)(E + 1) * 4), "experts");
     CKG(cudaMalloc(&xrow, (size_t)n * 4), "experts");
+    CKG(cudaMalloc(&g.f16.x[0].p, (size_t)x_len * 6), "x parts");
+    CKG(cudaMalloc(&g.f16.x[0].inv, (size_t)n * 4), "x parts");
+    g.f16.st[0] = st, g.f16.x[0].cap = x_len, g.f16.x[0].rows = n;
     CKG(cudaMemcpy(dx, x, (size_t)x_len * 4, cudaMemcpyHostToDevice), "x");
     CKG(cudaMemcpy(active, h_active.data(), (size_t)E * 4, cudaMemcpyHostToDevice), "experts");
     CKG(cudaMemcpy(offs, h_offs.data(), (size_t)(E + 1) * 4, cudaMemcpyHostToDevice), "experts");
     CKG(cudaMemcpy(xrow, h_xrow.data(), (size_t)n * 4, cudaMemcpyHostToDevice), "experts");
     g_pdl = false;
     g_act8 = numerics == DS4_NUMERICS_QAT_Q8 ? &g : NULL;
+    g_f16x = &g.f16;
     if (w->n_dims == 3) {
         lin_args a = {dmat_of(*dev), dev->ne[1] * dev->row_bytes, dx, n_in, dy, n_out, n, active, offs, xrow,
                       0, 0, 0, 0, 0};
@@ -1845,13 +1905,14 @@ static int product(const ds4_model *m, const ds4_tensor *w, int expert, int part
         linear(st, dmat_of(*dev), dx, n_in, n, dy, n_out);
     }
     g_act8 = NULL;
+    g_f16x = NULL;
     CKG(cudaGetLastError(), "the product");
     CKG(cudaMemcpyAsync(y, dy, (size_t)(n * n_out) * 4, cudaMemcpyDeviceToHost, st), "y");
     CKG(cudaStreamSynchronize(st), "the product");
     rc = 0;
 out:
     for (void *p : {(void *)dx, (void *)dy, (void *)g.a8.xr, (void *)g.a8.q, (void *)g.a8.d, (void *)g.a8.s,
-                    (void *)active, (void *)offs, (void *)xrow})
+                    (void *)active, (void *)offs, (void *)xrow, (void *)g.f16.x[0].p, (void *)g.f16.x[0].inv})
         cudaFree(p);
     if (st) cudaStreamDestroy(st);
     return rc;

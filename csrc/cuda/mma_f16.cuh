@@ -1,0 +1,244 @@
+/* Chunk products of F16 rows on the fp16 tensor cores: y[t][r] = sum_k
+ * W[r][k] x[t][k] (the compressors', the indexer's and the router's
+ * matrices).
+ *
+ * F16 weights are exact fp16 operands, so they go from memory to the A tile
+ * untouched (k_linear_mma split every weight into two bf16 parts in every
+ * block: five bf16 products a 16-k step, and a decode a weight a block).
+ * x is float32: k_f16_parts writes it once a product as three fp16 parts of
+ * x times a power of two a token, h + m + l (33 significant bits), the
+ * power chosen so that the token's largest |x| lands in [2^13, 2^14): no
+ * part overflows, and what the parts leave out (fp16 subnormals' last bit)
+ * is under 2^-38 of that largest |x|, far below the float32 rounding of
+ * the sum. Every W x part product is then exact in the fp32 accumulators,
+ * each 16-k step's three products start from zero and go into the sum in
+ * fp32 (as k_linear_mma: the tensor cores' own adds truncate), and the
+ * token's 2^-e at the store is exact. Float32-grade, three products a
+ * 16-k step instead of five.
+ *
+ * k_linear_f16s: a block of BM rows (128: 8 warps of 32 rows x 32 tokens;
+ * 64: 32 x 16, for matrices of few rows) x 64 tokens walks k in stages of
+ * 64 brought by cp.async into double buffers (act8_staged.cuh's
+ * stage_turn), read by ldmatrix. */
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include "act8_staged.cuh"   /* stage_turn */
+#include "mma_linear.cuh"    /* MM_THREADS, ldsm_x4 helpers */
+
+#define F16S_BN 64
+#define F16S_BK 64   /* k a stage: a row's 128 bytes, eight 16-byte chunks */
+#define F16S_THREADS 256
+#define F16S_PARTS_THREADS 256
+
+/* x as k_f16_parts writes it: part q of row t at p + q * cap + t * n_in,
+ * and the row's 2^-e at inv[t]. */
+struct f16x {
+    __half *p;
+    float *inv;
+    int64_t cap, rows;   /* halves a part holds; rows inv holds */
+};
+
+/* The three parts of row blockIdx.x of x (n_in floats at x + t * xs; n_in
+ * and xs multiples of 4, x 16-byte aligned). */
+__global__ void __launch_bounds__(F16S_PARTS_THREADS) k_f16_parts(const float *x, int64_t xs, int n_in, f16x o) {
+    pdl_begin();
+    __shared__ float red[F16S_PARTS_THREADS / WARP];
+    const int t = blockIdx.x;
+    const float *row = x + (int64_t)t * xs;
+    float mx = 0.0f;
+    for (int k = 4 * threadIdx.x; k < n_in; k += 4 * F16S_PARTS_THREADS) {
+        float4 v = *(const float4 *)(row + k);
+        mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+    }
+    for (int o2 = WARP / 2; o2 > 0; o2 /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = mx;
+    __syncthreads();
+    mx = red[0];
+#pragma unroll
+    for (int w = 1; w < F16S_PARTS_THREADS / WARP; w++) mx = fmaxf(mx, red[w]);
+    /* scale 2^e with mx 2^e in [2^13, 2^14); zero, inf and NaN rows unscaled */
+    int e = 0;
+    if (mx > 0.0f && mx <= 3.4e38f) {
+        int E;
+        frexpf(mx, &E);   /* mx in [2^(E-1), 2^E) */
+        e = min(max(14 - E, -126), 126);
+    }
+    const float s = __int_as_float((127 + e) << 23);
+    if (threadIdx.x == 0) o.inv[t] = __int_as_float((127 - e) << 23);
+    __half *h = o.p + (int64_t)t * n_in, *m = h + o.cap, *l = m + o.cap;
+    for (int k = 4 * threadIdx.x; k < n_in; k += 4 * F16S_PARTS_THREADS) {
+        float4 v = *(const float4 *)(row + k);
+        float f[4] = {v.x * s, v.y * s, v.z * s, v.w * s};
+        __half hh[4], mm[4], ll[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            hh[i] = __float2half_rn(f[i]);
+            float r = f[i] - __half2float(hh[i]);   /* exact: a float's rounding error to fewer bits is a float */
+            mm[i] = __float2half_rn(r);
+            ll[i] = __float2half_rn(r - __half2float(mm[i]));
+        }
+        *(uint2 *)(h + k) = *(const uint2 *)hh;
+        *(uint2 *)(m + k) = *(const uint2 *)mm;
+        *(uint2 *)(l + k) = *(const uint2 *)ll;
+    }
+}
+
+__device__ __forceinline__ void mma_f16(float c[4], const uint32_t a[4], const uint32_t b0, const uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Byte offset of (row r, 16-byte chunk c) in a [rows][64] fp16 tile: chunk
+ * c ^ (r & 7), so each 8-row phase of an ldmatrix falls in distinct banks. */
+__device__ __forceinline__ uint32_t f16s_at(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+/* Dynamic shared memory of a block: two stages of [BM][64] weights and
+ * three [64][64] x parts. */
+template <int BM>
+__host__ __device__ constexpr uint32_t f16s_stage_bytes() { return BM * 128 + 3 * F16S_BN * 128; }
+
+/* Grid: (row tiles, token tiles, batch parts: a.bw, a.by on the one x).
+ * Plain mode only (no experts, no x row map). */
+template <int BM>
+__global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16x xp) {
+    static_assert(BM == 128 || BM == 64, "k_linear_f16s: 128- or 64-row tiles");
+    pdl_begin();
+    extern __shared__ __align__(16) uint8_t f16s_sh[];
+    constexpr int RW = BM / 32, J = RW;   /* warps along the rows; a warp's 8-token tiles */
+    constexpr uint32_t W_BYTES = BM * 128, STAGE = f16s_stage_bytes<BM>();
+    const uint32_t sh = (uint32_t)__cvta_generic_to_shared(f16s_sh);
+    int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
+    int g = lane / 4, tg = lane % 4;
+    int wm = warp % RW, wn = warp / RW;
+    int r0 = blockIdx.x * BM;
+    lin_block blk;
+    if (!lin_block_of(a, blockIdx.z, blk)) return;
+    const int n_in = a.w.n_in, nb = n_in / F16S_BK;
+
+    /* this thread's copies: chunk c16 of rows / tokens tid / 8 + 32 k (one
+     * swizzle for all: 32 k keeps r & 7) */
+    const int c16 = tid % 8, rr = tid / 8;
+    const uint32_t copy_at = f16s_at(rr, c16);
+    const uint8_t *wsrc = blk.w + 16 * c16;
+    const __half *xsrc = xp.p + 8 * c16;
+
+    /* ldmatrix offsets of lane l at k-step 0 (step s: ^ s << 5, chunk 2 s
+     * in the swizzle's XOR): A, rows l % 8 + 8 (l / 8 % 2), chunk l / 16
+     * (a0-a3: rows g, g + 8 of k 0-7, then of k 8-15); B, tokens l % 8 + 8
+     * (l / 16), chunk l / 8 % 2 (two n8 fragments' b0, b1). */
+    const uint32_t a_at = f16s_at(wm * 32 + lane % 8 + 8 * (lane / 8 % 2), lane / 16);
+    const uint32_t b_at = f16s_at(wn * 8 * J + lane % 8 + 8 * (lane / 16), lane / 8 % 2);
+
+    for (int t0 = blk.p0 + blockIdx.y * F16S_BN; t0 < blk.p1; t0 += gridDim.y * F16S_BN) {
+        /* stage b's copies into buffer u (rows and tokens past the end: a real one, unused) */
+        auto issue = [&](int b, int u) {
+            const uint32_t st = sh + u * STAGE;
+#pragma unroll
+            for (int k = 0; k < RW; k++) {
+                int r = min(r0 + rr + 32 * k, a.w.n_out - 1);
+                cp_async16_to(st + copy_at + k * (32 * 128), wsrc + (int64_t)r * a.w.row_bytes + 128 * b);
+            }
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const __half *xr = xsrc + (int64_t)min(t0 + rr + 32 * k, blk.p1 - 1) * n_in + F16S_BK * b;
+#pragma unroll
+                for (int q = 0; q < 3; q++)
+                    cp_async16_to(st + W_BYTES + q * (F16S_BN * 128) + copy_at + k * (32 * 128), xr + q * xp.cap);
+            }
+            asm volatile("cp.async.commit_group;" ::: "memory");
+        };
+
+        float acc[2][J][4];
+#pragma unroll
+        for (int i = 0; i < 2; i++)
+#pragma unroll
+            for (int j = 0; j < J; j++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+
+        __syncthreads();   /* the previous token tile's last reads */
+        issue(0, 0);
+        for (int b = 0; b < nb; b++) {
+            stage_turn(b, nb, issue);
+            const uint32_t at = sh + (b & 1) * STAGE, xt = at + W_BYTES;
+#pragma unroll
+            for (int s = 0; s < F16S_BK / 16; s++) {
+                uint32_t af[2][4];
+#pragma unroll
+                for (int i = 0; i < 2; i++) ldsm_x4_at(af[i], at + i * (16 * 128) + (a_at ^ (s << 5)));
+#pragma unroll
+                for (int jg = 0; jg < J / 2; jg++) {   /* 16 tokens: two n8 fragments of each part */
+                    uint32_t bf[3][4];
+#pragma unroll
+                    for (int q = 0; q < 3; q++)
+                        ldsm_x4_at(bf[q], xt + q * (F16S_BN * 128) + jg * (16 * 128) + (b_at ^ (s << 5)));
+#pragma unroll
+                    for (int jj = 0; jj < 2; jj++)
+#pragma unroll
+                        for (int i = 0; i < 2; i++) {
+                            float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};   /* smallest part first */
+#pragma unroll
+                            for (int q = 2; q >= 0; q--) mma_f16(t4, af[i], bf[q][2 * jj], bf[q][2 * jj + 1]);
+#pragma unroll
+                            for (int c = 0; c < 4; c++) acc[i][2 * jg + jj][c] += t4[c];
+                        }
+                }
+            }
+        }
+        /* C fragment: c0, c1 at (row g, tokens 2 tg, 2 tg + 1), c2, c3 at row g + 8 */
+#pragma unroll
+        for (int j = 0; j < J; j++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                int p = t0 + wn * 8 * J + j * 8 + 2 * tg + c;
+                if (p >= blk.p1) continue;
+                float back = xp.inv[p];
+#pragma unroll
+                for (int i = 0; i < 2; i++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        int r = r0 + wm * 32 + i * 16 + g + 8 * h;
+                        if (r < a.w.n_out) blk.y[(int64_t)p * a.ys + r] = acc[i][j][2 * h + c] * back;
+                    }
+            }
+    }
+}
+
+static bool g_f16s_ok = false;   /* both tile sizes got their shared memory (f16s_init) */
+
+static void f16s_init(void) {
+    g_f16s_ok = allow_shared(k_linear_f16s<128>, 2 * f16s_stage_bytes<128>()) &&
+                allow_shared(k_linear_f16s<64>, 2 * f16s_stage_bytes<64>());
+}
+
+/* Whether k_linear_f16s takes a chunk product: F16 rows of whole stages,
+ * plain mode on one x (x rows 16-byte aligned for k_f16_parts). */
+static inline bool f16s_fits(const lin_args &a) {
+    return g_f16s_ok && a.w.type == DS4_TYPE_F16 && !a.active && !a.xrow && a.bx == 0 &&
+           a.w.n_in % F16S_BK == 0 && a.w.row_bytes % 16 == 0 && a.xs % 4 == 0 && ((uintptr_t)a.x & 15) == 0;
+}
+
+/* Whether xp holds n rows of x for a (xp NULL: the stream has no buffer). */
+static inline bool f16s_holds(const f16x *xp, const lin_args &a, int n) {
+    return xp && n <= xp->rows && (int64_t)n * a.w.n_in <= xp->cap;
+}
+
+/* x's parts into xp, then the product over `parts` batch parts; 64-row
+ * tiles where 128-row ones would fill under half the GPU's two blocks an
+ * SM (as launch_mma_float). */
+static void launch_f16s(cudaStream_t st, const lin_args &a, int n, int parts, const f16x &xp) {
+    launch_k(k_f16_parts, dim3(n), F16S_PARTS_THREADS, 0, st, a.x, a.xs, a.w.n_in, xp);
+    static const int fill = gpu_fill(k_linear_f16s<128>, F16S_THREADS, 2 * f16s_stage_bytes<128>());
+    unsigned tiles = (unsigned)((n + F16S_BN - 1) / F16S_BN);
+    dim3 g128((unsigned)((a.w.n_out + 127) / 128), tiles, parts);
+    if (2 * (int64_t)g128.x * g128.y * g128.z > fill) {
+        launch_k(k_linear_f16s<128>, g128, F16S_THREADS, 2 * f16s_stage_bytes<128>(), st, a, xp);
+    } else {
+        dim3 g64((unsigned)((a.w.n_out + 63) / 64), tiles, parts);
+        launch_k(k_linear_f16s<64>, g64, F16S_THREADS, 2 * f16s_stage_bytes<64>(), st, a, xp);
+    }
+}
