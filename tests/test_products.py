@@ -9,6 +9,8 @@ difference grows through the layers (the CPU engine's own scalar and SIMD
 kernels give logits 38-52% apart in qat-q8), so whole-model comparisons
 cannot tell a kernel error from that. A single product, on the same x bits,
 rounds identically on both sides and must agree to float32 accumulation."""
+import functools
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
@@ -63,9 +65,11 @@ def act8_reference(x, gguf_type):
     return (blocks[:, 4:260].copy().view(np.int8).astype(np.float32) * d).reshape(x.shape)
 
 
-def weight_type(path, name):
+@functools.lru_cache(maxsize=4)
+def weight_types(path):
+    """Each tensor's type in the file (read once: a reader parses the whole file)."""
     from gguf import GGUFReader
-    return next(t.tensor_type for t in GGUFReader(str(path)).tensors if t.name == name)
+    return {t.name: t.tensor_type for t in GGUFReader(str(path)).tensors}
 
 
 def check_products(model, path, n, numerics):
@@ -85,7 +89,7 @@ def check_products(model, path, n, numerics):
                                    ffi.from_buffer("float[]", x), n, ffi.from_buffer("float[]", y),
                                    err, len(err))
         assert rc == 0, ffi.string(err).decode()
-        wtype = weight_type(path, tensor)
+        wtype = weight_types(path)[tensor]
         rounds = numerics != "exact" and wtype != GGMLQuantizationType.F16   # qat-q8 rounds no F16 product's x
         xin = act8_reference(x, wtype) if rounds else x
         xin = xin.astype(np.float64).reshape(n, x_parts, n_in)

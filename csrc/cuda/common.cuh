@@ -132,13 +132,18 @@ static void launch_k(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t shm
 
 /* Blocks of `kernel` at `threads` and `shm` bytes that the GPU holds at once
  * (the grids of one-token kernels whose blocks stride over their work). */
-template <typename K>
-static int gpu_fill(K kernel, int threads, size_t shm) {
-    int dev = 0, sms = 0, per_sm = 0;
+static int gpu_sms(void) {
+    int dev = 0, sms = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    return sms;
+}
+
+template <typename K>
+static int gpu_fill(K kernel, int threads, size_t shm) {
+    int per_sm = 0;
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shm);
-    return sms * (per_sm > 0 ? per_sm : 1);
+    return gpu_sms() * (per_sm > 0 ? per_sm : 1);
 }
 
 /* Shared memory a block may have on this GPU (its opt-in maximum: 227 KB

@@ -102,13 +102,19 @@ template <int BM>
 __host__ __device__ constexpr uint32_t f16s_stage_bytes() { return BM * 128 + 3 * F16S_BN * 128; }
 
 /* Grid: (row tiles, token tiles, batch parts: a.bw, a.by on the one x).
- * Plain mode only (no experts, no x row map). */
+ * Plain mode only (no experts, no x row map).
+ * A warp's tile: BM 256, 64 rows x 32 tokens; 128, 32 x 32; 64, 32 x 16.
+ * Shared-memory reads bound these products before the tensor cores do:
+ * a 16-k step reads a warp's rows once and its tokens' three parts, 32 x
+ * 32 bytes each, for 3 (rows / 16) (tokens / 8) products, so 64 x 32
+ * reads 107 bytes a product where 32 x 32 reads 171. */
 template <int BM>
 __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16x xp) {
-    static_assert(BM == 128 || BM == 64, "k_linear_f16s: 128- or 64-row tiles");
+    static_assert(BM == 256 || BM == 128 || BM == 64, "k_linear_f16s: 256-, 128- or 64-row tiles");
     pdl_begin();
     extern __shared__ __align__(16) uint8_t f16s_sh[];
-    constexpr int RW = BM / 32, J = RW;   /* warps along the rows; a warp's 8-token tiles */
+    constexpr int WR = BM == 256 ? 64 : 32, I = WR / 16;   /* a warp's rows; its 16-row tiles */
+    constexpr int RW = BM / WR, J = 64 / (8 / RW) / 8;     /* warps along the rows; a warp's 8-token tiles */
     constexpr uint32_t W_BYTES = BM * 128, STAGE = f16s_stage_bytes<BM>();
     const uint32_t sh = (uint32_t)__cvta_generic_to_shared(f16s_sh);
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
@@ -130,7 +136,7 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
      * in the swizzle's XOR): A, rows l % 8 + 8 (l / 8 % 2), chunk l / 16
      * (a0-a3: rows g, g + 8 of k 0-7, then of k 8-15); B, tokens l % 8 + 8
      * (l / 16), chunk l / 8 % 2 (two n8 fragments' b0, b1). */
-    const uint32_t a_at = f16s_at(wm * 32 + lane % 8 + 8 * (lane / 8 % 2), lane / 16);
+    const uint32_t a_at = f16s_at(wm * WR + lane % 8 + 8 * (lane / 8 % 2), lane / 16);
     const uint32_t b_at = f16s_at(wn * 8 * J + lane % 8 + 8 * (lane / 16), lane / 8 % 2);
 
     for (int t0 = blk.p0 + blockIdx.y * F16S_BN; t0 < blk.p1; t0 += gridDim.y * F16S_BN) {
@@ -138,7 +144,7 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
         auto issue = [&](int b, int u) {
             const uint32_t st = sh + u * STAGE;
 #pragma unroll
-            for (int k = 0; k < RW; k++) {
+            for (int k = 0; k < BM / 32; k++) {
                 int r = min(r0 + rr + 32 * k, a.w.n_out - 1);
                 cp_async16_to(st + copy_at + k * (32 * 128), wsrc + (int64_t)r * a.w.row_bytes + 128 * b);
             }
@@ -152,9 +158,9 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
 
-        float acc[2][J][4];
+        float acc[I][J][4];
 #pragma unroll
-        for (int i = 0; i < 2; i++)
+        for (int i = 0; i < I; i++)
 #pragma unroll
             for (int j = 0; j < J; j++)
 #pragma unroll
@@ -167,9 +173,9 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
             const uint32_t at = sh + (b & 1) * STAGE, xt = at + W_BYTES;
 #pragma unroll
             for (int s = 0; s < F16S_BK / 16; s++) {
-                uint32_t af[2][4];
+                uint32_t af[I][4];
 #pragma unroll
-                for (int i = 0; i < 2; i++) ldsm_x4_at(af[i], at + i * (16 * 128) + (a_at ^ (s << 5)));
+                for (int i = 0; i < I; i++) ldsm_x4_at(af[i], at + i * (16 * 128) + (a_at ^ (s << 5)));
 #pragma unroll
                 for (int jg = 0; jg < J / 2; jg++) {   /* 16 tokens: two n8 fragments of each part */
                     uint32_t bf[3][4];
@@ -179,7 +185,7 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
 #pragma unroll
                     for (int jj = 0; jj < 2; jj++)
 #pragma unroll
-                        for (int i = 0; i < 2; i++) {
+                        for (int i = 0; i < I; i++) {
                             float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};   /* smallest part first */
 #pragma unroll
                             for (int q = 2; q >= 0; q--) mma_f16(t4, af[i], bf[q][2 * jj], bf[q][2 * jj + 1]);
@@ -198,21 +204,24 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
                 if (p >= blk.p1) continue;
                 float back = xp.inv[p];
 #pragma unroll
-                for (int i = 0; i < 2; i++)
+                for (int i = 0; i < I; i++)
 #pragma unroll
                     for (int h = 0; h < 2; h++) {
-                        int r = r0 + wm * 32 + i * 16 + g + 8 * h;
+                        int r = r0 + wm * WR + i * 16 + g + 8 * h;
                         if (r < a.w.n_out) blk.y[(int64_t)p * a.ys + r] = acc[i][j][2 * h + c] * back;
                     }
             }
     }
 }
 
-static bool g_f16s_ok = false;   /* both tile sizes got their shared memory (f16s_init) */
+/* The tiles that got their shared memory (f16s_init): 128 and 64 (else
+ * no k_linear_f16s), 256 (112 KB a block: not on a GPU of 99 KB). */
+static bool g_f16s_ok = false, g_f16s256_ok = false;
 
 static void f16s_init(void) {
     g_f16s_ok = allow_shared(k_linear_f16s<128>, 2 * f16s_stage_bytes<128>()) &&
                 allow_shared(k_linear_f16s<64>, 2 * f16s_stage_bytes<64>());
+    g_f16s256_ok = g_f16s_ok && allow_shared(k_linear_f16s<256>, 2 * f16s_stage_bytes<256>());
 }
 
 /* Whether k_linear_f16s takes a chunk product: F16 rows of whole stages,
@@ -227,18 +236,28 @@ static inline bool f16s_holds(const f16x *xp, const lin_args &a, int n) {
     return xp && n <= xp->rows && (int64_t)n * a.w.n_in <= xp->cap;
 }
 
-/* x's parts into xp, then the product over `parts` batch parts; 64-row
- * tiles where 128-row ones would fill under half the GPU's two blocks an
- * SM (as launch_mma_float). */
+template <int BM>
+static void launch_f16s_tile(cudaStream_t st, const lin_args &a, dim3 grid, const f16x &xp) {
+    launch_k(k_linear_f16s<BM>, grid, F16S_THREADS, 2 * f16s_stage_bytes<BM>(), st, a, xp);
+}
+
+/* x's parts into xp, then the product over `parts` batch parts, on the
+ * largest tile whose grid gives every SM a block (the fewer shared-memory
+ * reads a product), else 64-row tiles. DS4_CUDA_F16S_TILE=256, 128 or 64
+ * (read at each launch) takes that tile whatever the grid, for A/B and the
+ * tests: each output's products and sums are the same on every tile, so
+ * the same bits. */
 static void launch_f16s(cudaStream_t st, const lin_args &a, int n, int parts, const f16x &xp) {
     launch_k(k_f16_parts, dim3(n), F16S_PARTS_THREADS, 0, st, a.x, a.xs, a.w.n_in, xp);
-    static const int fill = gpu_fill(k_linear_f16s<128>, F16S_THREADS, 2 * f16s_stage_bytes<128>());
+    static const int sms = gpu_sms();
+    const char *force = getenv("DS4_CUDA_F16S_TILE");
+    int bm = force ? atoi(force) : 0;
     unsigned tiles = (unsigned)((n + F16S_BN - 1) / F16S_BN);
-    dim3 g128((unsigned)((a.w.n_out + 127) / 128), tiles, parts);
-    if (2 * (int64_t)g128.x * g128.y * g128.z > fill) {
-        launch_k(k_linear_f16s<128>, g128, F16S_THREADS, 2 * f16s_stage_bytes<128>(), st, a, xp);
-    } else {
-        dim3 g64((unsigned)((a.w.n_out + 63) / 64), tiles, parts);
-        launch_k(k_linear_f16s<64>, g64, F16S_THREADS, 2 * f16s_stage_bytes<64>(), st, a, xp);
-    }
+    auto grid = [&](int rows) { return dim3((unsigned)((a.w.n_out + rows - 1) / rows), tiles, parts); };
+    auto fills = [&](int rows) { dim3 g = grid(rows); return (int64_t)g.x * g.y * g.z >= sms; };
+    if (bm != 256 && bm != 128 && bm != 64) bm = g_f16s256_ok && fills(256) ? 256 : fills(128) ? 128 : 64;
+    if (bm == 256 && !g_f16s256_ok) bm = 128;
+    if (bm == 256) launch_f16s_tile<256>(st, a, grid(256), xp);
+    else if (bm == 128) launch_f16s_tile<128>(st, a, grid(128), xp);
+    else launch_f16s_tile<64>(st, a, grid(64), xp);
 }
