@@ -243,7 +243,9 @@ static void launch_f16s_tile(cudaStream_t st, const lin_args &a, dim3 grid, cons
 
 /* x's parts into xp, then the product over `parts` batch parts, on the
  * largest tile whose grid gives every SM a block (the fewer shared-memory
- * reads a product), else 64-row tiles. DS4_CUDA_F16S_TILE=256, 128 or 64
+ * reads a product), else 64-row tiles where they make more blocks than
+ * 128-row ones (not for 64 rows: the indexer's weights, 3.15 ms a 2K chunk
+ * on 128-row tiles, 3.91 on 64). DS4_CUDA_F16S_TILE=256, 128 or 64
  * (read at each launch) takes that tile whatever the grid, for A/B and the
  * tests: each output's products and sums are the same on every tile, so
  * the same bits. */
@@ -254,8 +256,9 @@ static void launch_f16s(cudaStream_t st, const lin_args &a, int n, int parts, co
     int bm = force ? atoi(force) : 0;
     unsigned tiles = (unsigned)((n + F16S_BN - 1) / F16S_BN);
     auto grid = [&](int rows) { return dim3((unsigned)((a.w.n_out + rows - 1) / rows), tiles, parts); };
-    auto fills = [&](int rows) { dim3 g = grid(rows); return (int64_t)g.x * g.y * g.z >= sms; };
-    if (bm != 256 && bm != 128 && bm != 64) bm = g_f16s256_ok && fills(256) ? 256 : fills(128) ? 128 : 64;
+    auto blocks = [&](int rows) { dim3 g = grid(rows); return (int64_t)g.x * g.y * g.z; };
+    if (bm != 256 && bm != 128 && bm != 64)
+        bm = g_f16s256_ok && blocks(256) >= sms ? 256 : blocks(128) >= sms || blocks(64) == blocks(128) ? 128 : 64;
     if (bm == 256 && !g_f16s256_ok) bm = 128;
     if (bm == 256) launch_f16s_tile<256>(st, a, grid(256), xp);
     else if (bm == 128) launch_f16s_tile<128>(st, a, grid(128), xp);
