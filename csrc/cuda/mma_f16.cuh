@@ -225,10 +225,12 @@ static void f16s_init(void) {
 }
 
 /* Whether k_linear_f16s takes a chunk product: F16 rows of whole stages,
- * plain mode on one x (x rows 16-byte aligned for k_f16_parts). */
+ * 16-byte aligned for the copies, plain mode on one x (x rows 16-byte
+ * aligned for k_f16_parts). */
 static inline bool f16s_fits(const lin_args &a) {
     return g_f16s_ok && a.w.type == DS4_TYPE_F16 && !a.active && !a.xrow && a.bx == 0 &&
-           a.w.n_in % F16S_BK == 0 && a.w.row_bytes % 16 == 0 && a.xs % 4 == 0 && ((uintptr_t)a.x & 15) == 0;
+           a.w.n_in % F16S_BK == 0 && a.w.row_bytes % 16 == 0 && ((uintptr_t)a.w.data & 15) == 0 &&
+           a.bw % 16 == 0 && a.xs % 4 == 0 && ((uintptr_t)a.x & 15) == 0;
 }
 
 /* Whether xp holds n rows of x for a (xp NULL: the stream has no buffer). */
