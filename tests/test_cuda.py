@@ -183,7 +183,7 @@ def test_cuda_decode_attention_on_tensor_cores_matches_k_attention(name, request
 @pytest.mark.gpu
 @pytest.mark.parametrize("switch", ["DS4_CUDA_NO_ATTNFORK", "DS4_CUDA_NO_Q8CHUNKFORK", "DS4_CUDA_NO_TOKSKIP",
                                     "DS4_CUDA_NO_MMA64", "DS4_CUDA_IDX_3XTF32", "DS4_CUDA_F16S_TILE=256",
-                                    "DS4_CUDA_F16S_TILE=128", "DS4_CUDA_NO_STREAM_PRIORITY"])
+                                    "DS4_CUDA_F16S_TILE=128"])
 @pytest.mark.parametrize("name", ["mid_q2", "wide_q2"])
 def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatch):
     """The attention's compressor and indexer products on streams of their
@@ -191,10 +191,9 @@ def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatc
     chunk's routed products skipping a tile's token fragments past its last
     token, float rows' chunk products in 64-row tiles, the qat modes'
     indexer scores in one tf32 product (their FP4 operands exact in tf32),
-    F16 chunk products on k_linear_f16s's 256- or 128-row tiles (the
-    models' small grids take 64), and the main stream's priority over the
-    others change no arithmetic: each switch (VAR or VAR=value, read at
-    each enqueue or session start, so a new session and its graph take it)
+    and F16 chunk products on k_linear_f16s's 256- or 128-row tiles (the
+    models' small grids take 64) change no arithmetic: each switch (VAR or
+    VAR=value, read at each enqueue, so a new session's graph takes it)
     restores the launches before, and a prompt and eight steps then give
     the same logits, bit for bit, in every numeric mode."""
     switch, _, value = switch.partition("=")

@@ -774,16 +774,7 @@ static int session_init(ds4_session *s, char *err, size_t errlen) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    /* The main stream at the device's greatest priority, the others at the
-     * default (its least): where SMs come free, the main stream's next
-     * kernel's blocks go first, and the streams beside it fill what the
-     * main one leaves (a chunk's compressor and indexer products held SMs
-     * that its next kernel waited for). DS4_CUDA_NO_STREAM_PRIORITY=1 (read
-     * at a session's start): all at the default, for A/B. */
-    int least = 0, greatest = 0;
-    CK(cudaDeviceGetStreamPriorityRange(&least, &greatest), "stream priorities");
-    int main_priority = getenv("DS4_CUDA_NO_STREAM_PRIORITY") ? least : greatest;
-    CK(cudaStreamCreateWithPriority(&g->st, cudaStreamNonBlocking, main_priority), "stream");
+    CK(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->side, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->kvs, cudaStreamNonBlocking), "stream");
     CK(cudaStreamCreateWithFlags(&g->hcs, cudaStreamNonBlocking), "stream");
