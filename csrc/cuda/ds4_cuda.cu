@@ -439,6 +439,10 @@ struct f16x_bufs {
     f16x x[F16X_STREAMS];
 };
 
+/* Those of the session whose forward is being enqueued (forward, product;
+ * NULL once it is freed). */
+static f16x_bufs *g_f16x = NULL;
+
 struct dsess {
     cudaStream_t st;
     /* beside the main stream: the HC controllers' Sinkhorn, forked after the
@@ -667,6 +671,7 @@ static int ensure_logits(const ds4_config *cf, dsess *g, int64_t rows, char *err
 static void session_free(ds4_session *s) {
     dsess *g = (dsess *)s->backend_state;
     if (!g) return;
+    if (g_f16x == &g->f16) g_f16x = NULL;
     free_chunk(g);
     cudaFree(g->logits);
     cudaFreeHost(g->hlogits);
@@ -1072,10 +1077,6 @@ static void launch_q8_mma1(cudaStream_t st, const lin_args &a, int parts) {
  * the other modes; its a8_* buffers take each quantized product's x. */
 static dsess *g_act8 = NULL;
 
-/* The x-part buffers of the session whose forward is being enqueued
- * (forward, product): chunk products of F16 rows (k_linear_f16s). */
-static f16x_bufs *g_f16x = NULL;
-
 static const f16x *f16x_for(cudaStream_t st) {
     for (int i = 0; g_f16x && i < F16X_STREAMS; i++)
         if (g_f16x->st[i] == st) return &g_f16x->x[i];
@@ -1086,9 +1087,9 @@ static const f16x *f16x_for(cudaStream_t st) {
  * else NULL (DS4_CUDA_NO_F16S=1, read at each launch: k_linear_mma, for
  * A/B and the tests). */
 static const f16x *f16s_buffer(cudaStream_t st, const lin_args &a, int n) {
+    if (n <= 1 || !f16s_fits(a)) return NULL;   /* one-token steps (graphs) never look */
     const f16x *xp = f16x_for(st);
-    bool on = n > 1 && f16s_fits(a) && f16s_holds(xp, a, n) && !getenv("DS4_CUDA_NO_MMA") &&
-              !getenv("DS4_CUDA_NO_F16S");
+    bool on = f16s_holds(xp, a, n) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_F16S");
     return on ? xp : NULL;
 }
 
