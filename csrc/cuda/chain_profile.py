@@ -12,8 +12,9 @@ launch out (wip/ablate) gives only sums; this gives each kernel's place.
 
 --chunk N traces one prefill chunk of N tokens after ctx tokens instead: its
 kernels are large and mostly one after another, so it prints the wall and each
-kernel's summed duration (by name and launch shape), and the chunk attention by
-layer kind. With --from-trace, --chunk N reads such a trace (N its tokens).
+kernel's summed duration (by name and launch shape), each stream's busy time and
+gaps (a kernel waiting for SMs that another stream's blocks hold shows as a gap
+of the main stream), and the chunk attention by layer kind. With --from-trace, --chunk N reads such a trace (N its tokens).
 
 With PDL a kernel is launched while its predecessor runs and waits inside, so
 its start and duration say little; its end is what counts. Printed:
@@ -185,11 +186,19 @@ def chunk_report(trace, n_tokens):
     print("\n     ms   % wall  calls  kernel grid block")
     for key, (d, c) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
         print(f"{d / 1000:7.2f} {100 * d / wall:6.1f}% {c:6d}  {key}")
+    streams = collections.defaultdict(list)
+    for e in kernels:
+        streams[e.get("tid")].append(e)
+    print("\nby stream (the busiest first):  kernels  busy ms  first start to last end ms  gaps ms")
+    for tid, ks in sorted(streams.items(), key=lambda kv: -sum(e["dur"] for e in kv[1])):
+        busy_s = sum(e["dur"] for e in ks)
+        span = max(e["ts"] + e["dur"] for e in ks) - ks[0]["ts"]
+        print(f"  stream {tid!s:>6} {len(ks):8d} {busy_s / 1000:8.1f} {span / 1000:28.1f} {(span - busy_s) / 1000:8.1f}")
     # the chunk attention launches once a layer, in layer order; Flash's
     # layers by their compress ratio (0: the window only; 4: with the indexer)
     from ds4.testing import ModelConfig
     ratios = ModelConfig.flash().compress_ratios
-    attn = [e for e in kernels if short(e["name"]).startswith("k_attention_tc")]
+    attn = [e for e in kernels if short(e["name"]).startswith(("k_attention_tc", "k_attention_bf16"))]
     if len(attn) == len(ratios):
         kinds = collections.defaultdict(list)
         note = {0: " (window only)", 4: " (indexer)"}
