@@ -192,7 +192,7 @@ def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatc
     token, float rows' chunk products in 64-row tiles, the qat modes'
     indexer scores in one tf32 product (their FP4 operands exact in tf32),
     and F16 chunk products on k_linear_f16s's 256- or 128-row tiles (the
-    models' small grids take 64) change no arithmetic: each switch (VAR or
+    models' small grids take 64, or 128 for 64 rows) change no arithmetic: each switch (VAR or
     VAR=value, read at each enqueue, so a new session's graph takes it)
     restores the launches before, and a prompt and eight steps then give
     the same logits, bit for bit, in every numeric mode."""

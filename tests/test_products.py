@@ -46,9 +46,10 @@ MATRICES = [(0, "attn_q_a", "blk.0.attn_q_a.weight", 0, 1, False),
             (2, "ffn_down_exps", "blk.2.ffn_down_exps.weight", 5, 1, False),
             (1, "attn_output_a", "blk.1.attn_output_a.weight", 0, 4, False),
             (2, "attn_q_b", "blk.2.attn_q_b.weight", 0, 2, True),
-            # F16: the compressor's kv rows, the indexer's queries (x of
-            # q_lora_rank), the indexer compressor's 64 rows (a 64-row tile),
-            # and the compressor's kv rows as a pair on one x
+            # F16 (k_linear_f16s on the GPU): the compressor's kv rows and the
+            # indexer's queries (x of q_lora_rank) on 64-row tiles, the indexer
+            # compressor's 64 rows on a 128-row tile (rows past the end), and
+            # the compressor's kv rows as a pair on one x
             (4, "comp_kv", "blk.4.attn_compressor_kv.weight", 0, 1, False),
             (4, "idx_q_b", "blk.4.indexer.attn_q_b.weight", 0, 1, False),
             (4, "idx_comp_kv", "blk.4.indexer_compressor_kv.weight", 0, 1, False),
