@@ -140,3 +140,38 @@ def test_product_in_parts_that_do_not_divide_the_rows_is_a_clear_error(tiny_q2):
         assert lib.ds4_model_product(m._m, 0, b"attn_q_a", 0, parts, 1, 0, ffi.from_buffer("float[]", x), 1,
                                      ffi.from_buffer("float[]", y), err, len(err)) == -1
         assert f"{parts} parts of {m.config.q_lora_rank} rows" in ffi.string(err).decode()
+
+
+def check_f16_tokens_at_extreme_scales(model, path):
+    """An F16 matrix's chunk product (70 tokens) on tokens of 1e-30 and 1e30, a
+    zero token and one with an infinite element: k_linear_f16s scales each
+    token by its own power of two, so every finite token keeps float32's
+    relative precision, a zero token gives exact zeros, and an infinite element
+    gives +-inf (NaN under a zero weight), as float64 does."""
+    tensor = "blk.4.attn_compressor_kv.weight"
+    w = read_dequantized(path, [tensor])[tensor].astype(np.float64)
+    n_out, n_in = w.shape
+    scales = np.resize([1e-30, 1e30, 1.0, 0.0, 1.0], 70)
+    x = (np.random.default_rng(5).standard_normal((70, n_in)) * scales[:, None]).astype(np.float32)
+    x[4, 7] = np.inf
+    y = np.empty((70, n_out), dtype=np.float32)
+    err = ffi.new("char[256]")
+    rc = lib.ds4_model_product(model._m, 4, b"comp_kv", 0, 1, 0, NUMERICS["exact"], ffi.from_buffer("float[]", x),
+                               70, ffi.from_buffer("float[]", y), err, len(err))
+    assert rc == 0, ffi.string(err).decode()
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(np.float64) @ w.T
+    zero, inf_row = scales == 0, 4
+    finite = ~zero
+    finite[inf_row] = False
+    rel = np.abs(y[finite] - ref[finite]).max(axis=1) / np.abs(ref[finite]).max(axis=1)
+    print(f"\n{model.backend} F16 product, tokens of 1e-30 .. 1e30: max rel {rel.max():.2e}")
+    assert rel.max() <= REL_TOL
+    assert (y[zero] == 0).all()
+    assert np.array_equal(np.isnan(y[inf_row]), np.isnan(ref[inf_row]))
+    assert np.array_equal(y[inf_row][np.isinf(ref[inf_row])], ref[inf_row][np.isinf(ref[inf_row])])
+
+
+def test_cpu_f16_product_of_tokens_at_extreme_scales(wide_q2):
+    with ds4.load(wide_q2, backend="cpu", ctx=64) as m:
+        check_f16_tokens_at_extreme_scales(m, wide_q2)
