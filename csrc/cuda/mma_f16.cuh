@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(F16S_PARTS_THREADS) k_f16_parts(const float *x
         float4 v = *(const float4 *)(row + k);
         mx = fmaxf(mx, fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
     }
-    for (int o2 = WARP / 2; o2 > 0; o2 /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o2));
+    mx = warp_max(mx);
     if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = mx;
     __syncthreads();
     mx = red[0];
