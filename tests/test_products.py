@@ -175,3 +175,9 @@ def check_f16_tokens_at_extreme_scales(model, path):
 def test_cpu_f16_product_of_tokens_at_extreme_scales(wide_q2):
     with ds4.load(wide_q2, backend="cpu", ctx=64) as m:
         check_f16_tokens_at_extreme_scales(m, wide_q2)
+
+
+@pytest.mark.gpu
+def test_cuda_f16_product_of_tokens_at_extreme_scales(wide_q2):
+    from test_cuda import _cuda_model
+    check_f16_tokens_at_extreme_scales(_cuda_model(wide_q2, 64), wide_q2)

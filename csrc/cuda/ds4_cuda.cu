@@ -1238,8 +1238,8 @@ static void launch_batch(cudaStream_t st, const lin_args &a0, int nb) {
 }
 
 /* nb products of one shape: weights w.data + b * bw bytes on x + b * bx into
- * y + b * by; one launch for a token, a product at a time for a chunk (but
- * F16 rows on one x: one k_linear_f16s launch). */
+ * y + b * by; one launch for a token, or for a chunk on one x (bx 0: a
+ * pair's), else a product at a time. */
 static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const float *x, int64_t bx,
                            int64_t xs, int n, float *y, int64_t by, int64_t ys) {
     if (n == 1) {
@@ -1247,9 +1247,9 @@ static void linear_batched(cudaStream_t st, dmat w, int nb, int64_t bw, const fl
         launch_batch(st, a, nb);
         return;
     }
-    lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL, bw, bx, by, 0, 0};
-    if (const f16x *xp = f16s_buffer(st, a, n)) {
-        launch_f16s(st, a, n, nb, *xp);   /* F16 rows on one x: its parts once for all nb */
+    if (!bx) {   /* one x: one launch over the nb matrices, x rounded (qat-q8) or split (F16) once */
+        lin_args a = {w, 0, x, xs, y, ys, n, NULL, NULL, NULL, bw, 0, by, 0, 0};
+        run_linear(st, a, n, nb);
         return;
     }
     for (int b = 0; b < nb; b++) {

@@ -74,7 +74,10 @@ __global__ void __launch_bounds__(F16S_PARTS_THREADS) k_f16_parts(const float *x
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             hh[i] = __float2half_rn(f[i]);
-            float r = f[i] - __half2float(hh[i]);   /* exact: a float's rounding error to fewer bits is a float */
+            const float hf = __half2float(hh[i]);
+            /* exact: a float's rounding error to fewer bits is a float; an
+             * infinite x all in h (inf - inf would make the rest NaN) */
+            float r = isinf(hf) ? 0.0f : f[i] - hf;
             mm[i] = __float2half_rn(r);
             ll[i] = __float2half_rn(r - __half2float(mm[i]));
         }
