@@ -66,30 +66,23 @@ __device__ __forceinline__ void ldsm_x4_trans_at(uint32_t *r, uint32_t at) {
                  : "r"(at));
 }
 
-/* d0 += A B0 and d1 += A B1 for A in three bf16 parts ([0] hi, [1] mid,
- * [2] lo) and two B tiles' hi parts (b: b0, b1 of tile 0, then of tile 1),
- * the two chains in turn so that each product waits out the other's
- * latency, small products first. */
-__device__ __forceinline__ void mma_bf16_hi_x2(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[3][4],
-                                               const uint32_t (&b)[4]) {
-#pragma unroll
-    for (int k = 2; k >= 0; k--) {
-        mma_bf16(d0, a[k], &b[0]);
-        mma_bf16(d1, a[k], &b[2]);
-    }
+/* d += A B for A and B in three bf16 parts each ([0] hi, [1] mid, [2] lo;
+ * b[k]: part k's fragment pair), the products down to 2^-16 of hi hi,
+ * small ones first. */
+__device__ __forceinline__ void mma_bf16_6(float (&d)[4], const uint32_t (&a)[3][4], const uint32_t (&b)[3][2]) {
+    mma_bf16(d, a[1], b[1]);
+    mma_bf16(d, a[2], b[0]);
+    mma_bf16(d, a[0], b[2]);
+    mma_bf16(d, a[1], b[0]);
+    mma_bf16(d, a[0], b[1]);
+    mma_bf16(d, a[0], b[0]);
 }
 
-/* The products a split dim adds before those (bm, bl: B's mid and lo parts,
- * two tiles each as b above): A's mid against B's mid, A's hi against B's
- * lo and mid; with the three above, every product down to 2^-16 of hi hi. */
-__device__ __forceinline__ void mma_bf16_split_x2(float (&d0)[4], float (&d1)[4], const uint32_t (&a)[3][4],
-                                                  const uint32_t (&bm)[4], const uint32_t (&bl)[4]) {
-    mma_bf16(d0, a[1], &bm[0]);
-    mma_bf16(d1, a[1], &bm[2]);
-    mma_bf16(d0, a[0], &bl[0]);
-    mma_bf16(d1, a[0], &bl[2]);
-    mma_bf16(d0, a[0], &bm[0]);
-    mma_bf16(d1, a[0], &bm[2]);
+/* d += A B for A in three parts and B exact in bf16 */
+__device__ __forceinline__ void mma_bf16_3(float (&d)[4], const uint32_t (&a)[3][4], const uint32_t (&b)[2]) {
+    mma_bf16(d, a[2], b);
+    mma_bf16(d, a[1], b);
+    mma_bf16(d, a[0], b);
 }
 
 /* Key rows into the bf16 view: row first + b (blocks b; modulo cap where
@@ -136,15 +129,10 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
     const int n_keys = (int)keys.n_keys, n_raw = (int)keys.n_raw;   /* < 2^31: 32-bit index registers */
     const uint32_t tiles_at = (uint32_t)__cvta_generic_to_shared(tcb_sh);
 
-    /* key k's view row (past the last: the last, its weight 0); the window's
-     * slots from its first one's, wrapping at most once (n_raw <= the ring) */
-    const int64_t raw0 = keys.raw_first % a.cap_raw;
+    /* key k's view row (past the last: the last, its weight 0) */
     auto key_at = [&](int k) -> const uint8_t * {
         const int r = k < n_keys ? k : n_keys - 1;
-        if (r < n_raw) {
-            const int64_t slot = raw0 + r < a.cap_raw ? raw0 + r : raw0 + r - a.cap_raw;
-            return (const uint8_t *)(a.view_raw + slot * VE);
-        }
+        if (r < n_raw) return (const uint8_t *)(a.view_raw + (keys.raw_first + r) % a.cap_raw * VE);
         const int64_t row = keys.sel ? keys.sel[r - n_raw] : r - n_raw;
         return (const uint8_t *)(a.view_rows + row * VE);
     };
@@ -164,16 +152,14 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
     issue(0);
     const uint8_t *key_next = tid < TCB_KT ? key_at(TCB_KT + tid) : nullptr;
 
-    /* Q's A fragments of this warp's dims, rows g, g + 8: step s the 16 at
-     * 16 warp + 128 s, so that the split dims (the last X) fall to several
-     * warps (the qat modes' 64 RoPE dims: step 3 of warps 4-7) and no warp
-     * waits out twice the others' products before the softmax */
+    /* Q's A fragments of this warp's dims [dq, dq + D / 8), rows g, g + 8 */
+    const int dq = (D / 8) * warp;
     uint32_t qf[STEPS][3][4];
 #pragma unroll
     for (int s = 0; s < STEPS; s++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int r = g + 8 * (i & 1), c = 16 * warp + 128 * s + 2 * tg + 8 * (i >> 1);
+            const int r = g + 8 * (i & 1), c = dq + 16 * s + 2 * tg + 8 * (i >> 1);
             const float2 v = h0 + r < a.H ? *(const float2 *)(a.q + ((int64_t)t * a.H + h0 + r) * D + c)
                                           : make_float2(0.0f, 0.0f);
             split3(v.x, v.y, qf[s][0][i], qf[s][1][i], qf[s][2][i]);
@@ -197,14 +183,11 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
 
         /* scores of the 32 keys over this warp's dims, a pair of n8 key
          * tiles at a time (keys 16 pr ..), both from one ldmatrix a part
-         * (lane l: key 16 pr + l % 8 + 8 (l / 16), dims + 8 (l / 8 % 2)), in
-         * chains of two k16 steps from zero (the tensor cores' own adds
-         * truncate; the CUDA cores add the chains) */
+         * (lane l: key 16 pr + l % 8 + 8 (l / 16), dims + 8 (l / 8 % 2)) */
         {
             const uint32_t kr = tile + (uint32_t)((lane % 8 + 8 * (lane / 16)) * LDK + 2 * (8 * (lane / 8 % 2)));
 #pragma unroll
             for (int pr = 0; pr < 2; pr++) {
-                const uint32_t at = kr + 16 * pr * LDK;
                 float sc[2][4], ch[2][4];
 #pragma unroll
                 for (int n = 0; n < 2; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
@@ -214,16 +197,28 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
 #pragma unroll
                         for (int n = 0; n < 2; n++) ch[n][0] = ch[n][1] = ch[n][2] = ch[n][3] = 0.0f;
                     }
-                    const int col = 16 * warp + 128 * s;
+                    const int col = dq + 16 * s;
+                    const uint32_t at = kr + 16 * pr * LDK;
                     uint32_t kb[4];   /* b0, b1 of tile 2 pr, then of tile 2 pr + 1 */
                     ldsm_x4_at(kb, at + 2 * col);
-                    if (col >= E) {   /* warp-uniform: a split step's mid and lo products */
+                    if (col < E) {
+#pragma unroll
+                        for (int n = 0; n < 2; n++) {
+                            const uint32_t b[2] = {kb[2 * n], kb[2 * n + 1]};
+                            mma_bf16_3(ch[n], qf[s], b);
+                        }
+                    } else {
                         uint32_t km[4], kl[4];
                         ldsm_x4_at(km, at + 2 * (D + col - E));
                         ldsm_x4_at(kl, at + 2 * (D + X + col - E));
-                        mma_bf16_split_x2(ch[0], ch[1], qf[s], km, kl);
+#pragma unroll
+                        for (int n = 0; n < 2; n++) {
+                            const uint32_t b[3][2] = {{kb[2 * n], kb[2 * n + 1]},
+                                                      {km[2 * n], km[2 * n + 1]},
+                                                      {kl[2 * n], kl[2 * n + 1]}};
+                            mma_bf16_6(ch[n], qf[s], b);
+                        }
                     }
-                    mma_bf16_hi_x2(ch[0], ch[1], qf[s], kb);
                     if (s % 2 == 1 || s == STEPS - 1) {
 #pragma unroll
                         for (int n = 0; n < 2; n++)
@@ -274,11 +269,10 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
         __syncthreads();
 
         /* O = O alpha + P V, a 16-key step at a time (the first rescales O
-         * by alpha in its fma, the second adds), a pair of n8 tiles' chains
-         * side by side (columns c0, c0 + 64): the weights' A fragments (lane
-         * l: row l % 8 + 8 (l / 8 % 2), keys 16 ks + 8 (l / 16)); V's B
-         * fragments by ldmatrix.trans (lane l: key 16 ks + l % 8 +
-         * 8 (l / 8 % 2), of column c0 + 64 (l / 16)) */
+         * by alpha in its fma, the second adds): the weights' A fragments
+         * (lane l: row l % 8 + 8 (l / 8 % 2), keys 16 ks + 8 (l / 16)); V's
+         * B fragments by ldmatrix.trans (lane l: key 16 ks + l % 8 +
+         * 8 (l / 8 % 2), of the pair's column c0 + 64 (l / 16)) */
         {
             const uint32_t p_at = (uint32_t)__cvta_generic_to_shared(&p_sh[0][0][0]) +
                                   2 * ((lane % 8 + 8 * (lane / 8 % 2)) * TCB_PLD + 8 * (lane / 16));
@@ -291,34 +285,30 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
                 for (int k = 0; k < 3; k++) ldsm_x4_at(pa[k], p_at + 2 * (k * TCA_ROWS * TCB_PLD + 16 * ks));
 #pragma unroll
                 for (int jp = 0; jp < NTW / 2; jp++) {
-                    const int c0 = 8 * warp + 128 * jp;
-                    float d4[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-                    /* split columns' mid and lo products first (small first;
-                     * warp-uniform): lanes 0-15 the mid part, 16-31 the lo */
+                    const int c0 = 8 * warp + 128 * jp;   /* tiles 2 jp, 2 jp + 1: columns c0, c0 + 64 */
+                    uint32_t vb[4];   /* b0, b1 of column c0, then of c0 + 64 */
+                    ldsm_x4_trans_at(vb, vr + 16 * ks * LDK + 2 * (c0 + 64 * (lane / 16)));
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
                         const int cu = c0 + 64 * u;
-                        if (cu >= E) {
+                        float d4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        if (cu < E) {
+                            const uint32_t b[2] = {vb[2 * u], vb[2 * u + 1]};
+                            mma_bf16_3(d4, pa, b);
+                        } else {   /* the split columns' mid and lo parts: lanes 0-15 mid, 16-31 lo */
                             uint32_t vml[4];
                             ldsm_x4_trans_at(vml, vr + 16 * ks * LDK + 2 * (D + cu - E + X * (lane / 16)));
-                            mma_bf16(d4[u], pa[1], &vml[0]);
-                            mma_bf16(d4[u], pa[0], &vml[2]);
-                            mma_bf16(d4[u], pa[0], &vml[0]);
+                            const uint32_t b[3][2] = {{vb[2 * u], vb[2 * u + 1]}, {vml[0], vml[1]}, {vml[2], vml[3]}};
+                            mma_bf16_6(d4, pa, b);
                         }
-                    }
-                    uint32_t vb[4];   /* b0, b1 of column c0, then of c0 + 64 */
-                    ldsm_x4_trans_at(vb, vr + 16 * ks * LDK + 2 * (c0 + 64 * (lane / 16)));
-                    mma_bf16_hi_x2(d4[0], d4[1], pa, vb);
-#pragma unroll
-                    for (int u = 0; u < 2; u++) {
                         float(&o)[4] = acc[2 * jp + u];
                         if (ks == 0) {
-                            o[0] = fmaf(o[0], al0, d4[u][0]);
-                            o[1] = fmaf(o[1], al0, d4[u][1]);
-                            o[2] = fmaf(o[2], al1, d4[u][2]);
-                            o[3] = fmaf(o[3], al1, d4[u][3]);
+                            o[0] = fmaf(o[0], al0, d4[0]);
+                            o[1] = fmaf(o[1], al0, d4[1]);
+                            o[2] = fmaf(o[2], al1, d4[2]);
+                            o[3] = fmaf(o[3], al1, d4[3]);
                         } else {
-                            o[0] += d4[u][0], o[1] += d4[u][1], o[2] += d4[u][2], o[3] += d4[u][3];
+                            o[0] += d4[0], o[1] += d4[1], o[2] += d4[2], o[3] += d4[3];
                         }
                     }
                 }
