@@ -109,7 +109,7 @@ __global__ void k_key_view(const float *src, const uint8_t *src8, kv_compact L, 
     }
 }
 
-template <int D>
+template <int D, bool SPREAD>
 __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) {
     pdl_begin();
     constexpr int STEPS = D / 128;   /* k16 steps of a warp's D / 8 dims */
@@ -152,14 +152,18 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
     issue(0);
     const uint8_t *key_next = tid < TCB_KT ? key_at(TCB_KT + tid) : nullptr;
 
-    /* Q's A fragments of this warp's dims [dq, dq + D / 8), rows g, g + 8 */
-    const int dq = (D / 8) * warp;
+    /* Q's A fragments of this warp's D / 8 dims, rows g, g + 8: step s the
+     * 16 at dq + ds s, where SPREAD 16 warp + 128 s (the split dims, the
+     * last X, fall to several warps: the qat modes' 64 RoPE dims to step 3
+     * of warps 4-7, the tensor pipes of the four schedulers evenly loaded),
+     * else (D / 8) warp + 16 s (warp 7 has them all) */
+    const int dq = SPREAD ? 16 * warp : (D / 8) * warp, ds = SPREAD ? 128 : 16;
     uint32_t qf[STEPS][3][4];
 #pragma unroll
     for (int s = 0; s < STEPS; s++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int r = g + 8 * (i & 1), c = dq + 16 * s + 2 * tg + 8 * (i >> 1);
+            const int r = g + 8 * (i & 1), c = dq + ds * s + 2 * tg + 8 * (i >> 1);
             const float2 v = h0 + r < a.H ? *(const float2 *)(a.q + ((int64_t)t * a.H + h0 + r) * D + c)
                                           : make_float2(0.0f, 0.0f);
             split3(v.x, v.y, qf[s][0][i], qf[s][1][i], qf[s][2][i]);
@@ -197,7 +201,7 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
 #pragma unroll
                         for (int n = 0; n < 2; n++) ch[n][0] = ch[n][1] = ch[n][2] = ch[n][3] = 0.0f;
                     }
-                    const int col = dq + 16 * s;
+                    const int col = dq + ds * s;
                     const uint32_t at = kr + 16 * pr * LDK;
                     uint32_t kb[4];   /* b0, b1 of tile 2 pr, then of tile 2 pr + 1 */
                     ldsm_x4_at(kb, at + 2 * col);
@@ -326,9 +330,9 @@ __global__ void __launch_bounds__(TCB_THREADS, 2) k_attention_bf16(attn_args a) 
 static bool tcb_can_run(int d, int split) {
     if (!tcb_fits(d, split)) return false;
     size_t shm = tcb_shared_bytes(d, split);
-    return d == 128   ? allow_shared(k_attention_bf16<128>, shm)
-           : d == 256 ? allow_shared(k_attention_bf16<256>, shm)
-                      : allow_shared(k_attention_bf16<512>, shm);
+    return d == 128   ? allow_shared(k_attention_bf16<128, true>, shm) && allow_shared(k_attention_bf16<128, false>, shm)
+           : d == 256 ? allow_shared(k_attention_bf16<256, true>, shm) && allow_shared(k_attention_bf16<256, false>, shm)
+                      : allow_shared(k_attention_bf16<512, true>, shm) && allow_shared(k_attention_bf16<512, false>, shm);
 }
 
 /* Whether a chunk takes it (asked at each chunk's layer, a few
@@ -340,7 +344,8 @@ static bool tcb_runs(int d, int split) { return !getenv("DS4_CUDA_NO_BF16ATTN") 
 /* The chunk's key views, then its attention: the raw ring's slots of
  * positions lo .. lo + n_raw - 1 and compressed rows 0 .. n_rows - 1 (float,
  * or compact rows8) into a.view_raw / a.view_rows, the last d - key_tf32
- * dims in parts. */
+ * dims in parts. DS4_CUDA_NO_ATTN_SPREAD=1 (read at each enqueue) gives
+ * each warp contiguous score dims (for A/B). */
 static void launch_attention_bf16(cudaStream_t st, const attn_args &a, int n, int64_t lo, int64_t n_raw,
                                   const float *rows, const uint8_t *rows8, const kv_compact &kv, int64_t n_rows) {
     const int threads = a.d / 4, split = a.d - a.key_tf32;
@@ -351,9 +356,10 @@ static void launch_attention_bf16(cudaStream_t st, const attn_args &a, int n, in
                  (uint16_t *)a.view_rows, a.d, split);
     dim3 grid((unsigned)((a.H + TCA_ROWS - 1) / TCA_ROWS), (unsigned)n);
     size_t shm = tcb_shared_bytes(a.d, split);
+    const bool spread = !getenv("DS4_CUDA_NO_ATTN_SPREAD");
     switch (a.d) {
-    case 128: launch_k(k_attention_bf16<128>, grid, TCB_THREADS, shm, st, a); break;
-    case 256: launch_k(k_attention_bf16<256>, grid, TCB_THREADS, shm, st, a); break;
-    case 512: launch_k(k_attention_bf16<512>, grid, TCB_THREADS, shm, st, a); break;
+    case 128: launch_k(spread ? k_attention_bf16<128, true> : k_attention_bf16<128, false>, grid, TCB_THREADS, shm, st, a); break;
+    case 256: launch_k(spread ? k_attention_bf16<256, true> : k_attention_bf16<256, false>, grid, TCB_THREADS, shm, st, a); break;
+    case 512: launch_k(spread ? k_attention_bf16<512, true> : k_attention_bf16<512, false>, grid, TCB_THREADS, shm, st, a); break;
     }
 }
