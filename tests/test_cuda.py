@@ -278,7 +278,9 @@ def test_cuda_chunk_attention_on_bf16_matches_cpu_in_exact_mode(name, seed, requ
     every key dim is in three parts: prompts of several key tiles a token
     (mid: up to seven) match the CPU at 1e-4, and the logits are not the
     tf32 kernels' bits (DS4_CUDA_NO_BF16ATTN=1, read at each enqueue: the new
-    kernel ran). mid's prompts have no near-tie in an expert top-k: the 6th
+    kernel ran). Each warp's score dims interleaved (16 warp + 128 s) or
+    contiguous (DS4_CUDA_NO_ATTN_SPREAD=1; the same at head size 128) both
+    hold the bar. mid's prompts have no near-tie in an expert top-k: the 6th
     and 7th routing scores (transformers, float64) are >= 5.1e-6 apart,
     relative, at every position and layer. Seed 14's prompt has one 3.1e-8
     apart (mid's position 55): the tf32 kernels' scores (3xTF32, ~2^-21 of
@@ -290,11 +292,15 @@ def test_cuda_chunk_attention_on_bf16_matches_cpu_in_exact_mode(name, seed, requ
     rng = np.random.default_rng(seed)
     prompt = _ids(rng, MODELS[name], gpu_m.config.n_vocab)
     bf16 = gpu_m.session(numerics="exact").eval(prompt, all_logits=True)
+    monkeypatch.setenv("DS4_CUDA_NO_ATTN_SPREAD", "1")
+    contiguous = gpu_m.session(numerics="exact").eval(prompt, all_logits=True)
     monkeypatch.setenv("DS4_CUDA_NO_BF16ATTN", "1")
     tf32 = gpu_m.session(numerics="exact").eval(prompt, all_logits=True)
-    t = Tally(f"{name}/exact/bf16 chunk attention, seed {seed}")
-    t.add(cpu_m.session(numerics="exact").eval(prompt, all_logits=True), bf16)
-    t.check(rel_tol=1e-4)
+    cpu = cpu_m.session(numerics="exact").eval(prompt, all_logits=True)
+    for form, logits in (("", bf16), (", contiguous dims", contiguous)):
+        t = Tally(f"{name}/exact/bf16 chunk attention{form}, seed {seed}")
+        t.add(cpu, logits)
+        t.check(rel_tol=1e-4)
     assert not np.array_equal(bf16, tf32)
 
 
