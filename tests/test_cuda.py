@@ -183,7 +183,7 @@ def test_cuda_decode_attention_on_tensor_cores_matches_k_attention(name, request
 @pytest.mark.gpu
 @pytest.mark.parametrize("switch", ["DS4_CUDA_NO_ATTNFORK", "DS4_CUDA_NO_Q8CHUNKFORK", "DS4_CUDA_NO_TOKSKIP",
                                     "DS4_CUDA_NO_MMA64", "DS4_CUDA_IDX_3XTF32", "DS4_CUDA_F16S_TILE=256",
-                                    "DS4_CUDA_F16S_TILE=128"])
+                                    "DS4_CUDA_F16S_TILE=128", "DS4_CUDA_FR_STAGES=4"])
 @pytest.mark.parametrize("name", ["mid_q2", "wide_q2"])
 def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatch):
     """The attention's compressor and indexer products on streams of their
@@ -191,8 +191,9 @@ def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatc
     chunk's routed products skipping a tile's token fragments past its last
     token, float rows' chunk products in 64-row tiles, the qat modes'
     indexer scores in one tf32 product (their FP4 operands exact in tf32),
-    and F16 chunk products on k_linear_f16s's 256- or 128-row tiles (the
-    models' small grids take 64, or 128 for 64 rows) change no arithmetic: each switch (VAR or
+    F16 chunk products on k_linear_f16s's 256- or 128-row tiles (the
+    models' small grids take 64, or 128 for 64 rows), and the HC mixers'
+    ring of 12 stages instead of 4 change no arithmetic: each switch (VAR or
     VAR=value, read at each enqueue, so a new session's graph takes it)
     restores the launches before, and a prompt and eight steps then give
     the same logits, bit for bit, in every numeric mode."""
@@ -215,6 +216,27 @@ def test_cuda_schedule_switches_keep_every_bit(name, switch, request, monkeypatc
         monkeypatch.delenv(switch)
         for part, a, b in zip(("chunk", "steps"), scheduled, before):
             assert np.array_equal(a, b), f"{name} {numerics} {part}: {switch} changes the logits"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mid_q2", "wide_q2"])
+def test_cuda_chunk_hc_mixer_with_the_norm_on_its_row_sums_matches_the_normed_copy(name, request, monkeypatch):
+    """A chunk's HC mixers take the streams' RMS norm inside the product,
+    its scale on the row sums (as a one-token mixer does), where they
+    used to write the normed streams and multiply those: in exact mode a
+    prompt's logits stay within 1e-5 of the earlier path's
+    (DS4_CUDA_NO_MIXNORM=1, read at each enqueue) and are not its bits (the
+    new path ran). The prompt is seed 29's, with no near-tie in an expert
+    top-k (test_cuda_chunk_attention_on_bf16_matches_cpu_in_exact_mode)."""
+    m = _cuda_model(request.getfixturevalue(name), 1024)
+    prompt = _ids(np.random.default_rng(29), MODELS[name], m.config.n_vocab)
+    fused = m.session(numerics="exact").eval(prompt, all_logits=True)
+    monkeypatch.setenv("DS4_CUDA_NO_MIXNORM", "1")
+    normed_copy = m.session(numerics="exact").eval(prompt, all_logits=True)
+    t = Tally(f"{name}/exact/HC mixer norm on the row sums")
+    t.add(normed_copy, fused)
+    t.check(rel_tol=1e-5)
+    assert not np.array_equal(fused, normed_copy)
 
 
 # qat's FP8 / FP4 round trips turn a 1e-6 difference into a whole quantization

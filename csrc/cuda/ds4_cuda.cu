@@ -1333,7 +1333,10 @@ static void run_rows(cudaStream_t st, const row_args &a, int64_t n_rows) {
 static const float *f32(const ds4_tensor &t) { return (const float *)t.data; }
 
 /* The HC mixers on the RMS norm of all hc * D streams, (2 + hc) * hc rows
- * (hc for the head). For a chunk: the norm, then the product. One token's
+ * (hc for the head). For a chunk: the norm's scale on the product's row
+ * sums inside k_linear_few_rows where it takes the rows (as one token's:
+ * no normed copy of the streams; DS4_CUDA_NO_MIXNORM=1, read at each
+ * enqueue: the norm into u, then the product, for A/B). One token's
  * few rows would not fill the GPU, so its product splits the inputs
  * MIX_PARTS ways (float rows), each block norming x as it loads it, and
  * the HC kernels add the partial sums, part p at mix + p * n * n_out.
@@ -1342,6 +1345,14 @@ static int hc_mixer(cudaStream_t st, const ds4_tensor &fn, const float *X, int n
                     float *mix, int n_out, int64_t hcD, float eps) {
     dmat w = dmat_of(fn);
     int es = fn.type == DS4_TYPE_F32 ? 4 : fn.type == DS4_TYPE_F16 || fn.type == DS4_TYPE_BF16 ? 2 : 0;
+    if (n != 1) {   /* a chunk: the norm inside the product where k_linear_few_rows takes it */
+        lin_args a = {w, 0, X, hcD, mix, n_out, n, NULL, NULL, NULL, 0, 0, 0, (int)hcD, eps};
+        if (few_rows_fits(a) && !getenv("DS4_CUDA_NO_MIXNORM") && !getenv("DS4_CUDA_NO_MMA") &&
+            !getenv("DS4_CUDA_NO_FEWROWS")) {
+            launch_few_rows(st, a);
+            return 1;
+        }
+    }
     if (n != 1 || !es || w.n_in % (MIX_PARTS * 8)) {
         row_args r = rows_of(X, u, hcD, (int)hcD);
         r.norm = 1;
