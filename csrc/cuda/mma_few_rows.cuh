@@ -12,10 +12,9 @@
  * k_linear_mma (the same bf16 parts in the same fragment places, each 16's
  * five products from zero, added to the float32 sum in k order): the same
  * bits, split only over tokens, never over k.
- *
- * The ring holds FR_STAGES stages (FR_STAGES - 1 in flight while one
- * multiplies): a block an SM streams 16 tokens' x, and at 4 stages its
- * ~12 KB in flight held a mixer to ~1 TB/s (134 us for 134 MB).
+ * (A ring of 12 stages measured the same as 4, 13.0 against 13.1 ms a
+ * 2K chunk: the block's decode and products, not its loads in flight, set
+ * its pace.)
  *
  * With norm_n (= n_in) set, x is a token's unnormed HC streams and the
  * product that of their RMS norm: the block sums each token's squares (in
@@ -29,18 +28,15 @@
 #define FR_BM 32
 #define FR_BN 16
 #define FR_BK 64
-#define FR_STAGES 12
-#define FR_STAGES_OLD 4   /* DS4_CUDA_FR_STAGES=4 (read at each enqueue, for A/B) */
+#define FR_STAGES 4
 #define FR_THREADS 128
 #define FR_LD (FR_BK + 8)   /* bf16 per decoded row: ldmatrix rows in distinct banks */
 
 /* Raw bytes of a stage: the rows' F16 and x's floats. */
 #define FR_W_BYTES (FR_BM * FR_BK * 2)
 #define FR_X_BYTES (FR_BN * FR_BK * 4)
-template <int STAGES>
-static constexpr size_t fr_smem() {
-    return (size_t)STAGES * (FR_W_BYTES + FR_X_BYTES) + (size_t)(2 * FR_BM + 3 * FR_BN) * FR_LD * 2;
-}
+static constexpr size_t FR_SMEM = (size_t)FR_STAGES * (FR_W_BYTES + FR_X_BYTES) +
+                                  (size_t)(2 * FR_BM + 3 * FR_BN) * FR_LD * 2;
 
 static bool g_few_rows_ok = false;   /* the GPU gives a block FR_SMEM (few_rows_init) */
 
@@ -54,13 +50,12 @@ static inline bool few_rows_fits(const lin_args &a) {
  * fragments in registers than its default for 128-thread blocks (64
  * registers; 106 with it, and the main loop's fixed stalls 796 -> 515
  * cycles, sass_mma.py). */
-template <int STAGES>
 __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t fr_sh[];
     __shared__ float norm_sh[FR_BN];   /* norm_n: the tokens' RMS scales */
     uint8_t *ring = fr_sh;   /* [stage]: rows [32][64] F16, then x [16][64] floats */
-    __nv_bfloat16 *wc = (__nv_bfloat16 *)(fr_sh + (size_t)STAGES * (FR_W_BYTES + FR_X_BYTES));
+    __nv_bfloat16 *wc = (__nv_bfloat16 *)(fr_sh + (size_t)FR_STAGES * (FR_W_BYTES + FR_X_BYTES));
     __nv_bfloat16 *wl = wc + FR_BM * FR_LD;
     __nv_bfloat16 *xs = wl + FR_BM * FR_LD;   /* [part][16][FR_LD] */
 
@@ -73,7 +68,7 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     /* a thread's copies of a stage: 2 of the rows' 256 16-byte pieces, 2 of x's */
     auto issue = [&](int k) {
         if (k < nk) {
-            uint8_t *st = ring + (size_t)(k % STAGES) * (FR_W_BYTES + FR_X_BYTES);
+            uint8_t *st = ring + (size_t)(k % FR_STAGES) * (FR_W_BYTES + FR_X_BYTES);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 int i = tid + h * FR_THREADS, r = i / 8, c = i % 8;
@@ -91,12 +86,12 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     double ss = 0;   /* norm_n: this thread's squares of its token's x */
 #pragma unroll
-    for (int k = 0; k < STAGES - 1; k++) issue(k);
+    for (int k = 0; k < FR_STAGES - 1; k++) issue(k);
     for (int k = 0; k < nk; k++) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2) : "memory");
+        asm volatile("cp.async.wait_group %0;" ::"n"(FR_STAGES - 2) : "memory");
         __syncthreads();   /* stage k landed (every thread's copies); stage k - 1's products done */
-        issue(k + STAGES - 1);   /* into the slot stage k - 1 left */
-        const uint8_t *st = ring + (size_t)(k % STAGES) * (FR_W_BYTES + FR_X_BYTES);
+        issue(k + FR_STAGES - 1);   /* into the slot stage k - 1 left */
+        const uint8_t *st = ring + (size_t)(k % FR_STAGES) * (FR_W_BYTES + FR_X_BYTES);
         {   /* decode: rows as bf16 hi + lo (two groups of 8 a thread), x as three bf16 parts (8) */
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -169,16 +164,8 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     }
 }
 
-static void few_rows_init(void) {
-    g_few_rows_ok = allow_shared(k_linear_few_rows<FR_STAGES>, fr_smem<FR_STAGES>()) &&
-                    allow_shared(k_linear_few_rows<FR_STAGES_OLD>, fr_smem<FR_STAGES_OLD>());
-}
+static void few_rows_init(void) { g_few_rows_ok = allow_shared(k_linear_few_rows, FR_SMEM); }
 
 static void launch_few_rows(cudaStream_t st, const lin_args &a) {
-    const dim3 grid(1, (unsigned)((a.n_tok + FR_BN - 1) / FR_BN));
-    const char *s = getenv("DS4_CUDA_FR_STAGES");
-    if (s && atoi(s) == FR_STAGES_OLD)
-        launch_k(k_linear_few_rows<FR_STAGES_OLD>, grid, FR_THREADS, fr_smem<FR_STAGES_OLD>(), st, a);
-    else
-        launch_k(k_linear_few_rows<FR_STAGES>, grid, FR_THREADS, fr_smem<FR_STAGES>(), st, a);
+    launch_k(k_linear_few_rows, dim3(1, (unsigned)((a.n_tok + FR_BN - 1) / FR_BN)), FR_THREADS, FR_SMEM, st, a);
 }
