@@ -1208,7 +1208,7 @@ static void run_linear(cudaStream_t st, const lin_args &a0, int n, int slots) {
     else if (q8one)
         launch_q8_mma1(st, a, slots);
     else if (n == 1) launch_linear<1>(st, dim3(blocks_for(a.w.n_out, LIN_WARPS / kw * LIN_R), slots), a, kw);
-    else if (slots == 1 && few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS"))
+    else if (slots == 1 && few_rows_runs(a))
         launch_few_rows(st, a);
     else if (const f16x *xp = f16s_buffer(st, a, n))
         launch_f16s(st, a, n, slots, *xp);
@@ -1347,8 +1347,7 @@ static int hc_mixer(cudaStream_t st, const ds4_tensor &fn, const float *X, int n
     int es = fn.type == DS4_TYPE_F32 ? 4 : fn.type == DS4_TYPE_F16 || fn.type == DS4_TYPE_BF16 ? 2 : 0;
     if (n != 1) {   /* a chunk: the norm inside the product where k_linear_few_rows takes it */
         lin_args a = {w, 0, X, hcD, mix, n_out, n, NULL, NULL, NULL, 0, 0, 0, (int)hcD, eps};
-        if (few_rows_fits(a) && !getenv("DS4_CUDA_NO_MIXNORM") && !getenv("DS4_CUDA_NO_MMA") &&
-            !getenv("DS4_CUDA_NO_FEWROWS")) {
+        if (few_rows_runs(a) && !getenv("DS4_CUDA_NO_MIXNORM")) {
             launch_few_rows(st, a);
             return 1;
         }

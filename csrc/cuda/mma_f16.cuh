@@ -23,7 +23,7 @@
 
 #include <cuda_fp16.h>
 
-#include "act8_staged.cuh"   /* stage_turn */
+#include "act8_staged.cuh"   /* stage_turn; act8.cuh's mma_f16 */
 #include "kernels.cuh"       /* lin_args, lin_block_of */
 
 #define F16S_BN 64
@@ -85,13 +85,6 @@ __global__ void __launch_bounds__(F16S_PARTS_THREADS) k_f16_parts(const float *x
         *(uint2 *)(m + k) = *(const uint2 *)mm;
         *(uint2 *)(l + k) = *(const uint2 *)ll;
     }
-}
-
-__device__ __forceinline__ void mma_f16(float c[4], const uint32_t a[4], const uint32_t b0, const uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 /* Byte offset of (row r, 16-byte chunk c) in a [rows][64] fp16 tile: chunk
@@ -192,7 +185,8 @@ __global__ void __launch_bounds__(F16S_THREADS, 2) k_linear_f16s(lin_args a, f16
                         for (int i = 0; i < I; i++) {
                             float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};   /* smallest part first */
 #pragma unroll
-                            for (int q = 2; q >= 0; q--) mma_f16(t4, af[i], bf[q][2 * jj], bf[q][2 * jj + 1]);
+                            for (int q = 2; q >= 0; q--)
+                                mma_f16(t4, af[i][0], af[i][1], af[i][2], af[i][3], bf[q][2 * jj], bf[q][2 * jj + 1]);
 #pragma unroll
                             for (int c = 0; c < 4; c++) acc[i][2 * jg + jj][c] += t4[c];
                         }

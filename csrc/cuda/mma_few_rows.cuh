@@ -45,6 +45,12 @@ static inline bool few_rows_fits(const lin_args &a) {
            a.w.row_bytes % 16 == 0 && a.xs % 4 == 0;
 }
 
+/* Whether a chunk product takes it (DS4_CUDA_NO_MMA=1 or DS4_CUDA_NO_FEWROWS=1,
+ * read at each launch: not). */
+static inline bool few_rows_runs(const lin_args &a) {
+    return few_rows_fits(a) && !getenv("DS4_CUDA_NO_MMA") && !getenv("DS4_CUDA_NO_FEWROWS");
+}
+
 /* Grid: (1, tiles of 16 of the n_tok tokens). One block a SM (a 2048
  * chunk is 128 blocks on 132 SMs): the bound lets the compiler keep more
  * fragments in registers than its default for 128-thread blocks (64
