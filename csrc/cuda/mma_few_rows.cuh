@@ -8,8 +8,8 @@
  * A block takes 32 rows x 16 tokens (a 2048-token chunk: 128 blocks), four
  * warps of 16 rows x 8 tokens, and streams x and the rows through a ring of
  * FR_STAGES 64-wide stages by cp.async, so several stages' loads are in
- * flight while one multiplies. In the bf16 form every output is summed
- * exactly as in k_linear_mma (the same bf16 parts in the same fragment places, each 16's
+ * flight while one multiplies. Every output is summed exactly as in
+ * k_linear_mma (the same bf16 parts in the same fragment places, each 16's
  * five products from zero, added to the float32 sum in k order): the same
  * bits, split only over tokens, never over k.
  * (A ring of 12 stages measured the same as 4, 13.0 against 13.1 ms a
@@ -20,19 +20,9 @@
  * product that of their RMS norm: the block sums each token's squares (in
  * double, as d_rms_scale) from the x it streams anyway, and its scale
  * multiplies the row sums, as the one-token mixer does (k_linear1,
- * k_hc_pre_collapse), so no normed copy of x is written and read again.
- *
- * F16 (the default; DS4_CUDA_NO_MIXF16=1, read at each enqueue, the bf16
- * form above, for A/B): k_linear_f16s's operands. The rows are exact fp16
- * operands, read by ldmatrix from the ring as they came (f16s_at's swizzle:
- * no decode a block); x goes in as three fp16 parts of x times 2^e, a
- * power of two a token and stage (its 64 values' largest |x| into
- * [2^13, 2^14), as k_f16_parts chooses one a row): three products a 16-k
- * step instead of five, each 16's from zero, into the float32 sum times
- * the stage's 2^-e (exact). Not the bf16 form's bits; float32-grade. */
+ * k_hc_pre_collapse), so no normed copy of x is written and read again. */
 #pragma once
 
-#include "mma_f16.cuh"   /* mma_f16, f16s_at */
 #include "mma_linear.cuh"
 
 #define FR_BM 32
@@ -66,16 +56,14 @@ static inline bool few_rows_runs(const lin_args &a) {
  * fragments in registers than its default for 128-thread blocks (64
  * registers; 106 with it, and the main loop's fixed stalls 796 -> 515
  * cycles, sass_mma.py). */
-template <bool F16>
 __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     pdl_begin();
     extern __shared__ __align__(16) uint8_t fr_sh[];
     __shared__ float norm_sh[FR_BN];   /* norm_n: the tokens' RMS scales */
-    __shared__ float inv_sh[FR_BN];    /* F16: the stage's 2^-e a token */
-    uint8_t *ring = fr_sh;   /* [stage]: rows [32][64] F16 (F16: f16s_at's order), then x [16][64] floats */
+    uint8_t *ring = fr_sh;   /* [stage]: rows [32][64] F16, then x [16][64] floats */
     __nv_bfloat16 *wc = (__nv_bfloat16 *)(fr_sh + (size_t)FR_STAGES * (FR_W_BYTES + FR_X_BYTES));
     __nv_bfloat16 *wl = wc + FR_BM * FR_LD;
-    __nv_bfloat16 *xs = wl + FR_BM * FR_LD;   /* [part][16][FR_LD] (F16: fp16 parts) */
+    __nv_bfloat16 *xs = wl + FR_BM * FR_LD;   /* [part][16][FR_LD] */
 
     int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP;
     int g = lane / 4, tg = lane % 4;
@@ -91,7 +79,7 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
             for (int h = 0; h < 2; h++) {
                 int i = tid + h * FR_THREADS, r = i / 8, c = i % 8;
                 const uint8_t *row = a.w.data + (int64_t)min(r, a.w.n_out - 1) * a.w.row_bytes;
-                cp_async16(st + (F16 ? f16s_at(r, c) : r * FR_BK * 2 + 16 * c), row + (int64_t)k * FR_BK * 2 + 16 * c);
+                cp_async16(st + r * FR_BK * 2 + 16 * c, row + (int64_t)k * FR_BK * 2 + 16 * c);
                 int t = i / 16, cx = i % 16;
                 int pt = t0 + t < p1 ? t0 + t : p1 - 1;   /* past the end: a real row, unused */
                 const float *xr = a.x + (int64_t)pt * a.xs;
@@ -110,7 +98,7 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
         __syncthreads();   /* stage k landed (every thread's copies); stage k - 1's products done */
         issue(k + FR_STAGES - 1);   /* into the slot stage k - 1 left */
         const uint8_t *st = ring + (size_t)(k % FR_STAGES) * (FR_W_BYTES + FR_X_BYTES);
-        if constexpr (!F16) {   /* decode: rows as bf16 hi + lo (two groups of 8 a thread) */
+        {   /* decode: rows as bf16 hi + lo (two groups of 8 a thread), x as three bf16 parts (8) */
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 int i = tid + h * FR_THREADS, r = i / 8, e = 8 * (i % 8);
@@ -123,8 +111,6 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
                 *(uint4 *)&wc[r * FR_LD + e] = make_uint4(c[0], c[1], c[2], c[3]);
                 *(uint4 *)&wl[r * FR_LD + e] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
             }
-        }
-        {   /* x as three bf16 parts, or (F16) three fp16 parts of x 2^e: 8 values a thread */
             int t = tid / 8, e = 8 * (tid % 8);
             const float *xv = (const float *)(st + FR_W_BYTES + t * FR_BK * 4) + e;
             float4 x0 = *(const float4 *)xv, x1 = *(const float4 *)(xv + 4);
@@ -132,48 +118,16 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
                 ss += ((double)x0.x * x0.x + (double)x0.y * x0.y + (double)x0.z * x0.z + (double)x0.w * x0.w) +
                       ((double)x1.x * x1.x + (double)x1.y * x1.y + (double)x1.z * x1.z + (double)x1.w * x1.w);
             uint32_t hh[4], m[4], l[4];
-            if constexpr (F16) {
-                /* the token's 2^e for this stage (its 8 threads: lanes of one warp); zero,
-                 * inf and NaN stages unscaled (k_f16_parts' rule) */
-                float mx = fmaxf(fmaxf(fmaxf(fabsf(x0.x), fabsf(x0.y)), fmaxf(fabsf(x0.z), fabsf(x0.w))),
-                                 fmaxf(fmaxf(fabsf(x1.x), fabsf(x1.y)), fmaxf(fabsf(x1.z), fabsf(x1.w))));
-#pragma unroll
-                for (int o = 1; o < 8; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-                int ex = 0;
-                if (mx > 0.0f && mx <= 3.4e38f) {
-                    int E;
-                    frexpf(mx, &E);   /* mx in [2^(E-1), 2^E) */
-                    ex = min(max(14 - E, -126), 126);
-                }
-                if (tid % 8 == 0) inv_sh[t] = __int_as_float((127 - ex) << 23);
-                const float sc = __int_as_float((127 + ex) << 23);
-                const float f[8] = {x0.x * sc, x0.y * sc, x0.z * sc, x0.w * sc, x1.x * sc, x1.y * sc, x1.z * sc, x1.w * sc};
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    __half2 h2 = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
-                    float2 hf = __half22float2(h2);
-                    /* exact remainders; an infinite x all in h (inf - inf would be NaN) */
-                    float r0 = isinf(hf.x) ? 0.0f : f[2 * i] - hf.x, r1 = isinf(hf.y) ? 0.0f : f[2 * i + 1] - hf.y;
-                    __half2 m2 = __floats2half2_rn(r0, r1);
-                    float2 mf = __half22float2(m2);
-                    __half2 l2 = __floats2half2_rn(r0 - mf.x, r1 - mf.y);
-                    hh[i] = *(uint32_t *)&h2, m[i] = *(uint32_t *)&m2, l[i] = *(uint32_t *)&l2;
-                }
-            } else {
-                split3(x0.x, x0.y, hh[0], m[0], l[0]);
-                split3(x0.z, x0.w, hh[1], m[1], l[1]);
-                split3(x1.x, x1.y, hh[2], m[2], l[2]);
-                split3(x1.z, x1.w, hh[3], m[3], l[3]);
-            }
+            split3(x0.x, x0.y, hh[0], m[0], l[0]);
+            split3(x0.z, x0.w, hh[1], m[1], l[1]);
+            split3(x1.x, x1.y, hh[2], m[2], l[2]);
+            split3(x1.z, x1.w, hh[3], m[3], l[3]);
             *(uint4 *)&xs[(0 * FR_BN + t) * FR_LD + e] = make_uint4(hh[0], hh[1], hh[2], hh[3]);
             *(uint4 *)&xs[(1 * FR_BN + t) * FR_LD + e] = make_uint4(m[0], m[1], m[2], m[3]);
             *(uint4 *)&xs[(2 * FR_BN + t) * FR_LD + e] = make_uint4(l[0], l[1], l[2], l[3]);
         }
         __syncthreads();
-        /* k_linear_mma's products of each 16 of the stage, in k order (F16:
-         * k_linear_f16s's, times the tokens' 2^-e) */
-        [[maybe_unused]] float inv0 = 1.0f, inv1 = 1.0f;   /* F16: tokens wj 8 + 2 tg, + 1 */
-        if constexpr (F16) inv0 = inv_sh[wj * 8 + 2 * tg], inv1 = inv_sh[wj * 8 + 2 * tg + 1];
+        /* k_linear_mma's products of each 16 of the stage, in k order */
 #pragma unroll
         for (int kq = 0; kq < FR_BK; kq += 32) {
             uint32_t bq[3][4];   /* [part]: b0, b1 of k kq.., then of kq + 16.. */
@@ -183,35 +137,20 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
 #pragma unroll
             for (int kh = 0; kh < 2; kh++) {
                 const int ks = kq + 16 * kh;
-                uint32_t b[3][2];
+                uint32_t af[4], al[4], b[3][2];
+                const int ra = wi * 16 + lane % 16, ka = ks + 8 * (lane / 16);
+                ldsm_x4(af, &wc[ra * FR_LD + ka]);
+                ldsm_x4(al, &wl[ra * FR_LD + ka]);
 #pragma unroll
                 for (int part = 0; part < 3; part++) b[part][0] = bq[part][2 * kh], b[part][1] = bq[part][2 * kh + 1];
                 float t4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                if constexpr (F16) {
-                    /* A: rows wi 16 + l % 8 + 8 (l / 8 % 2), chunk ks / 8 + l / 16 of the ring's rows */
-                    uint32_t af[4];
-                    const int ra = wi * 16 + lane % 8 + 8 * (lane / 8 % 2);
-                    ldsm_x4_at(af, (uint32_t)__cvta_generic_to_shared(st) + f16s_at(ra, ks / 8 + lane / 16));
-                    mma_f16(t4, af[0], af[1], af[2], af[3], b[2][0], b[2][1]);
-                    mma_f16(t4, af[0], af[1], af[2], af[3], b[1][0], b[1][1]);
-                    mma_f16(t4, af[0], af[1], af[2], af[3], b[0][0], b[0][1]);
-                    acc[0] = fmaf(t4[0], inv0, acc[0]);
-                    acc[1] = fmaf(t4[1], inv1, acc[1]);
-                    acc[2] = fmaf(t4[2], inv0, acc[2]);
-                    acc[3] = fmaf(t4[3], inv1, acc[3]);
-                } else {
-                    uint32_t af[4], al[4];
-                    const int ra = wi * 16 + lane % 16, ka = ks + 8 * (lane / 16);
-                    ldsm_x4(af, &wc[ra * FR_LD + ka]);
-                    ldsm_x4(al, &wl[ra * FR_LD + ka]);
-                    mma_bf16(t4, al, b[1]);
-                    mma_bf16(t4, al, b[0]);
-                    mma_bf16(t4, af, b[2]);
-                    mma_bf16(t4, af, b[1]);
-                    mma_bf16(t4, af, b[0]);
+                mma_bf16(t4, al, b[1]);
+                mma_bf16(t4, al, b[0]);
+                mma_bf16(t4, af, b[2]);
+                mma_bf16(t4, af, b[1]);
+                mma_bf16(t4, af, b[0]);
 #pragma unroll
-                    for (int c = 0; c < 4; c++) acc[c] += t4[c];
-                }
+                for (int c = 0; c < 4; c++) acc[c] += t4[c];
             }
         }
     }
@@ -231,12 +170,8 @@ __global__ void __launch_bounds__(FR_THREADS, 1) k_linear_few_rows(lin_args a) {
     }
 }
 
-static void few_rows_init(void) {
-    g_few_rows_ok = allow_shared(k_linear_few_rows<true>, FR_SMEM) && allow_shared(k_linear_few_rows<false>, FR_SMEM);
-}
+static void few_rows_init(void) { g_few_rows_ok = allow_shared(k_linear_few_rows, FR_SMEM); }
 
 static void launch_few_rows(cudaStream_t st, const lin_args &a) {
-    const dim3 grid(1, (unsigned)((a.n_tok + FR_BN - 1) / FR_BN));
-    if (getenv("DS4_CUDA_NO_MIXF16")) launch_k(k_linear_few_rows<false>, grid, FR_THREADS, FR_SMEM, st, a);
-    else launch_k(k_linear_few_rows<true>, grid, FR_THREADS, FR_SMEM, st, a);
+    launch_k(k_linear_few_rows, dim3(1, (unsigned)((a.n_tok + FR_BN - 1) / FR_BN)), FR_THREADS, FR_SMEM, st, a);
 }
